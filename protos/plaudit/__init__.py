@@ -1,0 +1,1 @@
+"""Plaudit API: generated protobuf and gRPC stubs (see protos/generate.py)."""

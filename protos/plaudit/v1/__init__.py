@@ -1,0 +1,1 @@
+"""plaudit.v1 protobuf messages and gRPC stubs."""

@@ -1,0 +1,98 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Normalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORMALIZATION_UNSPECIFIED: _ClassVar[Normalization]
+    NORMALIZATION_RAW: _ClassVar[Normalization]
+    NORMALIZATION_STANDARDIZED: _ClassVar[Normalization]
+NORMALIZATION_UNSPECIFIED: Normalization
+NORMALIZATION_RAW: Normalization
+NORMALIZATION_STANDARDIZED: Normalization
+
+class ScoreItem(_message.Message):
+    __slots__ = ("prompt", "completion")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    completion: str
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("items", "normalization")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
+    normalization: Normalization
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("rewards", "model_version", "truncated")
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    rewards: _containers.RepeatedScalarFieldContainer[float]
+    model_version: str
+    truncated: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., truncated: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("prompt", "completion_a", "completion_b", "normalization")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_A_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_B_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    completion_a: str
+    completion_b: str
+    normalization: Normalization
+    def __init__(self, prompt: _Optional[str] = ..., completion_a: _Optional[str] = ..., completion_b: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("reward_a", "reward_b", "prob_a_preferred", "model_version")
+    REWARD_A_FIELD_NUMBER: _ClassVar[int]
+    REWARD_B_FIELD_NUMBER: _ClassVar[int]
+    PROB_A_PREFERRED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    reward_a: float
+    reward_b: float
+    prob_a_preferred: float
+    model_version: str
+    def __init__(self, reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., prob_a_preferred: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("version", "backbone", "execution_provider", "precision", "max_length", "text_format", "normalization_mean", "normalization_std", "loaded_at", "last_swap_error")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_MEAN_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_STD_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SWAP_ERROR_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backbone: str
+    execution_provider: str
+    precision: str
+    max_length: int
+    text_format: str
+    normalization_mean: float
+    normalization_std: float
+    loaded_at: _timestamp_pb2.Timestamp
+    last_swap_error: str
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., max_length: _Optional[int] = ..., text_format: _Optional[str] = ..., normalization_mean: _Optional[float] = ..., normalization_std: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_swap_error: _Optional[str] = ...) -> None: ...

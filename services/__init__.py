@@ -1,0 +1,1 @@
+"""Plaudit services: reward scoring (and, later, feedback and generation) over gRPC."""

@@ -1,0 +1,55 @@
+"""Domain errors. Engines and stores raise these; one interceptor turns them into gRPC statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PlauditError(Exception):
+    """Base of every deliberate error; ``code`` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgumentError(PlauditError):
+    """The request is malformed; the message names the offending field and the limit."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ResourceExhaustedError(PlauditError):
+    """A queue or limit is full; the client may retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(PlauditError):
+    """The service cannot answer now (no model loaded, shutting down, database down)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(PlauditError):
+    """The client's deadline passed before the work was done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFoundError(PlauditError):
+    """A named entity (model version, feedback id) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPreconditionError(PlauditError):
+    """The system is not in a state that allows the operation."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

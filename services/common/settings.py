@@ -1,0 +1,60 @@
+"""pydantic-settings base class and its bridge to argparse.
+
+Every field of a settings class is both a command-line flag (``--field-name``) and an environment
+variable (``PLAUDIT_FIELD_NAME``). Precedence: flag > environment > default. The object is
+validated once, at start-up, and passed down; nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound="PlauditSettings")
+
+
+class PlauditSettings(BaseSettings):
+    """Base for per-service settings: ``PLAUDIT_`` environment prefix, unknown keys rejected."""
+
+    model_config = SettingsConfigDict(env_prefix="PLAUDIT_", extra="forbid", validate_default=True)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """Strip Optional[...] and return the underlying type (or the Literal itself)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0]) if len(args) == 1 else str
+    return annotation
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[PlauditSettings]) -> None:
+    """Add one ``--flag`` per settings field; unset flags stay absent so env/defaults apply."""
+    for name, field in settings_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "PLAUDIT_" + name.upper()
+        help_text = f"{field.description or name} (env {env}; default {field.default!r})"
+        annotation = _scalar_type(field.annotation)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=[str(c) for c in typing.get_args(annotation)], **kwargs)
+        elif annotation in (int, float, Path):
+            parser.add_argument(flag, type=annotation, **kwargs)
+        else:
+            parser.add_argument(flag, type=str, **kwargs)
+
+
+def settings_from_args(settings_cls: type[S], args: argparse.Namespace) -> S:
+    """Build and validate settings: flags given on the command line override the environment."""
+    given = {k: v for k, v in vars(args).items() if k in settings_cls.model_fields}
+    return settings_cls(**given)

@@ -1,0 +1,1 @@
+"""The reward service: scores (prompt, completion) pairs with an ONNX reward model."""

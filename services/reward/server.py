@@ -1,0 +1,134 @@
+"""Wiring of the reward service: registry -> engine -> batcher -> servicer -> gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import numpy as np
+
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
+from services.common.batching import BatchingConfig, DynamicBatcher
+from services.common.registry import ModelRegistry
+from services.common.server import GrpcService, wait_for_termination
+from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob, ScoreResult
+from services.reward.metrics import RewardMetrics
+from services.reward.servicer import RewardServicer
+from services.reward.settings import RewardSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+SMOKE_BATCH = (["What is the capital of France?"] * 2, ["Paris.", "I would rather not say."])
+
+
+class RewardServer:
+    """A running reward service; ``port``/``metrics_port`` are known after :meth:`start`."""
+
+    def __init__(self, settings: RewardSettings) -> None:
+        self.settings = settings
+        self.grpc = GrpcService(
+            service_names=[SERVICE_NAME],
+            host=settings.host,
+            port=settings.port,
+            metrics_port=settings.metrics_port,
+        )
+        self.metrics = RewardMetrics(self.grpc.registry)
+        self.engine = RewardEngine(group_tokens=settings.group_tokens)
+        self.registry = ModelRegistry(settings.registry, "reward")
+        self.batcher: DynamicBatcher[ScoreJob, ScoreResult] = DynamicBatcher(
+            self.engine.process,
+            BatchingConfig(
+                max_batch_size=settings.max_batch_size,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_wait_s=settings.max_wait_ms / 1000.0,
+                max_queue_items=settings.max_queue_items,
+            ),
+            metrics=self.metrics.batch,
+            name="reward-batcher",
+        )
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(
+            RewardServicer(self.engine, self.batcher, settings, self.metrics), self.grpc.server
+        )
+        self._loader: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.grpc.metrics_port
+
+    async def start(self) -> None:
+        """Serve at once (health NOT_SERVING) and load the promoted model in the background."""
+        self.batcher.start()
+        await self.grpc.start()
+        self._loader = asyncio.get_running_loop().create_task(self._load_when_promoted())
+
+    async def wait_until_serving(self, timeout: float) -> None:
+        assert self._loader is not None
+        await asyncio.wait_for(asyncio.shield(self._loader), timeout)
+
+    def _load_and_check(self, version: str) -> LoadedRewardModel:
+        """Load ``version`` beside the live model, warm it up and score a smoke batch."""
+        model = LoadedRewardModel.load(
+            self.registry,
+            version,
+            precision=self.settings.precision,
+            provider=self.settings.execution_provider,
+            intra_op_threads=self.settings.intra_op_threads,
+        )
+        raw, _, _ = model.score_raw(*SMOKE_BATCH)
+        if not np.all(np.isfinite(raw)):
+            raise ValueError(f"version {version} scores the smoke batch as {raw.tolist()}")
+        return model
+
+    async def _load_when_promoted(self) -> None:
+        failed: str | None = None
+        while True:
+            version = self.registry.promoted()
+            if version is not None and version != failed:
+                try:
+                    model = await asyncio.to_thread(self._load_and_check, version)
+                except Exception as exc:  # keep serving health NOT_SERVING, retry on change
+                    failed = version
+                    self.engine.last_swap_error = f"{version}: {exc}"
+                    log.error("could not load model version", extra={"version": version},
+                              exc_info=exc)
+                else:
+                    self.engine.set_model(model)
+                    self.metrics.model_info.info(
+                        {
+                            "version": model.version,
+                            "backbone": model.manifest.backbone,
+                            "execution_provider": model.provider,
+                            "precision": model.precision,
+                        }
+                    )
+                    self.metrics.model_loaded.set(1)
+                    await self.grpc.set_serving(True)
+                    log.info("serving", extra={"version": model.version, "port": self.port})
+                    return
+            elif version is None:
+                log.info("no promoted reward model yet; waiting",
+                         extra={"registry": str(self.settings.registry)})
+            await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new calls, finish in-flight ones, stop the batcher."""
+        if self._loader is not None:
+            self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loader
+        await self.grpc.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.batcher.close()
+
+
+async def serve(settings: RewardSettings) -> None:
+    """Run the reward service until SIGTERM/SIGINT, then drain and return."""
+    server = RewardServer(settings)
+    await server.start()
+    await wait_for_termination()
+    await server.stop()

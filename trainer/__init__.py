@@ -1,0 +1,1 @@
+"""Offline training and export: turns feedback into reward-model and policy versions."""
