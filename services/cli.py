@@ -32,7 +32,12 @@ class ExportSettings(PlauditSettings):
     int8_min_agreement: float = Field(
         0.95, ge=0, le=1, description="int8 must order this share of reference pairs like fp32"
     )
-    reference_data: Path | None = Field(None, description="JSONL pairs for parity and normalisation")
+    reference_data: Path | None = Field(
+        None, description="JSONL pairs for parity and normalisation"
+    )
+    reference_pairs: int = Field(
+        128, ge=2, description="pairs used for the parity checks and normalisation"
+    )
     seed: int = Field(0, description="seed for a freshly initialised head")
 
 
@@ -68,16 +73,21 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
         quantize=None if settings.quantize == "none" else settings.quantize,
         int8_min_agreement=settings.int8_min_agreement,
         reference_data=settings.reference_data,
+        reference_pairs=settings.reference_pairs,
         seed=settings.seed,
     )
-    manifest = export_reward(cfg, ModelRegistry(settings.registry, "reward"), promote=settings.promote)
+    manifest = export_reward(
+        cfg, ModelRegistry(settings.registry, "reward"), promote=settings.promote
+    )
     sys.stdout.write(
         json.dumps(
             {
                 "version": manifest.version,
                 "promoted": settings.promote,
                 "precision": manifest.default_precision,
-                "quantization": manifest.quantization.model_dump() if manifest.quantization else None,
+                "quantization": manifest.quantization.model_dump()
+                if manifest.quantization
+                else None,
             }
         )
         + "\n"
@@ -96,8 +106,10 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         promoted = registry.promoted()
         for m in registry.list_versions():
             mark = "*" if m.version == promoted else " "
-            out.write(f"{mark} {m.version}  {m.created_at:%Y-%m-%d %H:%M:%S}  {m.backbone}  "
-                      f"{m.default_precision}  {json.dumps(m.metrics)}\n")
+            out.write(
+                f"{mark} {m.version}  {m.created_at:%Y-%m-%d %H:%M:%S}  {m.backbone}  "
+                f"{m.default_precision}  {json.dumps(m.metrics)}\n"
+            )
     elif args.action == "show":
         out.write(registry.manifest(args.version).model_dump_json(indent=2) + "\n")
     elif args.action == "promote":
@@ -127,10 +139,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plaudit", description="Plaudit: reward models as a service")
+    parser = argparse.ArgumentParser(
+        prog="plaudit", description="Plaudit: reward models as a service"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run a service").add_subparsers(dest="service", required=True)
+    serve = commands.add_parser("serve", help="run a service").add_subparsers(
+        dest="service", required=True
+    )
     from services.reward.settings import RewardSettings
 
     p = serve.add_parser("reward", help="serve the promoted reward model over gRPC")
@@ -139,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a checkpoint to the registry")
     export_kinds = export.add_subparsers(dest="kind", required=True)
-    p = export_kinds.add_parser("reward", help="export a HF reward checkpoint (num_labels=1) to ONNX")
+    p = export_kinds.add_parser(
+        "reward", help="export a HF reward checkpoint (num_labels=1) to ONNX"
+    )
     add_settings_arguments(p, ExportSettings)
     p.set_defaults(func=_cmd_export_reward)
 

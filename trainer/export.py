@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,7 +68,9 @@ def load_reward_model(backbone: Backbone, seed: int = 0) -> tuple[PreTrainedMode
         backbone.path, num_labels=1, dtype=torch.float32, **kwargs
     )
     if model.config.num_labels != 1:
-        raise ValueError(f"reward model needs num_labels=1, checkpoint has {model.config.num_labels}")
+        raise ValueError(
+            f"reward model needs num_labels=1, checkpoint has {model.config.num_labels}"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -115,7 +118,10 @@ class _ScalarReward(torch.nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        kwargs: dict[str, torch.Tensor | bool] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+        }
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         if self.pass_use_cache:
@@ -125,14 +131,19 @@ class _ScalarReward(torch.nn.Module):
 
 def export_onnx(model: PreTrainedModel, fmt: TextFormat, path: Path) -> list[str]:
     """Write the ONNX graph with dynamic batch and sequence axes; returns its input names."""
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if fmt.uses_token_type_ids else [])
+    names = ["input_ids", "attention_mask"] + (
+        ["token_type_ids"] if fmt.uses_token_type_ids else []
+    )
     # the example must contain padding: an all-ones mask lets the model trace away its masking
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3], dtype=torch.long)
     ids = torch.full((2, 8), fmt.pad_token_id, dtype=torch.long).masked_fill(mask.bool(), 5)
     example = (ids, mask, torch.zeros_like(ids))[: len(names)]
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["reward"] = {0: "batch"}
-    with torch.no_grad():
+    # the TorchScript exporter warns about tracing and its own deprecation on every export; the
+    # parity check against PyTorch below is what guards correctness, so keep the output clean
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             _ScalarReward(model),
             example,
@@ -147,7 +158,9 @@ def export_onnx(model: PreTrainedModel, fmt: TextFormat, path: Path) -> list[str
 
 
 def _grouped(
-    encoder: RewardTextEncoder, pairs: list[tuple[str, str]], run: Callable[[EncodedBatch], np.ndarray]
+    encoder: RewardTextEncoder,
+    pairs: list[tuple[str, str]],
+    run: Callable[[EncodedBatch], np.ndarray],
 ) -> np.ndarray:
     """Score ``pairs`` in length-sorted groups (as serving does) and return rewards in order."""
     encoded = encoder.encode([p for p, _ in pairs], [c for _, c in pairs])
@@ -158,8 +171,9 @@ def _grouped(
     return rewards
 
 
-def torch_rewards(model: PreTrainedModel, encoder: RewardTextEncoder,
-                  pairs: list[tuple[str, str]]) -> np.ndarray:
+def torch_rewards(
+    model: PreTrainedModel, encoder: RewardTextEncoder, pairs: list[tuple[str, str]]
+) -> np.ndarray:
     """Reference rewards from PyTorch with the serving tokenization."""
     wrapper = _ScalarReward(model)
 
@@ -171,7 +185,9 @@ def torch_rewards(model: PreTrainedModel, encoder: RewardTextEncoder,
     return _grouped(encoder, pairs, run)
 
 
-def onnx_rewards(path: Path, encoder: RewardTextEncoder, pairs: list[tuple[str, str]]) -> np.ndarray:
+def onnx_rewards(
+    path: Path, encoder: RewardTextEncoder, pairs: list[tuple[str, str]]
+) -> np.ndarray:
     """Rewards from an ONNX graph on CPU with the serving tokenization."""
     session = create_session(path, "cpu")
     return _grouped(encoder, pairs, lambda batch: np.asarray(session.run(None, batch.inputs)[0]))
@@ -203,7 +219,9 @@ def _reference_texts(cfg: ExportConfig) -> list[tuple[str, str]]:
     return texts
 
 
-def export_reward(cfg: ExportConfig, registry: ModelRegistry, *, promote: bool = False) -> ModelManifest:
+def export_reward(
+    cfg: ExportConfig, registry: ModelRegistry, *, promote: bool = False
+) -> ModelManifest:
     """Export, verify and publish a reward checkpoint; optionally promote it."""
     backbone = resolve_backbone(cfg.checkpoint)
     model, tokenizer = load_reward_model(backbone, cfg.seed)
@@ -219,7 +237,9 @@ def export_reward(cfg: ExportConfig, registry: ModelRegistry, *, promote: bool =
         err = float(np.max(np.abs(expected - got)))
         scale = max(1.0, float(np.max(np.abs(expected))))
         if err > cfg.fp32_atol * scale:
-            raise ParityError(f"ONNX fp32 differs from PyTorch by {err:.2e} (> {cfg.fp32_atol} x {scale:.2f})")
+            raise ParityError(
+                f"ONNX fp32 differs from PyTorch by {err:.2e} (> {cfg.fp32_atol} x {scale:.2f})"
+            )
         log.info("fp32 parity ok", extra={"max_abs_diff": err, "texts": len(texts)})
 
         onnx_files = {"fp32": FP32_FILE}
@@ -241,7 +261,9 @@ def export_reward(cfg: ExportConfig, registry: ModelRegistry, *, promote: bool =
                 log.info("int8 parity ok", extra=report.model_dump())
             else:
                 (out / INT8_FILE).unlink()
-                log.warning("int8 graph rejected: pair order differs from fp32", extra=report.model_dump())
+                log.warning(
+                    "int8 graph rejected: pair order differs from fp32", extra=report.model_dump()
+                )
         for extra in out.glob("*.data"):  # external-data side files never used here
             extra.unlink()
         std = float(np.std(got))
@@ -265,7 +287,8 @@ def export_reward(cfg: ExportConfig, registry: ModelRegistry, *, promote: bool =
                 "fp32_max_abs_diff_vs_torch": err,
                 "opset": OPSET,
                 "torch": torch.__version__,
-                "source": str(backbone.path) + (f"::{backbone.gguf_file}" if backbone.gguf_file else ""),
+                "source": str(backbone.path)
+                + (f"::{backbone.gguf_file}" if backbone.gguf_file else ""),
             },
         )
         published = registry.publish(out, manifest)

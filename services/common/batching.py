@@ -109,7 +109,7 @@ class DynamicBatcher(Generic[P, R]):
     async def submit(
         self, payload: P, *, size: int = 1, cost: int = 1, timeout: float | None = None
     ) -> R:
-        """Queue ``payload`` and wait for its result. ``timeout`` is the caller's remaining deadline."""
+        """Queue ``payload`` and wait for its result; ``timeout`` is the caller's remaining time."""
         if not self._accepting:
             raise UnavailableError("server is shutting down")
         if self._queued_items + size > self.config.max_queue_items:
@@ -202,10 +202,15 @@ class DynamicBatcher(Generic[P, R]):
                     self._executor, self._process, [p.payload for p in live]
                 )
                 if len(results) != len(live):
-                    raise RuntimeError(f"batch returned {len(results)} results for {len(live)} requests")
-            except Exception as exc:  # noqa: BLE001 - every waiting caller must hear of it
-                log.error("batch failed", extra={"batcher": self._name, "requests": len(live)},
-                          exc_info=exc)
+                    raise RuntimeError(
+                        f"batch returned {len(results)} results for {len(live)} requests"
+                    )
+            except Exception as exc:
+                log.error(
+                    "batch failed",
+                    extra={"batcher": self._name, "requests": len(live)},
+                    exc_info=exc,
+                )
                 for pending in live:
                     if not pending.future.done():
                         pending.future.set_exception(exc)

@@ -53,3 +53,9 @@ class FailedPreconditionError(PlauditError):
     """The system is not in a state that allows the operation."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyExistsError(PlauditError):
+    """An entity with the same identity (e.g. an idempotency key) exists with different content."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS

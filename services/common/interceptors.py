@@ -38,7 +38,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(_SILENT_PREFIXES):
             return handler
-        short = method.rsplit("/", 1)[-1]
+        short = method.lstrip("/")  # plaudit.v1.RewardService/Score
         wrap = _Wrapper(self._metrics, short)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -86,7 +86,9 @@ class _Wrapper:
 
         return call
 
-    def streaming(self, inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    def streaming(
+        self, inner: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             code = grpc.StatusCode.OK

@@ -63,7 +63,9 @@ class ModelManifest(BaseModel):
     created_at: datetime
     parent: str | None = None
     backbone: str
-    onnx_files: dict[str, str] = Field(description="precision -> file name, e.g. fp32 -> model.onnx")
+    onnx_files: dict[str, str] = Field(
+        description="precision -> file name, e.g. fp32 -> model.onnx"
+    )
     default_precision: str = "fp32"
     text_format: dict[str, Any]
     input_names: list[str]
@@ -162,13 +164,16 @@ class ModelRegistry:
         for rel, expected in manifest.files.items():
             path = (root / rel).resolve()
             if root.resolve() not in path.parents:
-                raise FailedPreconditionError(f"version {version}: file {rel!r} escapes the version")
+                raise FailedPreconditionError(
+                    f"version {version}: file {rel!r} escapes the version"
+                )
             if not path.is_file():
                 raise FailedPreconditionError(f"version {version}: file {rel} is missing")
             actual = sha256_file(path)
             if actual != expected:
                 raise FailedPreconditionError(
-                    f"version {version}: sha256 of {rel} is {actual[:12]}…, manifest says {expected[:12]}…"
+                    f"version {version}: sha256 of {rel} is {actual[:12]}…, "
+                    f"manifest says {expected[:12]}…"
                 )
         return manifest
 
@@ -177,7 +182,9 @@ class ModelRegistry:
         """Copy ``source_dir`` in as a new immutable version, hashes recorded, atomically."""
         validate_version_name(manifest.version)
         if manifest.kind != self.kind:
-            raise InvalidArgumentError("kind", f"registry holds {self.kind} models, got {manifest.kind}")
+            raise InvalidArgumentError(
+                "kind", f"registry holds {self.kind} models, got {manifest.kind}"
+            )
         target = self.versions_dir / manifest.version
         if target.exists():
             raise FailedPreconditionError(f"version {manifest.version} already exists")
@@ -204,7 +211,7 @@ class ModelRegistry:
         log.info("published model version", extra={"version": final.version, "kind": self.kind})
         return final
 
-    def promote(self, version: str, *, reason: str = "manual") -> None:
+    def promote(self, version: str, *, reason: str = "manual", rollback: bool = False) -> None:
         """Point serving at ``version`` (which must verify) and record it in the history."""
         self.verify(version)
         previous = self.promoted()
@@ -212,18 +219,39 @@ class ModelRegistry:
         self.base.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.pointer, json.dumps({"version": version, "at": now}))
         with self.history.open("a") as fh:
-            record = {"version": version, "previous": previous, "at": now, "reason": reason}
+            record = {
+                "version": version,
+                "previous": previous,
+                "at": now,
+                "reason": reason,
+                "rollback": rollback,
+            }
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         log.info("promoted model version", extra={"version": version, "previous": previous})
 
+    def live_stack(self) -> list[str]:
+        """Promoted versions still "on the stack": each rollback pops the one it replaced."""
+        stack: list[str] = []
+        for record in self.promotion_history():
+            if record.get("rollback") and stack:
+                stack.pop()
+                if not stack or stack[-1] != record["version"]:
+                    stack.append(record["version"])
+            else:
+                stack.append(record["version"])
+        return stack
+
     def rollback(self) -> str:
-        """Promote the version that was live before the current one; returns it."""
+        """Promote the version that was live before the current one; returns it.
+
+        Repeated rollbacks walk further back (v3 -> v2 -> v1), they do not toggle.
+        """
         current = self.promoted()
-        history = self.promotion_history()
-        for record in reversed(history):
-            if record["version"] == current and record.get("previous"):
-                self.promote(record["previous"], reason=f"rollback from {current}")
-                return str(record["previous"])
-        raise FailedPreconditionError("nothing to roll back to: no earlier promoted version")
+        stack = self.live_stack()
+        if len(stack) < 2 or stack[-1] != current:
+            raise FailedPreconditionError("nothing to roll back to: no earlier promoted version")
+        target = stack[-2]
+        self.promote(target, reason=f"rollback from {current}", rollback=True)
+        return target

@@ -62,8 +62,11 @@ class GrpcService:
 
     async def start(self) -> None:
         """Bind, enable reflection, report NOT_SERVING and start serving requests."""
-        names = [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME]
+        names = [
+            *self.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
         reflection.enable_server_reflection(names, self.server)
         self.port = self.server.add_insecure_port(f"{self._host}:{self._requested_port}")
         if self.port == 0:

@@ -36,7 +36,9 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[PlauditSettings]) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, settings_cls: type[PlauditSettings]
+) -> None:
     """Add one ``--flag`` per settings field; unset flags stay absent so env/defaults apply."""
     for name, field in settings_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -47,7 +49,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[P
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(annotation) is Literal:
-            parser.add_argument(flag, choices=[str(c) for c in typing.get_args(annotation)], **kwargs)
+            parser.add_argument(
+                flag, choices=[str(c) for c in typing.get_args(annotation)], **kwargs
+            )
         elif annotation in (int, float, Path):
             parser.add_argument(flag, type=annotation, **kwargs)
         else:

@@ -16,7 +16,6 @@ Only the Rust ``tokenizers`` library and jinja2 are used here: no torch, no tran
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -57,9 +56,8 @@ class TextFormat:
 def dialogue_to_messages(prompt: str) -> list[dict[str, str]]:
     """Split an HH-RLHF style dialogue into chat messages; any other text is one user turn.
 
-    >>> dialogue_to_messages("\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: bye\\n\\nAssistant:")
-    [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}, \
-{'role': 'user', 'content': 'bye'}]
+    ``"\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: bye\\n\\nAssistant:"`` becomes
+    user "hi", assistant "hello", user "bye".
     """
     parts = _TURN.split(prompt)
     if len(parts) < 3:
@@ -129,7 +127,9 @@ class RewardTextEncoder:
             messages=messages, add_generation_prompt=False, **(self.format.special_tokens or {})
         )
 
-    def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[Encoding, bool]]:
+    def encode(
+        self, prompts: Sequence[str], completions: Sequence[str]
+    ) -> list[tuple[Encoding, bool]]:
         """Tokenize and truncate each pair; returns (encoding, was_truncated) per item."""
         if len(prompts) != len(completions):
             raise ValueError("prompts and completions differ in length")
@@ -140,7 +140,9 @@ class RewardTextEncoder:
                 truncated = len(enc.ids) > self._budget
                 if truncated:
                     enc.truncate(self._budget, direction="left")
-                out.append((self.tokenizer.post_process(enc, None, add_special_tokens=True), truncated))
+                out.append(
+                    (self.tokenizer.post_process(enc, None, add_special_tokens=True), truncated)
+                )
             return out
         prompt_encs = self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)
         completion_encs = self.tokenizer.encode_batch(list(completions), add_special_tokens=False)
@@ -154,7 +156,9 @@ class RewardTextEncoder:
                     p_enc = self._empty
                 else:
                     p_enc.truncate(self._budget - n_c, direction="left")
-            out.append((self.tokenizer.post_process(p_enc, c_enc, add_special_tokens=True), truncated))
+            out.append(
+                (self.tokenizer.post_process(p_enc, c_enc, add_special_tokens=True), truncated)
+            )
         return out
 
     def pad(self, encoded: Sequence[tuple[Encoding, bool]]) -> EncodedBatch:
@@ -177,11 +181,6 @@ class RewardTextEncoder:
 
     def encode_padded(self, prompts: Sequence[str], completions: Sequence[str]) -> EncodedBatch:
         return self.pad(self.encode(prompts, completions))
-
-
-def load_text_format(path: Path) -> TextFormat:
-    """Read a TextFormat saved as JSON."""
-    return TextFormat.from_dict(json.loads(path.read_text()))
 
 
 _ASSISTANT = "\n\nAssistant:"

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 
@@ -35,20 +34,28 @@ class RewardClient:
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
 
     def score(
-        self, prompts: Sequence[str], completions: Sequence[str], timeout: float = 60.0
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        timeout: float = 60.0,
+        normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
     ) -> tuple[list[float], str]:
         request = reward_pb2.ScoreRequest(
             items=[
                 reward_pb2.ScoreItem(prompt=p, completion=c)
                 for p, c in zip(prompts, completions, strict=True)
-            ]
+            ],
+            normalization=normalization,
         )
         reply = self.stub.Score(request, timeout=timeout)
         return list(reply.rewards), reply.model_version
 
-    def compare(self, prompt: str, a: str, b: str, timeout: float = 60.0) -> reward_pb2.CompareResponse:
+    def compare(
+        self, prompt: str, a: str, b: str, timeout: float = 60.0
+    ) -> reward_pb2.CompareResponse:
         return self.stub.Compare(
-            reward_pb2.CompareRequest(prompt=prompt, completion_a=a, completion_b=b), timeout=timeout
+            reward_pb2.CompareRequest(prompt=prompt, completion_a=a, completion_b=b),
+            timeout=timeout,
         )
 
     def model(self) -> reward_pb2.GetModelResponse:

@@ -88,7 +88,9 @@ class LoadedRewardModel:
         expected = set(manifest.input_names)
         actual = {i.name for i in session.get_inputs()}
         if expected != actual:
-            raise FailedPreconditionError(f"graph inputs {sorted(actual)} != manifest {sorted(expected)}")
+            raise FailedPreconditionError(
+                f"graph inputs {sorted(actual)} != manifest {sorted(expected)}"
+            )
         encoder = RewardTextEncoder.from_files(
             root / "tokenizer.json", TextFormat.from_dict(manifest.text_format)
         )

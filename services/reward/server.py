@@ -7,8 +7,8 @@ import contextlib
 import logging
 
 import numpy as np
-
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
+
 from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.registry import ModelRegistry
 from services.common.server import GrpcService, wait_for_termination
@@ -95,8 +95,9 @@ class RewardServer:
                 except Exception as exc:  # keep serving health NOT_SERVING, retry on change
                     failed = version
                     self.engine.last_swap_error = f"{version}: {exc}"
-                    log.error("could not load model version", extra={"version": version},
-                              exc_info=exc)
+                    log.error(
+                        "could not load model version", extra={"version": version}, exc_info=exc
+                    )
                 else:
                     self.engine.set_model(model)
                     self.metrics.model_info.info(
@@ -112,8 +113,10 @@ class RewardServer:
                     log.info("serving", extra={"version": model.version, "port": self.port})
                     return
             elif version is None:
-                log.info("no promoted reward model yet; waiting",
-                         extra={"registry": str(self.settings.registry)})
+                log.info(
+                    "no promoted reward model yet; waiting",
+                    extra={"registry": str(self.settings.registry)},
+                )
             await asyncio.sleep(self.settings.poll_interval_s)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -10,15 +10,15 @@ import math
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
+
 from services.common.batching import DynamicBatcher
 from services.common.errors import InvalidArgumentError
 from services.reward.engine import RewardEngine, ScoreJob, ScoreResult, estimate_tokens
 from services.reward.metrics import RewardMetrics
 from services.reward.settings import RewardSettings
 
-_STANDARDIZE = {
+_STANDARDIZE: dict[int, bool | None] = {
     reward_pb2.NORMALIZATION_UNSPECIFIED: None,
     reward_pb2.NORMALIZATION_RAW: False,
     reward_pb2.NORMALIZATION_STANDARDIZED: True,
@@ -62,7 +62,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def _score(self, job: ScoreJob, context: grpc.aio.ServicerContext) -> ScoreResult:
         max_length = self._engine.require_model().max_length
         cost = sum(
-            estimate_tokens(p, c, max_length) for p, c in zip(job.prompts, job.completions, strict=True)
+            estimate_tokens(p, c, max_length)
+            for p, c in zip(job.prompts, job.completions, strict=True)
         )
         result = await self._batcher.submit(
             job, size=len(job.prompts), cost=cost, timeout=context.time_remaining()
@@ -79,7 +80,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             raise InvalidArgumentError("items", "at least one item is required")
         limit = self._settings.max_items_per_request
         if n > limit:
-            raise InvalidArgumentError("items", f"{n} items exceeds the limit of {limit} per request")
+            raise InvalidArgumentError(
+                "items", f"{n} items exceeds the limit of {limit} per request"
+            )
         standardize = _standardize(request.normalization)
         text_limit = self._settings.max_text_bytes
         for i, item in enumerate(request.items):
@@ -110,7 +113,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             if not getattr(request, field):
                 raise InvalidArgumentError(field, "must not be empty")
         job = ScoreJob(
-            [request.prompt, request.prompt], [request.completion_a, request.completion_b], standardize
+            [request.prompt, request.prompt],
+            [request.completion_a, request.completion_b],
+            standardize,
         )
         result = await self._score(job, context)
         reward_a, reward_b = (float(x) for x in result.rewards)

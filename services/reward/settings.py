@@ -19,7 +19,8 @@ class RewardSettings(PlauditSettings):
         "auto", description="ONNX Runtime provider; auto = CUDA only when a device can start"
     )
     precision: Literal["auto", "fp32", "int8"] = Field(
-        "auto", description="graph to serve; auto = the version's default (int8 only if it passed parity)"
+        "auto",
+        description="graph to serve; auto = the version's default (int8 only if it passed parity)",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads (0 = one per core)")
     max_batch_size: int = Field(64, ge=1, description="items per batch")

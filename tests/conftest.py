@@ -1,0 +1,127 @@
+"""Shared fixtures: a tiny random reward model exported to a registry, and servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def minilm_dir() -> Path:
+    from trainer.backbones import resolve_backbone
+
+    return resolve_backbone("minilm").path
+
+
+def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT reward model with the real MiniLM tokenizer (random weights)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(  # type: ignore[call-arg]
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # a head with some spread, so rewards differ clearly between texts
+        model.classifier.weight.normal_(0, 1.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """A registry with one promoted fp32 version of the tiny model (max 64 tokens)."""
+    from services.common.registry import ModelRegistry
+    from trainer.export import ExportConfig, export_reward
+
+    root = tmp_path_factory.mktemp("registry")
+    export_reward(
+        ExportConfig(checkpoint=str(tiny_checkpoint), max_length=64, reference_pairs=32),
+        ModelRegistry(root, "reward"),
+        promote=True,
+    )
+    return root
+
+
+class ServerThread:
+    """Runs a RewardServer on its own event loop in a background thread (tests use sync clients)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: Any = None
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, wait: bool = True) -> ServerThread:
+        from services.reward.server import RewardServer
+        from services.reward.settings import RewardSettings
+
+        async def make() -> Any:
+            settings = RewardSettings(port=0, metrics_port=0, host="127.0.0.1", **self.settings)
+            server = RewardServer(settings)
+            await server.start()
+            if wait:
+                await server.wait_until_serving(60)
+            return server
+
+        self.server = self.call(make())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def reward_server(tiny_registry: Path) -> Iterator[ServerThread]:
+    server = ServerThread(registry=tiny_registry, log_level="WARNING").start()
+    yield server
+    server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Runs the CLI with torch and transformers made unimportable: serving must not need them.
+NO_TORCH_PRELUDE = (
+    "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+    "from services.cli import main; sys.exit(main(sys.argv[1:]))"
+)
