@@ -46,6 +46,18 @@ class RegistrySettings(PlauditSettings):
     kind: Literal["reward", "policy"] = Field("reward", description="model kind")
 
 
+class FeedbackFileSettings(PlauditSettings):
+    database_url: str = Field(
+        "sqlite:///.plaudit/feedback.db", description="feedback database (SQLite or PostgreSQL)"
+    )
+    annotator_id: str = Field("import", description="annotator for lines that name none")
+    format: Literal["jsonl", "parquet"] = Field("jsonl", description="export file format")
+    out: str = Field("-", description="export destination file ('-' = stdout, jsonl only)")
+    after_cursor: int = Field(0, ge=0, description="export pairs after this cursor")
+    limit: int = Field(0, ge=0, description="export at most this many pairs (0 = all)")
+    exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
+
+
 class ClientSettings(PlauditSettings):
     addr: str = Field("localhost:50051", description="reward service address")
 
@@ -58,6 +70,67 @@ def _cmd_serve_reward(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
+
+
+def _cmd_serve_feedback(args: argparse.Namespace) -> int:
+    from services.feedback.server import serve
+    from services.feedback.settings import FeedbackSettings
+
+    settings = settings_from_args(FeedbackSettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _cmd_feedback(args: argparse.Namespace) -> int:
+    from services.feedback.store import FeedbackStore
+    from services.feedback.transfer import export_pairs, import_file
+
+    settings = settings_from_args(FeedbackFileSettings, args)
+    configure_logging(settings.log_level, "text")
+    with FeedbackStore(settings.database_url) as store:
+        if args.action == "import":
+            if not args.file:
+                raise FileNotFoundError("feedback import needs a FILE")
+            summary = import_file(store, Path(args.file), annotator_id=settings.annotator_id)
+            for error in summary.errors:
+                sys.stderr.write(f"rejected {error}\n")
+            report = {k: v for k, v in vars(summary).items() if k != "errors"}
+            sys.stdout.write(json.dumps(report) + "\n")
+            return 0
+        if args.action == "export":
+            out = sys.stdout if settings.out == "-" else Path(settings.out)
+            count, last = export_pairs(
+                store,
+                out,
+                fmt=settings.format,
+                after_cursor=settings.after_cursor,
+                limit=settings.limit or None,
+                exclude_outliers=settings.exclude_outliers,
+            )
+            sys.stderr.write(f"exported {count} pairs; resume with --after-cursor {last}\n")
+            return 0
+        stats = store.stats()
+        agreement = stats.agreement
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "records": stats.total,
+                    "by_kind": stats.by_kind,
+                    "annotators": len(stats.by_annotator),
+                    "judgements": stats.judgements,
+                    "pairs_derived": stats.pairs_derived,
+                    "raw_agreement": agreement.raw_agreement,
+                    "kappa": agreement.kappa,
+                    "kappa_method": agreement.kappa_method,
+                    "contradictions": agreement.contradicted_groups,
+                    "outliers": sorted(agreement.outlier_annotators),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        return 0
 
 
 def _cmd_export_reward(args: argparse.Namespace) -> int:
@@ -152,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = serve.add_parser("reward", help="serve the promoted reward model over gRPC")
     add_settings_arguments(p, RewardSettings)
     p.set_defaults(func=_cmd_serve_reward)
+
+    from services.feedback.settings import FeedbackSettings
+
+    p = serve.add_parser("feedback", help="serve the feedback API over gRPC")
+    add_settings_arguments(p, FeedbackSettings)
+    p.set_defaults(func=_cmd_serve_feedback)
+
+    p = commands.add_parser("feedback", help="import, export and inspect stored feedback")
+    p.add_argument("action", choices=["import", "export", "stats"])
+    p.add_argument("file", nargs="?", help="JSONL file to import (HH, TRL or rankings)")
+    add_settings_arguments(p, FeedbackFileSettings)
+    p.set_defaults(func=_cmd_feedback)
 
     export = commands.add_parser("export", help="export a checkpoint to the registry")
     export_kinds = export.add_subparsers(dest="kind", required=True)

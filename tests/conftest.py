@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import sqlalchemy as sa
+
+from services.feedback.db import normalize_url
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,9 +71,13 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
 
 
 class ServerThread:
-    """Runs a RewardServer on its own event loop in a background thread (tests use sync clients)."""
+    """Runs a service on its own event loop in a background thread (tests use sync clients).
 
-    def __init__(self, **settings: Any) -> None:
+    ``kind`` picks the service ("reward" or "feedback"); ``settings`` are its settings fields.
+    """
+
+    def __init__(self, kind: str = "reward", **settings: Any) -> None:
+        self.kind = kind
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -80,12 +88,18 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self, wait: bool = True) -> ServerThread:
+        from services.feedback.server import FeedbackServer
+        from services.feedback.settings import FeedbackSettings
         from services.reward.server import RewardServer
         from services.reward.settings import RewardSettings
 
         async def make() -> Any:
-            settings = RewardSettings(port=0, metrics_port=0, host="127.0.0.1", **self.settings)
-            server = RewardServer(settings)
+            common = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", **self.settings}
+            server: Any
+            if self.kind == "feedback":
+                server = FeedbackServer(FeedbackSettings(**common))
+            else:
+                server = RewardServer(RewardSettings(**common))
             await server.start()
             if wait:
                 await server.wait_until_serving(60)
@@ -125,3 +139,45 @@ NO_TORCH_PRELUDE = (
     "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
     "from services.cli import main; sys.exit(main(sys.argv[1:]))"
 )
+
+
+# -- databases: the feedback suites run on SQLite and on the local PostgreSQL --------------------
+POSTGRES_URL = os.environ.get(
+    "PLAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[sa.Engine]:
+    engine = sa.create_engine(
+        normalize_url(POSTGRES_URL),
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": 3},
+    )
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        pytest.skip(f"no PostgreSQL answers at {POSTGRES_URL} ({reason})")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a new SQLite file, or a new PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    admin: sa.Engine = request.getfixturevalue("postgres_admin")
+    schema = f"feedback_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = normalize_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))

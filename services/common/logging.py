@@ -63,3 +63,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler._plaudit = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    # libraries that narrate routine work at INFO (alembic: "Context impl SQLiteImpl.")
+    for noisy in ("alembic", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -1,0 +1,723 @@
+"""Reward scoring throughput: plain PyTorch vs the Plaudit engine vs the Plaudit gRPC service.
+
+One run scores the same items in every mode and checks that the answers agree:
+
+* ``a``  PyTorch eager as a typical user writes it: ``AutoTokenizer`` +
+  ``AutoModelForSequenceClassification`` from the checkpoint, batches of 32 in input order,
+  ``padding=True, truncation=True, max_length=512``, ``torch.inference_mode()``.
+* ``a'`` ablation: the same loop over items sorted by token length (one tokenizer pass first), so
+  neighbours in a batch have similar lengths. The gap a -> a' is the padding waste; a' -> b is
+  ONNX Runtime plus token-budget batching.
+* ``b``  the engine in process: ``RewardEngine.process`` (the function the server's
+  ``DynamicBatcher`` runs in its worker thread) on the flushes the batcher would form under full
+  load (requests of ``--request-items`` items packed up to ``max_batch_size`` items and
+  ``max_batch_tokens`` estimated tokens, from ``RewardSettings``). No asyncio, no gRPC.
+* ``c``  the service: ``plaudit serve reward`` in a child process (as ``plaudit demo`` starts
+  it), driven over gRPC by 1, 16, ... concurrent clients (threads, one channel each), each
+  request holding ``--request-items`` items. Client and server share this machine's cores.
+
+Items are the HH-RLHF pairs' (prompt, chosen) and (prompt, rejected), interleaved c0, r0, c1, ...
+
+Metrics: items/s and tokens/s over the timed wall clock (tokens = real, unpadded tokens of the
+serving tokenization; ``a`` gets the same count, as its only differing items are truncated to
+512 either way); p50/p99 latency of one call (a batch for a/a', a flush for b, a request for c);
+``pad eff`` = real / padded tokens fed to the model (where known).
+
+Useful FLOPs (padding excluded), for an item of L real tokens::
+
+    2 * P_tok * L  +  4 * n_layers * d_model * L**2  +  2 * P_seq
+
+P_tok: weights of the matmuls applied at every token (Q, K, V, attention output, both FFN
+matrices of every layer); the L**2 term is QK^T and attention x V (2 * L * L * d FLOPs each
+per layer); P_seq: pooler + classifier, applied once per sequence. Embedding lookups, layer
+norms, softmax and GELU are left out (<2%). GFLOP/s = useful FLOPs / wall time, against the fp32
+peak measured in this run: best of several 2048 x 2048 ``torch.mm`` (2 n^3 FLOPs) on
+``--threads`` threads, at the start and at the end of the run (the higher is used).
+
+Parity: every mode's raw rewards are compared with ``a``. For the few items longer than
+``max_length`` the typical-user code keeps the START of the pair (Hugging Face right-side
+truncation) while Plaudit keeps the END (by design, see services/common/textfmt.py); for those
+items the reference is the same PyTorch model run on the serving token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # explicit: no warning when we fork
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import transformers
+from plaudit.v1 import reward_pb2
+from tqdm import tqdm
+
+from services.common.registry import ModelRegistry
+from services.common.settings import settings_from_args
+from services.common.textfmt import RewardTextEncoder, length_groups
+from services.demo import DEFAULT_DATA, ServerProcess, metric_value, start_reward_server
+from services.reward.client import RewardClient, wait_until_serving
+from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob, estimate_tokens
+from services.reward.settings import RewardSettings
+from trainer.backbones import resolve_backbone
+from trainer.data import read_pairs
+from trainer.export import (
+    ExportConfig,
+    export_reward,
+    load_reward_model,
+    pairwise_agreement,
+    torch_rewards,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+TARGETS = {"b": 2.5, "c": 2.0}  # throughput vs (a) that the issue asks for
+
+
+@dataclass
+class Items:
+    prompts: list[str]
+    completions: list[str]
+    tokens: np.ndarray  # real tokens per item, serving tokenization
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class ModeResult:
+    key: str
+    name: str
+    scores: np.ndarray  # raw rewards, input order
+    wall_s: float
+    latencies_s: list[float]
+    items_per_call: float
+    padded_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Useful FLOPs of a BERT-style encoder with a per-sequence head (see the module doc)."""
+
+    per_token_params: int
+    per_seq_params: int
+    layers: int
+    hidden: int
+
+    @classmethod
+    def of(cls, model: Any) -> FlopModel:
+        """From a Hugging Face model: its encoder's Linear layers run per token, the rest once."""
+        base_ids = {id(m) for m in model.base_model.modules()}
+        per_token = per_seq = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if id(module) in base_ids and "pooler" not in name:
+                per_token += module.weight.numel()
+            else:
+                per_seq += module.weight.numel()
+        config: Any = model.config
+        return cls(per_token, per_seq, int(config.num_hidden_layers), int(config.hidden_size))
+
+    def flops(self, lengths: np.ndarray) -> float:
+        length = lengths.astype(np.float64)
+        per_item = (
+            2 * self.per_token_params * length
+            + 4 * self.layers * self.hidden * length**2
+            + 2 * self.per_seq_params
+        )
+        return float(per_item.sum())
+
+
+def sgemm_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
+    """Best-of-``reps`` fp32 GEMM rate on ``threads`` threads, in GFLOP/s."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def chunks(seq: Sequence[int], size: int) -> list[list[int]]:
+    return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
+
+
+def bar(total: int, desc: str) -> tqdm[Any]:
+    return tqdm(total=total, desc=desc, unit="item", leave=False, dynamic_ncols=True)
+
+
+# -- (a), (a'): PyTorch eager ------------------------------------------------------------------
+def run_eager(
+    model: Any, tokenizer: Any, items: Items, batch_size: int, max_length: int, *, sort: bool
+) -> ModeResult:
+    """The typical-user loop; with ``sort``, over items ordered by token length (longest first)."""
+    prompts, completions = items.prompts, items.completions
+    scores = np.empty(len(items), dtype=np.float32)
+
+    def score(batch: list[int]) -> int:
+        enc = tokenizer(
+            [prompts[i] for i in batch],
+            [completions[i] for i in batch],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            scores[batch] = model(**enc).logits[:, 0].float().numpy()
+        return int(enc["input_ids"].numel())
+
+    score(list(range(min(batch_size, len(items)))))  # warm-up, not timed
+    latencies: list[float] = []
+    padded = 0
+    name = "a'" if sort else "a"
+    with bar(len(items), name) as progress:
+        start = time.perf_counter()
+        order: Sequence[int] = range(len(items))
+        if sort:
+            ids = tokenizer(prompts, completions, truncation=True, max_length=max_length)
+            lengths = np.array([len(x) for x in ids["input_ids"]])
+            order = np.argsort(-lengths, kind="stable").tolist()
+        for batch in chunks(order, batch_size):
+            t0 = time.perf_counter()
+            padded += score(batch)
+            latencies.append(time.perf_counter() - t0)
+            progress.update(len(batch))
+        wall = time.perf_counter() - start
+    title = "torch eager, length-sorted" if sort else "torch eager (typical user)"
+    return ModeResult(
+        name,
+        f"{title} b={batch_size}",
+        scores,
+        wall,
+        latencies,
+        len(items) / len(latencies),
+        padded,
+    )
+
+
+# -- (b): the engine in process ----------------------------------------------------------------
+def make_jobs(items: Items, request_items: int) -> list[tuple[list[int], ScoreJob]]:
+    return [
+        (
+            idx,
+            ScoreJob([items.prompts[i] for i in idx], [items.completions[i] for i in idx], False),
+        )
+        for idx in chunks(range(len(items)), request_items)
+    ]
+
+
+def pack_flushes(
+    jobs: list[tuple[list[int], ScoreJob]], settings: RewardSettings, max_length: int
+) -> list[list[tuple[list[int], ScoreJob]]]:
+    """Consecutive jobs packed the way ``DynamicBatcher._collect`` packs a full queue."""
+    flushes: list[list[tuple[list[int], ScoreJob]]] = []
+    size = cost = 0
+    for entry in jobs:
+        job = entry[1]
+        n = len(job.prompts)
+        c = sum(
+            estimate_tokens(p, q, max_length)
+            for p, q in zip(job.prompts, job.completions, strict=True)
+        )
+        full = size >= settings.max_batch_size or cost >= settings.max_batch_tokens
+        over = size + n > settings.max_batch_size or cost + c > settings.max_batch_tokens
+        if not flushes or full or over:
+            flushes.append([])
+            size = cost = 0
+        flushes[-1].append(entry)
+        size += n
+        cost += c
+    return flushes
+
+
+def run_engine(
+    engine: RewardEngine, items: Items, settings: RewardSettings, request_items: int
+) -> ModeResult:
+    model = engine.require_model()
+    flushes = pack_flushes(make_jobs(items, request_items), settings, model.max_length)
+    scores = np.empty(len(items), dtype=np.float32)
+    engine.process([job for _, job in flushes[0]])  # warm-up, not timed
+    latencies: list[float] = []
+    padded = tokens = 0
+    with bar(len(items), "b") as progress:
+        start = time.perf_counter()
+        for flush in flushes:
+            t0 = time.perf_counter()
+            results = engine.process([job for _, job in flush])
+            latencies.append(time.perf_counter() - t0)
+            for (idx, _), result in zip(flush, results, strict=True):
+                scores[idx] = result.raw
+                tokens += result.tokens
+            progress.update(sum(len(idx) for idx, _ in flush))
+        wall = time.perf_counter() - start
+    for flush in flushes:  # padded size of the engine's ONNX Runtime calls, untimed
+        lengths = items.tokens[[i for idx, _ in flush for i in idx]]
+        padded += sum(
+            len(g) * int(lengths[g].max()) for g in length_groups(lengths, engine.group_tokens)
+        )
+    return ModeResult(
+        "b",
+        "engine in-process (RewardEngine.process)",
+        scores,
+        wall,
+        latencies,
+        len(items) / len(flushes),
+        padded,
+        {"engine_tokens": tokens, "flushes": len(flushes)},
+    )
+
+
+# -- (c): the service over gRPC ----------------------------------------------------------------
+def batcher_totals(server: ServerProcess) -> tuple[float, float]:
+    text = server.metrics_text()
+    return (
+        metric_value(text, "plaudit_reward_batch_size_count"),
+        metric_value(text, "plaudit_reward_batch_size_sum"),
+    )
+
+
+def run_grpc(server: ServerProcess, items: Items, clients: int, request_items: int) -> ModeResult:
+    requests = chunks(range(len(items)), request_items)
+    scores = np.empty(len(items), dtype=np.float32)
+    local = threading.local()
+    opened: list[RewardClient] = []
+    lock = threading.Lock()
+
+    def client() -> RewardClient:
+        if not hasattr(local, "client"):
+            local.client = RewardClient(server.address)
+            with lock:
+                opened.append(local.client)
+        return local.client
+
+    def one(idx: list[int]) -> float:
+        c = client()
+        t0 = time.perf_counter()
+        rewards, _ = c.score(
+            [items.prompts[i] for i in idx],
+            [items.completions[i] for i in idx],
+            normalization=reward_pb2.NORMALIZATION_RAW,
+        )
+        elapsed = time.perf_counter() - t0
+        scores[idx] = rewards
+        return elapsed
+
+    latencies: list[float] = []
+    try:
+        with ThreadPoolExecutor(clients, thread_name_prefix="client") as pool:
+            list(pool.map(one, requests[:clients]))  # warm-up (opens the channels), not timed
+            count0, sum0 = batcher_totals(server)
+            with bar(len(items), f"c{clients}") as progress:
+                start = time.perf_counter()
+                for idx, elapsed in zip(requests, pool.map(one, requests), strict=True):
+                    latencies.append(elapsed)
+                    progress.update(len(idx))
+                wall = time.perf_counter() - start
+            count1, sum1 = batcher_totals(server)
+    finally:
+        for c in opened:
+            c.close()
+    flushes = count1 - count0
+    per_flush = (sum1 - sum0) / flushes if flushes else float("nan")
+    noun = "client" if clients == 1 else "clients"
+    return ModeResult(
+        f"c{clients}",
+        f"gRPC service, {clients} {noun} x {request_items} items",
+        scores,
+        wall,
+        latencies,
+        float(request_items),
+        None,
+        {"server_flushes": flushes, "server_items_per_flush": per_flush},
+    )
+
+
+# -- setup -------------------------------------------------------------------------------------
+def load_items(path: Path, pairs: int | None, encoder: RewardTextEncoder) -> Items:
+    prompts: list[str] = []
+    completions: list[str] = []
+    for pair in read_pairs(path, pairs):
+        prompts += [pair.prompt, pair.prompt]
+        completions += [pair.chosen, pair.rejected]
+    encoded = encoder.encode(prompts, completions)
+    tokens = np.array([len(e.ids) for e, _ in encoded], dtype=np.int64)
+    return Items(prompts, completions, tokens)
+
+
+def ensure_model(registry: ModelRegistry, checkpoint: str, seed: int) -> str:
+    """The promoted version; export ``checkpoint`` (fp32 + int8 if it passes) when there is none."""
+    version = registry.promoted()
+    if version is None:
+        print(
+            f"no promoted reward model in {registry.root}: exporting {checkpoint} (about a minute)"
+        )
+        cfg = ExportConfig(checkpoint=checkpoint, quantize="int8", seed=seed)
+        version = export_reward(cfg, registry, promote=True).version
+    return version
+
+
+def serving_mismatches(
+    tokenizer: Any, items: Items, encoder: RewardTextEncoder, max_length: int
+) -> list[int]:
+    """Items whose Hugging Face token ids differ from the serving tokenization (truncation)."""
+    hf = tokenizer(items.prompts, items.completions, truncation=True, max_length=max_length)
+    ours = encoder.encode(items.prompts, items.completions)
+    return [
+        i
+        for i, (ids, (enc, _)) in enumerate(zip(hf["input_ids"], ours, strict=True))
+        if list(ids) != enc.ids
+    ]
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="preference pairs to use (2 items each; default: all in --data)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO / DEFAULT_DATA,
+        help="HH-RLHF or prompt/chosen/rejected JSONL (default: shared HH pairs)",
+    )
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=RESULTS / "registry",
+        help="reward registry; exported into when nothing is promoted",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default="minilm",
+        help="checkpoint of (a) and of the export (default minilm)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of a fresh head; must match the export's (ExportConfig.seed)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch / ONNX Runtime intra-op threads (default: all cores)",
+    )
+    parser.add_argument("--clients", default="1,16", help="gRPC concurrencies, comma-separated")
+    parser.add_argument("--request-items", type=int, default=4, help="items per gRPC request")
+    parser.add_argument("--batch-size", type=int, default=32, help="PyTorch batch size")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="graph served by (b) and (c); (a) is always fp32 PyTorch",
+    )
+    parser.add_argument("--modes", default="a,a',b,c", help="subset of a,a',b,c to run")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="max abs reward difference vs (a) accepted for fp32",
+    )
+    parser.add_argument(
+        "--json-out",
+        type=Path,
+        default=None,
+        help="results JSON (default bench/results/bench_reward-<UTC time>.json)",
+    )
+    args = parser.parse_args(argv)
+    args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    args.modes = {m.strip() for m in str(args.modes).split(",") if m.strip()}
+    unknown = args.modes - {"a", "a'", "b", "c"}
+    if unknown or "a" not in args.modes:
+        parser.error(f"--modes must include a (the baseline); unknown: {sorted(unknown)}")
+    if min(args.clients, default=0) < 1 or args.request_items < 1 or args.threads < 1:
+        parser.error("--clients, --request-items and --threads must be positive")
+    return args
+
+
+# -- report ------------------------------------------------------------------------------------
+def summarize(
+    mode: ModeResult,
+    items: Items,
+    flops: float,
+    peak: float,
+    base: ModeResult,
+    reference: np.ndarray,
+) -> dict[str, Any]:
+    tokens = int(items.tokens.sum())
+    lat = np.array(mode.latencies_s) * 1000
+    items_s = len(items) / mode.wall_s
+    gflops = flops / mode.wall_s / 1e9
+    diff = float(np.max(np.abs(mode.scores - reference)))
+    return {
+        "key": mode.key,
+        "name": mode.name,
+        "items": len(items),
+        "tokens": tokens,
+        "wall_s": mode.wall_s,
+        "calls": len(mode.latencies_s),
+        "items_per_call": mode.items_per_call,
+        "items_per_s": items_s,
+        "tokens_per_s": tokens / mode.wall_s,
+        "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p99": float(np.percentile(lat, 99)),
+        "speedup_vs_a": base.wall_s / mode.wall_s,
+        "gflops": gflops,
+        "pct_of_peak": 100 * gflops / peak,
+        "padding_efficiency": tokens / mode.padded_tokens if mode.padded_tokens else None,
+        "max_abs_diff_vs_a": diff,
+        "pair_order_agreement_vs_a": pairwise_agreement(reference, mode.scores),
+        **mode.extra,
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'mode':<4} {'what':<42} {'items/s':>8} {'tok/s':>8} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'vs a':>6} {'GFLOP/s':>8} {'%peak':>6} {'pad eff':>7} {'max|Δ|':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        pad = f"{r['padding_efficiency']:.0%}" if r["padding_efficiency"] else "-"
+        print(
+            f"{r['key']:<4} {r['name'][:42]:<42} {r['items_per_s']:>8.1f} "
+            f"{r['tokens_per_s']:>8.0f} {r['latency_ms_p50']:>8.1f} {r['latency_ms_p99']:>8.1f} "
+            f"{r['speedup_vs_a']:>5.2f}x {r['gflops']:>8.1f} {r['pct_of_peak']:>5.1f}% "
+            f"{pad:>7} {r['max_abs_diff_vs_a']:>8.1e}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    # the serving defaults and any PLAUDIT_* overrides, read the way `plaudit serve` reads them
+    settings = settings_from_args(RewardSettings, argparse.Namespace())
+    registry = ModelRegistry(args.registry, "reward")
+    version = ensure_model(registry, args.checkpoint, args.seed)
+    manifest = registry.manifest(version)
+    backbone = resolve_backbone(args.checkpoint)
+    if manifest.backbone != backbone.name:
+        print(f"promoted {version} is {manifest.backbone}, not {backbone.name}: pass --checkpoint")
+        return 2
+    if args.precision not in manifest.onnx_files:
+        q = manifest.quantization
+        why = f" (int8 parity: {q.pairwise_agreement:.2f} < {q.threshold})" if q else ""
+        print(
+            f"{version} has no {args.precision} graph{why}. To measure int8 anyway, export one "
+            "into its own registry and point --registry at it:\n  plaudit export reward "
+            "--quantize int8 --int8-min-agreement 0 --promote --registry bench/results/int8"
+        )
+        return 2
+
+    print(
+        f"model {version} ({manifest.backbone}), {args.precision}, {args.threads} threads, "
+        f"ONNX Runtime {ort.__version__}, torch {torch.__version__}, CPU {cpu_name()}"
+    )
+    peaks = [sgemm_gflops(args.threads)]
+    print(f"fp32 sgemm 2048^3 on {args.threads} threads: {peaks[0]:.1f} GFLOP/s")
+
+    loaded = LoadedRewardModel.load(
+        registry, version, precision=args.precision, provider="cpu", intra_op_threads=args.threads
+    )
+    max_length = loaded.max_length
+    items = load_items(args.data, args.pairs, loaded.encoder)
+    n_trunc = int(sum(t for _, t in loaded.encoder.encode(items.prompts, items.completions)))
+    print(
+        f"{len(items)} items from {args.data} ({int(items.tokens.sum())} real tokens, mean "
+        f"{items.tokens.mean():.0f}, max {items.tokens.max()}, {n_trunc} truncated to {max_length})"
+    )
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_reward_model(backbone, args.seed)
+    flop_model = FlopModel.of(model)
+    flops = flop_model.flops(items.tokens)
+
+    modes: list[ModeResult] = [
+        run_eager(model, tokenizer, items, args.batch_size, max_length, sort=False)
+    ]
+    if "a'" in args.modes:
+        modes.append(run_eager(model, tokenizer, items, args.batch_size, max_length, sort=True))
+    if "b" in args.modes:
+        engine = RewardEngine(group_tokens=settings.group_tokens)
+        engine.set_model(loaded)
+        modes.append(run_engine(engine, items, settings, args.request_items))
+    server_exit: int | None = None
+    if "c" in args.modes:
+        server = start_reward_server(
+            args.registry,
+            "--precision",
+            args.precision,
+            "--execution-provider",
+            "cpu",
+            "--intra-op-threads",
+            str(args.threads),
+        )
+        try:
+            wait_until_serving(server.address, timeout=300)
+            with RewardClient(server.address) as probe:
+                info = probe.model()
+            if info.version != version or info.precision != args.precision:
+                raise RuntimeError(
+                    f"server runs {info.version} {info.precision}, expected {version}"
+                )
+            for clients in args.clients:
+                modes.append(run_grpc(server, items, clients, args.request_items))
+        finally:
+            server_exit = server.stop()
+    peaks.append(sgemm_gflops(args.threads))
+    peak = max(peaks)
+
+    # parity: (a) as written, except items whose tokenization differs get PyTorch on serving ids
+    base = modes[0]
+    reference = base.scores.copy()
+    mismatched = serving_mismatches(tokenizer, items, loaded.encoder, max_length)
+    trunc_effect = 0.0
+    if mismatched:
+        pairs = [(items.prompts[i], items.completions[i]) for i in mismatched]
+        reference[mismatched] = torch_rewards(model, loaded.encoder, pairs)
+        trunc_effect = float(np.max(np.abs(reference[mismatched] - base.scores[mismatched])))
+    rows = [summarize(m, items, flops, peak, base, reference) for m in modes]
+
+    print()
+    print_table(rows)
+    print()
+    print(
+        f"fp32 peak (sgemm 2048^3, {args.threads} threads, best of start/end): {peak:.1f} GFLOP/s "
+        f"(start {peaks[0]:.1f}, end {peaks[1]:.1f}). Useful work: {flops / 1e9:.1f} GFLOP = "
+        f"2 x {flop_model.per_token_params / 1e6:.2f}M params x tokens + "
+        f"4 x {flop_model.layers} layers x {flop_model.hidden} x L^2 (attention) + "
+        f"2 x {flop_model.per_seq_params / 1e6:.2f}M per item (head); padding not counted."
+    )
+    print(
+        f"parity: {len(mismatched)} item(s) tokenized differently by (a) (it keeps the start of "
+        f"over-long pairs, serving keeps the end; max score effect {trunc_effect:.2e}); for those "
+        "the reference is PyTorch on the serving token ids."
+    )
+    failures = []
+    for r in rows[1:]:
+        target = TARGETS.get(r["key"][0])
+        check = ""
+        if target is not None:
+            met = r["speedup_vs_a"] >= target
+            check = f"target >= {target}x: {'met' if met else 'NOT met'}"
+        ok = r["max_abs_diff_vs_a"] <= args.atol
+        if args.precision == "fp32" and not ok:
+            failures.append(r["key"])
+        print(
+            f"  {r['key']:<4} {r['speedup_vs_a']:.2f}x vs a  {check:<26} max|Δ| "
+            f"{r['max_abs_diff_vs_a']:.1e} ({'ok' if ok else 'over'} {args.atol:g}), "
+            f"pair order agrees {r['pair_order_agreement_vs_a']:.1%}"
+        )
+    if server_exit not in (None, 0):
+        print(f"server exited with code {server_exit}")
+
+    out = args.json_out or RESULTS / f"bench_reward-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "git": git_commit(),
+        "argv": sys.argv[1:],
+        "config": {
+            "pairs": args.pairs,
+            "items": len(items),
+            "threads": args.threads,
+            "clients": args.clients,
+            "request_items": args.request_items,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "max_length": max_length,
+            "data": str(args.data),
+            "registry": str(args.registry),
+            "model_version": version,
+            "backbone": manifest.backbone,
+            "serving": settings.model_dump(
+                include={"max_batch_size", "max_batch_tokens", "max_wait_ms", "group_tokens"}
+            ),
+        },
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "transformers": transformers.__version__,
+        },
+        "peak_gflops": {"start": peaks[0], "end": peaks[1], "used": peak},
+        "flops": {
+            "useful_total": flops,
+            "per_token_params": flop_model.per_token_params,
+            "per_seq_params": flop_model.per_seq_params,
+            "layers": flop_model.layers,
+            "hidden": flop_model.hidden,
+        },
+        "parity": {
+            "atol": args.atol,
+            "items_tokenized_differently_by_a": len(mismatched),
+            "truncation_score_effect": trunc_effect,
+        },
+        "server_exit_code": server_exit,
+        "modes": rows,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"results: {out}")
+    if failures:
+        print(f"FAIL: scores of {failures} differ from (a) by more than {args.atol:g}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

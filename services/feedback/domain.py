@@ -1,0 +1,603 @@
+"""Feedback domain: the four kinds of human feedback, their validation, and what they imply.
+
+Pure functions and value objects only; no database. The store persists each event once and
+derives training examples from the stored events when they are exported:
+
+* :class:`Comparison` - one pair, ``chosen`` preferred over ``rejected``.
+* :class:`Ranking` - completions best first; stored once, it implies every pair K(K-1)/2.
+* :class:`Rating` - a score on a declared scale (thumbs up/down is the 0..1 scale). Two ratings by
+  the same annotator of different completions of one prompt on the same scale imply a pair whose
+  margin is the score gap divided by the scale width; equal scores imply no preference. Each
+  rating is also an unpaired example for KTO-style training (label: score above the midpoint).
+* :class:`Correction` - an edited completion: the pair (corrected over completion) and a
+  supervised (prompt, corrected) example.
+
+A derived pair is a :class:`Judgement`: one annotator's vote on one unordered pair of
+completions of one prompt. Judgements are stored in a canonical orientation (``first`` sorts
+before ``second``) so votes on the same pair group together whichever way round they came.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeAlias
+
+from services.common.errors import InvalidArgumentError
+
+FeedbackKind = Literal["comparison", "ranking", "rating", "correction"]
+FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("comparison", "ranking", "rating", "correction")
+
+CURSOR_INDEX_BITS = 20
+"""Low bits of an export cursor: the index of an item among those one feedback row implies."""
+MAX_ITEMS_PER_FEEDBACK = 1 << CURSOR_INDEX_BITS
+
+
+@dataclass(frozen=True)
+class FeedbackLimits:
+    """Size limits applied by :func:`validate_event`."""
+
+    max_text_bytes: int = 65536  # UTF-8 bytes of a prompt or completion
+    min_completions: int = 2
+    max_completions: int = 16
+    max_id_chars: int = 128  # annotator_id and idempotency_key
+    max_metadata_entries: int = 32
+    max_metadata_key_chars: int = 64
+    max_metadata_value_chars: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_completions <= self.max_completions:
+            raise ValueError("need 2 <= min_completions <= max_completions")
+        if self.max_completions * (self.max_completions - 1) // 2 >= MAX_ITEMS_PER_FEEDBACK:
+            raise ValueError("max_completions implies more pairs than an export cursor can address")
+
+
+DEFAULT_LIMITS = FeedbackLimits()
+
+
+# -- events ------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """``chosen`` is preferred over ``rejected``; ``margin`` (>= 0) says by how much, if known."""
+
+    kind: ClassVar[FeedbackKind] = "comparison"
+    prompt: str
+    chosen: str
+    rejected: str
+    annotator_id: str
+    idempotency_key: str
+    margin: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ranking:
+    """``completions`` ordered best first (2..16 distinct texts); implies every pair."""
+
+    kind: ClassVar[FeedbackKind] = "ranking"
+    prompt: str
+    completions: Sequence[str]
+    annotator_id: str
+    idempotency_key: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rating:
+    """``score`` on the declared scale ``[scale_min, scale_max]``."""
+
+    kind: ClassVar[FeedbackKind] = "rating"
+    prompt: str
+    completion: str
+    score: float
+    scale_min: float
+    scale_max: float
+    annotator_id: str
+    idempotency_key: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def thumbs(
+        cls,
+        *,
+        prompt: str,
+        completion: str,
+        up: bool,
+        annotator_id: str,
+        idempotency_key: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Rating:
+        """Thumbs up/down: a rating of 1 or 0 on the 0..1 scale."""
+        return cls(
+            prompt=prompt,
+            completion=completion,
+            score=1.0 if up else 0.0,
+            scale_min=0.0,
+            scale_max=1.0,
+            annotator_id=annotator_id,
+            idempotency_key=idempotency_key,
+            metadata=metadata or {},
+        )
+
+    @property
+    def normalized_score(self) -> float:
+        """The score mapped to 0..1 along its scale."""
+        return (self.score - self.scale_min) / (self.scale_max - self.scale_min)
+
+    @property
+    def is_positive(self) -> bool:
+        """KTO label: True when the score is above the scale midpoint (the midpoint is False)."""
+        return self.normalized_score > 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Correction:
+    """``corrected`` is the annotator's edit of ``completion``; it is preferred over it."""
+
+    kind: ClassVar[FeedbackKind] = "correction"
+    prompt: str
+    completion: str
+    corrected: str
+    annotator_id: str
+    idempotency_key: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+FeedbackEvent: TypeAlias = Comparison | Ranking | Rating | Correction
+
+
+@dataclass(frozen=True)
+class StoredFeedback:
+    """An event as committed, with the id the store gave it (ids follow commit order)."""
+
+    feedback_id: int
+    event: FeedbackEvent
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """Acknowledgement of one event: it is committed under ``feedback_id``.
+
+    ``duplicate`` is True when the idempotency key was already stored with the same content, so
+    nothing new was written and ``feedback_id`` is the original one.
+    """
+
+    feedback_id: int
+    duplicate: bool
+
+
+# -- validation --------------------------------------------------------------------------------
+def _check_text(name: str, value: object, limits: FeedbackLimits) -> None:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(name, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgumentError(name, "must not be empty or whitespace only")
+    if "\x00" in value:
+        raise InvalidArgumentError(name, "must not contain NUL characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(name, "is not valid UTF-8 text (lone surrogate)") from exc
+    if size > limits.max_text_bytes:
+        raise InvalidArgumentError(
+            name, f"is {size} UTF-8 bytes; the limit is {limits.max_text_bytes}"
+        )
+
+
+def _check_identifier(name: str, value: object, limits: FeedbackLimits) -> None:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(name, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgumentError(name, "must not be empty or whitespace only")
+    if len(value) > limits.max_id_chars:
+        raise InvalidArgumentError(
+            name, f"is {len(value)} characters; the limit is {limits.max_id_chars}"
+        )
+    if "\x00" in value:
+        raise InvalidArgumentError(name, "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(name, "is not valid UTF-8 text (lone surrogate)") from exc
+
+
+def _check_finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(name, f"must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidArgumentError(name, f"must be a finite number, got {value}")
+    return float(value)
+
+
+def _check_metadata(metadata: object, limits: FeedbackLimits) -> None:
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgumentError("metadata", "must be a map of strings to strings")
+    if len(metadata) > limits.max_metadata_entries:
+        raise InvalidArgumentError(
+            "metadata", f"has {len(metadata)} entries; the limit is {limits.max_metadata_entries}"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgumentError("metadata", "keys and values must be strings")
+        shown = key[:32] + ("..." if len(key) > 32 else "")
+        if not key.strip():
+            raise InvalidArgumentError("metadata", "keys must not be empty")
+        if len(key) > limits.max_metadata_key_chars:
+            raise InvalidArgumentError(
+                "metadata",
+                f"key {shown!r} is {len(key)} characters; the limit is "
+                f"{limits.max_metadata_key_chars}",
+            )
+        if len(value) > limits.max_metadata_value_chars:
+            raise InvalidArgumentError(
+                "metadata",
+                f"value of {shown!r} is {len(value)} characters; the limit is "
+                f"{limits.max_metadata_value_chars}",
+            )
+        if "\x00" in key or "\x00" in value:
+            raise InvalidArgumentError("metadata", f"entry {shown!r} contains a NUL character")
+        try:
+            key.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(
+                "metadata", f"entry {shown!r} is not valid UTF-8 text (lone surrogate)"
+            ) from exc
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Texts that differ only in surrounding whitespace count as the same completion."""
+    return a == b or a.strip() == b.strip()
+
+
+def validate_event(event: FeedbackEvent, limits: FeedbackLimits = DEFAULT_LIMITS) -> None:
+    """Raise :class:`InvalidArgumentError` naming the first offending field and its limit."""
+    _check_text("prompt", event.prompt, limits)
+    if isinstance(event, Comparison):
+        _check_text("chosen", event.chosen, limits)
+        _check_text("rejected", event.rejected, limits)
+        if _same_text(event.chosen, event.rejected):
+            raise InvalidArgumentError("rejected", "must differ from chosen")
+        if event.margin is not None:
+            margin = _check_finite("margin", event.margin)
+            if margin < 0:
+                raise InvalidArgumentError("margin", f"must be >= 0, got {margin}")
+    elif isinstance(event, Ranking):
+        _validate_completions(event.completions, limits)
+    elif isinstance(event, Rating):
+        _check_text("completion", event.completion, limits)
+        low = _check_finite("scale_min", event.scale_min)
+        high = _check_finite("scale_max", event.scale_max)
+        if low >= high:
+            raise InvalidArgumentError(
+                "scale_min", f"must be less than scale_max ({low} >= {high})"
+            )
+        score = _check_finite("score", event.score)
+        if not low <= score <= high:
+            raise InvalidArgumentError(
+                "score", f"must lie within the scale [{low}, {high}], got {score}"
+            )
+    elif isinstance(event, Correction):
+        _check_text("completion", event.completion, limits)
+        _check_text("corrected", event.corrected, limits)
+        if _same_text(event.completion, event.corrected):
+            raise InvalidArgumentError("corrected", "must differ from completion")
+    else:  # pragma: no cover - guarded by the type checker
+        raise InvalidArgumentError("kind", f"unknown feedback type {type(event).__name__}")
+    _check_identifier("annotator_id", event.annotator_id, limits)
+    _check_identifier("idempotency_key", event.idempotency_key, limits)
+    _check_metadata(event.metadata, limits)
+
+
+def _validate_completions(completions: object, limits: FeedbackLimits) -> None:
+    if isinstance(completions, str) or not isinstance(completions, Sequence):
+        raise InvalidArgumentError("completions", "must be a list of strings")
+    count = len(completions)
+    if not limits.min_completions <= count <= limits.max_completions:
+        raise InvalidArgumentError(
+            "completions",
+            f"has {count} entries; a ranking needs {limits.min_completions} to "
+            f"{limits.max_completions}",
+        )
+    seen: dict[str, int] = {}
+    for index, text in enumerate(completions):
+        name = f"completions[{index}]"
+        _check_text(name, text, limits)
+        key = text.strip()
+        if key in seen:
+            raise InvalidArgumentError(name, f"duplicates completions[{seen[key]}]")
+        seen[key] = index
+
+
+# -- canonical form ----------------------------------------------------------------------------
+def event_payload(event: FeedbackEvent) -> dict[str, Any]:
+    """The kind-specific fields of an event as JSON-ready values (numbers as floats)."""
+    if isinstance(event, Comparison):
+        margin = None if event.margin is None else float(event.margin)
+        return {"chosen": event.chosen, "rejected": event.rejected, "margin": margin}
+    if isinstance(event, Ranking):
+        return {"completions": list(event.completions)}
+    if isinstance(event, Rating):
+        return {
+            "completion": event.completion,
+            "score": float(event.score),
+            "scale_min": float(event.scale_min),
+            "scale_max": float(event.scale_max),
+        }
+    return {"completion": event.completion, "corrected": event.corrected}
+
+
+def event_from_payload(
+    kind: str,
+    *,
+    prompt: str,
+    annotator_id: str,
+    idempotency_key: str,
+    payload: Mapping[str, Any],
+    metadata: Mapping[str, str],
+) -> FeedbackEvent:
+    """Rebuild an event from its stored columns (inverse of :func:`event_payload`)."""
+    common: dict[str, Any] = {
+        "prompt": prompt,
+        "annotator_id": annotator_id,
+        "idempotency_key": idempotency_key,
+        "metadata": dict(metadata),
+    }
+    if kind == "comparison":
+        return Comparison(
+            **common,
+            chosen=payload["chosen"],
+            rejected=payload["rejected"],
+            margin=payload.get("margin"),
+        )
+    if kind == "ranking":
+        return Ranking(**common, completions=tuple(payload["completions"]))
+    if kind == "rating":
+        return Rating(
+            **common,
+            completion=payload["completion"],
+            score=payload["score"],
+            scale_min=payload["scale_min"],
+            scale_max=payload["scale_max"],
+        )
+    if kind == "correction":
+        return Correction(
+            **common, completion=payload["completion"], corrected=payload["corrected"]
+        )
+    raise ValueError(f"unknown feedback kind {kind!r}")
+
+
+def content_hash(event: FeedbackEvent) -> str:
+    """sha256 of everything the event says except its idempotency key (hex).
+
+    Two submissions under one key are the same feedback exactly when their hashes match.
+    """
+    body = {
+        "kind": event.kind,
+        "prompt": event.prompt,
+        "annotator_id": event.annotator_id,
+        "metadata": dict(event.metadata),
+        "payload": event_payload(event),
+    }
+    encoded = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+
+
+def text_hash(text: str) -> str:
+    """sha256 of a text (hex); the store indexes prompts by it."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -- judgements --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """One annotator's vote on the unordered pair {first, second} of completions of a prompt.
+
+    ``preference`` is +1 when ``first`` is preferred, -1 when ``second`` is, 0 for no preference
+    (two equal ratings: it records that the annotator no longer prefers either and yields no
+    pair). ``first < second`` always. ``position`` (feedback id, index among the judgements that
+    feedback implies) orders judgements in commit order and is the basis of export cursors.
+    """
+
+    prompt: str
+    first: str
+    second: str
+    preference: int
+    margin: float | None
+    annotator_id: str
+    source_kind: FeedbackKind
+    feedback_id: int
+    index: int
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.feedback_id, self.index)
+
+    @property
+    def chosen(self) -> str:
+        return self.second if self.preference < 0 else self.first
+
+    @property
+    def rejected(self) -> str:
+        return self.first if self.preference < 0 else self.second
+
+
+def make_judgement(
+    prompt: str,
+    preferred: str,
+    other: str,
+    *,
+    margin: float | None,
+    annotator_id: str,
+    source_kind: FeedbackKind,
+    feedback_id: int,
+    index: int,
+    tie: bool = False,
+) -> Judgement:
+    """A judgement that ``preferred`` beats ``other`` (or neither, with ``tie``), canonicalised."""
+    if preferred < other:
+        first, second, preference = preferred, other, 1
+    else:
+        first, second, preference = other, preferred, -1
+    return Judgement(
+        prompt=prompt,
+        first=first,
+        second=second,
+        preference=0 if tie else preference,
+        margin=margin,
+        annotator_id=annotator_id,
+        source_kind=source_kind,
+        feedback_id=feedback_id,
+        index=index,
+    )
+
+
+def ranking_pairs(completions: Sequence[str]) -> list[tuple[str, str]]:
+    """Every (better, worse) pair a best-first ranking implies: K(K-1)/2 of them, in order."""
+    return [
+        (completions[i], completions[j])
+        for i in range(len(completions))
+        for j in range(i + 1, len(completions))
+    ]
+
+
+def rating_margin(better: Rating, worse: Rating) -> float:
+    """The score gap as a fraction of the (shared) scale width."""
+    return (better.score - worse.score) / (better.scale_max - better.scale_min)
+
+
+def derive_judgements(
+    records: Iterable[StoredFeedback], *, rating_pairs_across_annotators: bool = False
+) -> list[Judgement]:
+    """Every judgement the records imply, in position order. Deterministic.
+
+    Records are processed in feedback id (commit) order. A rating is paired with the latest
+    earlier rating of each *other* completion of the same prompt on the same scale
+    (``scale_min``/``scale_max`` equal), by the same annotator unless
+    ``rating_pairs_across_annotators`` (then the judgement is attributed to the later rating's
+    annotator). Equal scores give a ``preference == 0`` judgement. Completions are matched
+    exactly (the store cannot know two texts are the same answer otherwise).
+    """
+    judgements: list[Judgement] = []
+    ratings_seen: dict[tuple[str, str, float, float], dict[str, Rating]] = {}
+    for record in sorted(records, key=lambda r: r.feedback_id):
+        event, fid = record.event, record.feedback_id
+        common: dict[str, Any] = {
+            "annotator_id": event.annotator_id,
+            "source_kind": event.kind,
+            "feedback_id": fid,
+        }
+        if isinstance(event, Comparison):
+            judgements.append(
+                make_judgement(
+                    event.prompt,
+                    event.chosen,
+                    event.rejected,
+                    margin=event.margin,
+                    index=0,
+                    **common,
+                )
+            )
+        elif isinstance(event, Ranking):
+            for index, (better, worse) in enumerate(ranking_pairs(event.completions)):
+                judgements.append(
+                    make_judgement(event.prompt, better, worse, margin=None, index=index, **common)
+                )
+        elif isinstance(event, Correction):
+            judgements.append(
+                make_judgement(
+                    event.prompt, event.corrected, event.completion, margin=None, index=0, **common
+                )
+            )
+        else:
+            rater = "" if rating_pairs_across_annotators else event.annotator_id
+            key = (event.prompt, rater, float(event.scale_min), float(event.scale_max))
+            earlier = ratings_seen.setdefault(key, {})
+            index = 0
+            for completion, previous in earlier.items():
+                if completion == event.completion:
+                    continue
+                if index >= MAX_ITEMS_PER_FEEDBACK:
+                    break
+                high, low = (
+                    (event, previous) if event.score >= previous.score else (previous, event)
+                )
+                judgements.append(
+                    make_judgement(
+                        event.prompt,
+                        high.completion,
+                        low.completion,
+                        margin=rating_margin(high, low),
+                        index=index,
+                        tie=event.score == previous.score,
+                        **common,
+                    )
+                )
+                index += 1
+            earlier.pop(event.completion, None)  # keep the dict in order of latest rating
+            earlier[event.completion] = event
+    return judgements
+
+
+# -- exported examples -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DerivedPair:
+    """One training pair: the consensus of every vote on one unordered pair of completions.
+
+    ``weight`` is the majority share of the votes (see :mod:`services.feedback.quality`);
+    ``agree``/``disagree`` count the annotators on each side. ``annotator_id``, ``source_kind``
+    and ``feedback_id`` name the latest vote on the majority side. ``pair_key`` identifies the
+    (prompt, unordered pair) so a reader can replace a pair that is exported again with new
+    votes. Pass ``cursor`` as ``after_cursor`` to resume after this item.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None
+    weight: float
+    annotator_id: str
+    source_kind: FeedbackKind
+    feedback_id: int
+    cursor: int
+    agree: int
+    disagree: int
+    pair_key: str
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """A rating as a KTO example: ``label`` is True when the score is above the scale midpoint."""
+
+    prompt: str
+    completion: str
+    label: bool
+    score: float
+    normalized_score: float
+    annotator_id: str
+    feedback_id: int
+    cursor: int
+
+
+@dataclass(frozen=True)
+class SftExample:
+    """A correction as a supervised example: ``completion`` is the corrected text."""
+
+    prompt: str
+    completion: str
+    annotator_id: str
+    feedback_id: int
+    cursor: int
+
+
+def encode_cursor(feedback_id: int, index: int = 0) -> int:
+    """Export cursor of the ``index``-th item implied by feedback ``feedback_id``."""
+    return (feedback_id << CURSOR_INDEX_BITS) | index
+
+
+def decode_cursor(cursor: int) -> tuple[int, int]:
+    """(feedback id, item index) of a cursor; 0 is before everything."""
+    return cursor >> CURSOR_INDEX_BITS, cursor & (MAX_ITEMS_PER_FEEDBACK - 1)

@@ -1,0 +1,147 @@
+"""The feedback service process: store, group-commit batcher, servicer, health that tells the truth.
+
+Health is NOT_SERVING until the database answers and its schema is migrated; a probe keeps it
+honest afterwards (a database outage flips it to NOT_SERVING and back when the database returns),
+while calls during an outage fail fast with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from plaudit.v1 import feedback_pb2_grpc
+
+from services.common.batching import BatchingConfig, DynamicBatcher
+from services.common.errors import PlauditError, UnavailableError
+from services.common.server import GrpcService, wait_for_termination
+from services.feedback.domain import FeedbackEvent, FeedbackLimits
+from services.feedback.metrics import FeedbackMetrics
+from services.feedback.servicer import FeedbackServicer, Outcome
+from services.feedback.settings import FeedbackSettings
+from services.feedback.store import FeedbackStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "plaudit.v1.FeedbackService"
+
+
+class FeedbackServer:
+    """A running feedback service; ``port``/``metrics_port`` are known after :meth:`start`."""
+
+    def __init__(self, settings: FeedbackSettings) -> None:
+        self.settings = settings
+        self.grpc = GrpcService(
+            service_names=[SERVICE_NAME],
+            host=settings.host,
+            port=settings.port,
+            metrics_port=settings.metrics_port,
+        )
+        self.metrics = FeedbackMetrics(self.grpc.registry)
+        self.store: FeedbackStore | None = None
+        self.batcher: DynamicBatcher[FeedbackEvent, Outcome] = DynamicBatcher(
+            self._commit,
+            BatchingConfig(
+                max_batch_size=settings.commit_batch_size,
+                max_batch_tokens=settings.commit_batch_size,
+                max_wait_s=settings.commit_wait_ms / 1000.0,
+                max_queue_items=settings.max_queue_items,
+            ),
+            metrics=self.metrics.commit,
+            name="feedback-commit",
+        )
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
+            FeedbackServicer(self.require_store, self.batcher, settings, self.metrics),
+            self.grpc.server,
+        )
+        self._prober: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.grpc.metrics_port
+
+    def require_store(self) -> FeedbackStore:
+        store = self.store
+        if store is None:
+            raise UnavailableError("the feedback database is not reachable yet")
+        return store
+
+    def _commit(self, events: Sequence[FeedbackEvent]) -> list[Outcome]:
+        """Group commit of concurrent unary submissions (runs in the batcher's thread)."""
+        try:
+            with self.metrics.commit_latency.time():
+                outcomes = self.require_store().submit_many(events)
+        except PlauditError:
+            self.metrics.storage_errors.inc()
+            raise
+        self.metrics.transaction_events.observe(len(events))
+        return outcomes
+
+    def _open_store(self) -> FeedbackStore:
+        limits = FeedbackLimits(max_text_bytes=self.settings.max_text_bytes)
+        return FeedbackStore(
+            self.settings.database_url,
+            limits=limits,
+            rating_pairs_across_annotators=self.settings.rating_pairs_across_annotators,
+            outlier_alpha=self.settings.outlier_alpha,
+        )
+
+    async def start(self) -> None:
+        """Serve at once (health NOT_SERVING); open the database and probe it in the background."""
+        self.batcher.start()
+        await self.grpc.start()
+        self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+
+    async def wait_until_serving(self, timeout: float) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def _probe_once(self) -> bool:
+        try:
+            if self.store is None:
+                self.store = await asyncio.to_thread(self._open_store)
+                log.info("feedback database ready", extra={"url": repr(self.store)})
+            else:
+                await asyncio.to_thread(self.store.ping)
+        except PlauditError as exc:
+            log.warning("feedback database unavailable", extra={"error": exc.message})
+            return False
+        return True
+
+    async def _probe_forever(self) -> None:
+        serving: bool | None = None
+        while True:
+            up = await self._probe_once()
+            self.metrics.database_up.set(1 if up else 0)
+            if up != serving:
+                await self.grpc.set_serving(up)
+                serving = up
+                if up:
+                    self._ready.set()
+                    log.info("serving", extra={"port": self.port})
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new calls, finish in-flight ones, then close."""
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        await self.grpc.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.batcher.close()
+        if self.store is not None:
+            self.store.close()
+
+
+async def serve(settings: FeedbackSettings) -> None:
+    """Run the feedback service until SIGTERM/SIGINT, then drain and return."""
+    server = FeedbackServer(settings)
+    await server.start()
+    await wait_for_termination()
+    await server.stop()
