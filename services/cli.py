@@ -1,7 +1,7 @@
 """The ``plaudit`` command line.
 
 Each command imports only what it needs: ``serve`` never imports torch or the trainer; ``export``
-(and later ``train``) does.
+and ``train`` do. ``train reward`` also runs under ``torchrun --nproc-per-node N -m services.cli``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.logging import configure_logging
 from services.common.settings import PlauditSettings, add_settings_arguments, settings_from_args
+from trainer.config import RewardTrainingConfig  # a plain dataclass: no torch import
+
+_TRAIN = RewardTrainingConfig()  # the training defaults, defined once
 
 log = logging.getLogger("plaudit.cli")
 
@@ -44,6 +48,9 @@ class ExportSettings(PlauditSettings):
 class RegistrySettings(PlauditSettings):
     registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     kind: Literal["reward", "policy"] = Field("reward", description="model kind")
+    notify: str = Field(
+        "", description="comma-separated serving addresses to tell at once (promote, rollback)"
+    )
 
 
 class FeedbackFileSettings(PlauditSettings):
@@ -56,6 +63,74 @@ class FeedbackFileSettings(PlauditSettings):
     after_cursor: int = Field(0, ge=0, description="export pairs after this cursor")
     limit: int = Field(0, ge=0, description="export at most this many pairs (0 = all)")
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
+
+
+class TrainRewardSettings(PlauditSettings):
+    """``plaudit train reward``: the training config fields plus data, registry and promotion."""
+
+    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
+    data: list[Path] = Field([], description="JSONL pair files (HH-RLHF or TRL format)")
+    database_url: str | None = Field(None, description="feedback database to read pairs from")
+    after_cursor: int = Field(0, ge=0, description="read feedback pairs after this cursor")
+    since_cursor: bool = Field(
+        False, description="read feedback pairs after the parent version's data cursor"
+    )
+    exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
+    backbone: str = Field(_TRAIN.backbone, description="minilm, smollm2 or a HF checkpoint folder")
+    max_length: int = Field(_TRAIN.max_length, ge=8, description="max tokens per item (keeps end)")
+    epochs: int = Field(_TRAIN.epochs, ge=1, description="passes over the training pairs")
+    max_steps: int | None = Field(_TRAIN.max_steps, ge=0, description="optimizer steps at most")
+    learning_rate: float = Field(_TRAIN.learning_rate, ge=0, description="AdamW peak rate")
+    warmup_ratio: float = Field(_TRAIN.warmup_ratio, ge=0, lt=1, description="warmup share")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        _TRAIN.schedule, description="learning-rate decay after warmup"
+    )
+    batch_size: int = Field(_TRAIN.batch_size, ge=1, description="pairs per micro-batch at most")
+    batch_tokens: int | None = Field(
+        _TRAIN.batch_tokens, ge=16, description="padded tokens per micro-batch at most"
+    )
+    grad_accum: int = Field(_TRAIN.grad_accum, ge=1, description="micro-batches per step")
+    weight_decay: float = Field(_TRAIN.weight_decay, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(_TRAIN.max_grad_norm, ge=0, description="clip (0: off)")
+    eval_fraction: float = Field(
+        _TRAIN.eval_fraction, gt=0, lt=1, description="share of prompts held out"
+    )
+    eval_every: int = Field(_TRAIN.eval_every, ge=0, description="steps between evals (0: epoch)")
+    early_stopping_patience: int = Field(
+        _TRAIN.early_stopping_patience, ge=0, description="evals without gain (0: off)"
+    )
+    early_stopping_metric: Literal["accuracy", "loss"] = Field(
+        _TRAIN.early_stopping_metric, description="held-out metric that picks the best weights"
+    )
+    use_margin: bool = Field(_TRAIN.use_margin, description="use pair margins in the loss")
+    center_rewards_coefficient: float = Field(
+        _TRAIN.center_rewards_coefficient, ge=0, description="reward centering weight"
+    )
+    disable_dropout: bool = Field(_TRAIN.disable_dropout, description="train without dropout")
+    group_window: int = Field(
+        _TRAIN.group_window, ge=1, description="micro-batches length-grouped together"
+    )
+    seed: int = Field(_TRAIN.seed, description="seed for head, shuffles and batches")
+    device: Literal["auto", "cpu", "cuda"] = Field(_TRAIN.device, description="training device")
+    num_threads: int = Field(
+        _TRAIN.num_threads, ge=0, description="torch threads per process (0: cores/processes)"
+    )
+    output_dir: Path | None = Field(None, description="run folder (default .plaudit/runs/<run-id>)")
+    promote: bool = Field(False, description="promote if the accuracy gate passes")
+    promotion_tolerance: float = Field(
+        0.01, ge=0, le=1, description="accuracy the new version may lose against the promoted"
+    )
+    quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
+    parent: str | None = Field(None, description="parent version (default: the promoted one)")
+    progress: bool = Field(True, description="progress bar on stderr (rank 0)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainRewardSettings:
+        if bool(self.data) == bool(self.database_url):
+            raise ValueError("give either --data FILE... or --database-url URL")
+        if self.since_cursor and not self.database_url:
+            raise ValueError("--since-cursor reads the feedback store: give --database-url")
+        return self
 
 
 class ClientSettings(PlauditSettings):
@@ -168,6 +243,40 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_reward(args: argparse.Namespace) -> int:
+    settings = settings_from_args(TrainRewardSettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dataclasses import fields
+
+    from services.common.registry import ModelRegistry
+    from trainer.reward import PairSource, PublishOptions, train_reward
+
+    cfg = RewardTrainingConfig(**{f.name: getattr(settings, f.name) for f in fields(_TRAIN)})
+    result = train_reward(
+        cfg,
+        PairSource(
+            files=tuple(settings.data),
+            database_url=settings.database_url,
+            after_cursor=settings.after_cursor,
+            since_parent_cursor=settings.since_cursor,
+            exclude_outliers=settings.exclude_outliers,
+        ),
+        ModelRegistry(settings.registry, "reward"),
+        publish=PublishOptions(
+            promote=settings.promote,
+            promotion_tolerance=settings.promotion_tolerance,
+            quantize=None if settings.quantize == "none" else settings.quantize,
+            parent=settings.parent,
+        ),
+        output_dir=settings.output_dir,
+        progress=settings.progress,
+    )
+    if result is not None:  # rank 0 (the only process, or under torchrun)
+        sys.stdout.write(json.dumps(result.summary()) + "\n")
+    return 0
+
+
 def _cmd_registry(args: argparse.Namespace) -> int:
     from services.common.registry import ModelRegistry
 
@@ -190,7 +299,31 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         out.write(f"promoted {args.version}\n")
     elif args.action == "rollback":
         out.write(f"promoted {registry.rollback()}\n")
+    if args.action in ("promote", "rollback") and settings.notify:
+        return _notify(settings.notify, out)
     return 0
+
+
+def _notify(addresses: str, out: typing.TextIO) -> int:
+    """Tell serving processes to pick up the promotion now; 1 if any could not make it live."""
+    import grpc
+
+    from services.common.admin import notify_reload
+
+    failed = 0
+    for address in filter(None, (a.strip() for a in addresses.split(","))):
+        try:
+            reply = notify_reload(address)
+        except grpc.RpcError as exc:
+            out.write(f"{address}: not notified ({exc.code().name}: {exc.details()})\n")
+            failed += 1
+            continue
+        status = f"live {reply.live_version}"
+        if reply.last_swap_error:
+            status += f"; swap failed: {reply.last_swap_error}"
+            failed += 1
+        out.write(f"{address}: {status}\n")
+    return 1 if failed else 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -245,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(p, ExportSettings)
     p.set_defaults(func=_cmd_export_reward)
+
+    train = commands.add_parser("train", help="train a model and publish it to the registry")
+    train_kinds = train.add_subparsers(dest="kind", required=True)
+    p = train_kinds.add_parser(
+        "reward", help="train a reward model on preference pairs (files or feedback store)"
+    )
+    add_settings_arguments(p, TrainRewardSettings)
+    p.set_defaults(func=_cmd_train_reward)
 
     p = commands.add_parser("registry", help="inspect and steer the model registry")
     p.add_argument("action", choices=["list", "show", "promote", "rollback"])

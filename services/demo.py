@@ -8,27 +8,23 @@ from concurrent clients, prints what happened, and stops the server with SIGTERM
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 from tqdm import tqdm
 
+from services.common.process import CLI, metric_value, start_service
 from services.common.registry import ModelRegistry
 from services.common.settings import PlauditSettings
 from services.common.textfmt import split_hh_dialogue
 from services.reward.client import RewardClient, wait_until_serving
 
 DEFAULT_DATA = Path("../shared/data/hh-harmless/pairs.jsonl")
-CLI = [sys.executable, "-m", "services.cli"]
 
 
 class DemoSettings(PlauditSettings):
@@ -37,67 +33,6 @@ class DemoSettings(PlauditSettings):
     pairs: int = Field(300, ge=1, description="preference pairs to score")
     concurrency: int = Field(8, ge=1, description="concurrent clients")
     checkpoint: str = Field("minilm", description="backbone to bootstrap an empty registry with")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """A ``plaudit serve reward`` child process listening on local ports."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def metrics_text(self) -> str:
-        """The server's Prometheus /metrics page."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return str(resp.read().decode())
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (the server drains in-flight requests) and wait; kill if it does not exit."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-
-def start_reward_server(registry: Path, *extra_args: str) -> ServerProcess:
-    """Start ``plaudit serve reward`` on free ports; ``extra_args`` are more serve flags.
-
-    Returns at once: use :func:`wait_until_serving` on ``.address`` before sending requests.
-    """
-    port, metrics_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            *CLI,
-            "serve",
-            "reward",
-            "--registry",
-            str(registry),
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--log-format",
-            "text",
-            "--log-level",
-            "WARNING",
-            *extra_args,
-        ]
-    )
-    return ServerProcess(process, port, metrics_port)
 
 
 def _say(text: str) -> None:
@@ -153,7 +88,7 @@ def run_demo(settings: DemoSettings) -> int:
             f"[1/4] registry {settings.registry} already has promoted version {registry.promoted()}"
         )
 
-    server = start_reward_server(settings.registry)
+    server = start_service("reward", "--registry", str(settings.registry))
     address = server.address
     _say(f"[2/4] starting `plaudit serve reward` on {address} (metrics on :{server.metrics_port})")
     try:
@@ -210,11 +145,3 @@ def run_demo(settings: DemoSettings) -> int:
         code = server.stop()
     _say(f"      server exited with code {code}")
     return 0 if code == 0 else 1
-
-
-def metric_value(text: str, name: str) -> float:
-    """The value of an unlabelled sample ``name`` on a Prometheus text page (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0

@@ -97,6 +97,7 @@ class ServerThread:
             common = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", **self.settings}
             server: Any
             if self.kind == "feedback":
+                common.setdefault("http_port", 0)
                 server = FeedbackServer(FeedbackSettings(**common))
             else:
                 server = RewardServer(RewardSettings(**common))
@@ -112,6 +113,11 @@ class ServerThread:
     def address(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the feedback service's HTTP server (labelling page and JSON API)."""
+        return f"http://127.0.0.1:{self.server.http_port}"
+
     def stop(self) -> None:
         if self.server is not None:
             self.call(self.server.stop(grace=1))
@@ -124,14 +130,6 @@ def reward_server(tiny_registry: Path) -> Iterator[ServerThread]:
     server = ServerThread(registry=tiny_registry, log_level="WARNING").start()
     yield server
     server.stop()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # Runs the CLI with torch and transformers made unimportable: serving must not need them.
@@ -181,3 +179,40 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+# -- reward-model training: a toy preference set a tiny model can learn ------------------------
+_GOOD = ["great", "excellent", "helpful", "wonderful", "perfect", "kind", "clear", "correct"]
+_BAD = ["awful", "terrible", "useless", "horrible", "rude", "wrong", "broken", "boring"]
+# fmt: off
+_FILLER = [
+    "the", "cat", "river", "blue", "house", "music", "garden", "window", "story", "apple",
+    "city", "road", "tree", "light", "water", "paper", "night", "stone", "green", "summer",
+    "bread", "chair", "mountain", "letter", "table", "cloud",
+]
+# fmt: on
+
+
+def toy_pairs(n: int, seed: int = 0, start: int = 0) -> list[dict[str, str]]:
+    """``n`` TRL-format pairs (distinct prompts): the chosen completion carries a positive word
+    where the rejected one carries a negative word; the rest of the text is shared noise of
+    varied length."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(start, start + n):
+        prompt = f"question {i} about {' '.join(rng.choices(_FILLER, k=3))}?"
+        words = rng.choices(_FILLER, k=rng.randint(2, 14))
+        at = rng.randint(0, len(words))
+        chosen = [*words[:at], rng.choice(_GOOD), *words[at:]]
+        rejected = [*words[:at], rng.choice(_BAD), *words[at:]]
+        pairs.append({"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
+    return pairs
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

@@ -14,8 +14,9 @@ from pathlib import Path
 import grpc
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
+from services.common.process import free_port
 from services.reward.client import wait_until_serving
-from tests.conftest import NO_TORCH_PRELUDE, REPO, free_port
+from tests.conftest import NO_TORCH_PRELUDE, REPO
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero_without_torch(

@@ -10,12 +10,14 @@ import json
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
@@ -36,11 +38,27 @@ log = logging.getLogger(__name__)
 OPSET = 17
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
-REFERENCE_GROUP_TOKENS = 8192
+REFERENCE_GROUP_TOKENS = 1024
+# encoders whose attention ONNX Runtime's transformer optimizer can fuse into one kernel
+FUSABLE_ENCODERS = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet"}
+
+
+# written by the trainer beside a trained checkpoint; its presence means "the head is trained"
+TRAINING_RECORD = "plaudit_training.json"
 
 
 class ParityError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
+
+
+class UntrainedHeadError(RuntimeError):
+    """A checkpoint that should carry a trained reward head loaded with fresh weights instead."""
+
+
+# Decides promotion from the reference texts (prompt, completion), interleaved c0, r0, c1, ...,
+# and the candidate's rewards on them from the graph it will be served with; returns the
+# manifest's promotion record, whose "promoted" says whether to promote.
+PromotionGate = Callable[[list[tuple[str, str]], np.ndarray], dict[str, Any]]
 
 
 @dataclass
@@ -54,19 +72,47 @@ class ExportConfig:
     reference_pairs: int = 128
     seed: int = 0
     parent: str | None = None
+    # in-memory reference pairs (e.g. a trainer's held-out set); replaces reference_data
+    reference: Sequence[PreferencePair] | None = None
+    # recorded in the manifest as they are (notes are merged into the export's own notes)
+    metrics: dict[str, float] = field(default_factory=dict)
+    data_cursor: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    # None: required when the checkpoint has a TRAINING_RECORD; see load_reward_model
+    require_trained_head: bool | None = None
+    backbone_name: str | None = None  # the manifest's backbone (default: the checkpoint's)
+    # the text format the model was trained with: publishing refuses a checkpoint that differs
+    text_format: dict[str, Any] | None = None
 
 
-def load_reward_model(backbone: Backbone, seed: int = 0) -> tuple[PreTrainedModel, object]:
+def load_reward_model(
+    backbone: Backbone, seed: int = 0, *, require_trained_head: bool | None = None
+) -> tuple[PreTrainedModel, object]:
     """The checkpoint as a one-label sequence classifier in fp32 eval mode, plus its tokenizer.
 
-    A checkpoint without a trained head gets a fresh one; the seed makes it reproducible.
+    A checkpoint without a trained head gets a fresh one; the seed makes it reproducible. With
+    ``require_trained_head`` (by default: when the folder holds the trainer's
+    :data:`TRAINING_RECORD`) any weight the checkpoint lacks raises :class:`UntrainedHeadError`
+    instead, so a trained model can never be exported with a silently re-initialised head.
     """
     torch.manual_seed(seed)
     kwargs = {"gguf_file": backbone.gguf_file} if backbone.gguf_file else {}
+    if require_trained_head is None:
+        require_trained_head = (backbone.path / TRAINING_RECORD).is_file()
     tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        backbone.path, num_labels=1, dtype=torch.float32, **kwargs
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        backbone.path, num_labels=1, dtype=torch.float32, output_loading_info=True, **kwargs
     )
+    fresh = sorted(
+        set(loading.get("missing_keys", ())) | {k[0] for k in loading.get("mismatched_keys", ())}
+    )
+    if fresh and require_trained_head:
+        raise UntrainedHeadError(
+            f"{backbone.path} should hold a trained reward model, but these weights were newly "
+            f"initialised: {', '.join(fresh)}"
+        )
+    if fresh:
+        log.info("initialised a fresh reward head", extra={"weights": fresh, "seed": seed})
     if model.config.num_labels != 1:
         raise ValueError(
             f"reward model needs num_labels=1, checkpoint has {model.config.num_labels}"
@@ -103,7 +149,7 @@ def text_format_for(tokenizer: object, model: PreTrainedModel, max_length: int) 
     )
 
 
-class _ScalarReward(torch.nn.Module):
+class ScalarReward(torch.nn.Module):
     """Exports the model's scalar head output with no KV cache: (batch, seq) -> (batch,)."""
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -129,6 +175,35 @@ class _ScalarReward(torch.nn.Module):
         return self.model(**kwargs).logits[:, 0]
 
 
+def fuse_transformer_ops(model: PreTrainedModel, path: Path) -> bool:
+    """Rewrite an exported encoder graph with fused Attention / LayerNorm / GELU kernels.
+
+    ONNX Runtime's own session optimisations leave attention as separate MatMul/Softmax nodes
+    over a (batch, heads, L, L) tensor; its transformer optimizer fuses them into one
+    ``com.microsoft.Attention`` node (needs the eager attention pattern in the export). Returns
+    False, leaving the file as it is, for architectures it does not cover.
+    """
+    config = model.config
+    if config.model_type not in FUSABLE_ENCODERS:
+        return False
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.disable(logging.WARNING)  # the optimizer logs its progress on the root logger
+    try:
+        optimized = optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=int(config.num_attention_heads),
+            hidden_size=int(config.hidden_size),
+        )
+        fused = optimized.get_fused_operator_statistics().get("Attention", 0)
+        optimized.save_model_to_file(str(path))
+    finally:
+        logging.disable(logging.NOTSET)
+    log.info("fused transformer kernels", extra={"attention_nodes": fused})
+    return bool(fused)
+
+
 def export_onnx(model: PreTrainedModel, fmt: TextFormat, path: Path) -> list[str]:
     """Write the ONNX graph with dynamic batch and sequence axes; returns its input names."""
     names = ["input_ids", "attention_mask"] + (
@@ -145,7 +220,7 @@ def export_onnx(model: PreTrainedModel, fmt: TextFormat, path: Path) -> list[str
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _ScalarReward(model),
+            ScalarReward(model),
             example,
             str(path),
             input_names=names,
@@ -175,7 +250,7 @@ def torch_rewards(
     model: PreTrainedModel, encoder: RewardTextEncoder, pairs: list[tuple[str, str]]
 ) -> np.ndarray:
     """Reference rewards from PyTorch with the serving tokenization."""
-    wrapper = _ScalarReward(model)
+    wrapper = ScalarReward(model)
 
     def run(batch: EncodedBatch) -> np.ndarray:
         with torch.inference_mode():
@@ -205,14 +280,25 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
 
     logging.disable(logging.INFO)  # the quantizer logs every tensor at INFO on the root logger
     try:
-        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(fp32_path),
+            str(int8_path),
+            weight_type=QuantType.QInt8,
+            # fused com.microsoft ops defeat shape inference; their tensors are all fp32
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     finally:
         logging.disable(logging.NOTSET)
 
 
 def _reference_texts(cfg: ExportConfig) -> list[tuple[str, str]]:
-    path = cfg.reference_data or reference_pairs_path()
-    pairs: list[PreferencePair] = list(read_pairs(path, cfg.reference_pairs))
+    pairs: list[PreferencePair]
+    if cfg.reference is not None:
+        pairs = list(cfg.reference)[: cfg.reference_pairs]
+    else:
+        pairs = list(read_pairs(cfg.reference_data or reference_pairs_path(), cfg.reference_pairs))
+    if not pairs:
+        raise ValueError("export needs at least one reference pair")
     texts: list[tuple[str, str]] = []
     for pair in pairs:
         texts += [(pair.prompt, pair.chosen), (pair.prompt, pair.rejected)]
@@ -220,18 +306,35 @@ def _reference_texts(cfg: ExportConfig) -> list[tuple[str, str]]:
 
 
 def export_reward(
-    cfg: ExportConfig, registry: ModelRegistry, *, promote: bool = False
+    cfg: ExportConfig,
+    registry: ModelRegistry,
+    *,
+    promote: bool = False,
+    gate: PromotionGate | None = None,
 ) -> ModelManifest:
-    """Export, verify and publish a reward checkpoint; optionally promote it."""
+    """Export, verify and publish a reward checkpoint; optionally promote it.
+
+    ``promote`` promotes unconditionally; ``gate`` instead decides, before publishing, from the
+    served graph's rewards on the reference pairs, and its record goes into the manifest.
+    """
+    if promote and gate is not None:
+        raise ValueError("pass either promote or a promotion gate, not both")
     backbone = resolve_backbone(cfg.checkpoint)
-    model, tokenizer = load_reward_model(backbone, cfg.seed)
+    model, tokenizer = load_reward_model(
+        backbone, cfg.seed, require_trained_head=cfg.require_trained_head
+    )
     fmt = text_format_for(tokenizer, model, cfg.max_length)
+    if cfg.text_format is not None and cfg.text_format != fmt.to_dict():
+        raise ParityError(f"{cfg.checkpoint} formats text differently from how it was trained")
     texts = _reference_texts(cfg)
     with tempfile.TemporaryDirectory(prefix="plaudit-export-") as tmp:
         out = Path(tmp)
         tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
         encoder = RewardTextEncoder.from_files(out / "tokenizer.json", fmt)
+        if model.config.model_type in FUSABLE_ENCODERS:
+            model.set_attn_implementation("eager")  # the pattern the fusion recognises
         input_names = export_onnx(model, fmt, out / FP32_FILE)
+        fused = fuse_transformer_ops(model, out / FP32_FILE)
         expected = torch_rewards(model, encoder, texts)
         got = onnx_rewards(out / FP32_FILE, encoder, texts)
         err = float(np.max(np.abs(expected - got)))
@@ -244,10 +347,12 @@ def export_reward(
 
         onnx_files = {"fp32": FP32_FILE}
         default_precision = "fp32"
+        served = got
         report = None
         if cfg.quantize == "int8":
             quantize_int8(out / FP32_FILE, out / INT8_FILE)
-            agreement = pairwise_agreement(got, onnx_rewards(out / INT8_FILE, encoder, texts))
+            int8 = onnx_rewards(out / INT8_FILE, encoder, texts)
+            agreement = pairwise_agreement(got, int8)
             passed = agreement >= cfg.int8_min_agreement
             report = QuantizationReport(
                 pairwise_agreement=agreement,
@@ -258,6 +363,7 @@ def export_reward(
             if passed:
                 onnx_files["int8"] = INT8_FILE
                 default_precision = "int8"
+                served = int8
                 log.info("int8 parity ok", extra=report.model_dump())
             else:
                 (out / INT8_FILE).unlink()
@@ -267,12 +373,13 @@ def export_reward(
         for extra in out.glob("*.data"):  # external-data side files never used here
             extra.unlink()
         std = float(np.std(got))
+        promotion = gate(texts, served) if gate is not None else None
         manifest = ModelManifest(
             version=new_version_id("reward"),
             kind="reward",
             created_at=datetime.now(UTC),
             parent=cfg.parent or registry.promoted(),
-            backbone=backbone.name,
+            backbone=cfg.backbone_name or backbone.name,
             onnx_files=onnx_files,
             default_precision=default_precision,
             text_format=fmt.to_dict(),
@@ -283,8 +390,13 @@ def export_reward(
                 reference=f"{len(texts)} reference texts",
             ),
             quantization=report,
+            metrics=dict(cfg.metrics),
+            data_cursor=cfg.data_cursor,
+            promotion=promotion,
             notes={
+                **cfg.notes,
                 "fp32_max_abs_diff_vs_torch": err,
+                "fused_attention": fused,
                 "opset": OPSET,
                 "torch": torch.__version__,
                 "source": str(backbone.path)
@@ -294,6 +406,8 @@ def export_reward(
         published = registry.publish(out, manifest)
     if promote:
         registry.promote(published.version, reason="export --promote")
+    elif promotion is not None and promotion.get("promoted"):
+        registry.promote(published.version, reason=str(promotion.get("reason", "gate")))
     return published
 
 

@@ -239,7 +239,7 @@ class ModelRegistry:
                 stack.pop()
                 if not stack or stack[-1] != record["version"]:
                     stack.append(record["version"])
-            else:
+            elif not stack or stack[-1] != record["version"]:  # a re-promotion is not a new step
                 stack.append(record["version"])
         return stack
 

@@ -54,6 +54,10 @@ def add_settings_arguments(
             )
         elif annotation in (int, float, Path):
             parser.add_argument(flag, type=annotation, **kwargs)
+        elif typing.get_origin(annotation) is list:  # --flag A B ...; env: a JSON list
+            (item,) = typing.get_args(annotation)
+            item_type = item if item in (int, float, Path) else str
+            parser.add_argument(flag, nargs="+", type=item_type, **kwargs)
         else:
             parser.add_argument(flag, type=str, **kwargs)
 

@@ -20,11 +20,12 @@ before ``second``) so votes on the same pair group together whichever way round 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
+
+import orjson
 
 from services.common.errors import InvalidArgumentError
 
@@ -292,14 +293,16 @@ def validate_event(event: FeedbackEvent, limits: FeedbackLimits = DEFAULT_LIMITS
     _check_metadata(event.metadata, limits)
 
 
-def _validate_completions(completions: object, limits: FeedbackLimits) -> None:
+def _validate_completions(
+    completions: object, limits: FeedbackLimits, what: str = "a ranking"
+) -> None:
     if isinstance(completions, str) or not isinstance(completions, Sequence):
         raise InvalidArgumentError("completions", "must be a list of strings")
     count = len(completions)
     if not limits.min_completions <= count <= limits.max_completions:
         raise InvalidArgumentError(
             "completions",
-            f"has {count} entries; a ranking needs {limits.min_completions} to "
+            f"has {count} entries; {what} needs {limits.min_completions} to "
             f"{limits.max_completions}",
         )
     seen: dict[str, int] = {}
@@ -310,6 +313,67 @@ def _validate_completions(completions: object, limits: FeedbackLimits) -> None:
         if key in seen:
             raise InvalidArgumentError(name, f"duplicates completions[{seen[key]}]")
         seen[key] = index
+
+
+def validate_identifier(name: str, value: object, limits: FeedbackLimits = DEFAULT_LIMITS) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``value`` is a usable id (annotator, key)."""
+    _check_identifier(name, value, limits)
+
+
+# -- labelling tasks ---------------------------------------------------------------------------
+MAX_TASK_SOURCE_CHARS = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewTask:
+    """A prompt and 2..16 candidate completions to be labelled, before it is queued.
+
+    ``key`` identifies the task across imports (importing the same key again adds nothing); by
+    default it is :func:`task_key` of the content. ``source`` names where it came from.
+    """
+
+    prompt: str
+    completions: Sequence[str]
+    key: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    source: str = "import"
+
+    @property
+    def resolved_key(self) -> str:
+        return self.key if self.key is not None else task_key(self.prompt, self.completions)
+
+
+@dataclass(frozen=True)
+class LabellingTask:
+    """A queued task: ``labels`` counts the annotators who have labelled it."""
+
+    task_id: int
+    key: str
+    prompt: str
+    completions: tuple[str, ...]
+    metadata: Mapping[str, str]
+    source: str
+    labels: int
+
+
+def task_key(prompt: str, completions: Iterable[str]) -> str:
+    """The default key of a task: a hash of its prompt and its set of completions."""
+    body = orjson.dumps([prompt, sorted(completions)])
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def validate_task(task: NewTask, limits: FeedbackLimits = DEFAULT_LIMITS) -> None:
+    """Raise :class:`InvalidArgumentError` naming the first offending field of a new task."""
+    _check_text("prompt", task.prompt, limits)
+    _validate_completions(task.completions, limits, what="a task")
+    if task.key is not None:
+        _check_identifier("key", task.key, limits)
+    _check_metadata(task.metadata, limits)
+    _check_identifier("source", task.source, limits)
+    if len(task.source) > MAX_TASK_SOURCE_CHARS:
+        raise InvalidArgumentError(
+            "source", f"is {len(task.source)} characters; the limit is {MAX_TASK_SOURCE_CHARS}"
+        )
 
 
 # -- canonical form ----------------------------------------------------------------------------
@@ -382,8 +446,7 @@ def content_hash(event: FeedbackEvent) -> str:
         "metadata": dict(event.metadata),
         "payload": event_payload(event),
     }
-    encoded = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def text_hash(text: str) -> str:

@@ -41,3 +41,16 @@ class FeedbackMetrics:
         self.pairs_exported = Counter(
             "plaudit_feedback_pairs_exported", "Preference pairs streamed out.", registry=registry
         )
+        self.http_requests = Counter(
+            "plaudit_feedback_http_requests",
+            "HTTP requests (labelling page and JSON API) by route and status.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.http_duration = Histogram(
+            "plaudit_feedback_http_request_duration_seconds",
+            "HTTP request handling time by route.",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )

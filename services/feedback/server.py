@@ -1,5 +1,8 @@
 """The feedback service process: store, group-commit batcher, servicer, health that tells the truth.
 
+Beside gRPC it serves the labelling page and a JSON API over HTTP (``http_port``) on the same
+event loop, through the same store and batcher (see :mod:`services.feedback.http`).
+
 Health is NOT_SERVING until the database answers and its schema is migrated; a probe keeps it
 honest afterwards (a database outage flips it to NOT_SERVING and back when the database returns),
 while calls during an outage fail fast with UNAVAILABLE.
@@ -18,10 +21,12 @@ from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.errors import PlauditError, UnavailableError
 from services.common.server import GrpcService, wait_for_termination
 from services.feedback.domain import FeedbackEvent, FeedbackLimits
+from services.feedback.http import feedback_http_server
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.servicer import FeedbackServicer, Outcome
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
+from services.feedback.tasks import TaskPicker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,16 @@ class FeedbackServer:
         )
         self._prober: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.database_up = False
+        self.tasks = TaskPicker.from_settings(self.require_store, settings)
+        self.http = feedback_http_server(
+            store=self.require_store,
+            batcher=self.batcher,
+            picker=self.tasks,
+            metrics=self.metrics,
+            is_serving=lambda: self.database_up,
+            settings=settings,
+        )
 
     @property
     def port(self) -> int:
@@ -66,6 +81,10 @@ class FeedbackServer:
     @property
     def metrics_port(self) -> int | None:
         return self.grpc.metrics_port
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
 
     def require_store(self) -> FeedbackStore:
         store = self.store
@@ -97,6 +116,7 @@ class FeedbackServer:
         """Serve at once (health NOT_SERVING); open the database and probe it in the background."""
         self.batcher.start()
         await self.grpc.start()
+        await self.http.start()
         self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
 
     async def wait_until_serving(self, timeout: float) -> None:
@@ -118,6 +138,7 @@ class FeedbackServer:
         serving: bool | None = None
         while True:
             up = await self._probe_once()
+            self.database_up = up
             self.metrics.database_up.set(1 if up else 0)
             if up != serving:
                 await self.grpc.set_serving(up)
@@ -133,8 +154,10 @@ class FeedbackServer:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
+        await self.http.stop()
         await self.grpc.stop(self.settings.grace_period_s if grace is None else grace)
         await self.batcher.close()
+        await self.tasks.close()
         if self.store is not None:
             self.store.close()
 

@@ -1,7 +1,9 @@
 """gRPC servicer for plaudit.v1.FeedbackService: proto -> domain, one store call, domain -> proto.
 
 Unary submissions go through a :class:`DynamicBatcher` so that concurrent callers share one
-durable commit (group commit); ``SubmitBatch`` commits its whole stream in one transaction. The
+durable commit (group commit); ``SubmitBatch`` commits its stream in chunks of
+``stream_commit_events`` while the rest is still arriving (a stream cut short keeps the chunks
+already committed; the client's retry with the same idempotency keys resolves them). The
 store validates every event; refused events come back as domain errors, which unary calls raise
 (the interceptor maps them to their status) and ``SubmitBatch`` reports per event.
 """
@@ -234,25 +236,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> feedback_pb2.SubmitBatchResponse:
         limit = self._settings.max_events_per_batch
-        events: list[FeedbackEvent] = []
-        indices: list[int] = []
+        chunk_size = self._settings.stream_commit_events
         results: list[feedback_pb2.EventResult | None] = []
-        async for message in request_iterator:
-            index = len(results)
-            if index >= limit:
-                raise InvalidArgumentError(
-                    "events", f"more than {limit} events in one SubmitBatch stream"
-                )
-            try:
-                events.append(event_from_batch_request(message))
-            except InvalidArgumentError as exc:
-                results.append(_refused(index, exc))
-                continue
-            indices.append(index)
-            results.append(None)
-        if events:
-            outcomes = await asyncio.to_thread(self._commit, events)
-            for index, event, outcome in zip(indices, events, outcomes, strict=True):
+        chunk: list[tuple[int, FeedbackEvent]] = []
+        committing: asyncio.Task[None] | None = None
+
+        async def commit(part: list[tuple[int, FeedbackEvent]]) -> None:
+            outcomes = await asyncio.to_thread(self._commit, [event for _, event in part])
+            for (index, event), outcome in zip(part, outcomes, strict=True):
                 self._count(event, outcome)
                 if isinstance(outcome, PlauditError):
                     results[index] = _refused(index, outcome)
@@ -262,6 +253,32 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                         feedback_id=str(outcome.feedback_id),
                         duplicate=outcome.duplicate,
                     )
+
+        try:
+            async for message in request_iterator:
+                index = len(results)
+                if index >= limit:
+                    raise InvalidArgumentError(
+                        "events", f"more than {limit} events in one SubmitBatch stream"
+                    )
+                results.append(None)
+                try:
+                    chunk.append((index, event_from_batch_request(message)))
+                except InvalidArgumentError as exc:
+                    results[index] = _refused(index, exc)
+                if len(chunk) >= chunk_size:  # commit while the rest of the stream arrives
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.ensure_future(commit(chunk))
+                    chunk = []
+            if committing is not None:
+                await committing
+                committing = None
+            if chunk:
+                await commit(chunk)
+        finally:
+            if committing is not None and not committing.done():
+                await asyncio.wait([committing])  # never leave a commit running unobserved
         done = [r for r in results if r is not None]
         rejected = sum(1 for r in done if r.code != 0)
         return feedback_pb2.SubmitBatchResponse(
@@ -269,7 +286,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         )
 
     def _commit(self, events: list[FeedbackEvent]) -> list[Outcome]:
-        """One transaction for a whole stream (runs in a worker thread)."""
+        """One transaction for a chunk of a stream (runs in a worker thread)."""
         with self._metrics.commit_latency.time():
             outcomes = self._store().submit_many(events)
         self._metrics.transaction_events.observe(len(events))

@@ -31,7 +31,9 @@ tests are computed over all rows up to the watermark and cached until new rows c
 should re-read from 0 when the outlier set changes (``outlier_annotators()`` tells).
 
 Any database failure is raised as :class:`~services.common.errors.UnavailableError`. The store is
-thread-safe; its methods block (the async servicer calls them in a worker thread).
+thread-safe; its methods block (the async servicer calls them in a worker thread). The queue of
+labelling tasks lives in the same database: :attr:`FeedbackStore.tasks`
+(:mod:`services.feedback.task_store`).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ from services.feedback.quality import (
     pair_key,
 )
 from services.feedback.tables import SEQUENCE_NAME, FeedbackRow, FeedbackSequence
+from services.feedback.task_store import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,7 @@ class FeedbackStore:
         )
         self._quality_lock = threading.Lock()
         self._quality: _QualitySnapshot | None = None
+        self.tasks = TaskStore(self._engine, self._write_lock, limits)
         if migrate:
             try:
                 with database_errors("migrating the schema"):

@@ -5,6 +5,10 @@
 single-row ``feedback_sequence`` table, whose row lock it holds until commit, so ids are assigned
 and committed in the same order. That makes ``id`` a safe export cursor: once a reader sees id N,
 no row with a smaller id can appear later (see :mod:`services.feedback.store`).
+
+``labelling_task`` is the queue of prompts with candidate completions that the labelling page
+serves; ``labelling_assignment`` records, per task and annotator, a lease (``assigned``), a label
+(``labelled``, with the feedback id) or a skip (see :mod:`services.feedback.task_store`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -80,3 +85,46 @@ class FeedbackSequence(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     last_id: Mapped[int] = mapped_column(BigInteger)
+
+
+ASSIGNMENT_STATES = ("assigned", "labelled", "skipped")
+
+
+class LabellingTaskRow(Base):
+    """A prompt and its candidate completions, waiting for ``labels`` to reach the target."""
+
+    __tablename__ = "labelling_task"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    task_key: Mapped[str] = mapped_column(Text, unique=True)
+    source: Mapped[str] = mapped_column(String(32))
+    prompt: Mapped[str] = mapped_column(Text)
+    completions: Mapped[list[str]] = mapped_column(JSON)
+    metadata_: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
+    labels: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.current_timestamp()
+    )
+
+    __table_args__ = (Index("ix_labelling_task_labels_id", "labels", "id"),)
+
+
+class TaskAssignmentRow(Base):
+    """One annotator's relation to one task: a lease, a label or a skip."""
+
+    __tablename__ = "labelling_assignment"
+
+    task_id: Mapped[int] = mapped_column(
+        IdType, ForeignKey("labelling_task.id", ondelete="CASCADE"), primary_key=True
+    )
+    annotator_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    assigned_at_ms: Mapped[int] = mapped_column(BigInteger)  # Unix epoch milliseconds
+    feedback_id: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint(
+            "state IN (" + ", ".join(f"'{s}'" for s in ASSIGNMENT_STATES) + ")", name="state"
+        ),
+        Index("ix_labelling_assignment_annotator_id_state", "annotator_id", "state"),
+    )

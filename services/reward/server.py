@@ -7,9 +7,11 @@ import contextlib
 import logging
 
 import numpy as np
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
+from plaudit.v1 import admin_pb2, admin_pb2_grpc, reward_pb2, reward_pb2_grpc
 
+from services.common.admin import AdminServicer
 from services.common.batching import BatchingConfig, DynamicBatcher
+from services.common.hotswap import ModelWatcher, SwapMetrics
 from services.common.registry import ModelRegistry
 from services.common.server import GrpcService, wait_for_termination
 from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob, ScoreResult
@@ -20,6 +22,7 @@ from services.reward.settings import RewardSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SMOKE_BATCH = (["What is the capital of France?"] * 2, ["Paris.", "I would rather not say."])
 
 
@@ -29,7 +32,7 @@ class RewardServer:
     def __init__(self, settings: RewardSettings) -> None:
         self.settings = settings
         self.grpc = GrpcService(
-            service_names=[SERVICE_NAME],
+            service_names=[SERVICE_NAME, ADMIN_SERVICE_NAME],
             host=settings.host,
             port=settings.port,
             metrics_port=settings.metrics_port,
@@ -48,10 +51,23 @@ class RewardServer:
             metrics=self.metrics.batch,
             name="reward-batcher",
         )
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            RewardServicer(self.engine, self.batcher, settings, self.metrics), self.grpc.server
+        self.watcher: ModelWatcher[LoadedRewardModel] = ModelWatcher(
+            self.registry,
+            self._load_and_check,
+            self._activate,
+            poll_interval_s=settings.poll_interval_s,
+            metrics=SwapMetrics(self.grpc.registry, "plaudit_reward"),
         )
-        self._loader: asyncio.Task[None] | None = None
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(
+            RewardServicer(
+                self.engine, self.batcher, settings, self.metrics, lambda: self.watcher.last_error
+            ),
+            self.grpc.server,
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.watcher), self.grpc.server
+        )
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -62,17 +78,16 @@ class RewardServer:
         return self.grpc.metrics_port
 
     async def start(self) -> None:
-        """Serve at once (health NOT_SERVING) and load the promoted model in the background."""
+        """Serve at once (health NOT_SERVING); load the promoted model and follow the registry."""
         self.batcher.start()
         await self.grpc.start()
-        self._loader = asyncio.get_running_loop().create_task(self._load_when_promoted())
+        self._watch = asyncio.get_running_loop().create_task(self.watcher.run())
 
     async def wait_until_serving(self, timeout: float) -> None:
-        assert self._loader is not None
-        await asyncio.wait_for(asyncio.shield(self._loader), timeout)
+        await self.watcher.wait_for_first_model(timeout)
 
     def _load_and_check(self, version: str) -> LoadedRewardModel:
-        """Load ``version`` beside the live model, warm it up and score a smoke batch."""
+        """Load ``version`` beside the live model (hashes verified), warm it up, smoke-test it."""
         model = LoadedRewardModel.load(
             self.registry,
             version,
@@ -85,46 +100,29 @@ class RewardServer:
             raise ValueError(f"version {version} scores the smoke batch as {raw.tolist()}")
         return model
 
-    async def _load_when_promoted(self) -> None:
-        failed: str | None = None
-        while True:
-            version = self.registry.promoted()
-            if version is not None and version != failed:
-                try:
-                    model = await asyncio.to_thread(self._load_and_check, version)
-                except Exception as exc:  # keep serving health NOT_SERVING, retry on change
-                    failed = version
-                    self.engine.last_swap_error = f"{version}: {exc}"
-                    log.error(
-                        "could not load model version", extra={"version": version}, exc_info=exc
-                    )
-                else:
-                    self.engine.set_model(model)
-                    self.metrics.model_info.info(
-                        {
-                            "version": model.version,
-                            "backbone": model.manifest.backbone,
-                            "execution_provider": model.provider,
-                            "precision": model.precision,
-                        }
-                    )
-                    self.metrics.model_loaded.set(1)
-                    await self.grpc.set_serving(True)
-                    log.info("serving", extra={"version": model.version, "port": self.port})
-                    return
-            elif version is None:
-                log.info(
-                    "no promoted reward model yet; waiting",
-                    extra={"registry": str(self.settings.registry)},
-                )
-            await asyncio.sleep(self.settings.poll_interval_s)
+    async def _activate(self, model: LoadedRewardModel) -> None:
+        """The atomic switch: batches already running keep the model they started with."""
+        first = self.engine.model is None
+        self.engine.set_model(model)
+        self.metrics.model_info.info(
+            {
+                "version": model.version,
+                "backbone": model.manifest.backbone,
+                "execution_provider": model.provider,
+                "precision": model.precision,
+            }
+        )
+        self.metrics.model_loaded.set(1)
+        if first:
+            await self.grpc.set_serving(True)
+            log.info("serving", extra={"version": model.version, "port": self.port})
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, finish in-flight ones, stop the batcher."""
-        if self._loader is not None:
-            self._loader.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._loader
+                await self._watch
         await self.grpc.stop(self.settings.grace_period_s if grace is None else grace)
         await self.batcher.close()
 

@@ -7,6 +7,7 @@ every domain error into its status.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -53,8 +54,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         batcher: DynamicBatcher[ScoreJob, ScoreResult],
         settings: RewardSettings,
         metrics: RewardMetrics,
+        last_swap_error: Callable[[], str],
     ) -> None:
         self._engine = engine
+        self._last_swap_error = last_swap_error
         self._batcher = batcher
         self._settings = settings
         self._metrics = metrics
@@ -143,5 +146,5 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             normalization_mean=manifest.normalization.mean,
             normalization_std=manifest.normalization.std,
             loaded_at=loaded_at,
-            last_swap_error=self._engine.last_swap_error,
+            last_swap_error=self._last_swap_error(),
         )

@@ -116,7 +116,8 @@ class FeedbackServiceServicer:
 
     def SubmitBatch(self, request_iterator, context):
         """SubmitBatch streams any mix of events and answers once, with one result per event in
-        order, so one bad event does not sink the rest.
+        order, so one bad event does not sink the rest. The server commits the stream in chunks as it
+        arrives; if the stream breaks off, resend it: the idempotency keys resolve what was stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,33 @@
+"""plaudit.v1.AdminService: an immediate registry check for model-serving processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from plaudit.v1 import admin_pb2, admin_pb2_grpc
+
+from services.common.hotswap import ModelWatcher
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, watcher: ModelWatcher[Any]) -> None:
+        self._watcher = watcher
+
+    async def ReloadModel(
+        self, request: admin_pb2.ReloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ReloadModelResponse:
+        outcome = await self._watcher.check()
+        return admin_pb2.ReloadModelResponse(
+            live_version=outcome.live_version or "",
+            promoted_version=outcome.promoted_version or "",
+            swapped=outcome.swapped,
+            last_swap_error=outcome.error,
+        )
+
+
+def notify_reload(address: str, timeout: float = 300.0) -> admin_pb2.ReloadModelResponse:
+    """Ask a serving process at ``address`` to pick up the registry's promoted version now."""
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        return stub.ReloadModel(admin_pb2.ReloadModelRequest(), timeout=timeout)

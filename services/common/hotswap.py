@@ -1,0 +1,179 @@
+"""Hot swap: follow a registry's promotion pointer and replace the live model safely.
+
+One :class:`ModelWatcher` per serving process. It polls the registry (and wakes at once on
+:meth:`ModelWatcher.trigger`, e.g. from the admin RPC), and when the promotion pointer changes it
+loads the promoted version *beside* the live one in a worker thread: ``load`` must verify the
+files' sha256 against the manifest, build the session, warm it up and score a smoke batch, raising
+on any problem. Only a candidate that passed every check is handed to ``activate`` (a coroutine
+of the owner whose switch is one atomic reference assignment), so batches already running finish
+on the model they started with, and the old model is released when its last batch drops it.
+
+A candidate that fails never replaces a working model: the failure is logged once, counted, and
+kept as ``last_error`` (``GetModel`` shows it); the watcher retries only when the pointer changes
+again (a new promotion, a rollback, or the same version promoted anew).
+
+The mechanism is model-agnostic: the reward service and the generation service both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+
+class SwapMetrics:
+    """Swap outcomes and durations, labelled by model kind."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.swaps = Counter(
+            f"{prefix}_model_swaps",
+            "Attempts to make a promoted version live, by result (success, failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.load_seconds = Histogram(
+            f"{prefix}_model_load_seconds",
+            "Time to verify, load, warm up and smoke-test a candidate version.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=registry,
+        )
+        self.last_swap = Gauge(
+            f"{prefix}_model_last_swap_timestamp_seconds",
+            "Unix time of the last successful swap.",
+            registry=registry,
+        )
+        self.swap_failing = Gauge(
+            f"{prefix}_model_swap_failing",
+            "1 while the promoted version could not be made live (the previous one serves).",
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class PointerState:
+    """What the registry promotes, and when it was promoted (a re-promotion changes ``at``)."""
+
+    version: str
+    at: str
+
+
+def read_pointer(registry: ModelRegistry) -> PointerState | None:
+    try:
+        data = json.loads(registry.pointer.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # a torn or unreadable pointer: treat as "no change"
+        log.warning("unreadable promotion pointer", extra={"error": str(exc)})
+        return None
+    return PointerState(str(data["version"]), str(data.get("at", "")))
+
+
+@dataclass(frozen=True)
+class SwapOutcome:
+    live_version: str | None
+    promoted_version: str | None
+    swapped: bool
+    error: str
+
+
+class ModelWatcher(Generic[M]):
+    """Follows ``registry`` and calls ``activate(model)`` for every version that loads cleanly."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        load: Callable[[str], M],
+        activate: Callable[[M], Awaitable[None]],
+        *,
+        poll_interval_s: float,
+        metrics: SwapMetrics | None = None,
+    ) -> None:
+        self.registry = registry
+        self._load = load
+        self._activate = activate
+        self.poll_interval_s = poll_interval_s
+        self._metrics = metrics
+        self.live_version: str | None = None
+        self.last_error = ""
+        self._seen: PointerState | None = None  # last pointer state acted on (success or not)
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._first_model = asyncio.Event()
+
+    def trigger(self) -> None:
+        """Check the registry now instead of at the next poll."""
+        self._wake.set()
+
+    async def wait_for_first_model(self, timeout: float) -> None:
+        await asyncio.wait_for(self._first_model.wait(), timeout)
+
+    async def check(self) -> SwapOutcome:
+        """Act on the current pointer once (serialised with the background loop)."""
+        async with self._lock:
+            state = read_pointer(self.registry)
+            if state is None or state == self._seen:
+                return SwapOutcome(
+                    self.live_version, state.version if state else None, False, self.last_error
+                )
+            self._seen = state
+            if state.version == self.live_version:  # re-promotion of what already serves
+                self.last_error = ""
+                return SwapOutcome(self.live_version, state.version, False, "")
+            return await self._swap_to(state.version)
+
+    async def _swap_to(self, version: str) -> SwapOutcome:
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(self._load, version)
+        except Exception as exc:  # every failure is reported; the live model keeps serving
+            self.last_error = f"{version}: {exc}"
+            if self._metrics is not None:
+                self._metrics.swaps.labels("failure").inc()
+                self._metrics.swap_failing.set(1)
+            log.error(
+                "candidate model rejected; the live version keeps serving",
+                extra={"candidate": version, "live": self.live_version, "error": str(exc)},
+            )
+            return SwapOutcome(self.live_version, version, False, self.last_error)
+        previous = self.live_version
+        await self._activate(model)
+        self.live_version = version
+        self.last_error = ""
+        self._first_model.set()
+        if self._metrics is not None:
+            self._metrics.swaps.labels("success").inc()
+            self._metrics.load_seconds.observe(time.perf_counter() - started)
+            self._metrics.last_swap.set(time.time())
+            self._metrics.swap_failing.set(0)
+        log.info(
+            "model version live",
+            extra={"version": version, "previous": previous,
+                   "load_s": round(time.perf_counter() - started, 3)},
+        )  # fmt: skip
+        return SwapOutcome(version, version, True, "")
+
+    async def run(self) -> None:
+        """Poll forever (cancel to stop)."""
+        while True:
+            outcome = await self.check()
+            if outcome.promoted_version is None and self.live_version is None:
+                log.info(
+                    "no promoted model yet; waiting", extra={"registry": str(self.registry.base)}
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+            self._wake.clear()

@@ -1,0 +1,71 @@
+"""Running Plaudit services as child processes (demo, benchmarks, ``plaudit up``)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+
+CLI = [sys.executable, "-m", "services.cli"]
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    """A ``plaudit serve <service>`` child process listening on local ports."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics_text(self) -> str:
+        """The service's Prometheus /metrics page."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (the service drains in-flight requests) and wait; kill if it does not exit."""
+        if self.process.poll() is not None:
+            return self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_service(service: str, *args: str, log_level: str = "WARNING") -> ServiceProcess:
+    """Start ``plaudit serve <service> <args>`` on free ports; returns at once.
+
+    Wait with :func:`services.reward.client.wait_until_serving` on ``.address`` before calling.
+    """
+    port, metrics_port = free_port(), free_port()
+    command = [
+        *CLI, "serve", service, "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", str(metrics_port), "--log-format", "text", "--log-level", log_level,
+        *args,
+    ]  # fmt: skip
+    return ServiceProcess(subprocess.Popen(command), port, metrics_port)
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of an unlabelled sample in a Prometheus text page (0 if absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0

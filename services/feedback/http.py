@@ -1,0 +1,572 @@
+"""HTTP beside gRPC: the labelling page and a JSON API over the same store, batcher and checks.
+
+Routes (JSON in and out; ``docs/labelling.md`` has examples):
+
+* ``GET /`` - the labelling page; ``/static/*`` its script and style sheet.
+* ``GET /healthz`` - 200 ``{"status": "SERVING"}`` while the database answers, else 503.
+* ``POST /api/v1/comparisons | rankings | ratings | corrections`` - one feedback event each, with
+  the fields of the gRPC request of the same kind, plus an optional ``task_id`` (the labelled task,
+  which must contain the prompt and completions; it is recorded as ``metadata["task_id"]`` and
+  counts towards the task's labels). 201 ``{"feedback_id": "7", "duplicate": false}``; a retry
+  with the same ``idempotency_key`` is 200 with ``"duplicate": true``.
+* ``POST /api/v1/tasks`` - queue tasks: ``{"tasks": [{"prompt", "completions", "key"?,
+  "metadata"?, "source"?}]}``; all or nothing.
+* ``GET /api/v1/tasks/next?annotator_id=A`` - the next task for A (see
+  :mod:`services.feedback.tasks`), ``{"task": null, ...}`` when there is none.
+* ``GET /api/v1/tasks/{id}``, ``POST /api/v1/tasks/{id}/skip`` (``{"annotator_id"}``).
+* ``GET /api/v1/stats`` - what gRPC ``GetStats`` reports, plus the task queue's counts.
+
+Submissions are built into the same domain events as the gRPC servicer builds, validated by the
+same code and committed through the same group-commit batcher, so idempotency and durability are
+the same. Errors are the domain's :class:`PlauditError` s, mapped to HTTP in one place
+(:func:`error_response`): ``{"error": {"code": "INVALID_ARGUMENT", "field": "chosen",
+"message": "chosen: must not be empty or whitespace only"}}`` with 400, and likewise 404, 409,
+429, 503. Authentication plugs in at :func:`allow_all` (see there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from aiohttp import web
+
+from services.common.batching import DynamicBatcher
+from services.common.errors import InvalidArgumentError, PlauditError
+from services.feedback.domain import (
+    Comparison,
+    Correction,
+    FeedbackEvent,
+    FeedbackKind,
+    LabellingTask,
+    NewTask,
+    Ranking,
+    Rating,
+    SubmitResult,
+    validate_event,
+    validate_identifier,
+)
+from services.feedback.metrics import FeedbackMetrics
+from services.feedback.settings import FeedbackSettings
+from services.feedback.store import FeedbackStore, Stats
+from services.feedback.task_store import TaskStats
+from services.feedback.tasks import TaskPick, TaskPicker
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STATIC_DIR = Path(__file__).resolve().with_name("static")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+"""gRPC status of a domain error -> HTTP status (the google.rpc mapping); anything else is 500."""
+
+_CODE_OF_HTTP = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    409: "ALREADY_EXISTS",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+}
+_RETRY_AFTER_S = {429: "1", 503: "2"}
+
+_COMMON_FIELDS = frozenset({"prompt", "annotator_id", "idempotency_key", "metadata", "task_id"})
+_KIND_FIELDS: dict[FeedbackKind, frozenset[str]] = {
+    "comparison": frozenset({"chosen", "rejected", "margin"}),
+    "ranking": frozenset({"completions"}),
+    "rating": frozenset({"completion", "score", "scale_min", "scale_max"}),
+    "correction": frozenset({"completion", "corrected"}),
+}
+_TASK_FIELDS = frozenset({"prompt", "completions", "key", "metadata", "source"})
+
+
+# -- errors: the one place domain errors become HTTP ----------------------------------------------
+def error_json(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    response = web.json_response(
+        {"error": {"code": code, "field": field, "message": message}}, status=status
+    )
+    if status in _RETRY_AFTER_S:
+        response.headers["Retry-After"] = _RETRY_AFTER_S[status]
+    return response
+
+
+def error_response(exc: PlauditError) -> web.Response:
+    """The HTTP answer to a domain error: its status from :data:`HTTP_STATUS`, JSON body."""
+    field = exc.field if isinstance(exc, InvalidArgumentError) else None
+    return error_json(HTTP_STATUS.get(exc.code, 500), exc.code.name, exc.message, field)
+
+
+# -- authentication -------------------------------------------------------------------------------
+Authenticator = Callable[[web.Request], Awaitable[None]]
+
+
+async def allow_all(request: web.Request) -> None:
+    """The authenticator in use: every request is let through.
+
+    Authentication plugs in here and nowhere else. :func:`make_app` runs the authenticator
+    before every ``/api/`` handler (the page, its static files and ``/healthz`` stay public). An
+    API-key authenticator reads ``Authorization: Bearer <key>``, refuses by raising a
+    :class:`PlauditError` whose code is ``UNAUTHENTICATED`` (401) or ``PERMISSION_DENIED``
+    (403), and may record who is calling in ``request["principal"]`` for the handlers.
+    """
+
+
+# -- JSON -> domain ---------------------------------------------------------------------------
+def _check_fields(
+    body: object, allowed: frozenset[str], what: str, prefix: str = ""
+) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidArgumentError(prefix.rstrip(".") or "body", "must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidArgumentError(f"{prefix}{unknown[0]}", f"is not a field of {what}")
+    return body
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(name, f"must be an integer, got {type(value).__name__}")
+    if value <= 0:
+        raise InvalidArgumentError(name, f"must be positive, got {value}")
+    return value
+
+
+def event_from_json(kind: FeedbackKind, body: object) -> tuple[FeedbackEvent, int | None]:
+    """The domain event a JSON body describes, and its ``task_id`` if any (not yet validated).
+
+    Missing texts become empty strings, so validation names them like gRPC's empty fields do.
+    """
+    fields = _check_fields(body, _COMMON_FIELDS | _KIND_FIELDS[kind], f"a {kind}")
+    task_id = None
+    if fields.get("task_id") is not None:
+        task_id = _positive_int("task_id", fields["task_id"])
+    metadata = fields.get("metadata", {})
+    if task_id is not None and isinstance(metadata, dict):
+        metadata = {**metadata, "task_id": str(task_id)}
+    common: dict[str, Any] = {
+        "prompt": fields.get("prompt", ""),
+        "annotator_id": fields.get("annotator_id", ""),
+        "idempotency_key": fields.get("idempotency_key", ""),
+        "metadata": metadata,
+    }
+    event: FeedbackEvent
+    if kind == "comparison":
+        event = Comparison(
+            **common,
+            chosen=fields.get("chosen", ""),
+            rejected=fields.get("rejected", ""),
+            margin=fields.get("margin"),
+        )
+    elif kind == "ranking":
+        event = Ranking(**common, completions=fields.get("completions", []))
+    elif kind == "rating":
+        scale_min, scale_max = fields.get("scale_min", 0.0), fields.get("scale_max", 0.0)
+        if scale_min == 0 and scale_max == 0:
+            scale_max = 1.0  # no scale: the 0-1 (thumbs) scale, as in gRPC
+        event = Rating(
+            **common,
+            completion=fields.get("completion", ""),
+            score=fields.get("score"),  # type: ignore[arg-type]  # validated next
+            scale_min=scale_min,
+            scale_max=scale_max,
+        )
+    else:
+        event = Correction(
+            **common,
+            completion=fields.get("completion", ""),
+            corrected=fields.get("corrected", ""),
+        )
+    return event, task_id
+
+
+def check_event_matches_task(event: FeedbackEvent, task: LabellingTask) -> None:
+    """The event must be about the task: its prompt, and completions the task offered."""
+    if event.prompt != task.prompt:
+        raise InvalidArgumentError("prompt", f"differs from the prompt of task {task.task_id}")
+    used: list[tuple[str, str]]
+    if isinstance(event, Comparison):
+        used = [("chosen", event.chosen), ("rejected", event.rejected)]
+    elif isinstance(event, Ranking):
+        used = [(f"completions[{i}]", c) for i, c in enumerate(event.completions)]
+    else:
+        used = [("completion", event.completion)]
+    for name, text in used:
+        if text not in task.completions:
+            raise InvalidArgumentError(name, f"is not a completion of task {task.task_id}")
+
+
+def tasks_from_json(body: object, max_tasks: int) -> list[NewTask]:
+    fields = _check_fields(body, frozenset({"tasks"}), "a task import")
+    items = fields.get("tasks")
+    if not isinstance(items, list):
+        raise InvalidArgumentError("tasks", "must be a list of tasks")
+    if not 1 <= len(items) <= max_tasks:
+        raise InvalidArgumentError(
+            "tasks", f"has {len(items)} entries; one import takes 1 to {max_tasks}"
+        )
+    out = []
+    for index, item in enumerate(items):
+        prefix = f"tasks[{index}]."
+        task = _check_fields(item, _TASK_FIELDS, "a task", prefix)
+        completions = task.get("completions", [])
+        out.append(
+            NewTask(
+                prompt=task.get("prompt", ""),
+                completions=completions,
+                key=task.get("key"),
+                metadata=task.get("metadata", {}),
+                source=task.get("source", "import"),
+            )
+        )
+    return out
+
+
+# -- domain -> JSON -------------------------------------------------------------------------
+def task_json(task: LabellingTask, labels_per_task: int) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "key": task.key,
+        "prompt": task.prompt,
+        "completions": list(task.completions),
+        "metadata": dict(task.metadata),
+        "source": task.source,
+        "labels": task.labels,
+        "labels_per_task": labels_per_task,
+    }
+
+
+def queue_json(stats: TaskStats) -> dict[str, Any]:
+    return {
+        "total": stats.total,
+        "pending": stats.pending,
+        "done": stats.done,
+        "labels_per_task": stats.labels_per_task,
+        "annotator": {"labelled": stats.annotator_labelled, "skipped": stats.annotator_skipped},
+    }
+
+
+def stats_json(stats: Stats) -> dict[str, Any]:
+    """The fields of gRPC ``GetStatsResponse`` (numbers as JSON numbers)."""
+    report = stats.agreement
+    tests = {t.annotator_id: t for t in report.outliers}
+    annotators = []
+    for annotator, records in sorted(stats.by_annotator.items()):
+        test = tests.get(annotator)
+        annotators.append(
+            {
+                "annotator_id": annotator,
+                "records": records,
+                "compared_votes": test.votes if test else 0,
+                "disagreement_rate": test.disagreement_rate if test else 0.0,
+                "p_value": test.p_value if test else 1.0,
+                "outlier": bool(test and test.outlier),
+            }
+        )
+    return {
+        "records": stats.total,
+        "records_by_kind": stats.by_kind,
+        "annotators": annotators,
+        "judgements": stats.judgements,
+        "pairs_derived": stats.pairs_derived,
+        "overlapping_items": report.multi_annotated_groups,
+        "raw_agreement": report.raw_agreement,
+        "kappa": report.kappa,
+        "kappa_method": report.kappa_method or "",
+        "contradictions": report.contradicted_groups,
+        "ties": report.tied_groups,
+    }
+
+
+async def _read_json(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise InvalidArgumentError("body", "must be JSON, sent as Content-Type: application/json")
+    text = await request.text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(
+            "body", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from exc
+
+
+# -- the application ----------------------------------------------------------------------------
+class FeedbackHttpApi:
+    """Request handlers; the store, batcher and picker are the gRPC servicer's own."""
+
+    def __init__(
+        self,
+        *,
+        store: Callable[[], FeedbackStore],
+        batcher: DynamicBatcher[FeedbackEvent, SubmitResult | PlauditError],
+        picker: TaskPicker,
+        metrics: FeedbackMetrics,
+        is_serving: Callable[[], bool],
+        max_tasks_per_import: int,
+    ) -> None:
+        self._store = store
+        self._batcher = batcher
+        self._picker = picker
+        self._metrics = metrics
+        self._is_serving = is_serving
+        self._max_tasks = max_tasks_per_import
+
+    def routes(self) -> list[web.RouteDef]:
+        routes = [
+            web.get("/", self.index),
+            web.get("/healthz", self.healthz),
+            web.get("/api/v1/stats", self.stats),
+            web.post("/api/v1/tasks", self.import_tasks),
+            web.get("/api/v1/tasks/next", self.next_task),
+            web.get(r"/api/v1/tasks/{task_id:\d+}", self.get_task),
+            web.post(r"/api/v1/tasks/{task_id:\d+}/skip", self.skip_task),
+        ]
+        for kind in _KIND_FIELDS:
+            routes.append(web.post(f"/api/v1/{kind}s", self._submit_handler(kind)))
+        return routes
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        serving = self._is_serving()
+        return web.json_response(
+            {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
+        )
+
+    # -- feedback -------------------------------------------------------------------------
+    def _submit_handler(
+        self, kind: FeedbackKind
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            return await self._submit(kind, await _read_json(request))
+
+        return handler
+
+    async def _submit(self, kind: FeedbackKind, body: object) -> web.Response:
+        event, task_id = event_from_json(kind, body)
+        store = self._store()
+        try:
+            validate_event(event, store.limits)
+            if task_id is not None:
+                check_event_matches_task(event, await self._task(task_id))
+        except InvalidArgumentError:
+            self._metrics.events.labels(kind, "rejected").inc()
+            raise
+        outcome = await self._batcher.submit(event)
+        if isinstance(outcome, PlauditError):
+            self._metrics.events.labels(kind, "rejected").inc()
+            raise outcome
+        self._metrics.events.labels(kind, "duplicate" if outcome.duplicate else "accepted").inc()
+        reply: dict[str, Any] = {
+            "feedback_id": str(outcome.feedback_id),
+            "duplicate": outcome.duplicate,
+        }
+        if task_id is not None:
+            reply["task_labels"] = await self._picker.record_label(
+                task_id, event.annotator_id, outcome.feedback_id
+            )
+        return web.json_response(reply, status=200 if outcome.duplicate else 201)
+
+    # -- tasks ----------------------------------------------------------------------------
+    async def _task(self, task_id: int) -> LabellingTask:
+        tasks = self._store().tasks
+        return await _in_thread(tasks.get, task_id)
+
+    async def import_tasks(self, request: web.Request) -> web.Response:
+        new = tasks_from_json(await _read_json(request), self._max_tasks)
+        tasks = self._store().tasks
+        imported = await _in_thread(tasks.import_tasks, new)
+        created = sum(1 for t in imported if t.created)
+        return web.json_response(
+            {
+                "imported": created,
+                "existing": len(imported) - created,
+                "tasks": [
+                    {"task_id": t.task_id, "key": t.key, "created": t.created} for t in imported
+                ],
+            },
+            status=201 if created else 200,
+        )
+
+    async def next_task(self, request: web.Request) -> web.Response:
+        annotator = request.query.get("annotator_id", "")
+        pick: TaskPick | None = await self._picker.next_task(annotator)
+        queue = await self._picker.stats(annotator)
+        labels = self._picker.labels_per_task
+        return web.json_response(
+            {
+                "task": None if pick is None else task_json(pick.task, labels),
+                "selection": None
+                if pick is None
+                else {"reason": pick.reason, "margin": pick.margin},
+                "queue": queue_json(queue),
+            }
+        )
+
+    async def get_task(self, request: web.Request) -> web.Response:
+        task = await self._task(int(request.match_info["task_id"]))
+        return web.json_response(task_json(task, self._picker.labels_per_task))
+
+    async def skip_task(self, request: web.Request) -> web.Response:
+        body = _check_fields(await _read_json(request), frozenset({"annotator_id"}), "a skip")
+        annotator = body.get("annotator_id", "")
+        validate_identifier("annotator_id", annotator)
+        await self._picker.skip(int(request.match_info["task_id"]), annotator)
+        return web.json_response({"skipped": True})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        store = self._store()
+        stats = await _in_thread(store.stats)
+        queue = await self._picker.stats(request.query.get("annotator_id"))
+        return web.json_response({**stats_json(stats), "tasks": queue_json(queue)})
+
+
+async def _in_thread(func: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(func, *args)
+
+
+def make_app(
+    api: FeedbackHttpApi, metrics: FeedbackMetrics, authenticate: Authenticator = allow_all
+) -> web.Application:
+    """The aiohttp application: routes, error mapping, authentication hook, headers, metrics."""
+
+    @web.middleware
+    async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        try:
+            response = await _guarded(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.http_requests.labels(route, str(status)).inc()
+            metrics.http_duration.labels(route).observe(time.perf_counter() - started)
+
+    async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+        api_call = request.path.startswith("/api/")
+        try:
+            if api_call:
+                await authenticate(request)
+            return await handler(request)
+        except PlauditError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if not api_call or exc.status < 400:
+                raise
+            code = _CODE_OF_HTTP.get(exc.status, "UNKNOWN")
+            return error_json(exc.status, code, exc.reason)
+        except Exception:
+            log.exception("http handler failed", extra={"path": request.path})
+            return error_json(500, "INTERNAL", "internal error; see the service log")
+
+    async def headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.path.startswith("/api/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        else:
+            response.headers.setdefault("Cache-Control", "no-cache")
+            response.headers.setdefault(
+                "Content-Security-Policy",
+                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            )
+
+    app = web.Application(middlewares=[handle], client_max_size=MAX_BODY_BYTES)
+    app.add_routes(api.routes())
+    app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+    app.on_response_prepare.append(headers)
+    return app
+
+
+class FeedbackHttpServer:
+    """Serves :func:`make_app` on ``host:port`` (0 picks a free port) on the running loop."""
+
+    def __init__(self, app: web.Application, *, host: str, port: int, grace_s: float) -> None:
+        self._app = app
+        self._host = host
+        self._requested_port = port
+        self._grace_s = grace_s
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        runner = web.AppRunner(
+            self._app, access_log=None, handle_signals=False, shutdown_timeout=self._grace_s
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._requested_port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("http server started", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        """Stop accepting, give in-flight requests up to ``grace_s`` seconds, close."""
+        if self._runner is None:
+            return
+        await self._runner.cleanup()
+        self._runner = None
+        log.info("http server stopped", extra={"port": self.port})
+
+
+def feedback_http_server(
+    *,
+    store: Callable[[], FeedbackStore],
+    batcher: DynamicBatcher[FeedbackEvent, SubmitResult | PlauditError],
+    picker: TaskPicker,
+    metrics: FeedbackMetrics,
+    is_serving: Callable[[], bool],
+    settings: FeedbackSettings,
+    authenticate: Authenticator = allow_all,
+) -> FeedbackHttpServer:
+    """The HTTP server of a feedback service, configured from its settings."""
+    api = FeedbackHttpApi(
+        store=store,
+        batcher=batcher,
+        picker=picker,
+        metrics=metrics,
+        is_serving=is_serving,
+        max_tasks_per_import=settings.max_events_per_batch,
+    )
+    return FeedbackHttpServer(
+        make_app(api, metrics, authenticate),
+        host=settings.host,
+        port=settings.http_port,
+        grace_s=settings.grace_period_s,
+    )

@@ -1,0 +1,333 @@
+"""Training a tiny reward model end to end: learning, publishing, the head through export, the
+promotion gate, the feedback store as data source, and the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.cli import TrainRewardSettings, build_parser, main
+from services.common.registry import ModelRegistry
+from services.common.settings import settings_from_args
+from services.feedback.domain import Comparison
+from services.feedback.store import FeedbackStore
+from services.reward.engine import LoadedRewardModel
+from tests.conftest import minilm_dir, toy_pairs, write_jsonl
+from trainer.backbones import resolve_backbone
+from trainer.config import RewardTrainingConfig
+from trainer.data import load_feedback_pairs, read_pairs, reference_pairs_path
+from trainer.export import (
+    TRAINING_RECORD,
+    ExportConfig,
+    UntrainedHeadError,
+    export_reward,
+    load_reward_model,
+    text_format_for,
+    torch_rewards,
+)
+from trainer.objective import split_by_prompt
+from trainer.reward import (
+    PairSource,
+    PublishOptions,
+    RewardTrainingResult,
+    serving_encoder,
+    train_reward,
+)
+
+
+def tiny_config(checkpoint: Path, **overrides: object) -> RewardTrainingConfig:
+    settings: dict[str, object] = {
+        "backbone": str(checkpoint),
+        "max_length": 64,
+        "epochs": 2,
+        "learning_rate": 2e-3,
+        "batch_size": 16,
+        "early_stopping_patience": 0,
+    }
+    return RewardTrainingConfig(**{**settings, **overrides})  # type: ignore[arg-type]
+
+
+@dataclass
+class Trained:
+    registry: ModelRegistry
+    baseline: str  # the untrained tiny model, promoted before training
+    data: Path
+    result: RewardTrainingResult
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Trained:
+    root = tmp_path_factory.mktemp("train")
+    data = write_jsonl(root / "toy.jsonl", toy_pairs(300))
+    registry = ModelRegistry(root / "registry", "reward")
+    baseline = export_reward(
+        ExportConfig(checkpoint=str(tiny_checkpoint), max_length=64, reference_pairs=8),
+        registry,
+        promote=True,
+    )
+    result = train_reward(
+        tiny_config(tiny_checkpoint),
+        PairSource(files=(data,)),
+        registry,
+        publish=PublishOptions(promote=True),
+        output_dir=root / "run",
+    )
+    assert result is not None and result.manifest is not None
+    return Trained(registry, baseline.version, data, result)
+
+
+def test_training_learns_a_separable_preference(trained: Trained) -> None:
+    metrics = trained.result.metrics
+    assert metrics["eval/initial_accuracy"] < 0.75
+    assert metrics["eval/accuracy"] >= 0.9
+    assert metrics["eval/loss"] < metrics["eval/initial_loss"] - 0.05
+    assert metrics["rewards/margin"] > 0
+    assert metrics["train/steps"] > 0 and metrics["train/pairs_per_s"] > 0
+
+    run = trained.result.run_dir
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in log if "train/loss" in r]
+    assert len(losses) == metrics["train/steps"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    evals = [r for r in log if "eval/accuracy" in r]
+    assert evals[0]["step"] == 0 and len(evals) == 3  # start + each epoch
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["version"] == trained.result.manifest.version  # type: ignore[union-attr]
+    assert written["metrics"]["eval/accuracy"] == metrics["eval/accuracy"]
+    assert (run / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_manifest_records_metrics_data_config_and_parity_on_held_out(trained: Trained) -> None:
+    manifest = trained.registry.manifest(trained.result.manifest.version)  # type: ignore[union-attr]
+    assert manifest.metrics == pytest.approx(trained.result.metrics)
+    assert manifest.parent == trained.baseline
+    assert manifest.data_cursor is None  # files have no cursor
+    training = manifest.notes["training"]
+    assert training["learning_rate"] == 2e-3 and training["epochs"] == 2
+    files = manifest.notes["training_data"]["files"]
+    assert files[0]["path"] == str(trained.data) and files[0]["pairs"] == 300
+    assert len(files[0]["sha256"]) == 64
+    # parity and normalisation were measured on the held-out pairs
+    assert manifest.normalization.reference == f"{2 * trained.result.eval_pairs} reference texts"
+    assert manifest.notes["fp32_max_abs_diff_vs_torch"] < 1e-4
+    assert Path(manifest.notes["checkpoint"], TRAINING_RECORD).is_file()
+
+
+def test_trained_head_survives_save_reload_and_export(
+    trained: Trained, tiny_checkpoint: Path
+) -> None:
+    model = trained.result.model
+    assert model is not None
+    pairs = list(read_pairs(trained.data))
+    _, held_out = split_by_prompt(pairs, 0.1)
+    texts = [(p.prompt, c) for p in held_out for c in (p.chosen, p.rejected)]
+
+    # the in-memory trained model (PyTorch) against the published ONNX graph, as served
+    _, tokenizer = load_reward_model(resolve_backbone(str(tiny_checkpoint)))
+    encoder = serving_encoder(tokenizer, text_format_for(tokenizer, model, 64))
+    expected = torch_rewards(model, encoder, texts)
+    served = LoadedRewardModel.load(trained.registry, trained.result.manifest.version)  # type: ignore[union-attr]
+    got, _, _ = served.score_raw([p for p, _ in texts], [c for _, c in texts])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+    # the reloaded checkpoint holds exactly the trained head, not the starting or a fresh one
+    reloaded, _ = load_reward_model(resolve_backbone(str(trained.result.checkpoint)), seed=123)
+    start, _ = load_reward_model(resolve_backbone(str(tiny_checkpoint)))
+
+    def head(m: torch.nn.Module) -> torch.Tensor:
+        return dict(m.named_parameters())["classifier.weight"]
+
+    assert torch.equal(head(reloaded), head(model))
+    assert not torch.equal(head(start), head(model))
+
+
+def test_a_checkpoint_marked_trained_refuses_a_fresh_head(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+        intermediate_size=16,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path)  # an encoder without the reward head
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path)
+    load_reward_model(resolve_backbone(str(tmp_path)))  # a base model: a fresh head is expected
+    (tmp_path / TRAINING_RECORD).write_text("{}")
+    with pytest.raises(UntrainedHeadError, match="classifier"):
+        load_reward_model(resolve_backbone(str(tmp_path)))
+
+
+def test_gate_promoted_the_better_model_with_its_numbers(trained: Trained) -> None:
+    promotion = trained.result.manifest.promotion  # type: ignore[union-attr]
+    assert promotion is not None and promotion["promoted"] is True
+    assert promotion["current_version"] == trained.baseline
+    assert promotion["tolerance"] == 0.01
+    assert promotion["eval_pairs"] == trained.result.eval_pairs
+    assert promotion["candidate_accuracy"] == pytest.approx(trained.result.metrics["eval/accuracy"])
+    assert promotion["candidate_accuracy"] > promotion["current_accuracy"] + 0.2
+    history = trained.registry.promotion_history()
+    assert history[-1]["version"] == trained.result.manifest.version  # type: ignore[union-attr]
+    assert history[-1]["reason"] == promotion["reason"]
+
+
+def test_gate_refuses_a_worse_model_and_records_why(
+    trained: Trained, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    live = trained.registry.promoted()
+    assert live == trained.result.manifest.version  # type: ignore[union-attr]
+    worse = train_reward(
+        tiny_config(tiny_checkpoint, max_steps=0),  # not trained at all
+        PairSource(files=(trained.data,)),
+        trained.registry,
+        publish=PublishOptions(promote=True),
+        output_dir=tmp_path / "run",
+    )
+    assert worse is not None and worse.manifest is not None
+    promotion = worse.manifest.promotion
+    assert promotion is not None and promotion["promoted"] is False
+    assert promotion["current_version"] == live
+    assert promotion["current_accuracy"] == pytest.approx(trained.result.metrics["eval/accuracy"])
+    assert promotion["candidate_accuracy"] < promotion["current_accuracy"] - 0.01
+    assert "<" in promotion["reason"]
+    assert trained.registry.promoted() == live  # unchanged
+    stored = trained.registry.manifest(worse.manifest.version).promotion
+    assert stored == promotion  # the refusal is on record in the published version
+
+
+def _submit(store: FeedbackStore, start: int, n: int) -> None:
+    events = [
+        Comparison(
+            prompt=p["prompt"],
+            chosen=p["chosen"],
+            rejected=p["rejected"],
+            annotator_id=f"annotator-{i % 3}",
+            idempotency_key=f"pair-{start + i}",
+            margin=1.0 if i % 2 else None,
+        )
+        for i, p in enumerate(toy_pairs(n, seed=start, start=start))
+    ]
+    results = store.submit_many(events)
+    assert not [r for r in results if isinstance(r, Exception)]
+
+
+def test_training_from_the_feedback_store_records_and_continues_from_the_cursor(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    registry = ModelRegistry(tmp_path / "registry", "reward")
+    cfg = tiny_config(tiny_checkpoint, epochs=1, max_steps=2)
+    with FeedbackStore(url) as store:
+        _submit(store, 0, 120)
+        exported = list(store.export_pairs())
+        loaded = load_feedback_pairs(url)  # margins and weights come from the store's consensus
+        assert [(p.margin, p.weight) for p in loaded.pairs] == [
+            (d.margin or 0.0, d.weight) for d in exported
+        ]
+        assert {p.margin for p in loaded.pairs} == {0.0, 1.0}
+
+        first = train_reward(cfg, PairSource(database_url=url), registry, output_dir=tmp_path / "a")
+        assert first is not None and first.manifest is not None
+        assert first.manifest.data_cursor == str(exported[-1].cursor)
+        assert first.train_pairs + first.eval_pairs == 120
+
+        _submit(store, 120, 60)
+        second = train_reward(
+            cfg,
+            PairSource(database_url=url, since_parent_cursor=True),
+            registry,
+            publish=PublishOptions(parent=first.manifest.version),
+            output_dir=tmp_path / "b",
+        )
+        assert second is not None and second.manifest is not None
+        source = second.manifest.notes["training_data"]
+        assert source["after_cursor"] == exported[-1].cursor
+        assert source["pairs"] == 60  # only what came after the parent's cursor
+        assert second.manifest.parent == first.manifest.version
+        assert int(second.manifest.data_cursor or 0) == list(store.export_pairs())[-1].cursor
+
+
+def test_cli_trains_publishes_and_promotes(
+    trained: Trained,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    second = write_jsonl(tmp_path / "more.jsonl", toy_pairs(40, seed=9, start=1000))
+    monkeypatch.setenv("PLAUDIT_LEARNING_RATE", "0.003")  # every flag is also an env variable
+    code = main(
+        [
+            "train", "reward",
+            "--data", str(trained.data), str(second),
+            "--registry", str(tmp_path / "registry"),
+            "--backbone", str(tiny_checkpoint),
+            "--max-length", "64",
+            "--epochs", "1",
+            "--max-steps", "3",
+            "--output-dir", str(tmp_path / "run"),
+            "--promote",
+            "--no-progress",
+            "--log-level", "WARNING",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    registry = ModelRegistry(tmp_path / "registry", "reward")
+    assert summary["promoted"] is True and registry.promoted() == summary["version"]
+    assert summary["train_pairs"] + summary["eval_pairs"] == 340
+    assert summary["metrics"]["train/steps"] == 3
+    manifest = registry.manifest(summary["version"])
+    assert manifest.notes["training"]["learning_rate"] == 0.003
+    assert len(manifest.notes["training_data"]["files"]) == 2
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_cli_settings_need_exactly_one_data_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both = ["train", "reward", "--data", "a.jsonl", "--database-url", "sqlite:///x.db"]
+    assert main(both) == 2
+    assert "either --data" in capsys.readouterr().err
+    assert main(["train", "reward"]) == 2
+    monkeypatch.setenv("PLAUDIT_DATA", json.dumps(["a.jsonl", "b.jsonl"]))  # a list: JSON
+    args = build_parser().parse_args(["train", "reward"])
+    settings = settings_from_args(TrainRewardSettings, args)
+    assert settings.data == [Path("a.jsonl"), Path("b.jsonl")]
+    assert settings.promotion_tolerance == 0.01
+    defaults = RewardTrainingConfig()
+    assert settings.learning_rate == defaults.learning_rate and settings.epochs == defaults.epochs
+
+
+@pytest.mark.real_model
+def test_real_minilm_trains_exports_and_serves_its_trained_head(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 on 64 real HH pairs for a few steps: parity on the held-out pairs, and
+    the served graph reproduces the in-memory trained model."""
+    data = write_jsonl(
+        tmp_path / "hh.jsonl",
+        [
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+            for p in read_pairs(reference_pairs_path(), 64)
+        ],
+    )
+    registry = ModelRegistry(tmp_path / "registry", "reward")
+    cfg = RewardTrainingConfig(
+        backbone="minilm", max_length=128, max_steps=3, batch_size=8, learning_rate=5e-5
+    )
+    result = train_reward(cfg, PairSource(files=(data,)), registry, output_dir=tmp_path / "run")
+    assert result is not None and result.manifest is not None and result.model is not None
+    manifest = result.manifest
+    assert manifest.backbone == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest.metrics["train/steps"] == 3 and result.eval_pairs > 0
+    assert manifest.notes["fp32_max_abs_diff_vs_torch"] < 1e-4
+
+    _, held_out = split_by_prompt(list(read_pairs(data)), cfg.eval_fraction)
+    texts = [(p.prompt, c) for p in held_out for c in (p.chosen, p.rejected)]
+    _, tokenizer = load_reward_model(resolve_backbone(str(result.checkpoint)))
+    encoder = serving_encoder(tokenizer, text_format_for(tokenizer, result.model, 128))
+    served = LoadedRewardModel.load(registry, manifest.version)
+    got, _, _ = served.score_raw([p for p, _ in texts], [c for _, c in texts])
+    np.testing.assert_allclose(got, torch_rewards(result.model, encoder, texts), atol=1e-4)
