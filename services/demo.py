@@ -1,147 +1,186 @@
-"""``plaudit demo``: what a user would do on a fresh machine, end to end.
+"""``plaudit demo``: drive the closed loop the way its users would.
 
-Bootstraps a reward model into an empty registry (``plaudit export reward``), starts
-``plaudit serve reward`` as a separate process, scores real HH-RLHF preference pairs through gRPC
-from concurrent clients, prints what happened, and stops the server with SIGTERM.
+Connects to a running ``plaudit up`` (or starts one, with embedded defaults, when nothing answers
+on the feedback and reward ports), then feeds the shared HH-RLHF preference pairs through the
+feedback API in waves. After each wave the scheduler in ``plaudit up`` retrains the reward model
+on everything stored and promotes it through the accuracy gate; the demo shows each retraining
+and each swap as it happens -- the version serving, its held-out accuracy, and how the rewards of
+a few fixed probe pairs change -- and ends with a summary table.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+import grpc
+from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 from pydantic import Field
-from tqdm import tqdm
 
-from services.common.process import CLI, metric_value, start_service
-from services.common.registry import ModelRegistry
+from services.common.preference_files import PreferencePair, read_pairs
+from services.common.process import CLI
+from services.common.registry import ModelManifest, ModelRegistry
 from services.common.settings import PlauditSettings
-from services.common.textfmt import split_hh_dialogue
 from services.reward.client import RewardClient, wait_until_serving
 
 DEFAULT_DATA = Path("../shared/data/hh-harmless/pairs.jsonl")
+PROBES = 3
 
 
 class DemoSettings(PlauditSettings):
-    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     data: Path = Field(DEFAULT_DATA, description="HH-RLHF or prompt/chosen/rejected JSONL")
-    pairs: int = Field(300, ge=1, description="preference pairs to score")
-    concurrency: int = Field(8, ge=1, description="concurrent clients")
-    checkpoint: str = Field("minilm", description="backbone to bootstrap an empty registry with")
+    home: Path = Field(Path(".plaudit"), description="plaudit up's folder (registry, database)")
+    feedback_addr: str = Field("127.0.0.1:50052", description="feedback service address")
+    reward_addr: str = Field("127.0.0.1:50051", description="reward service address")
+    waves: int = Field(3, ge=1, description="waves of feedback")
+    wave_size: int = Field(600, ge=1, description="preference pairs per wave")
+    start: bool = Field(True, description="start `plaudit up` when nothing answers")
+    wave_timeout_s: float = Field(1800, gt=0, description="longest wait for a retraining")
 
 
-def _say(text: str) -> None:
+def _say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
-def _load_pairs(path: Path, limit: int) -> list[tuple[str, str, str]]:
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            if "prompt" in row:
-                out.append((row["prompt"], row["chosen"], row["rejected"]))
-            else:
-                out.append(split_hh_dialogue(row["chosen"], row["rejected"]))
-            if len(out) >= limit:
-                break
-    return out
+def _serving(address: str) -> bool:
+    try:
+        wait_until_serving(address, timeout=2)
+    except TimeoutError:
+        return False
+    return True
+
+
+@dataclass
+class WaveRow:
+    wave: int
+    stored: int
+    version: str
+    accuracy: float | None
+    promoted: bool
+    probe_prob: float
+    seconds: float
+
+
+def _probe(client: RewardClient, probes: list[PreferencePair]) -> tuple[list[float], str]:
+    """P(chosen preferred) for each probe pair under the serving model, and its version."""
+    probs, version = [], ""
+    for pair in probes:
+        reply = client.compare(pair.prompt, pair.chosen, pair.rejected)
+        probs.append(reply.prob_a_preferred)
+        version = reply.model_version
+    return probs, version
+
+
+def _submit_wave(stub: Any, pairs: list[PreferencePair], offset: int) -> tuple[int, int]:
+    def events() -> Any:
+        for i, pair in enumerate(pairs):
+            yield feedback_pb2.SubmitBatchRequest(
+                comparison=feedback_pb2.SubmitComparisonRequest(
+                    prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected,
+                    annotator_id="hh-rlhf", idempotency_key=f"demo-hh-{offset + i}",
+                    metadata={"source": "plaudit demo"},
+                )
+            )  # fmt: skip
+
+    reply = stub.SubmitBatch(events(), timeout=300)
+    return reply.accepted, reply.rejected
+
+
+def _wait_for_new_version(registry: ModelRegistry, known: int, timeout: float) -> ModelManifest:
+    """The next version the scheduler publishes (promoted or refused by the gate)."""
+    deadline = time.monotonic() + timeout
+    last_note = time.monotonic()
+    while time.monotonic() < deadline:
+        versions = registry.list_versions()
+        if len(versions) > known:
+            return versions[-1]
+        if time.monotonic() - last_note > 30:
+            _say("      ... still training (plaudit up's log shows progress)")
+            last_note = time.monotonic()
+        time.sleep(2)
+    raise TimeoutError(f"no new reward model within {timeout:.0f}s")
 
 
 def run_demo(settings: DemoSettings) -> int:
-    if not settings.data.is_file():
-        _say(f"data file {settings.data} not found; pass --data FILE")
-        return 2
-    registry = ModelRegistry(settings.registry, "reward")
-    if registry.promoted() is None:
-        _say(
-            f"[1/4] empty registry at {settings.registry}: exporting {settings.checkpoint} "
-            "to ONNX (fp32 + int8 parity check; about a minute on 2 cores)..."
-        )
-        start = time.monotonic()
-        subprocess.run(
-            [
-                *CLI,
-                "export",
-                "reward",
-                "--checkpoint",
-                settings.checkpoint,
-                "--registry",
-                str(settings.registry),
-                "--quantize",
-                "int8",
-                "--promote",
-                "--log-format",
-                "text",
-            ],
-            check=True,
-        )
-        _say(f"      done in {time.monotonic() - start:.0f}s")
-    else:
-        _say(
-            f"[1/4] registry {settings.registry} already has promoted version {registry.promoted()}"
-        )
-
-    server = start_service("reward", "--registry", str(settings.registry))
-    address = server.address
-    _say(f"[2/4] starting `plaudit serve reward` on {address} (metrics on :{server.metrics_port})")
+    pairs = [p for p in read_pairs(settings.data) if p.chosen.strip() and p.rejected.strip()]
+    probes, pool = pairs[-PROBES:], pairs[:-PROBES]
+    up: subprocess.Popen[bytes] | None = None
+    if not (_serving(settings.feedback_addr) and _serving(settings.reward_addr)):
+        if not settings.start:
+            _say(f"nothing serves at {settings.feedback_addr} / {settings.reward_addr}")
+            return 1
+        _say("[1/3] starting `plaudit up` (feedback + reward services, SQLite, local registry)")
+        up = subprocess.Popen(
+            [*CLI, "up", "--home", str(settings.home), "--no-generation",
+             "--retrain-min-pairs", str(max(1, settings.wave_size // 2)),
+             "--check-interval-s", "3", "--log-format", "text"],
+        )  # fmt: skip
     try:
-        wait_until_serving(address, timeout=300)
-        with RewardClient(address) as client:
-            info = client.model()
-            _say(
-                f"      serving {info.version}: backbone {info.backbone}, {info.precision} on "
-                f"{info.execution_provider}, max {info.max_length} tokens ({info.text_format})"
-            )
-            pairs = _load_pairs(settings.data, settings.pairs)
-            _say(
-                f"[3/4] scoring {len(pairs)} real preference pairs from {settings.data} "
-                f"with {settings.concurrency} concurrent clients"
-            )
-
-            def one(pair: tuple[str, str, str]) -> tuple[float, float, float, str]:
-                t0 = time.perf_counter()
-                rewards, version = client.score([pair[0], pair[0]], [pair[1], pair[2]])
-                return rewards[0], rewards[1], time.perf_counter() - t0, version
-
-            start = time.perf_counter()
-            with ThreadPoolExecutor(settings.concurrency) as pool:
-                results = list(tqdm(pool.map(one, pairs), total=len(pairs), unit="pair"))
-            wall = time.perf_counter() - start
-            margins = np.array([c - r for c, r, _, _ in results])
-            latency = np.array([t for _, _, t, _ in results]) * 1000
-            versions = sorted({v for *_, v in results})
-            _say(
-                f"      {2 * len(pairs) / wall:.1f} items/s, latency "
-                f"p50 {np.percentile(latency, 50):.0f} ms p99 {np.percentile(latency, 99):.0f} ms,"
-                f" versions {versions}"
-            )
-            _say(
-                f"      chosen scored above rejected in {np.mean(margins > 0):.1%} of pairs "
-                f"(mean margin {margins.mean():+.3f}); an untrained head sits near 50% until "
-                "`plaudit train reward` replaces it"
-            )
-            prompt, chosen, rejected = pairs[0]
-            cmp = client.compare(prompt, chosen, rejected)
-            _say(
-                f"      Compare on pair 0: reward_a {cmp.reward_a:+.3f} "
-                f"reward_b {cmp.reward_b:+.3f} P(a preferred) {cmp.prob_a_preferred:.3f}"
-            )
-        text = server.metrics_text()
-        count = metric_value(text, "plaudit_reward_batch_size_count")
-        total = metric_value(text, "plaudit_reward_batch_size_sum")
-        if count:
-            _say(
-                f"      dynamic batching: {count:.0f} batches, {total / count:.1f} items per batch"
-            )
+        for address in (settings.feedback_addr, settings.reward_addr):
+            wait_until_serving(address, timeout=900)
+        registry = ModelRegistry(settings.home / "registry", "reward")
+        rows: list[WaveRow] = []
+        with (
+            grpc.insecure_channel(settings.feedback_addr) as channel,
+            RewardClient(settings.reward_addr) as reward,
+        ):
+            feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            probs, version = _probe(reward, probes)
+            _say(f"[2/3] serving {version}; probe pairs P(chosen preferred): "
+                 + " ".join(f"{p:.3f}" for p in probs))  # fmt: skip
+            stored = 0
+            for wave in range(settings.waves):
+                batch = pool[wave * settings.wave_size : (wave + 1) * settings.wave_size]
+                if not batch:
+                    break
+                started = time.monotonic()
+                known = len(registry.list_versions())
+                accepted, rejected = _submit_wave(feedback, batch, wave * settings.wave_size)
+                stored += accepted
+                _say(
+                    f"[wave {wave + 1}/{settings.waves}] {accepted} comparisons stored "
+                    f"({rejected} refused), {stored} in all; waiting for the retraining ..."
+                )
+                manifest = _wait_for_new_version(registry, known, settings.wave_timeout_s)
+                promoted = bool((manifest.promotion or {}).get("promoted"))
+                if promoted:  # the scheduler notifies the reward service; wait for the swap
+                    deadline = time.monotonic() + 120
+                    while reward.model().version != manifest.version:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"{manifest.version} never went live")
+                        time.sleep(0.5)
+                probs, version = _probe(reward, probes)
+                accuracy = manifest.metrics.get("eval/accuracy")
+                mean_prob = sum(probs) / len(probs)
+                elapsed = time.monotonic() - started
+                rows.append(
+                    WaveRow(
+                        wave + 1, stored, manifest.version, accuracy, promoted, mean_prob, elapsed
+                    )
+                )
+                verdict = "promoted, now serving" if promoted else "refused by the gate"
+                shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+                probe_text = " ".join(f"{p:.3f}" for p in probs)
+                _say(
+                    f"      {manifest.version}: held-out accuracy {shown}, {verdict}; "
+                    f"serving {version}; probe P(chosen): {probe_text}"
+                )
+        _say("[3/3] summary")
+        _say(f"{'wave':>4} {'pairs':>6} {'version':<32} {'accuracy':>8} {'promoted':>8} "
+             f"{'probe P':>8} {'time s':>7}")  # fmt: skip
+        for r in rows:
+            acc = "n/a" if r.accuracy is None or math.isnan(r.accuracy) else f"{r.accuracy:.3f}"
+            _say(f"{r.wave:>4} {r.stored:>6} {r.version:<32} {acc:>8} {r.promoted!s:>8} "
+                 f"{r.probe_prob:>8.3f} {r.seconds:>7.0f}")  # fmt: skip
+        return 0
     finally:
-        _say("[4/4] stopping the server with SIGTERM (drains in-flight requests)")
-        code = server.stop()
-    _say(f"      server exited with code {code}")
-    return 0 if code == 0 else 1
+        if up is not None:
+            _say("stopping `plaudit up` (SIGTERM: services drain and exit)")
+            up.terminate()
+            up.wait(timeout=120)

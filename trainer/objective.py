@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.common.preference_files import PreferencePair
 
-P = TypeVar("P", bound=PreferencePair)
+class HasPrompt(Protocol):
+    @property
+    def prompt(self) -> str: ...
+
+
+P = TypeVar("P", bound=HasPrompt)
 
 ECE_BINS = 10
 
@@ -103,7 +107,8 @@ def prompt_bucket(prompt: str) -> float:
 
 
 def split_by_prompt(pairs: Sequence[P], eval_fraction: float) -> tuple[list[P], list[P]]:
-    """(train, held-out): a pair is held out when its prompt's bucket is below the fraction.
+    """(train, held-out): an item (pair, prompt record, supervised example) is held out when its
+    prompt's bucket is below the fraction.
 
     The side depends on the prompt alone, so every pair of a prompt lands on the same side, the
     split does not move with the seed or the rest of the data, and versions trained on growing
@@ -111,6 +116,6 @@ def split_by_prompt(pairs: Sequence[P], eval_fraction: float) -> tuple[list[P], 
     """
     train: list[P] = []
     held_out: list[P] = []
-    for pair in pairs:
-        (held_out if prompt_bucket(pair.prompt) < eval_fraction else train).append(pair)
+    for item in pairs:
+        (held_out if prompt_bucket(item.prompt) < eval_fraction else train).append(item)
     return train, held_out

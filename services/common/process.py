@@ -26,6 +26,7 @@ class ServiceProcess:
     process: subprocess.Popen[bytes]
     port: int
     metrics_port: int
+    service: str = ""
 
     @property
     def address(self) -> str:
@@ -49,18 +50,24 @@ class ServiceProcess:
             return self.process.wait()
 
 
-def start_service(service: str, *args: str, log_level: str = "WARNING") -> ServiceProcess:
-    """Start ``plaudit serve <service> <args>`` on free ports; returns at once.
+def start_service(
+    service: str,
+    *args: str,
+    port: int = 0,
+    metrics_port: int = 0,
+    log_level: str = "WARNING",
+) -> ServiceProcess:
+    """Start ``plaudit serve <service> <args>`` (on free ports unless given); returns at once.
 
     Wait with :func:`services.reward.client.wait_until_serving` on ``.address`` before calling.
     """
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = port or free_port(), metrics_port or free_port()
     command = [
         *CLI, "serve", service, "--host", "127.0.0.1", "--port", str(port),
         "--metrics-port", str(metrics_port), "--log-format", "text", "--log-level", log_level,
         *args,
     ]  # fmt: skip
-    return ServiceProcess(subprocess.Popen(command), port, metrics_port)
+    return ServiceProcess(subprocess.Popen(command), port, metrics_port, service)
 
 
 def metric_value(text: str, name: str) -> float:

@@ -55,6 +55,16 @@ class QuantizationReport(BaseModel):
     passed: bool
 
 
+class GenerationConfig(BaseModel):
+    """How a policy version generates, and the layout of its exported KV cache."""
+
+    eos_token_ids: list[int]
+    max_new_tokens: int = 256
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
 class ModelManifest(BaseModel):
     """What a version is, where it came from and how to run it."""
 
@@ -75,6 +85,7 @@ class ModelManifest(BaseModel):
     data_cursor: str | None = None
     promotion: dict[str, Any] | None = None
     notes: dict[str, Any] = {}
+    generation: GenerationConfig | None = Field(None, description="policies only")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
 
 

@@ -6,6 +6,9 @@ serving and training, so a reward model is scored exactly the way it was trained
 * ``chat_template`` format (chat models): the prompt becomes the conversation so far (an HH-style
   ``\\n\\nHuman: ... \\n\\nAssistant: ...`` dialogue is split into turns), the completion the final
   assistant turn, rendered with the model's own chat template.
+* Generation (:class:`PromptFormatter`): the same conversation, rendered with the template's
+  generation prompt (the opening of the next assistant turn); a policy without a template
+  (``plain``) reads the prompt text as it is.
 
 Truncation keeps the END of the text: the completion is what differs between candidates and the
 most recent turns matter most, so tokens are dropped from the start of the prompt first, then
@@ -17,7 +20,7 @@ Only the Rust ``tokenizers`` library and jinja2 are used here: no torch, no tran
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +32,8 @@ import jinja2.sandbox
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-TextFormatKind = Literal["pair", "chat_template"]
+# "plain": a policy without a chat template reads the prompt text as it is (generation only)
+TextFormatKind = Literal["pair", "chat_template", "plain"]
 
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
@@ -224,3 +228,71 @@ def length_groups(lengths: np.ndarray, group_tokens: int) -> list[np.ndarray]:
         groups.append(order[start : start + rows])
         start += rows
     return groups
+
+
+def messages_to_dialogue(messages: Sequence[Mapping[str, str]]) -> str:
+    """The HH-style dialogue of a conversation, ending with an open assistant turn.
+
+    The inverse of :func:`dialogue_to_messages` (system turns are kept as leading text, which it
+    reads back as a user turn): how a conversation is sent to the reward service as a prompt.
+    """
+    parts = []
+    for message in messages:
+        if message["role"] == "system":
+            parts.append(message["content"])
+        else:
+            speaker = "Assistant" if message["role"] == "assistant" else "Human"
+            parts.append(f"\n\n{speaker}: {message['content']}")
+    return "".join(parts) + _ASSISTANT
+
+
+class PromptFormatter:
+    """Turns a generation input (a prompt or a conversation) into a policy's prompt token ids.
+
+    ``chat_template``: the conversation (a prompt is split with :func:`dialogue_to_messages`) is
+    rendered with the template and its generation prompt, then tokenized without adding special
+    tokens (as ``transformers``' ``apply_chat_template`` does). ``plain``: the prompt text (a
+    conversation becomes an HH-style dialogue) is tokenized with the tokenizer's special tokens.
+    Training a policy should build its prompts with this class so that serving feeds the model
+    exactly what it was trained on.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, fmt: TextFormat) -> None:
+        if fmt.kind == "pair":
+            raise ValueError("a policy needs the chat_template or plain text format")
+        self.tokenizer = tokenizer
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.format = fmt
+        self._template = compile_chat_template(fmt.chat_template) if fmt.chat_template else None
+        if fmt.kind == "chat_template" and self._template is None:
+            raise ValueError("chat_template format needs a chat template")
+
+    @classmethod
+    def from_files(cls, tokenizer_json: Path, fmt: TextFormat) -> PromptFormatter:
+        return cls(Tokenizer.from_file(str(tokenizer_json)), fmt)
+
+    def render(
+        self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None
+    ) -> str:
+        """The prompt text the policy continues; give exactly one of prompt and messages."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.format.kind == "plain":
+            return prompt if prompt is not None else messages_to_dialogue(messages or [])
+        assert self._template is not None
+        turns = dialogue_to_messages(prompt) if prompt is not None else list(messages or [])
+        return self._template.render(
+            messages=turns, add_generation_prompt=True, **(self.format.special_tokens or {})
+        )
+
+    def encode(
+        self, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None
+    ) -> list[int]:
+        """Prompt token ids (not truncated: the caller checks them against the context)."""
+        text = self.render(prompt, messages)
+        return list(self.tokenizer.encode(text, add_special_tokens=self.format.kind == "plain").ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated text, special tokens left out."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

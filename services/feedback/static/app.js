@@ -148,6 +148,7 @@
   function showLogin() {
     for (const id of ["task", "empty", "loading"]) $(id).hidden = true;
     $("who").hidden = true;
+    $("progress").hidden = true;
     $("login").hidden = false;
     $("annotator-input").value = state.annotator;
     $("annotator-input").focus();
@@ -160,12 +161,14 @@
     state.annotator = value;
     localStorage.setItem(ANNOTATOR_KEY, value);
     $("login").hidden = true;
+    document.activeElement.blur(); // shortcuts go to the page, not the hidden field
     start();
   }
 
   function start() {
     $("annotator-name").textContent = state.annotator;
     $("who").hidden = false;
+    $("progress").hidden = false;
     renderProgress();
     loadNext();
   }

@@ -1,0 +1,668 @@
+"""Deployment checks without a cluster: the Dockerfile, the kustomize overlays, the alerts and
+the dashboard under deploy/.
+
+The tools come from the dev extra (kubectl with kustomize, kubernetes-validate, yamllint,
+hadolint); a missing one fails the test. promtool is not on PyPI: `make deploy-check` fetches
+it from Debian's prometheus package, and its tests skip, saying so, where it is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from plaudit.v1 import admin_pb2, feedback_pb2, reward_pb2
+from prometheus_client import CollectorRegistry
+
+from services.cli import TrainRewardSettings, build_parser
+from services.common.batching import BatchMetrics
+from services.common.hotswap import SwapMetrics
+from services.common.metrics import GrpcMetrics
+from services.common.settings import PlauditSettings, settings_from_args
+from services.feedback.metrics import FeedbackMetrics
+from services.feedback.settings import FeedbackSettings
+from services.reward.metrics import RewardMetrics
+from services.reward.settings import RewardSettings
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+MONITORING = K8S / "components" / "monitoring"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(DEPLOY))
+
+import healthcheck  # noqa: E402
+import requirements  # noqa: E402
+
+OVERLAYS = ["dev", "prod"]
+K8S_VERSIONS = ["1.30.0", "1.37.0"]  # the oldest cluster we support and the newest schemas
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # no schemas in kubernetes-validate
+WORKLOADS = {"Deployment", "Job", "CronJob"}
+# The prod overlay expects the database Secret to exist (docs/operations.md).
+EXTERNAL_SECRETS = {"prod": {"plaudit-database"}, "dev": set()}
+UID = 10001
+SERVER_ERROR_CODES = {"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
+# `plaudit serve generation` lands with the generation service; until then its settings are
+# checked against this list.
+GENERATION_KEYS = {
+    *PlauditSettings.model_fields,
+    "registry",
+    "host",
+    "port",
+    "metrics_port",
+    "reward_addr",
+    "grace_period_s",
+}
+HEALTH_SERVICES = {
+    "",
+    *(
+        s.full_name
+        for d in (reward_pb2.DESCRIPTOR, feedback_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR)
+        for s in d.services_by_name.values()
+    ),
+}
+
+
+# -- helpers --------------------------------------------------------------------------------
+def tool(name: str) -> str:
+    """A dev-extra tool from the venv or PATH; fails (not skips) when it is missing."""
+    found = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed; run make setup (pip install -e '.[dev]')")
+    return str(found)
+
+
+def promtool() -> str:
+    found = BIN / "promtool" if (BIN / "promtool").exists() else shutil.which("promtool")
+    if not found:
+        pytest.skip("promtool not found (Debian package prometheus); run make deploy-check")
+    return str(found)
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+Doc = dict[str, Any]
+
+
+def of_kind(docs: list[Doc], *kinds: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] in kinds]
+
+
+def named(docs: list[Doc], kind: str, name: str) -> Doc:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def pod_spec(doc: Doc) -> Doc:
+    spec = doc["spec"]
+    if doc["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return dict(spec["template"]["spec"])
+
+
+def pod_labels(doc: Doc) -> dict[str, str]:
+    spec = doc["spec"]
+    if doc["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return dict(spec["template"]["metadata"]["labels"])
+
+
+def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    for doc in of_kind(docs, *WORKLOADS):
+        for c in pod_spec(doc)["containers"]:
+            yield doc, c
+
+
+def cpus(quantity: str | int) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def container_env(docs: list[Doc], doc: Doc, container: Doc) -> dict[str, str]:
+    """The container's environment as Kubernetes would build it (envFrom, then env)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(named(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        ref = var["valueFrom"]
+        if "secretKeyRef" in ref:
+            secrets = [
+                d
+                for d in of_kind(docs, "Secret")
+                if d["metadata"]["name"] == ref["secretKeyRef"]["name"]
+            ]
+            key = ref["secretKeyRef"]["key"]
+            env[var["name"]] = (
+                base64.b64decode(secrets[0]["data"][key]).decode()
+                if secrets
+                else "postgresql://plaudit@db.internal/plaudit"  # an external Secret
+            )
+        else:
+            env[var["name"]] = "0"  # fieldRef: the completion index of pod 0
+    return env
+
+
+def mounts(container: Doc) -> dict[str, bool]:
+    """mountPath -> writable."""
+    return {m["mountPath"]: not m.get("readOnly", False) for m in container["volumeMounts"]}
+
+
+@pytest.fixture(scope="session", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+_RENDERED: dict[str, list[Doc]] = {}
+
+
+def render(overlay: str) -> list[Doc]:
+    if overlay not in _RENDERED:
+        result = run(tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay))
+        assert result.returncode == 0, result.stderr
+        _RENDERED[overlay] = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return _RENDERED[overlay]
+
+
+@pytest.fixture(scope="session")
+def docs(overlay: str) -> list[Doc]:
+    return render(overlay)
+
+
+# -- kustomize and the Kubernetes schemas ---------------------------------------------------
+def test_overlay_builds_every_component(docs: list[Doc], overlay: str) -> None:
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    assert {"CronJob", "Job", "ConfigMap", "PersistentVolumeClaim", "Namespace"} <= kinds
+    deployments = {d["metadata"]["name"] for d in of_kind(docs, "Deployment")}
+    assert deployments == {"plaudit-reward", "plaudit-feedback", "plaudit-generation"}
+    (namespace,) = of_kind(docs, "Namespace")
+    namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+    assert namespaces == {namespace["metadata"]["name"]}, "all in the overlay's namespace"
+    if overlay == "prod":
+        assert kinds >= CRD_KINDS
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_against_kubernetes_schemas(docs: list[Doc], version: str) -> None:
+    import kubernetes_validate
+
+    errors = []
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue  # checked structurally and by promtool below
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_yamllint() -> None:
+    result = run(tool("yamllint"), "--strict", "-c", str(DEPLOY / ".yamllint"), str(DEPLOY))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- consistency of the rendered objects -----------------------------------------------------
+def test_references_resolve(docs: list[Doc], overlay: str) -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    missing = []
+    for doc, c in containers(docs):
+        spec = pod_spec(doc)
+        wanted = [("ServiceAccount", spec["serviceAccountName"])]
+        wanted += [("ConfigMap", s["configMapRef"]["name"]) for s in c.get("envFrom", [])]
+        for var in c.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref and ref["name"] not in EXTERNAL_SECRETS[overlay]:
+                wanted.append(("Secret", ref["name"]))
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                wanted.append(
+                    ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+                )
+        missing += [f"{doc['metadata']['name']}: {k}/{n}" for k, n in wanted if (k, n) not in names]
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        if (target["kind"], target["name"]) not in names:
+            missing.append(f"HPA {hpa['metadata']['name']}: {target['kind']}/{target['name']}")
+    assert not missing, missing
+
+
+def test_selectors_match_pods(docs: list[Doc]) -> None:
+    pods = [pod_labels(d) for d in of_kind(docs, *WORKLOADS)]
+    for d in of_kind(docs, "Deployment"):
+        assert d["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items()
+    for svc in of_kind(docs, "Service"):
+        selector = svc["spec"]["selector"].items()
+        assert any(selector <= p.items() for p in pods), f"Service {svc['metadata']['name']}"
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        selector = pdb["spec"]["selector"]["matchLabels"].items()
+        assert any(selector <= p.items() for p in pods), f"PDB {pdb['metadata']['name']}"
+
+
+def test_reward_is_autoscaled_and_guarded(docs: list[Doc]) -> None:
+    hpa = named(docs, "HorizontalPodAutoscaler", "plaudit-reward")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "plaudit-reward"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert "replicas" not in named(docs, "Deployment", "plaudit-reward")["spec"], (
+        "the HPA owns the reward replicas; a replicas field would fight it on every apply"
+    )
+    named(docs, "PodDisruptionBudget", "plaudit-reward")
+
+
+def test_images_are_named_and_tagged(docs: list[Doc]) -> None:
+    for doc, c in containers(docs):
+        image = c["image"]
+        assert "/" in image and re.search(r":[\w.-]+$|@sha256:", image), (
+            f"{doc['metadata']['name']}: {image} is a placeholder the overlay did not map"
+        )
+        assert not image.endswith(":latest")
+
+
+def test_pods_run_unprivileged(docs: list[Doc]) -> None:
+    for doc, c in containers(docs):
+        name = f"{doc['metadata']['name']}/{c['name']}"
+        pod = pod_spec(doc)
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] == UID, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod["automountServiceAccountToken"] is False, name
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc["readOnlyRootFilesystem"] is True, name
+        assert sc["capabilities"]["drop"] == ["ALL"], name
+        assert mounts(c).get("/tmp") is True, f"{name}: HOME=/tmp must be a writable volume"
+        for key in ("requests", "limits"):
+            assert {"cpu", "memory"} <= c["resources"][key].keys(), f"{name}: {key}"
+
+
+def test_services_probe_their_own_grpc_port(docs: list[Doc]) -> None:
+    for doc, c in containers(of_kind(docs, "Deployment")):
+        name = doc["metadata"]["name"]
+        env = container_env(docs, doc, c)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {
+            "grpc": int(env["PLAUDIT_PORT"]),
+            "metrics": int(env["PLAUDIT_METRICS_PORT"]),
+        }
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert probe in c, f"{name}: {probe}"
+        for probe in ("startupProbe", "readinessProbe"):
+            grpc_probe = c[probe]["grpc"]  # Kubernetes' native gRPC probe
+            assert grpc_probe["port"] == ports["grpc"], f"{name}: {probe}"
+            assert grpc_probe["service"] in HEALTH_SERVICES, f"{name}: {probe}"
+        live = c["livenessProbe"]
+        if "grpc" in live:
+            assert live["grpc"]["port"] == ports["grpc"], name
+        else:  # the image's healthcheck, accepting NOT_SERVING
+            command = live["exec"]["command"]
+            assert command[:2] == ["python", "/opt/plaudit/healthcheck.py"], name
+            assert f"--addr=127.0.0.1:{ports['grpc']}" in command, name
+        for svc in of_kind(docs, "Service"):
+            if svc["spec"]["selector"].items() <= pod_labels(doc).items():
+                for port in svc["spec"]["ports"]:
+                    assert port["targetPort"] in ports, f"{svc['metadata']['name']}: {port}"
+        grace = float(env.get("PLAUDIT_GRACE_PERIOD_S", 30))
+        pause = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+        assert grace + pause < pod_spec(doc)["terminationGracePeriodSeconds"], name
+
+
+def _parse(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Parse a plaudit command line and build its settings in ``env``, as the pod would."""
+    from services import cli
+
+    for key in [k for k in os.environ if k.startswith(("PLAUDIT_", "PET_"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ns = build_parser().parse_args(args)
+    classes: dict[Any, type[PlauditSettings]] = {
+        cli._cmd_serve_reward: RewardSettings,
+        cli._cmd_serve_feedback: FeedbackSettings,
+        cli._cmd_train_reward: TrainRewardSettings,
+    }
+    settings_cls = classes[ns.func]
+    unknown = {k for k in env if k.startswith("PLAUDIT_")} - {
+        f"PLAUDIT_{f.upper()}" for f in settings_cls.model_fields
+    }
+    assert not unknown, f"{args[:2]}: no such settings {sorted(unknown)} (ignored silently)"
+    return settings_from_args(settings_cls, ns)
+
+
+def test_commands_and_settings_are_valid(docs: list[Doc], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every container's command parses with the real CLI, and its PLAUDIT_* environment
+    (ConfigMaps, Secret, env) builds valid settings: a misspelt key would be ignored."""
+    for doc, c in containers(docs):
+        env = container_env(docs, doc, c)
+        args = list(c["args"])
+        if args[:2] == ["serve", "generation"] and not importlib.util.find_spec(
+            "services.generation"
+        ):
+            keys = {k.removeprefix("PLAUDIT_").lower() for k in env if k.startswith("PLAUDIT_")}
+            assert keys <= GENERATION_KEYS, keys - GENERATION_KEYS
+            continue
+        if c.get("command") == ["torchrun"]:
+            settings = _torchrun(docs, doc, c, env, monkeypatch)
+        else:
+            assert "command" not in c, "the image's entrypoint is plaudit"
+            settings = _parse(args, env, monkeypatch)
+        for field in ("registry",):
+            if hasattr(settings, field):
+                path = str(getattr(settings, field))
+                writable = isinstance(settings, TrainRewardSettings)
+                assert mounts(c).get(path) is writable, f"{doc['metadata']['name']}: {path}"
+        url = getattr(settings, "database_url", None) or ""
+        if url.startswith("sqlite:///"):
+            folder = str(Path(url.removeprefix("sqlite:///")).parent)
+            assert mounts(c).get(folder) is True, f"{doc['metadata']['name']}: {url}"
+        threads = getattr(settings, "intra_op_threads", None) or getattr(
+            settings, "num_threads", None
+        )
+        if threads is not None:
+            procs = int(env.get("PET_NPROC_PER_NODE", 1))
+            limit = cpus(c["resources"]["limits"]["cpu"])
+            assert 0 < threads * procs <= limit, f"{doc['metadata']['name']}: threads vs CPUs"
+            if isinstance(settings, RewardSettings):
+                assert threads == limit, "ONNX Runtime threads should use the whole CPU limit"
+
+
+def _torchrun(
+    docs: list[Doc], job: Doc, c: Doc, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """The multi-node Job: torchrun's PET_* options agree with the Job and its Service."""
+    from torch.distributed.run import get_args_parser
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ns = get_args_parser().parse_args(c["args"])  # PET_* defaults are read at construction
+    spec = job["spec"]
+    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    assert spec["suspend"] is True, "a template run on demand, not on every apply"
+    assert int(ns.nnodes) == spec["completions"] == spec["parallelism"]
+    gpus = c["resources"]["limits"].get("nvidia.com/gpu")
+    if gpus is not None:
+        assert int(ns.nproc_per_node) == int(gpus), "one torchrun worker per GPU"
+    rank = next(v for v in c["env"] if v["name"] == "PET_NODE_RANK")["valueFrom"]["fieldRef"]
+    assert "job-completion-index" in rank["fieldPath"]
+    subdomain = pod_spec(job)["subdomain"]
+    assert ns.master_addr == f"{job['metadata']['name']}-0.{subdomain}"
+    svc = named(docs, "Service", subdomain)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    assert svc["spec"]["selector"].items() <= pod_labels(job).items()
+    assert int(ns.master_port) in {p["containerPort"] for p in c["ports"]}
+    assert ns.module and ns.training_script == "services.cli"
+    return _parse(list(ns.training_script_args), env, monkeypatch)
+
+
+# -- monitoring ------------------------------------------------------------------------------
+def known_series() -> set[str]:
+    """Every series name the services export (metric classes instantiated, not hand-listed)."""
+    registry = CollectorRegistry()
+    GrpcMetrics(registry)
+    RewardMetrics(registry)
+    FeedbackMetrics(registry)
+    SwapMetrics(registry, "plaudit_reward")
+    BatchMetrics(registry, "plaudit_generation")  # the generation service's batcher, to come
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "info": ["_info"],
+        "histogram": ["_bucket", "_sum", "_count"],
+    }
+    return {
+        f"{family.name}{suffix}"
+        for family in registry.collect()
+        for suffix in suffixes[family.type]
+    }
+
+
+def prometheus_rule() -> Doc:
+    return named(render("prod"), "PrometheusRule", "plaudit")
+
+
+def dashboard() -> Doc:
+    data: Doc = json.loads((MONITORING / "dashboards" / "plaudit.json").read_text())
+    return data
+
+
+def exprs_of_dashboard() -> list[str]:
+    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+def test_alerts_and_dashboard_use_only_exported_metrics() -> None:
+    rules = [r["expr"] for g in prometheus_rule()["spec"]["groups"] for r in g["rules"]]
+    used = {m for e in rules + exprs_of_dashboard() for m in re.findall(r"\bplaudit_\w+", e)}
+    unknown = used - known_series()
+    assert not unknown, f"no such metrics: {sorted(unknown)}"
+    for required in (
+        "plaudit_reward_model_swap_failing",
+        "plaudit_feedback_database_up",
+        "plaudit_feedback_events_total",
+        "plaudit_grpc_errors_total",
+        "plaudit_grpc_request_duration_seconds_bucket",
+    ):
+        assert any(required in e for e in rules), f"no alert on {required}"
+
+
+def test_prometheus_rule_structure() -> None:
+    rule = prometheus_rule()
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = []
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for r in group["rules"]:
+            assert ("alert" in r) != ("record" in r), r
+            assert isinstance(r["expr"], str) and r["expr"].strip()
+            if "alert" in r:
+                alerts.append(r["alert"])
+                assert r["labels"]["severity"] in {"warning", "critical"}, r["alert"]
+                assert r["annotations"]["summary"], r["alert"]
+                assert re.fullmatch(r"\d+[smh]", r["for"]), r["alert"]
+    assert len(alerts) == len(set(alerts))
+    errors = next(
+        r
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if "server_errors" in r.get("record", "")
+    )
+    assert set(re.findall(r"[A-Z_]{4,}", errors["expr"])) >= SERVER_ERROR_CODES
+
+
+def test_service_monitor_scrapes_every_service() -> None:
+    docs = render("prod")
+    monitor = named(docs, "ServiceMonitor", "plaudit")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    scraped = [s for s in of_kind(docs, "Service") if selector <= s["metadata"]["labels"].items()]
+    assert {s["metadata"]["name"] for s in scraped} == {
+        "plaudit-reward",
+        "plaudit-feedback",
+        "plaudit-generation",
+    }
+    for endpoint in monitor["spec"]["endpoints"]:
+        for svc in scraped:
+            assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path) -> Path:
+    (tmp_path / "plaudit.rules.yaml").write_text(yaml.safe_dump(prometheus_rule()["spec"]))
+    shutil.copy(MONITORING / "tests" / "alerts.test.yaml", tmp_path)
+    return tmp_path
+
+
+def test_promtool_check_rules(rules_dir: Path) -> None:
+    result = run(
+        promtool(),
+        "check",
+        "rules",
+        "--lint=all",
+        "--lint-fatal",
+        "plaudit.rules.yaml",
+        cwd=rules_dir,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_of_the_alerts(rules_dir: Path) -> None:
+    result = run(promtool(), "test", "rules", "alerts.test.yaml", cwd=rules_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_is_well_formed_and_shipped() -> None:
+    board = dashboard()
+    panels = board["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in board["templating"]["list"]}
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        cover = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+        assert not cells & cover, f"{p['title']} overlaps another panel"
+        cells |= cover
+        if p["type"] == "row":
+            continue
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}"
+            assert set(re.findall(r"\$(\w+)", t["expr"])) - {"__rate_interval"} <= variables
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in (
+        "request rate",
+        "errors",
+        "latency",
+        "batch size",
+        "queue depth",
+        "tokens",
+        "feedback events",
+        "commit latency",
+        "swaps",
+    ):
+        assert topic in titles, topic
+    shipped = named(render("prod"), "ConfigMap", "plaudit-grafana-dashboard")
+    assert shipped["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(shipped["data"]["plaudit.json"]) == board
+
+
+# -- the Dockerfile and the image helpers ----------------------------------------------------
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+
+def stages() -> dict[str, list[str]]:
+    """Stage name -> its instructions (continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    out: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if m := re.match(r"FROM \S+ AS (\S+)$", line):
+            current = out.setdefault(m.group(1), [])
+        current.append(line)
+    return out
+
+
+def test_hadolint() -> None:
+    result = run(tool("hadolint"), str(DOCKERFILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_targets() -> None:
+    all_stages = stages()
+    images = ["serving-cpu", "serving-cuda", "trainer-cpu", "trainer-cuda"]
+    assert set(images) <= all_stages.keys()
+    assert list(all_stages)[-1] == "serving-cpu", "the default target"
+    for name in images:
+        lines = all_stages[name]
+        assert f"USER {UID}:{UID}" in lines, name
+        assert 'ENTRYPOINT ["plaudit"]' in lines, name
+        health = [line for line in lines if line.startswith("HEALTHCHECK")]
+        if name.startswith("serving"):
+            assert health and "/opt/plaudit/healthcheck.py" in health[0], name
+        else:
+            assert health == ["HEALTHCHECK NONE"], name
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for src in line.split()[1:-1]:
+                assert (REPO / src).exists(), src
+
+
+def test_requirements_leave_torch_out_of_serving() -> None:
+    pyproject = REPO / "pyproject.toml"
+    serving = {
+        requirements.requirement_name(r)
+        for r in requirements.requirements(pyproject, "serving", "cpu")
+    }
+    trainer = {
+        requirements.requirement_name(r)
+        for r in requirements.requirements(pyproject, "trainer", "cpu")
+    }
+    assert not serving & requirements.TRAINING_ONLY
+    assert trainer >= requirements.TRAINING_ONLY
+    assert "onnxruntime" in serving and "onnxruntime-gpu" not in serving
+    gpu = {
+        requirements.requirement_name(r)
+        for r in requirements.requirements(pyproject, "serving", "gpu")
+    }
+    assert gpu == serving | {"onnxruntime-gpu"}, "the same set, with the GPU build beside"
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignore[0] == "*", "an allowlist"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for src in line.split()[1:-1]:
+                assert src.rstrip("/") in allowed, src
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[str, health.HealthServicer]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(None)
+
+
+def test_healthcheck_exit_codes(health_server: tuple[str, health.HealthServicer]) -> None:
+    addr, servicer = health_server
+    name = "plaudit.v1.FeedbackService"
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert healthcheck.main(["--addr", addr]) == 0
+    assert healthcheck.main(["--addr", addr, "--service", name]) == 1
+    assert healthcheck.main(["--addr", addr, "--service", name, "--allow-not-serving"]) == 0
+    assert healthcheck.main(["--addr", addr, "--service", "plaudit.v1.Nope"]) == 1
+    servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    assert healthcheck.main(["--addr", addr, "--service", name]) == 0
+    assert healthcheck.main(["--addr", "127.0.0.1:1", "--timeout", "0.5"]) == 2  # no server

@@ -1,0 +1,122 @@
+"""Policy objectives: sequence log-probs, DPO, RLOO, supervised fine-tuning, best-of-n.
+
+All log-probs are sums over completion tokens only: ``completion_mask`` marks them, so prompt
+and padding tokens never count. Row ``b``'s token ``t`` is predicted by the logits at ``t - 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.objective import preference_accuracy
+
+
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log p(x_t | x_<t)`` for t = 1..T-1, shape (batch, T-1), at ``temperature``."""
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    labels = input_ids[:, 1:].unsqueeze(-1)
+    return torch.gather(logits.log_softmax(-1), 2, labels).squeeze(-1)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-row sum of completion-token log-probs (prompt and padding masked), shape (batch,)."""
+    mask = completion_mask[:, 1:].to(torch.float32)
+    return (token_logprobs(logits, input_ids, temperature) * mask).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023, eq. 7): mean of ``-log sigmoid(beta * (h_c - h_r))`` with
+    ``h = log pi(y|x) - log ref(y|x)``; optionally weighted per pair (annotator agreement).
+
+    Returns the loss and the implicit rewards ``beta * h`` of the chosen and rejected
+    completions (detached), from which :func:`dpo_metrics` derives TRL's metrics.
+    """
+    chosen = beta * (policy_chosen - reference_chosen)
+    rejected = beta * (policy_rejected - reference_rejected)
+    losses = -F.logsigmoid(chosen - rejected)
+    if weight is not None:
+        losses = losses * weight
+    return losses.mean(), chosen.detach(), rejected.detach()
+
+
+def dpo_metrics(
+    chosen: np.ndarray, rejected: np.ndarray, prefix: str = "rewards"
+) -> dict[str, float]:
+    """TRL's names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` (share with
+    chosen above rejected, a tie counting one half) and ``rewards/margins``."""
+    chosen = np.asarray(chosen, dtype=np.float64)
+    rejected = np.asarray(rejected, dtype=np.float64)
+    return {
+        f"{prefix}/chosen": float(np.mean(chosen)),
+        f"{prefix}/rejected": float(np.mean(rejected)),
+        f"{prefix}/accuracies": preference_accuracy(chosen, rejected),
+        f"{prefix}/margins": float(np.mean(chosen - rejected)),
+    }
+
+
+def kl_penalized_rewards(
+    scores: torch.Tensor,
+    policy_logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """``score - kl_coef * (log pi(y|x) - log ref(y|x))``: the sequence-level KL penalty of
+    RLHF (Ziegler et al. 2019; Ouyang et al. 2022), with sequence log-prob sums."""
+    return scores - kl_coef * (policy_logprobs - reference_logprobs)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024, eq. 6; Kool et al. 2019): for ``k``
+    samples of one prompt (a row of ``rewards``, shape (prompts, k), k >= 2), sample i's
+    advantage is ``r_i - mean_{j != i} r_j``. Each row sums to zero."""
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError("RLOO needs at least two samples per prompt")
+    others = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    return rewards - others
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE: ``-mean(A * log pi(y|x))`` with the advantages held constant."""
+    return -(advantages.detach() * logprobs).mean()
+
+
+def sft_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy per completion token, averaged over all completion tokens in the batch."""
+    mask = completion_mask[:, 1:].to(torch.float32)
+    return -(token_logprobs(logits, input_ids) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def best_of_n(scores: Sequence[float]) -> int:
+    """Rejection sampling (Llama 2, Touvron et al. 2023, sec. 3.2.3): the index of the
+    highest-scoring candidate (the first one on a tie)."""
+    if not len(scores):
+        raise ValueError("no candidates")
+    return int(np.argmax(np.asarray(scores, dtype=np.float64)))
+
+
+def win_rate(candidate: np.ndarray, baseline: np.ndarray) -> float:
+    """Share of prompts where the candidate's completion scores higher; a tie counts one half."""
+    return preference_accuracy(candidate, baseline)
