@@ -38,7 +38,7 @@ class DemoSettings(PlauditSettings):
     feedback_addr: str = Field("127.0.0.1:50052", description="feedback service address")
     reward_addr: str = Field("127.0.0.1:50051", description="reward service address")
     waves: int = Field(3, ge=1, description="waves of feedback")
-    wave_size: int = Field(600, ge=1, description="preference pairs per wave")
+    wave_size: int = Field(400, ge=1, description="preference pairs per wave")
     start: bool = Field(True, description="start `plaudit up` when nothing answers")
     wave_timeout_s: float = Field(1800, gt=0, description="longest wait for a retraining")
 
