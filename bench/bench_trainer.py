@@ -51,6 +51,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -205,7 +206,11 @@ def mcnemar(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
 
 # -- ours ----------------------------------------------------------------------------------------
 def run_ours(
-    args: argparse.Namespace, data_file: Path, work: Path, train_pairs: Sequence[PreferencePair]
+    args: argparse.Namespace,
+    data_file: Path,
+    work: Path,
+    train_pairs: Sequence[PreferencePair],
+    encoder: RewardTextEncoder,
 ) -> TrainerRun:
     cfg = RewardTrainingConfig(
         backbone=args.backbone,
@@ -228,8 +233,6 @@ def run_ours(
     log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     evals = [r for r in log if r.get("eval/accuracy") is not None]
     # the micro-batches the loop ran (the same plan, rebuilt), for real and padded token counts
-    model, tokenizer = result.model, load_reward_model(resolve_backbone(args.backbone))[1]
-    encoder = serving_encoder(tokenizer, text_format_for(tokenizer, model, args.max_length))
     data = encode_pairs(encoder, train_pairs)
     rows = np.array([len(e.ids) for e, _ in data.chosen]) + np.array(
         [len(e.ids) for e, _ in data.rejected]
@@ -249,7 +252,7 @@ def run_ours(
     return TrainerRun(
         key="ours",
         name="plaudit train_reward",
-        model=model,
+        model=result.model,
         train_pairs=result.train_pairs,
         epochs=epochs,
         steps=int(m["train/steps"]),
@@ -388,6 +391,41 @@ def run_trl(
 
 
 # -- report --------------------------------------------------------------------------------------
+def sgemm_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
+    """Best-of-``reps`` fp32 GEMM rate on ``threads`` threads, in GFLOP/s (as bench_reward)."""
+    torch.set_num_threads(threads)
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _version(package: str) -> str:
     try:
         from importlib.metadata import version
@@ -424,7 +462,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out")
+    parser.add_argument(
+        "--eval-fraction", type=float, default=0.1, help="share of prompts held out"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=available_cores(), help="torch threads (default: all cores)"
@@ -453,8 +493,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.bench_reward import cpu_name, git_commit, sgemm_gflops
-
     args = parse_args(argv)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -493,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             before = os.getloadavg()[0]
             print(f"training: {key} ...", flush=True)
             if key == "ours":
-                runs[key] = run_ours(args, data_file, work, train_pairs)
+                runs[key] = run_ours(args, data_file, work, train_pairs, encoder)
             else:
                 runs[key], eos = run_trl(args, work, train_pairs, held_out, fresh)
             load[key] = [before, os.getloadavg()[0]]

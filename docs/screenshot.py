@@ -85,7 +85,10 @@ def main(out: Path) -> None:
                 page.goto(base)
                 page.wait_for_selector(".completion")
                 page.keyboard.press("2")
-                page.fill("#comment", "B stays calm and offers to talk it through; A threatens to malfunction.")
+                page.fill(
+                    "#comment",
+                    "B stays calm and offers to talk it through; A threatens to malfunction.",
+                )
                 page.locator("body").click(position={"x": 5, "y": 200})
                 page.screenshot(path=str(out), full_page=True)
                 browser.close()

@@ -45,6 +45,26 @@ class ExportSettings(PlauditSettings):
     seed: int = Field(0, description="seed for a freshly initialised head")
 
 
+class ExportPolicySettings(PlauditSettings):
+    checkpoint: str = Field("smollm2", description="HF causal-LM checkpoint folder, or smollm2")
+    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
+    promote: bool = Field(False, description="promote the new version")
+    max_length: int = Field(2048, ge=8, description="context length (prompt + generated tokens)")
+    max_new_tokens: int = Field(256, ge=1, description="the version's default completion length")
+    parent: str | None = Field(None, description="parent version (default: the promoted one)")
+
+
+class GenerateClientSettings(PlauditSettings):
+    addr: str = Field("localhost:50053", description="generation service address")
+    n: int = Field(1, ge=1, description="completions to sample")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    max_new_tokens: int = Field(0, ge=0, description="tokens per completion (0 = the default)")
+    seed: int | None = Field(None, ge=0, description="sampler seed")
+    rerank: bool = Field(False, description="score with the reward service, best first")
+
+
 class RegistrySettings(PlauditSettings):
     registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     kind: Literal["reward", "policy"] = Field("reward", description="model kind")
@@ -147,6 +167,16 @@ def _cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_generation(args: argparse.Namespace) -> int:
+    from services.generation.server import serve
+    from services.generation.settings import GenerationSettings
+
+    settings = settings_from_args(GenerationSettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+    return 0
+
+
 def _cmd_serve_feedback(args: argparse.Namespace) -> int:
     from services.feedback.server import serve
     from services.feedback.settings import FeedbackSettings
@@ -240,6 +270,53 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
         )
         + "\n"
     )
+    return 0
+
+
+def _cmd_export_policy(args: argparse.Namespace) -> int:
+    settings = settings_from_args(ExportPolicySettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from services.common.registry import ModelRegistry
+    from trainer.policy_export import export_policy_checkpoint
+
+    manifest = export_policy_checkpoint(
+        settings.checkpoint,
+        ModelRegistry(settings.registry, "policy"),
+        promote=settings.promote,
+        max_length=settings.max_length,
+        max_new_tokens=settings.max_new_tokens,
+        parent=settings.parent,
+    )
+    parity = {k: v for k, v in manifest.notes.items() if "diff" in k or "agreement" in k}
+    sys.stdout.write(
+        json.dumps({"version": manifest.version, "promoted": settings.promote, **parity}) + "\n"
+    )
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from plaudit.v1 import generation_pb2
+
+    from services.generation.client import GenerationClient
+
+    settings = settings_from_args(GenerateClientSettings, args)
+    fields = settings.model_dump(exclude={"addr", "log_level", "log_format"})
+    with GenerationClient(settings.addr) as client:
+        reply = client.generate(args.prompt, **fields)
+    completions = [
+        {
+            "text": c.text,
+            "tokens": c.token_count,
+            "finish_reason": generation_pb2.FinishReason.Name(c.finish_reason),
+            **({"reward": c.reward} if c.HasField("reward") else {}),
+        }
+        for c in reply.completions
+    ]
+    out = {"model_version": reply.model_version, "completions": completions}
+    if reply.reward_model_version:
+        out["reward_model_version"] = reply.reward_model_version
+    sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
 
@@ -367,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(p, RewardSettings)
     p.set_defaults(func=_cmd_serve_reward)
 
+    from services.generation.settings import GenerationSettings
+
+    p = serve.add_parser("generation", help="serve the promoted policy over gRPC")
+    add_settings_arguments(p, GenerationSettings)
+    p.set_defaults(func=_cmd_serve_generation)
+
     from services.feedback.settings import FeedbackSettings
 
     p = serve.add_parser("feedback", help="serve the feedback API (gRPC) and labelling page (HTTP)")
@@ -386,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(p, ExportSettings)
     p.set_defaults(func=_cmd_export_reward)
+    p = export_kinds.add_parser(
+        "policy", help="export a HF causal LM to ONNX with a KV cache (parity-checked)"
+    )
+    add_settings_arguments(p, ExportPolicySettings)
+    p.set_defaults(func=_cmd_export_policy)
 
     train = commands.add_parser("train", help="train a model and publish it to the registry")
     train_kinds = train.add_subparsers(dest="kind", required=True)
@@ -406,6 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--completion", required=True)
     add_settings_arguments(p, ClientSettings)
     p.set_defaults(func=_cmd_score)
+
+    p = commands.add_parser("generate", help="sample completions from a running service")
+    p.add_argument("--prompt", required=True)
+    add_settings_arguments(p, GenerateClientSettings)
+    p.set_defaults(func=_cmd_generate)
 
     from services.up import UpSettings
 

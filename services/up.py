@@ -44,6 +44,9 @@ class UpSettings(PlauditSettings):
     reward_metrics_port: int = Field(9091, ge=0, le=65535, description="reward /metrics port")
     feedback_port: int = Field(50052, ge=0, le=65535, description="feedback service gRPC port")
     feedback_metrics_port: int = Field(9092, ge=0, le=65535, description="feedback /metrics")
+    feedback_http_port: int = Field(
+        8080, ge=0, le=65535, description="labelling page and JSON API (0 picks a free port)"
+    )
     generation: bool = Field(
         True, description="also serve the policy (needs a promoted policy or a bootstrap)"
     )
@@ -179,6 +182,8 @@ async def run_up(settings: UpSettings) -> int:
         children.append(
             start_service(
                 "feedback", "--database-url", settings.feedback_url,
+                "--http-port", str(settings.feedback_http_port),
+                "--reward-addr", settings.reward_address,
                 port=settings.feedback_port, metrics_port=settings.feedback_metrics_port,
             )
         )  # fmt: skip
@@ -199,8 +204,9 @@ async def run_up(settings: UpSettings) -> int:
         for child in children:
             await asyncio.to_thread(wait_until_serving, child.address, 300.0)
         log.info(
-            "plaudit is up: %s",
+            "plaudit is up: %s; labelling page http://127.0.0.1:%d/",
             ", ".join(f"{c.service} {c.address} (metrics :{c.metrics_port})" for c in children),
+            settings.feedback_http_port,
         )
         store = FeedbackStore(settings.feedback_url)
         scheduler = asyncio.ensure_future(Scheduler(settings, store).run())

@@ -70,10 +70,78 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
     return root
 
 
+# -- policies: a tiny random Llama with the real SmolLM2 tokenizer ------------------------------
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (chat template included), read from the GGUF once."""
+    from transformers import AutoTokenizer
+
+    from trainer.backbones import resolve_backbone
+
+    backbone = resolve_backbone("smollm2")
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(backbone.path, gguf_file=backbone.gguf_file).save_pretrained(out)
+    return out
+
+
+def build_tiny_policy(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide Llama causal LM (random weights, spread out so that greedy decoding
+    varies) with the given tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path
+) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny-policy"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_registry(
+    tmp_path_factory: pytest.TempPathFactory, tiny_policy_checkpoint: Path
+) -> Path:
+    """A registry with one promoted version of the tiny policy (context 256, 16 new tokens)."""
+    from services.common.registry import ModelRegistry
+    from trainer.policy_export import export_policy_checkpoint
+
+    root = tmp_path_factory.mktemp("policy-registry")
+    export_policy_checkpoint(
+        str(tiny_policy_checkpoint),
+        ModelRegistry(root, "policy"),
+        promote=True,
+        max_length=256,
+        max_new_tokens=16,
+    )
+    return root
+
+
 class ServerThread:
     """Runs a service on its own event loop in a background thread (tests use sync clients).
 
-    ``kind`` picks the service ("reward" or "feedback"); ``settings`` are its settings fields.
+    ``kind`` picks the service ("reward", "generation" or "feedback"); ``settings`` are its
+    settings fields.
     """
 
     def __init__(self, kind: str = "reward", **settings: Any) -> None:
@@ -90,6 +158,8 @@ class ServerThread:
     def start(self, wait: bool = True) -> ServerThread:
         from services.feedback.server import FeedbackServer
         from services.feedback.settings import FeedbackSettings
+        from services.generation.server import GenerationServer
+        from services.generation.settings import GenerationSettings
         from services.reward.server import RewardServer
         from services.reward.settings import RewardSettings
 
@@ -99,6 +169,8 @@ class ServerThread:
             if self.kind == "feedback":
                 common.setdefault("http_port", 0)
                 server = FeedbackServer(FeedbackSettings(**common))
+            elif self.kind == "generation":
+                server = GenerationServer(GenerationSettings(**common))
             else:
                 server = RewardServer(RewardSettings(**common))
             await server.start()

@@ -9,9 +9,10 @@ it from Debian's prometheus package, and its tests skip, saying so, where it is 
 from __future__ import annotations
 
 import base64
-import importlib.util
+import importlib
 import json
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -22,19 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import plaudit.v1
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from plaudit.v1 import admin_pb2, feedback_pb2, reward_pb2
 from prometheus_client import CollectorRegistry
 
+from services import cli
 from services.cli import TrainRewardSettings, build_parser
-from services.common.batching import BatchMetrics
 from services.common.hotswap import SwapMetrics
 from services.common.metrics import GrpcMetrics
 from services.common.settings import PlauditSettings, settings_from_args
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.settings import FeedbackSettings
+from services.generation.metrics import GenerationMetrics
+from services.generation.settings import GenerationSettings
 from services.reward.metrics import RewardMetrics
 from services.reward.settings import RewardSettings
 
@@ -56,23 +59,15 @@ WORKLOADS = {"Deployment", "Job", "CronJob"}
 EXTERNAL_SECRETS = {"prod": {"plaudit-database"}, "dev": set()}
 UID = 10001
 SERVER_ERROR_CODES = {"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
-# `plaudit serve generation` lands with the generation service; until then its settings are
-# checked against this list.
-GENERATION_KEYS = {
-    *PlauditSettings.model_fields,
-    "registry",
-    "host",
-    "port",
-    "metrics_port",
-    "reward_addr",
-    "grace_period_s",
-}
 HEALTH_SERVICES = {
-    "",
+    "",  # the whole server
     *(
-        s.full_name
-        for d in (reward_pb2.DESCRIPTOR, feedback_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR)
-        for s in d.services_by_name.values()
+        service.full_name
+        for info in pkgutil.iter_modules(plaudit.v1.__path__)
+        if info.name.endswith("_pb2")
+        for service in importlib.import_module(
+            f"plaudit.v1.{info.name}"
+        ).DESCRIPTOR.services_by_name.values()
     ),
 }
 
@@ -328,7 +323,6 @@ def test_services_probe_their_own_grpc_port(docs: list[Doc]) -> None:
 
 def _parse(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """Parse a plaudit command line and build its settings in ``env``, as the pod would."""
-    from services import cli
 
     for key in [k for k in os.environ if k.startswith(("PLAUDIT_", "PET_"))]:
         monkeypatch.delenv(key)
@@ -339,6 +333,7 @@ def _parse(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
         cli._cmd_serve_reward: RewardSettings,
         cli._cmd_serve_feedback: FeedbackSettings,
         cli._cmd_train_reward: TrainRewardSettings,
+        getattr(cli, "_cmd_serve_generation", None): GenerationSettings,
     }
     settings_cls = classes[ns.func]
     unknown = {k for k in env if k.startswith("PLAUDIT_")} - {
@@ -354,13 +349,9 @@ def test_commands_and_settings_are_valid(docs: list[Doc], monkeypatch: pytest.Mo
     for doc, c in containers(docs):
         env = container_env(docs, doc, c)
         args = list(c["args"])
-        if args[:2] == ["serve", "generation"] and not importlib.util.find_spec(
-            "services.generation"
-        ):
-            keys = {k.removeprefix("PLAUDIT_").lower() for k in env if k.startswith("PLAUDIT_")}
-            assert keys <= GENERATION_KEYS, keys - GENERATION_KEYS
-            continue
-        if c.get("command") == ["torchrun"]:
+        if args == ["serve", "generation"] and not hasattr(cli, "_cmd_serve_generation"):
+            settings = _generation_settings(env, monkeypatch)  # the CLI command is to come
+        elif c.get("command") == ["torchrun"]:
             settings = _torchrun(docs, doc, c, env, monkeypatch)
         else:
             assert "command" not in c, "the image's entrypoint is plaudit"
@@ -381,8 +372,20 @@ def test_commands_and_settings_are_valid(docs: list[Doc], monkeypatch: pytest.Mo
             procs = int(env.get("PET_NPROC_PER_NODE", 1))
             limit = cpus(c["resources"]["limits"]["cpu"])
             assert 0 < threads * procs <= limit, f"{doc['metadata']['name']}: threads vs CPUs"
-            if isinstance(settings, RewardSettings):
+            if isinstance(settings, RewardSettings | GenerationSettings):
                 assert threads == limit, "ONNX Runtime threads should use the whole CPU limit"
+
+
+def _generation_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    for key in [k for k in os.environ if k.startswith("PLAUDIT_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    unknown = {k for k in env if k.startswith("PLAUDIT_")} - {
+        f"PLAUDIT_{f.upper()}" for f in GenerationSettings.model_fields
+    }
+    assert not unknown, f"serve generation: no such settings {sorted(unknown)}"
+    return GenerationSettings()
 
 
 def _torchrun(
@@ -420,8 +423,9 @@ def known_series() -> set[str]:
     GrpcMetrics(registry)
     RewardMetrics(registry)
     FeedbackMetrics(registry)
+    GenerationMetrics(registry)
     SwapMetrics(registry, "plaudit_reward")
-    BatchMetrics(registry, "plaudit_generation")  # the generation service's batcher, to come
+    SwapMetrics(registry, "plaudit_generation")
     suffixes = {
         "counter": ["_total"],
         "gauge": [""],
@@ -455,6 +459,7 @@ def test_alerts_and_dashboard_use_only_exported_metrics() -> None:
     assert not unknown, f"no such metrics: {sorted(unknown)}"
     for required in (
         "plaudit_reward_model_swap_failing",
+        "plaudit_generation_model_swap_failing",
         "plaudit_feedback_database_up",
         "plaudit_feedback_events_total",
         "plaudit_grpc_errors_total",
@@ -560,6 +565,7 @@ def test_dashboard_is_well_formed_and_shipped() -> None:
         "feedback events",
         "commit latency",
         "swaps",
+        "completions",
     ):
         assert topic in titles, topic
     shipped = named(render("prod"), "ConfigMap", "plaudit-grafana-dashboard")

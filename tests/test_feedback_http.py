@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -376,6 +377,63 @@ def test_expired_leases_free_their_place(database_url: str) -> None:
         assert not store.tasks.claim(task.task_id, "carol", now_ms=9000, **rules)
         stats = store.tasks.stats(1, "bob")
         assert (stats.total, stats.pending, stats.done, stats.annotator_labelled) == (1, 0, 1, 1)
+
+
+def test_concurrent_annotators_never_overfill_a_task(database_url: str) -> None:
+    running = start_server(database_url, labels_per_task=1)
+    try:
+        base = running.http_url
+        ids = import_tasks(base, [{"prompt": f"P{i}", "completions": ["a", "b"]} for i in range(3)])
+        picks: list[int | None] = []
+        lock = threading.Lock()
+
+        def annotator(name: str) -> None:
+            task = next_task(base, name)["task"]
+            with lock:
+                picks.append(None if task is None else task["task_id"])
+
+        threads = [threading.Thread(target=annotator, args=(f"a{i}",)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        handed_out = sorted(p for p in picks if p is not None)
+        assert handed_out == ids  # each task leased once, the other five got nothing
+        assert picks.count(None) == 5
+    finally:
+        running.stop()
+
+
+class GeneratedTasks:
+    """A stand-in for the generation service as a :class:`TaskSource`."""
+
+    name = "generation"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def fetch(self, limit: int) -> list[NewTask]:
+        self.calls += 1
+        return [
+            NewTask(
+                prompt="Write a haiku", completions=[f"draft {i}a", f"draft {i}b"], source=self.name
+            )
+            for i in range(min(limit, 2))
+        ]
+
+
+def test_an_empty_queue_asks_the_task_sources(database_url: str) -> None:
+    source = GeneratedTasks()
+    with FeedbackStore(database_url) as store:
+        picker = TaskPicker(lambda: store, labels_per_task=1, sources=[source])
+
+        async def scenario() -> list[str | None]:
+            picks = [await picker.next_task(f"ann-{i}") for i in range(3)]
+            return [None if p is None else p.task.source for p in picks]
+
+        assert asyncio.run(scenario()) == ["generation", "generation", None]
+        assert source.calls == 2  # the first and the third annotator found the queue empty
+        assert store.tasks.stats(1).total == 2  # the third fetch repeated known keys
 
 
 # -- outages and errors ---------------------------------------------------------------------

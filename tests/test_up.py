@@ -27,7 +27,8 @@ def test_up_bootstraps_retrains_on_feedback_and_swaps(
          "--bootstrap-checkpoint", str(tiny_checkpoint), "--train-backbone", str(tiny_checkpoint),
          "--retrain-min-pairs", "30", "--check-interval-s", "0.5", "--log-format", "text",
          "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),
-         "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"])],
+         "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"]),
+         "--feedback-http-port", "0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

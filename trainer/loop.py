@@ -73,14 +73,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def _optimizer(model: torch.nn.Module, cfg: RewardTrainingConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and norm weights)."""
+def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with weight decay on matrices only (not on biases
+    and norm weights)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=learning_rate)
+
+
+def _optimizer(model: torch.nn.Module, cfg: RewardTrainingConfig) -> torch.optim.AdamW:
+    return adamw(model, cfg.learning_rate, cfg.weight_decay)
 
 
 def _is_better(new: dict[str, float], old: dict[str, float], metric: str) -> bool:

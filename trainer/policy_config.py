@@ -40,7 +40,7 @@ class PolicyTrainingConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     lora_r: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     lora_dropout: float = 0.0
     eval_fraction: float = 0.1  # share of prompts held out (by prompt hash)
     eval_prompts: int = 32  # held-out prompts sampled for win rate and KL (0: none)

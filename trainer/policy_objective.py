@@ -109,7 +109,7 @@ def sft_loss(
     return -(token_logprobs(logits, input_ids) * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def best_of_n(scores: Sequence[float]) -> int:
+def best_of_n(scores: Sequence[float] | np.ndarray) -> int:
     """Rejection sampling (Llama 2, Touvron et al. 2023, sec. 3.2.3): the index of the
     highest-scoring candidate (the first one on a tie)."""
     if not len(scores):

@@ -1,4 +1,4 @@
-"""A training run's reports: per-step JSON lines, final metrics.json and a loss/accuracy plot."""
+"""A training run's reports: per-step JSON lines, final metrics.json and a loss/metric plot."""
 
 from __future__ import annotations
 
@@ -41,8 +41,17 @@ class RunReporter:
         if self.enabled:
             (self.out_dir / METRICS_FILE).write_text(json.dumps(_clean(metrics), indent=2) + "\n")
 
-    def plot(self) -> Path | None:
-        """Train and held-out loss, and held-out accuracy, over optimizer steps (PNG)."""
+    def plot(
+        self,
+        *,
+        title: str = "reward model training",
+        loss_label: str = "Bradley-Terry loss",
+        right_key: str = "eval/accuracy",
+        right_label: str = "held-out accuracy",
+        right_ylim: tuple[float, float] | None = (0, 1),
+    ) -> Path | None:
+        """Train and held-out loss over optimizer steps, and ``right_key`` (by default the
+        held-out accuracy) on a second axis (PNG)."""
         if not self.enabled:
             return None
         import matplotlib
@@ -51,30 +60,24 @@ class RunReporter:
         import matplotlib.pyplot as plt
 
         train = [(r["step"], r["train/loss"]) for r in self.records if "train/loss" in r]
-        evals = [r for r in self.records if "eval/accuracy" in r]
+        evals = [(r["step"], r["eval/loss"]) for r in self.records if "eval/loss" in r]
+        right = [(r["step"], r[right_key]) for r in self.records if r.get(right_key) is not None]
         fig, loss_ax = plt.subplots(figsize=(7, 4), dpi=100)
         if train:
             loss_ax.plot(*zip(*train, strict=True), label="train/loss", color="tab:blue", lw=1)
         if evals:
-            steps = [r["step"] for r in evals]
-            loss_ax.plot(
-                steps, [r["eval/loss"] for r in evals], "o-", label="eval/loss", color="tab:orange"
-            )
-            acc_ax = loss_ax.twinx()
-            acc_ax.plot(
-                steps,
-                [r["eval/accuracy"] for r in evals],
-                "s--",
-                label="eval/accuracy",
-                color="tab:green",
-            )
-            acc_ax.set_ylabel("held-out accuracy")
-            acc_ax.set_ylim(0, 1)
-            acc_ax.legend(loc="upper right")
+            loss_ax.plot(*zip(*evals, strict=True), "o-", label="eval/loss", color="tab:orange")
+        if right:
+            right_ax = loss_ax.twinx()
+            right_ax.plot(*zip(*right, strict=True), "s--", label=right_key, color="tab:green")
+            right_ax.set_ylabel(right_label)
+            if right_ylim is not None:
+                right_ax.set_ylim(*right_ylim)
+            right_ax.legend(loc="upper right")
         loss_ax.set_xlabel("optimizer step")
-        loss_ax.set_ylabel("Bradley-Terry loss")
+        loss_ax.set_ylabel(loss_label)
         loss_ax.legend(loc="upper left")
-        loss_ax.set_title("reward model training")
+        loss_ax.set_title(title)
         fig.tight_layout()
         path = self.out_dir / PLOT_FILE
         fig.savefig(path)

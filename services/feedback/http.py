@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -50,7 +50,6 @@ from services.feedback.domain import (
     Rating,
     SubmitResult,
     validate_event,
-    validate_identifier,
 )
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.settings import FeedbackSettings
@@ -60,7 +59,6 @@ from services.feedback.tasks import TaskPick, TaskPicker
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
@@ -397,12 +395,12 @@ class FeedbackHttpApi:
     # -- tasks ----------------------------------------------------------------------------
     async def _task(self, task_id: int) -> LabellingTask:
         tasks = self._store().tasks
-        return await _in_thread(tasks.get, task_id)
+        return await asyncio.to_thread(tasks.get, task_id)
 
     async def import_tasks(self, request: web.Request) -> web.Response:
         new = tasks_from_json(await _read_json(request), self._max_tasks)
         tasks = self._store().tasks
-        imported = await _in_thread(tasks.import_tasks, new)
+        imported = await asyncio.to_thread(tasks.import_tasks, new)
         created = sum(1 for t in imported if t.created)
         return web.json_response(
             {
@@ -436,20 +434,15 @@ class FeedbackHttpApi:
 
     async def skip_task(self, request: web.Request) -> web.Response:
         body = _check_fields(await _read_json(request), frozenset({"annotator_id"}), "a skip")
-        annotator = body.get("annotator_id", "")
-        validate_identifier("annotator_id", annotator)
-        await self._picker.skip(int(request.match_info["task_id"]), annotator)
+        task_id = int(request.match_info["task_id"])
+        await self._picker.skip(task_id, body.get("annotator_id", ""))
         return web.json_response({"skipped": True})
 
     async def stats(self, request: web.Request) -> web.Response:
         store = self._store()
-        stats = await _in_thread(store.stats)
+        stats = await asyncio.to_thread(store.stats)
         queue = await self._picker.stats(request.query.get("annotator_id"))
         return web.json_response({**stats_json(stats), "tasks": queue_json(queue)})
-
-
-async def _in_thread(func: Callable[..., T], *args: Any) -> T:
-    return await asyncio.to_thread(func, *args)
 
 
 def make_app(

@@ -199,7 +199,13 @@ class TaskPicker:
         pick = await self._pick(annotator_id)
         if pick is None and self.sources:
             for source in self.sources:
-                fresh = await source.fetch(self.candidates)
+                try:
+                    fresh = await source.fetch(self.candidates)
+                except Exception as exc:  # a source that is down leaves the queue as it is
+                    log.warning(
+                        "task source failed", extra={"source": source.name, "error": str(exc)}
+                    )
+                    continue
                 if fresh:
                     await asyncio.to_thread(tasks.import_tasks, fresh)
             pick = await self._pick(annotator_id)

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 from services.common.batching import DynamicBatcher
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, UnavailableError
 from services.reward.engine import RewardEngine, ScoreJob, ScoreResult, estimate_tokens
 from services.reward.metrics import RewardMetrics
 from services.reward.settings import RewardSettings
@@ -132,7 +132,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def GetModel(
         self, request: reward_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.GetModelResponse:
-        model = self._engine.require_model()
+        model = self._engine.model
+        if model is None:
+            error = self._last_swap_error()
+            raise UnavailableError(
+                "no reward model loaded yet" + (f"; last load failure: {error}" if error else "")
+            )
         loaded_at = Timestamp()
         loaded_at.FromDatetime(model.loaded_at)
         manifest = model.manifest

@@ -1,0 +1,1 @@
+"""The generation service: samples completions from a policy model with ONNX Runtime."""

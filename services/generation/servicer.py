@@ -1,0 +1,181 @@
+"""gRPC servicer for plaudit.v1.GenerationService: proto -> job, one batched generation,
+optional rerank by the reward service, job -> proto.
+
+Validation raises InvalidArgumentError naming the field and its limit; the interceptor turns
+every domain error into its status.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+from plaudit.v1 import generation_pb2, generation_pb2_grpc
+
+from services.common.batching import DynamicBatcher
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, PlauditError
+from services.common.textfmt import messages_to_dialogue
+from services.generation.engine import (
+    FinishReason,
+    GenerateJob,
+    GenerateResult,
+    GenerationEngine,
+    SamplingParams,
+    estimate_cost,
+)
+from services.generation.metrics import GenerationMetrics
+from services.generation.rerank import RewardScorer
+from services.generation.settings import GenerationSettings
+
+ROLES = ("system", "user", "assistant")
+_FINISH = {
+    FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP_STRING: generation_pb2.FINISH_REASON_STOP_STRING,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+}
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def sampling_params(
+    sampling: generation_pb2.SamplingParams, settings: GenerationSettings
+) -> SamplingParams:
+    """Validated sampling parameters (unset temperature and top_p mean 1.0)."""
+    temperature = sampling.temperature if sampling.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InvalidArgumentError("sampling.temperature", f"{temperature} is not >= 0")
+    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidArgumentError("sampling.top_p", f"{top_p} is outside (0, 1]")
+    if sampling.max_new_tokens > settings.max_new_tokens:
+        raise InvalidArgumentError(
+            "sampling.max_new_tokens",
+            f"{sampling.max_new_tokens} exceeds the limit of {settings.max_new_tokens}",
+        )
+    if len(sampling.stop) > settings.max_stop_strings:
+        raise InvalidArgumentError(
+            "sampling.stop", f"{len(sampling.stop)} strings exceed the limit of "
+            f"{settings.max_stop_strings}",
+        )  # fmt: skip
+    for i, stop in enumerate(sampling.stop):
+        if not stop:
+            raise InvalidArgumentError(f"sampling.stop[{i}]", "must not be empty")
+        if _size(stop) > settings.max_stop_bytes:
+            raise InvalidArgumentError(
+                f"sampling.stop[{i}]", f"exceeds the limit of {settings.max_stop_bytes} bytes"
+            )
+    return SamplingParams(
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=sampling.top_k,
+        max_new_tokens=sampling.max_new_tokens,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        stop=tuple(sampling.stop),
+    )
+
+
+def request_job(
+    request: generation_pb2.GenerateRequest, settings: GenerationSettings
+) -> tuple[GenerateJob, int]:
+    """The validated job and the UTF-8 size of its input."""
+    which = request.WhichOneof("input")
+    limit = settings.max_prompt_bytes
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    if which is None:
+        raise InvalidArgumentError("prompt", "give a prompt or a conversation")
+    if which == "prompt":
+        if not request.prompt:
+            raise InvalidArgumentError("prompt", "must not be empty")
+        prompt, size = request.prompt, _size(request.prompt)
+        if size > limit:
+            raise InvalidArgumentError("prompt", f"{size} bytes exceeds the limit of {limit}")
+    else:
+        turns = request.conversation.messages
+        if not turns:
+            raise InvalidArgumentError("conversation.messages", "at least one message")
+        for i, turn in enumerate(turns):
+            if turn.role not in ROLES:
+                raise InvalidArgumentError(
+                    f"conversation.messages[{i}].role",
+                    f"{turn.role!r} is not one of {', '.join(ROLES)}",
+                )
+        messages = tuple({"role": t.role, "content": t.content} for t in turns)
+        size = sum(_size(t.content) for t in turns)
+        if size > limit:
+            raise InvalidArgumentError("conversation", f"{size} bytes exceeds the limit of {limit}")
+    n = request.n or 1
+    if n > settings.max_n:
+        raise InvalidArgumentError("n", f"{n} exceeds the limit of {settings.max_n}")
+    params = sampling_params(request.sampling, settings)
+    return GenerateJob(prompt=prompt, messages=messages, n=n, params=params), size
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        batcher: DynamicBatcher[GenerateJob, GenerateResult | PlauditError],
+        settings: GenerationSettings,
+        metrics: GenerationMetrics,
+        reward: RewardScorer | None,
+    ) -> None:
+        self._engine = engine
+        self._batcher = batcher
+        self._settings = settings
+        self._metrics = metrics
+        self._reward = reward
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GenerateResponse:
+        job, size = request_job(request, self._settings)
+        if request.rerank and self._reward is None:
+            raise FailedPreconditionError(
+                "rerank: no reward service is configured (start with --reward-addr)"
+            )
+        self._engine.require_model()
+        budget = job.params.max_new_tokens or self._settings.max_new_tokens
+        outcome = await self._batcher.submit(
+            job,
+            size=job.n,
+            cost=estimate_cost(job, size, budget),
+            timeout=context.time_remaining(),
+        )
+        if isinstance(outcome, PlauditError):
+            raise outcome
+        self._metrics.prompt_tokens.inc(outcome.prompt_tokens)
+        self._metrics.tokens_generated.inc(outcome.generated_tokens)
+        for c in outcome.completions:
+            self._metrics.completions.labels(c.finish_reason.value).inc()
+
+        completions = [
+            generation_pb2.Completion(
+                text=c.text,
+                token_count=len(c.token_ids),
+                finish_reason=_FINISH[c.finish_reason],
+                token_ids=c.token_ids,
+            )
+            for c in outcome.completions
+        ]
+        reward_version = ""
+        if request.rerank:
+            assert self._reward is not None
+            prompt = (
+                job.prompt if job.prompt is not None else messages_to_dialogue(job.messages or ())
+            )
+            rewards, reward_version = await self._reward.score(
+                prompt, [c.text for c in completions], timeout=context.time_remaining()
+            )
+            for completion, reward in zip(completions, rewards, strict=True):
+                completion.reward = reward
+            completions.sort(key=lambda c: -c.reward)  # stable: ties keep sampling order
+            self._metrics.reranked.inc()
+        return generation_pb2.GenerateResponse(
+            completions=completions,
+            model_version=outcome.version,
+            reward_model_version=reward_version,
+            prompt_tokens=outcome.prompt_tokens,
+        )

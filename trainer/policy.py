@@ -1,0 +1,858 @@
+"""Train a policy with DPO, rejection sampling or RL (RLOO), evaluate it on held-out prompts and
+publish it to the registry behind a win-rate promotion gate.
+
+``train_policy`` reads pairs, prompts and supervised examples (JSONL files, or the feedback
+store's consensus pairs and corrections), holds out prompts by hash (as reward training does),
+loads the base causal LM (optionally with LoRA adapters), trains it with the chosen method,
+then evaluates it on held-out prompts: mean reward under the reward service, win rate against
+the baseline (the promoted policy, or the base model when none is) and KL to the reference. The
+merged weights are saved in the run folder and, given a registry, exported with
+:func:`trainer.policy_export.export_policy`; the gate's decision and numbers go into the
+manifest either way, and the version is promoted only when asked to and the gate passes.
+
+One process only (no ``torchrun``): the methods sample, and sampling is not sharded here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.registry import ModelManifest, ModelRegistry, new_version_id
+from trainer.backbones import Backbone, resolve_backbone
+from trainer.batches import length_grouped_batches
+from trainer.data import (
+    PreferencePair,
+    SupervisedExample,
+    TrainingData,
+    load_feedback_pairs,
+    load_feedback_sft,
+    load_file_pairs,
+)
+from trainer.distributed import DistEnv, init_distributed, shutdown
+from trainer.loop import adamw, disable_dropout, lr_factor
+from trainer.objective import prompt_bucket, split_by_prompt
+from trainer.policy_config import DPOConfig, PolicyConfig, RejectionSamplingConfig, RLConfig
+from trainer.policy_data import PolicyTokenizer, TokenBatch, TokenRow, collate_rows
+from trainer.policy_objective import (
+    best_of_n,
+    dpo_loss,
+    dpo_metrics,
+    kl_penalized_rewards,
+    policy_gradient_loss,
+    rloo_advantages,
+    sft_loss,
+)
+from trainer.policy_sampling import (
+    Reference,
+    RewardServiceScorer,
+    Sampler,
+    SamplingParams,
+    Scorer,
+    completion_logprobs,
+    evaluate_policy,
+    forward_logprobs,
+    generate_rows,
+    torch_sampler,
+)
+from trainer.report import RunReporter
+from trainer.reward import (
+    CHECKPOINT_DIR,
+    DEFAULT_RUNS_DIR,
+    PairSource,
+    save_checkpoint,
+    seed_everything,
+    trainable,
+)
+
+log = logging.getLogger(__name__)
+
+GENERATION_BATCH = 16  # prompts per generate() call
+
+
+@dataclass(frozen=True)
+class PolicyPublishOptions:
+    promote: bool = False  # promote the new version if the win-rate gate passes
+    parent: str | None = None  # the baseline and manifest parent; default: the promoted policy
+
+
+@dataclass
+class PolicyTrainingResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict[str, float]
+    promotion: dict[str, Any]
+    data_cursor: str | None
+    train_items: int  # pairs (DPO) or prompts (rejection sampling, RL)
+    eval_prompts: int
+    manifest: ModelManifest | None = None  # None when no registry was given
+    model: PreTrainedModel | None = field(default=None, repr=False)  # merged, trained weights
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "version": m.version if m else None,
+            "promoted": bool(self.promotion.get("promoted")),
+            "promotion": self.promotion,
+            "metrics": self.metrics,
+            "data_cursor": self.data_cursor,
+            "train_items": self.train_items,
+            "eval_prompts": self.eval_prompts,
+            "run_dir": str(self.run_dir),
+        }
+
+
+# -- data ---------------------------------------------------------------------------------------
+def load_policy_data(
+    source: PairSource, registry: ModelRegistry | None, parent: str | None
+) -> tuple[TrainingData, str | None]:
+    """Pairs, prompts and supervised examples, and the parent they continue from (when reading
+    the feedback store after the parent's cursor). Files may hold TRL prompt-only and
+    prompt-completion lines besides pairs; the store gives its pairs and its corrections."""
+    if bool(source.files) == bool(source.database_url):
+        raise InvalidArgumentError("data", "give either data files or a feedback database URL")
+    if source.files:
+        return load_file_pairs(source.files, allow_unpaired=True), parent
+    assert source.database_url is not None
+    after = source.after_cursor
+    if source.since_parent_cursor:
+        parent = parent or (registry.promoted() if registry else None)
+        if registry is None or parent is None:
+            raise FailedPreconditionError("--since-cursor needs a registry with a parent version")
+        cursor = registry.manifest(parent).data_cursor
+        if cursor is None:
+            raise FailedPreconditionError(f"parent version {parent} records no data cursor")
+        after = int(cursor)
+    pairs = load_feedback_pairs(
+        source.database_url, after, exclude_outliers=source.exclude_outliers
+    )
+    supervised, sft_cursor = load_feedback_sft(
+        source.database_url, after, exclude_outliers=source.exclude_outliers
+    )
+    if not pairs.pairs and not supervised:
+        raise FailedPreconditionError(f"no feedback after cursor {after}")
+    return TrainingData(
+        pairs=pairs.pairs,
+        source={**pairs.source, "supervised": len(supervised)},
+        cursor=max(pairs.cursor or after, sft_cursor),
+        supervised=supervised,
+    ), parent
+
+
+def all_prompts(data: TrainingData) -> list[str]:
+    """Every distinct prompt, in order of first appearance."""
+    seen = dict.fromkeys(
+        [*data.prompts, *(p.prompt for p in data.pairs), *(s.prompt for s in data.supervised)]
+    )
+    return list(seen)
+
+
+def split_prompts(prompts: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) by prompt hash, the split reward training uses."""
+    train = [p for p in prompts if prompt_bucket(p) >= eval_fraction]
+    return train, [p for p in prompts if prompt_bucket(p) < eval_fraction]
+
+
+# -- model --------------------------------------------------------------------------------------
+def load_policy_model(base: str) -> tuple[PreTrainedModel, Any, Backbone]:
+    """The base causal LM in fp32 (GGUF dequantised) with a pad token, its tokenizer and where
+    it came from."""
+    backbone = resolve_backbone(base)
+    kwargs = {"gguf_file": backbone.gguf_file} if backbone.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
+    model = trainable(
+        AutoModelForCausalLM.from_pretrained(backbone.path, dtype=torch.float32, **kwargs)
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, backbone
+
+
+def with_lora(model: PreTrainedModel, cfg: PolicyConfig) -> Any:
+    """LoRA adapters (Hu et al. 2021) on every linear layer but the output head."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@dataclass
+class _Run:
+    """What the methods share: the policy, its reference, tokenization, reports."""
+
+    cfg: PolicyConfig
+    model: Any  # the policy (a PeftModel with LoRA)
+    reference: Reference
+    tokens: PolicyTokenizer
+    device: torch.device
+    reporter: RunReporter
+    progress: bool
+    scorer: Scorer | None
+    step: int = 0  # optimizer steps so far (rejection sampling runs several fits)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def clip(self) -> float:
+        if self.cfg.max_grad_norm <= 0:
+            return float("nan")
+        params = self.trainable_parameters()
+        return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+
+
+@dataclass
+class _Fit:
+    steps: int
+    losses: list[float]
+    items: int
+    train_s: float
+
+
+# loss of one micro-batch (item indices) and numbers to log for it
+MicroLoss = Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]]
+
+
+def _fit(
+    run: _Run,
+    lengths: np.ndarray,
+    micro_loss: MicroLoss,
+    *,
+    epochs: int,
+    learning_rate: float,
+    max_steps: int | None,
+    desc: str,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> _Fit:
+    """Length-grouped micro-batches, gradient accumulation, clipping, linear decay after
+    warmup: the supervised loop that DPO and the rejection-sampling fine-tune share."""
+    cfg = run.cfg
+    plans = [
+        length_grouped_batches(
+            lengths,
+            batch_size=cfg.batch_size,
+            batch_tokens=None,
+            rng=np.random.default_rng([cfg.seed, run.step, epoch]),
+        )
+        for epoch in range(epochs)
+    ]
+    per_epoch = [len(plan) // cfg.grad_accum for plan in plans]
+    if per_epoch[0] == 0:
+        raise FailedPreconditionError(
+            f"{len(lengths)} training items make no step of {cfg.grad_accum} x {cfg.batch_size}"
+        )
+    total = sum(per_epoch) if max_steps is None else min(sum(per_epoch), max_steps)
+    optimizer = adamw(run.model, learning_rate, cfg.weight_decay)
+    schedule = partial(
+        lr_factor, total=total, warmup=int(cfg.warmup_ratio * total), schedule="linear"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    run.model.train()
+    fit = _Fit(0, [], 0, 0.0)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not run.progress)
+    for epoch, plan in enumerate(plans):
+        for first in range(0, per_epoch[epoch] * cfg.grad_accum, cfg.grad_accum):
+            if fit.steps >= total:
+                break
+            t0 = time.perf_counter()
+            extras: dict[str, float] = {}
+            window = plan[first : first + cfg.grad_accum]
+            lr = scheduler.get_last_lr()[0]
+            loss_sum = 0.0
+            for index in window:
+                loss, numbers = micro_loss(index)
+                (loss / len(window)).backward()
+                loss_sum += float(loss.detach()) / len(window)
+                for key, value in numbers.items():
+                    extras[key] = extras.get(key, 0.0) + value / len(window)
+                fit.items += len(index)
+            grad_norm = run.clip()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            fit.train_s += time.perf_counter() - t0
+            fit.steps += 1
+            run.step += 1
+            fit.losses.append(loss_sum)
+            run.reporter.log(
+                {
+                    "step": run.step,
+                    "epoch": epoch + (first // cfg.grad_accum + 1) / per_epoch[epoch],
+                    "train/loss": loss_sum,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    **extras,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(run.step, float(epoch + 1))
+        if fit.steps >= total:
+            break
+    bar.close()
+    return fit
+
+
+def _tail_mean(values: Sequence[float]) -> float:
+    """Mean over the last tenth (at least one) of the values; NaN when there are none."""
+    return float(np.mean(values[-max(1, len(values) // 10) :])) if values else float("nan")
+
+
+# -- DPO ----------------------------------------------------------------------------------------
+def train_dpo(
+    run: _Run, cfg: DPOConfig, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair]
+) -> dict[str, float]:
+    """DPO on ``train``; held-out implicit-reward accuracy before training and after each epoch.
+
+    The reference log-probs of every completion are computed once, up front, with the
+    reference model; training then needs only the policy's forward passes.
+    """
+    tok, pad, device = run.tokens, run.tokens.pad_id, run.device
+
+    def encode(pairs: Sequence[PreferencePair]) -> tuple[list[TokenRow], list[TokenRow]]:
+        prompts = [p.prompt for p in pairs]
+        return tok.rows(prompts, [p.chosen for p in pairs]), tok.rows(
+            prompts, [p.rejected for p in pairs]
+        )
+
+    train_c, train_r = encode(train)
+    held_c, held_r = encode(held_out)
+    with run.reference.use(run.model) as ref:
+        ref_all = completion_logprobs(
+            ref, [*train_c, *train_r, *held_c, *held_r], pad, device, batch_size=2 * cfg.batch_size
+        )
+    n, m = len(train), len(held_out)
+    ref_c = torch.tensor(ref_all[:n], dtype=torch.float32, device=device)
+    ref_r = torch.tensor(ref_all[n : 2 * n], dtype=torch.float32, device=device)
+    ref_held_c, ref_held_r = ref_all[2 * n : 2 * n + m], ref_all[2 * n + m :]
+    weight = torch.tensor([p.weight for p in train], dtype=torch.float32, device=device)
+
+    def evaluate(step: int, epoch: float) -> dict[str, float]:
+        pi = completion_logprobs(
+            run.model, [*held_c, *held_r], pad, device, batch_size=2 * cfg.batch_size
+        )
+        with torch.no_grad():
+            loss, chosen, rejected = dpo_loss(
+                torch.from_numpy(pi[:m]),
+                torch.from_numpy(pi[m:]),
+                torch.from_numpy(ref_held_c),
+                torch.from_numpy(ref_held_r),
+                cfg.beta,
+            )
+        rewards = dpo_metrics(chosen.numpy(), rejected.numpy(), prefix="eval/rewards")
+        metrics = {
+            "eval/loss": float(loss),
+            "eval/accuracy": rewards["eval/rewards/accuracies"],
+            **rewards,
+        }
+        run.reporter.log({"step": step, "epoch": epoch, **metrics})
+        log.info("held-out DPO evaluation", extra={"step": step, **metrics})
+        return metrics
+
+    def micro_loss(index: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = [train_c[i] for i in index] + [train_r[i] for i in index]
+        logps = forward_logprobs(run.model, rows, pad, device)
+        k = len(index)
+        at = torch.from_numpy(index).to(device)
+        loss, chosen, rejected = dpo_loss(
+            logps[:k], logps[k:], ref_c[at], ref_r[at], cfg.beta, weight[at]
+        )
+        return loss, dpo_metrics(chosen.cpu().numpy(), rejected.cpu().numpy())
+
+    initial = evaluate(0, 0.0)
+    evals = [initial]
+    lengths = np.array([max(len(c), len(r)) for c, r in zip(train_c, train_r, strict=True)])
+    fit = _fit(
+        run,
+        lengths,
+        micro_loss,
+        epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps,
+        desc="dpo",
+        on_epoch_end=lambda step, epoch: evals.append(evaluate(step, epoch)),
+    )
+    tail = [r for r in run.reporter.records if "rewards/margins" in r][-max(1, fit.steps // 10) :]
+    return {
+        **evals[-1],
+        "eval/initial_accuracy": initial["eval/accuracy"],
+        "eval/initial_loss": initial["eval/loss"],
+        **{
+            key: float(np.mean([r[key] for r in tail]))
+            for key in (
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "rewards/margins",
+            )
+            if tail
+        },
+        "train/loss": _tail_mean(fit.losses),
+        "train/steps": float(fit.steps),
+        "train/pairs": float(n),
+        "train/pairs_per_s": fit.items / fit.train_s if fit.train_s else float("nan"),
+    }
+
+
+# -- rejection sampling -------------------------------------------------------------------------
+def train_rejection_sampling(
+    run: _Run,
+    cfg: RejectionSamplingConfig,
+    prompts: Sequence[str],
+    supervised: Sequence[SupervisedExample],
+) -> dict[str, float]:
+    """Best-of-n under the reward model, then supervised fine-tuning on the winners and the
+    human corrections (each round samples from the policy the previous round trained)."""
+    assert run.scorer is not None
+    tok, device = run.tokens, run.device
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    corrections = tok.rows([s.prompt for s in supervised], [s.completion for s in supervised])
+    rng = np.random.default_rng(cfg.seed)
+    metrics: dict[str, float] = {}
+    losses: list[float] = []
+    for round_ in range(cfg.rounds):
+        chosen = list(prompts)
+        if cfg.max_prompts and len(chosen) > cfg.max_prompts:
+            chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), cfg.max_prompts, False))]
+        repeated = [p for p in chosen for _ in range(cfg.num_candidates)]
+        rows = generate_rows(
+            run.model,
+            tok,
+            repeated,
+            params,
+            device,
+            batch_size=GENERATION_BATCH,
+            desc=f"candidates (round {round_ + 1})" if run.progress else None,
+        )
+        scores = run.scorer(repeated, [tok.decode(r.completion) for r in rows])
+        groups = scores.reshape(len(chosen), cfg.num_candidates)
+        best = [rows[i * cfg.num_candidates + best_of_n(g)] for i, g in enumerate(groups)]
+        sampling = {
+            "sampling/mean_reward": float(groups.mean()),
+            "sampling/best_reward": float(groups.max(axis=1).mean()),
+            "sampling/prompts": float(len(chosen)),
+            "sampling/completion_tokens": float(np.mean([len(r.completion) for r in rows])),
+        }
+        run.reporter.log({"step": run.step, "round": round_ + 1, **sampling})
+        log.info("rejection sampling round", extra={"round": round_ + 1, **sampling})
+        sft_rows = [*best, *corrections]
+
+        def micro_loss(index: np.ndarray, rows: list[TokenRow] = sft_rows) -> Any:
+            batch = _collate(run, [rows[i] for i in index])
+            logits = run.model(**batch.model_inputs(), use_cache=False).logits
+            return sft_loss(logits, batch.input_ids, batch.completion_mask), {}
+
+        fit = _fit(
+            run,
+            np.array([len(r) for r in sft_rows]),
+            micro_loss,
+            epochs=cfg.sft_epochs,
+            learning_rate=cfg.sft_learning_rate,
+            max_steps=None,
+            desc=f"fine-tune (round {round_ + 1})",
+        )
+        losses += fit.losses
+        metrics = {
+            **sampling,
+            "train/sft_examples": float(len(sft_rows)),
+            "train/corrections": float(len(corrections)),
+        }
+    return {
+        **metrics,
+        "train/loss": _tail_mean(losses),
+        "train/steps": float(run.step),
+        "train/rounds": float(cfg.rounds),
+    }
+
+
+def _collate(run: _Run, rows: Sequence[TokenRow]) -> TokenBatch:
+    return collate_rows(rows, run.tokens.pad_id).to(run.device)
+
+
+# -- RL (RLOO) ----------------------------------------------------------------------------------
+def train_rl(run: _Run, cfg: RLConfig, prompts: Sequence[str]) -> dict[str, float]:
+    """RLOO: each step samples ``rloo_k`` completions for ``prompts_per_step`` prompts, scores
+    them (reward model minus the KL penalty), and takes one policy-gradient step with the
+    leave-one-out baseline. Log-probs are taken at the sampling temperature."""
+    assert run.scorer is not None
+    tok, pad, device = run.tokens, run.tokens.pad_id, run.device
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    optimizer = adamw(run.model, cfg.learning_rate, cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    schedule = partial(lr_factor, total=cfg.steps, warmup=warmup, schedule="constant")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    rng = np.random.default_rng(cfg.seed)
+    queue: list[int] = []
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc="rloo", unit="step", disable=not run.progress)
+    for _ in range(cfg.steps):
+        batch_prompts = []
+        for _ in range(min(cfg.prompts_per_step, len(prompts))):
+            if not queue:
+                queue = list(rng.permutation(len(prompts)))
+            batch_prompts.append(prompts[queue.pop()])
+        repeated = [p for p in batch_prompts for _ in range(cfg.rloo_k)]
+        rows = generate_rows(run.model, tok, repeated, params, device, batch_size=GENERATION_BATCH)
+        scores = run.scorer(repeated, [tok.decode(r.completion) for r in rows])
+        policy_logp = completion_logprobs(
+            run.model, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
+        )
+        with run.reference.use(run.model) as ref:
+            ref_logp = completion_logprobs(
+                ref, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
+            )
+        rewards = kl_penalized_rewards(
+            torch.from_numpy(scores), torch.from_numpy(policy_logp), torch.from_numpy(ref_logp),
+            cfg.kl_coef,
+        )  # fmt: skip
+        advantages = rloo_advantages(rewards.view(len(batch_prompts), cfg.rloo_k)).flatten()
+        advantages = advantages.to(device=device, dtype=torch.float32)
+        lr = scheduler.get_last_lr()[0]
+        run.model.train()
+        loss_sum = 0.0
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = slice(start, start + cfg.batch_size)
+            logp = forward_logprobs(run.model, rows[chunk], pad, device, cfg.temperature)
+            share = len(logp) / len(rows)  # the loss is a mean over all samples of the step
+            loss = policy_gradient_loss(logp, advantages[chunk]) * share
+            loss.backward()
+            loss_sum += float(loss.detach())
+        grad_norm = run.clip()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        record = {
+            "train/loss": loss_sum,
+            "rl/score": float(np.mean(scores)),
+            "rl/kl": float(np.mean(policy_logp - ref_logp)),
+            "rl/reward": float(rewards.mean()),
+            "rl/completion_tokens": float(np.mean([len(r.completion) for r in rows])),
+        }
+        history.append(record)
+        run.reporter.log({"step": run.step, "train/lr": lr, "train/grad_norm": grad_norm, **record})
+        bar.update(1)
+        bar.set_postfix(score=f"{record['rl/score']:.3f}", kl=f"{record['rl/kl']:.3f}")
+    bar.close()
+    tail = history[-max(1, len(history) // 10) :]
+    return {
+        **{key: float(np.mean([h[key] for h in tail])) for key in history[-1]},
+        "rl/initial_score": history[0]["rl/score"],
+        "train/steps": float(cfg.steps),
+        "train/samples_per_s": cfg.steps * len(rows) / (time.perf_counter() - t0),
+    }
+
+
+# -- evaluation and the gate --------------------------------------------------------------------
+def baseline_sampler(
+    run: _Run, registry: ModelRegistry | None, parent: str | None, params: SamplingParams
+) -> tuple[Sampler | None, str]:
+    """What the candidate is compared with, and its description: the parent policy as it is
+    served (its verified ONNX graph through the generation engine), or the base model (the
+    reference) when there is no parent."""
+    seed = run.cfg.seed
+    if parent is None or registry is None:
+
+        def base(prompts: Sequence[str]) -> list[str]:
+            with run.reference.use(run.model) as ref:
+                return torch_sampler(ref, run.tokens, params, run.device, seed)(prompts)
+
+        return base, f"base model {run.cfg.base}"
+    from services.generation.engine import GenerateJob, GenerationEngine, LoadedPolicy
+    from services.generation.engine import SamplingParams as ServedParams
+
+    try:
+        engine = GenerationEngine(params.max_new_tokens)
+        engine.set_model(LoadedPolicy.load(registry, parent, provider="cpu"))
+    except Exception as exc:
+        log.exception("could not load the parent policy", extra={"version": parent})
+        return None, f"parent {parent} (could not be loaded: {exc})"
+
+    def served(prompts: Sequence[str]) -> list[str]:
+        texts: list[str] = []
+        for start in range(0, len(prompts), GENERATION_BATCH):
+            jobs = [
+                GenerateJob(
+                    prompt=prompt,
+                    params=ServedParams(
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        max_new_tokens=params.max_new_tokens,
+                        seed=seed + start + i,
+                    ),
+                )
+                for i, prompt in enumerate(prompts[start : start + GENERATION_BATCH])
+            ]
+            for result in engine.process(jobs):
+                if isinstance(result, Exception):
+                    raise result
+                texts.append(result.completions[0].text.strip())
+        return texts
+
+    return served, f"parent {parent}"
+
+
+def promotion_record(
+    metrics: dict[str, float],
+    cfg: PolicyConfig,
+    baseline: str,
+    *,
+    requested: bool,
+    reward_versions: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The gate: pass when the held-out win rate against the baseline exceeds
+    ``promotion_min_win_rate``; promote when it passes and promotion was asked for."""
+    win = metrics.get("eval/win_rate")
+    threshold = cfg.promotion_min_win_rate
+    passed = win is not None and win > threshold
+    if win is None:
+        reason = f"win rate against {baseline} not measured (no reward service or baseline)"
+    else:
+        reason = f"win rate {win:.4f} {'>' if passed else '<='} {threshold} against {baseline}"
+    if passed and not requested:
+        reason += "; not promoted: promotion was not asked for"
+    record = {
+        "promoted": passed and requested,
+        "passed": passed,
+        "requested": requested,
+        "win_rate": win,
+        "min_win_rate": threshold,
+        "baseline": baseline,
+        "candidate_reward": metrics.get("eval/reward"),
+        "baseline_reward": metrics.get("eval/baseline_reward"),
+        "kl": metrics.get("eval/kl"),
+        "eval_prompts": int(metrics.get("eval/prompts", 0)),
+        "reward_model": sorted(reward_versions),
+        "reason": reason,
+        "decided_at": datetime.now(UTC).isoformat(),
+    }
+    log.info("promotion decision", extra=record)
+    return record
+
+
+# -- the whole run ------------------------------------------------------------------------------
+def train_policy(
+    cfg: PolicyConfig,
+    source: PairSource,
+    registry: ModelRegistry | None = None,
+    *,
+    publish: PolicyPublishOptions | None = None,
+    output_dir: Path | None = None,
+    progress: bool = False,
+    scorer: Scorer | None = None,
+) -> PolicyTrainingResult:
+    """Train, evaluate, save and (given a ``policy`` registry) publish behind the gate.
+
+    ``scorer`` replaces the reward service at ``cfg.reward_addr`` (tests, benchmarks).
+    """
+    if registry is not None and registry.kind != "policy":
+        raise InvalidArgumentError(
+            "registry", f"policies go to a policy registry, not {registry.kind}"
+        )
+    env = init_distributed(cfg.device, cfg.num_threads)
+    try:
+        if env.distributed:
+            raise FailedPreconditionError("policy training runs in one process: drop torchrun")
+        return _train(
+            env,
+            cfg,
+            source,
+            registry,
+            publish or PolicyPublishOptions(),
+            output_dir,
+            progress,
+            scorer,
+        )
+    finally:
+        shutdown(env)
+
+
+def _train(
+    env: DistEnv,
+    cfg: PolicyConfig,
+    source: PairSource,
+    registry: ModelRegistry | None,
+    publish: PolicyPublishOptions,
+    output_dir: Path | None,
+    progress: bool,
+    scorer: Scorer | None,
+) -> PolicyTrainingResult:
+    started = time.perf_counter()
+    data, parent = load_policy_data(source, registry, publish.parent)
+    if parent is None and registry is not None:
+        parent = registry.promoted()
+    run_id = new_version_id("run")
+    run_dir = output_dir or DEFAULT_RUNS_DIR / run_id
+    prompts_train, prompts_held = split_prompts(all_prompts(data), cfg.eval_fraction)
+    pairs_train, pairs_held = split_by_prompt(data.pairs, cfg.eval_fraction)
+    supervised_train, _ = split_by_prompt(data.supervised, cfg.eval_fraction)
+    if isinstance(cfg, DPOConfig) and (not pairs_train or not pairs_held):
+        raise FailedPreconditionError(
+            f"{len(data.pairs)} pairs split into {len(pairs_train)} for training and "
+            f"{len(pairs_held)} held out (eval_fraction {cfg.eval_fraction}): DPO needs both"
+        )
+    if not isinstance(cfg, DPOConfig) and not prompts_train:
+        raise FailedPreconditionError(f"no training prompts (eval_fraction {cfg.eval_fraction})")
+    reward_addr = cfg.reward_addr
+    if scorer is None and not reward_addr and publish.promote:
+        raise InvalidArgumentError(
+            "reward_addr", "promotion needs a reward service for the win rate"
+        )
+
+    seed_everything(cfg.seed)
+    model, tokenizer, backbone = load_policy_model(cfg.base)
+    disable_dropout(model)  # deterministic log-probs (LoRA's own dropout is kept)
+    tokens = PolicyTokenizer(tokenizer, model, cfg.max_length, cfg.max_prompt_length)
+    torch.nn.Module.to(model, env.device)
+    policy: Any = with_lora(model, cfg) if cfg.lora_r else model
+    own_scorer = None
+    if scorer is None and reward_addr:
+        scorer = own_scorer = RewardServiceScorer(reward_addr)
+    reporter = RunReporter(run_dir)
+    run = _Run(cfg, policy, Reference(policy), tokens, env.device, reporter, progress, scorer)
+    log.info(
+        "policy training",
+        extra={
+            "method": cfg.method,
+            "base": backbone.name,
+            "train_pairs": len(pairs_train),
+            "train_prompts": len(prompts_train),
+            "held_out_prompts": len(prompts_held),
+            "run_dir": str(run_dir),
+        },
+    )
+    try:
+        if isinstance(cfg, DPOConfig):
+            metrics = train_dpo(run, cfg, pairs_train, pairs_held)
+            train_items = len(pairs_train)
+        elif isinstance(cfg, RejectionSamplingConfig):
+            metrics = train_rejection_sampling(run, cfg, prompts_train, supervised_train)
+            train_items = len(prompts_train)
+        else:
+            metrics = train_rl(run, cfg, prompts_train)
+            train_items = len(prompts_train)
+        params = SamplingParams(cfg.eval_temperature, cfg.eval_top_p, cfg.eval_max_new_tokens)
+        eval_prompts = prompts_held[: cfg.eval_prompts]
+        baseline, baseline_name = baseline_sampler(run, registry, parent, params)
+        metrics.update(
+            evaluate_policy(
+                run.model,
+                run.reference,
+                tokens,
+                eval_prompts,
+                params,
+                env.device,
+                scorer=scorer,
+                baseline=baseline,
+                seed=cfg.seed,
+            )
+        )
+    finally:
+        if own_scorer is not None:
+            own_scorer.close()
+    metrics["train/wall_s"] = time.perf_counter() - started
+    metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+    reporter.log({"step": run.step, **{k: v for k, v in metrics.items() if k.startswith("eval/")}})
+    promotion = promotion_record(
+        metrics,
+        cfg,
+        baseline_name,
+        requested=publish.promote,
+        reward_versions=sorted(getattr(scorer, "versions", ())),
+    )
+
+    merged: PreTrainedModel = policy.merge_and_unload() if cfg.lora_r else policy
+    torch.nn.Module.to(merged, "cpu")
+    merged.eval()
+    cursor = None if data.cursor is None else str(data.cursor)
+    checkpoint = run_dir / CHECKPOINT_DIR
+    record = {
+        "run_id": run_id,
+        "config": cfg.to_dict(),
+        "base": backbone.name,
+        "data": data.source,
+        "data_cursor": cursor,
+        "metrics": metrics,
+        "promotion": promotion,
+    }
+    save_checkpoint(merged, tokenizer, checkpoint, record)
+    manifest = None
+    if registry is not None:
+        from trainer.policy_export import export_policy
+
+        manifest = export_policy(
+            merged,
+            tokenizer,
+            registry,
+            parent=parent,
+            metrics=metrics,
+            notes={
+                "training": cfg.to_dict(),
+                "training_data": data.source,
+                "run_id": run_id,
+                "checkpoint": str(checkpoint.resolve()),
+                "base": backbone.name,
+            },
+            data_cursor=cursor,
+            promotion=promotion,
+            promote=bool(promotion["promoted"]),
+            max_length=cfg.max_length,
+            backbone=backbone.name,
+        )
+    result = PolicyTrainingResult(
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        metrics=metrics,
+        promotion=promotion,
+        data_cursor=cursor,
+        train_items=train_items,
+        eval_prompts=int(metrics.get("eval/prompts", 0)),
+        manifest=manifest,
+        model=merged,
+    )
+    reporter.write_metrics({**result.summary(), "config": cfg.to_dict()})
+    _plot(reporter, cfg)
+    return result
+
+
+def _plot(reporter: RunReporter, cfg: PolicyConfig) -> None:
+    if isinstance(cfg, DPOConfig):
+        reporter.plot(title="policy training (DPO)", loss_label="DPO loss")
+    elif isinstance(cfg, RejectionSamplingConfig):
+        reporter.plot(
+            title="policy training (rejection sampling)",
+            loss_label="SFT cross-entropy",
+            right_key="sampling/best_reward",
+            right_label="best-of-n reward",
+            right_ylim=None,
+        )
+    else:
+        reporter.plot(
+            title="policy training (RLOO)",
+            loss_label="policy-gradient loss",
+            right_key="rl/score",
+            right_label="reward-model score",
+            right_ylim=None,
+        )
