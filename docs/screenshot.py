@@ -58,6 +58,7 @@ def main(out: Path) -> None:
             metrics_port=0,
             http_port=0,
             log_level="WARNING",
+            auth_disabled=True,  # a throwaway local server for the screenshot
         )
 
         async def start() -> FeedbackServer:

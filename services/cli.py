@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -19,10 +20,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from services.common.logging import configure_logging
+from services.common.security import ROLES, ClientCredentials, ClientSecuritySettings
 from services.common.settings import PlauditSettings, add_settings_arguments, settings_from_args
 from trainer.config import RewardTrainingConfig  # a plain dataclass: no torch import
+from trainer.policy_config import CONFIGS as POLICY_CONFIGS  # plain dataclasses too
+from trainer.policy_config import DPOConfig, PolicyConfig
 
 _TRAIN = RewardTrainingConfig()  # the training defaults, defined once
+_POLICY = DPOConfig()  # the defaults every policy method shares
+_POLICY_FIELDS = sorted(
+    {f.name for cls in POLICY_CONFIGS.values() for f in dataclasses.fields(cls)}
+)
 
 log = logging.getLogger("plaudit.cli")
 
@@ -65,11 +73,13 @@ class GenerateClientSettings(PlauditSettings):
     rerank: bool = Field(False, description="score with the reward service, best first")
 
 
-class RegistrySettings(PlauditSettings):
+class RegistrySettings(ClientSecuritySettings):
     registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     kind: Literal["reward", "policy"] = Field("reward", description="model kind")
     notify: str = Field(
-        "", description="comma-separated serving addresses to tell at once (promote, rollback)"
+        "",
+        description="comma-separated serving addresses to tell at once (promote, rollback; "
+        "the API key needs the admin role)",
     )
 
 
@@ -153,7 +163,138 @@ class TrainRewardSettings(PlauditSettings):
         return self
 
 
-class ClientSettings(PlauditSettings):
+def _method_defaults(name: str) -> str:
+    """``dpo 1e-06, rl 1e-06``: a method-specific setting's default for each method."""
+    defaults = [
+        f"{method} {getattr(cls(), name)!r}"
+        for method, cls in POLICY_CONFIGS.items()
+        if name in {f.name for f in dataclasses.fields(cls)}
+    ]
+    return "default: " + ", ".join(defaults)
+
+
+def _per_method(
+    description: str,
+    name: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+) -> typing.Any:
+    """A method-specific setting: unset (None) means the chosen method's default."""
+    text = f"{description} ({_method_defaults(name)})"
+    return Field(None, description=text, ge=ge, gt=gt, le=le)
+
+
+class TrainPolicySettings(PlauditSettings):
+    """``plaudit train policy``: the method's config fields plus data, registry and promotion.
+
+    Method-specific settings left unset take the method's default; one that the chosen method
+    does not use is an error.
+    """
+
+    method: Literal["dpo", "rejection-sampling", "rl"] = Field(
+        "dpo", description="dpo (pairs), rejection-sampling or rl (RLOO; prompts + reward service)"
+    )
+    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
+    data: list[Path] = Field(
+        [], description="JSONL files: pairs (HH-RLHF/TRL), TRL prompt-only or prompt-completion"
+    )
+    database_url: str | None = Field(None, description="feedback database: pairs + corrections")
+    after_cursor: int = Field(0, ge=0, description="read feedback after this cursor")
+    since_cursor: bool = Field(
+        False, description="read feedback after the parent version's data cursor"
+    )
+    exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
+    reward_addr: str | None = _per_method(
+        "reward service for sampling rewards and the win rate", "reward_addr"
+    )
+    promote: bool = Field(False, description="promote if the win-rate gate passes")
+    parent: str | None = Field(None, description="baseline policy (default: the promoted one)")
+    output_dir: Path | None = Field(None, description="run folder (default .plaudit/runs/<run-id>)")
+    progress: bool = Field(True, description="progress bars on stderr")
+    # shared by every method
+    base: str = Field(_POLICY.base, description="smollm2 or a HF causal-LM folder")
+    max_length: int = Field(_POLICY.max_length, ge=8, description="prompt + completion tokens")
+    max_prompt_length: int = Field(
+        _POLICY.max_prompt_length, ge=1, description="prompt tokens (truncation keeps the end)"
+    )
+    batch_size: int = Field(
+        _POLICY.batch_size, ge=1, description="sequences (DPO: pairs) per batch"
+    )
+    grad_accum: int = Field(_POLICY.grad_accum, ge=1, description="micro-batches per step")
+    warmup_ratio: float = Field(_POLICY.warmup_ratio, ge=0, lt=1, description="warmup share")
+    weight_decay: float = Field(_POLICY.weight_decay, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(_POLICY.max_grad_norm, ge=0, description="clip (0: off)")
+    lora_r: int = Field(_POLICY.lora_r, ge=0, description="LoRA rank (0: full fine-tuning)")
+    lora_alpha: int = Field(_POLICY.lora_alpha, ge=1, description="LoRA scaling numerator")
+    lora_dropout: float = Field(_POLICY.lora_dropout, ge=0, lt=1, description="LoRA dropout")
+    eval_fraction: float = Field(
+        _POLICY.eval_fraction, gt=0, lt=1, description="share of prompts held out (by hash)"
+    )
+    eval_prompts: int = Field(
+        _POLICY.eval_prompts, ge=0, description="held-out prompts sampled for win rate and KL"
+    )
+    eval_max_new_tokens: int = Field(
+        _POLICY.eval_max_new_tokens, ge=1, description="tokens per evaluation sample"
+    )
+    eval_temperature: float = Field(
+        _POLICY.eval_temperature, gt=0, description="evaluation sampling temperature"
+    )
+    eval_top_p: float = Field(_POLICY.eval_top_p, gt=0, le=1, description="evaluation top-p")
+    promotion_min_win_rate: float = Field(
+        _POLICY.promotion_min_win_rate,
+        ge=0,
+        le=1,
+        description="promote only when the held-out win rate against the baseline exceeds this",
+    )
+    seed: int = Field(_POLICY.seed, description="seed for shuffles, sampling and LoRA init")
+    device: Literal["auto", "cpu", "cuda"] = Field(_POLICY.device, description="training device")
+    num_threads: int = Field(_POLICY.num_threads, ge=0, description="torch threads (0: default)")
+    # method-specific
+    learning_rate: float | None = _per_method("AdamW peak rate", "learning_rate", ge=0)
+    epochs: int | None = _per_method("passes over the pairs", "epochs", ge=1)
+    max_steps: int | None = _per_method("optimizer steps at most", "max_steps", ge=0)
+    beta: float | None = _per_method("DPO KL strength", "beta", gt=0)
+    num_candidates: int | None = _per_method("samples per prompt", "num_candidates", ge=1)
+    temperature: float | None = _per_method("sampling temperature", "temperature", gt=0)
+    top_p: float | None = _per_method("sampling top-p", "top_p", gt=0, le=1)
+    max_new_tokens: int | None = _per_method("tokens per sample", "max_new_tokens", ge=1)
+    rounds: int | None = _per_method("sample-then-fine-tune rounds", "rounds", ge=1)
+    max_prompts: int | None = _per_method("prompts sampled per round (0: all)", "max_prompts", ge=0)
+    sft_epochs: int | None = _per_method("fine-tuning passes per round", "sft_epochs", ge=1)
+    sft_learning_rate: float | None = _per_method(
+        "fine-tuning peak rate", "sft_learning_rate", ge=0
+    )
+    rloo_k: int | None = _per_method("samples per prompt (>= 2)", "rloo_k", ge=2)
+    prompts_per_step: int | None = _per_method("prompts per step", "prompts_per_step", ge=1)
+    steps: int | None = _per_method("optimizer steps", "steps", ge=1)
+    kl_coef: float | None = _per_method("KL penalty coefficient", "kl_coef", ge=0)
+
+    def policy_config(self) -> PolicyConfig:
+        """The chosen method's config: the settings it has, its defaults for those left unset."""
+        cls = POLICY_CONFIGS[self.method]
+        own = {f.name for f in dataclasses.fields(cls)}
+        given = {
+            name: getattr(self, name) for name in _POLICY_FIELDS if getattr(self, name) is not None
+        }
+        foreign = sorted(set(given) - own)
+        if foreign:
+            flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+            raise ValueError(f"{flags}: not a setting of --method {self.method}")
+        return cls(**given)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainPolicySettings:
+        if bool(self.data) == bool(self.database_url):
+            raise ValueError("give either --data FILE... or --database-url URL")
+        if self.since_cursor and not self.database_url:
+            raise ValueError("--since-cursor reads the feedback store: give --database-url")
+        self.policy_config()  # the method's own checks, reported as settings errors
+        return self
+
+
+class ClientSettings(ClientSecuritySettings):
     addr: str = Field("localhost:50051", description="reward service address")
 
 
@@ -354,6 +495,32 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_policy(args: argparse.Namespace) -> int:
+    settings = settings_from_args(TrainPolicySettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from services.common.registry import ModelRegistry
+    from trainer.policy import PolicyPublishOptions, train_policy
+    from trainer.reward import PairSource
+
+    result = train_policy(
+        settings.policy_config(),
+        PairSource(
+            files=tuple(settings.data),
+            database_url=settings.database_url,
+            after_cursor=settings.after_cursor,
+            since_parent_cursor=settings.since_cursor,
+            exclude_outliers=settings.exclude_outliers,
+        ),
+        ModelRegistry(settings.registry, "policy"),
+        publish=PolicyPublishOptions(promote=settings.promote, parent=settings.parent),
+        output_dir=settings.output_dir,
+        progress=settings.progress,
+    )
+    sys.stdout.write(json.dumps(result.summary()) + "\n")
+    return 0
+
+
 def _cmd_registry(args: argparse.Namespace) -> int:
     from services.common.registry import ModelRegistry
 
@@ -377,11 +544,11 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     elif args.action == "rollback":
         out.write(f"promoted {registry.rollback()}\n")
     if args.action in ("promote", "rollback") and settings.notify:
-        return _notify(settings.notify, out)
+        return _notify(settings.notify, out, settings.credentials)
     return 0
 
 
-def _notify(addresses: str, out: typing.TextIO) -> int:
+def _notify(addresses: str, out: typing.TextIO, credentials: ClientCredentials) -> int:
     """Tell serving processes to pick up the promotion now; 1 if any could not make it live."""
     import grpc
 
@@ -390,7 +557,7 @@ def _notify(addresses: str, out: typing.TextIO) -> int:
     failed = 0
     for address in filter(None, (a.strip() for a in addresses.split(","))):
         try:
-            reply = notify_reload(address)
+            reply = notify_reload(address, credentials=credentials)
         except grpc.RpcError as exc:
             out.write(f"{address}: not notified ({exc.code().name}: {exc.details()})\n")
             failed += 1
@@ -407,9 +574,24 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from services.reward.client import RewardClient
 
     settings = settings_from_args(ClientSettings, args)
-    with RewardClient(settings.addr) as client:
+    with RewardClient(settings.addr, settings.credentials) as client:
         rewards, version = client.score([args.prompt], [args.completion])
     sys.stdout.write(json.dumps({"reward": rewards[0], "model_version": version}) + "\n")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """``plaudit keys new``: a random API key and the entry a server's configuration needs."""
+    from services.common.security import ApiKeyEntry, hash_key, new_api_key
+
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    key = new_api_key()
+    entry = ApiKeyEntry.model_validate({"name": args.name, "sha256": hash_key(key), "roles": roles})
+    sys.stdout.write(json.dumps({"api_key": key, "entry": entry.model_dump(mode="json")}) + "\n")
+    sys.stderr.write(
+        "The key is shown only now: give it to the client (PLAUDIT_API_KEY). Add the entry to "
+        "the servers' PLAUDIT_API_KEYS list or --api-keys-file; they keep only its hash.\n"
+    )
     return 0
 
 
@@ -482,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(p, TrainRewardSettings)
     p.set_defaults(func=_cmd_train_reward)
+    p = train_kinds.add_parser(
+        "policy",
+        help="train a policy (DPO, rejection sampling or RLOO) behind a win-rate promotion gate",
+    )
+    add_settings_arguments(p, TrainPolicySettings)
+    p.set_defaults(func=_cmd_train_policy)
 
     p = commands.add_parser("registry", help="inspect and steer the model registry")
     p.add_argument("action", choices=["list", "show", "promote", "rollback"])
@@ -499,6 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     add_settings_arguments(p, GenerateClientSettings)
     p.set_defaults(func=_cmd_generate)
+
+    p = commands.add_parser("keys", help="make API keys for the services")
+    p.add_argument("action", choices=["new"])
+    p.add_argument("--name", required=True, help="who the key is for (logs, rate limits)")
+    p.add_argument(
+        "--roles", required=True, help=f"comma-separated roles: {', '.join(ROLES)}"
+    )
+    p.set_defaults(func=_cmd_keys)
 
     from services.up import UpSettings
 

@@ -18,21 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 from pydantic import Field
 
 from services.common.preference_files import PreferencePair, read_pairs
 from services.common.process import CLI
 from services.common.registry import ModelManifest, ModelRegistry
-from services.common.settings import PlauditSettings
+from services.common.security import ClientCredentials, ClientSecuritySettings
 from services.reward.client import RewardClient, wait_until_serving
 
 DEFAULT_DATA = Path("../shared/data/hh-harmless/pairs.jsonl")
 PROBES = 3
 
 
-class DemoSettings(PlauditSettings):
+class DemoSettings(ClientSecuritySettings):
+    """What to feed and where; ``api_key`` (roles submit_feedback, score) for secured services."""
+
     data: Path = Field(DEFAULT_DATA, description="HH-RLHF or prompt/chosen/rejected JSONL")
     home: Path = Field(Path(".plaudit"), description="plaudit up's folder (registry, database)")
     feedback_addr: str = Field("127.0.0.1:50052", description="feedback service address")
@@ -48,9 +49,9 @@ def _say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def _serving(address: str) -> bool:
+def _serving(address: str, credentials: ClientCredentials) -> bool:
     try:
-        wait_until_serving(address, timeout=2)
+        wait_until_serving(address, timeout=2, credentials=credentials)
     except TimeoutError:
         return False
     return True
@@ -111,7 +112,11 @@ def run_demo(settings: DemoSettings) -> int:
     pairs = [p for p in read_pairs(settings.data) if p.chosen.strip() and p.rejected.strip()]
     probes, pool = pairs[-PROBES:], pairs[:-PROBES]
     up: subprocess.Popen[bytes] | None = None
-    if not (_serving(settings.feedback_addr) and _serving(settings.reward_addr)):
+    credentials = settings.credentials
+    if not (
+        _serving(settings.feedback_addr, credentials)
+        and _serving(settings.reward_addr, credentials)
+    ):
         if not settings.start:
             _say(f"nothing serves at {settings.feedback_addr} / {settings.reward_addr}")
             return 1
@@ -123,12 +128,12 @@ def run_demo(settings: DemoSettings) -> int:
         )  # fmt: skip
     try:
         for address in (settings.feedback_addr, settings.reward_addr):
-            wait_until_serving(address, timeout=900)
+            wait_until_serving(address, timeout=900, credentials=credentials)
         registry = ModelRegistry(settings.home / "registry", "reward")
         rows: list[WaveRow] = []
         with (
-            grpc.insecure_channel(settings.feedback_addr) as channel,
-            RewardClient(settings.reward_addr) as reward,
+            credentials.channel(settings.feedback_addr) as channel,
+            RewardClient(settings.reward_addr, credentials) as reward,
         ):
             feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
             probs, version = _probe(reward, probes)

@@ -29,15 +29,15 @@ from pydantic import Field
 from services.common.admin import notify_reload
 from services.common.process import CLI, ServiceProcess, start_service
 from services.common.registry import ModelRegistry
+from services.common.security import ClientSecuritySettings
 from services.common.server import wait_for_termination
-from services.common.settings import PlauditSettings
 from services.feedback.store import FeedbackStore
 from services.reward.client import wait_until_serving
 
 log = logging.getLogger(__name__)
 
 
-class UpSettings(PlauditSettings):
+class UpSettings(ClientSecuritySettings):
     home: Path = Field(Path(".plaudit"), description="folder for the database, registry and runs")
     database_url: str = Field("", description="feedback database (default: SQLite under home)")
     reward_port: int = Field(50051, ge=0, le=65535, description="reward service gRPC port")
@@ -61,6 +61,12 @@ class UpSettings(PlauditSettings):
     train_backbone: str = Field("minilm", description="backbone each retraining starts from")
     train_epochs: int = Field(1, ge=1, description="epochs per retraining")
     train_max_steps: int = Field(0, ge=0, description="optimizer steps per retraining (0: all)")
+    auth_disabled: bool = Field(
+        True,
+        description="run the services (on 127.0.0.1) without authentication; with "
+        "--no-auth-disabled they read PLAUDIT_API_KEYS(_FILE) and this process calls them "
+        "with PLAUDIT_API_KEY (roles score, admin)",
+    )
 
     @property
     def registry(self) -> Path:
@@ -170,7 +176,11 @@ class Scheduler:
                 summary.get("metrics", {}).get("eval/accuracy"), summary.get("promoted"),
             )  # fmt: skip
             if summary.get("promoted"):
-                reply = await asyncio.to_thread(notify_reload, self.settings.reward_address)
+                reply = await asyncio.to_thread(
+                    notify_reload,
+                    self.settings.reward_address,
+                    credentials=self.settings.credentials,
+                )
                 log.info("reward service now serves %s", reply.live_version)
 
 
@@ -178,6 +188,7 @@ async def run_up(settings: UpSettings) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(bootstrap, settings)
     children: list[ServiceProcess] = []
+    no_auth = settings.auth_disabled
     try:
         children.append(
             start_service(
@@ -185,12 +196,14 @@ async def run_up(settings: UpSettings) -> int:
                 "--http-port", str(settings.feedback_http_port),
                 "--reward-addr", settings.reward_address,
                 port=settings.feedback_port, metrics_port=settings.feedback_metrics_port,
+                auth_disabled=no_auth,
             )
         )  # fmt: skip
         children.append(
             start_service(
                 "reward", "--registry", str(settings.registry),
                 port=settings.reward_port, metrics_port=settings.reward_metrics_port,
+                auth_disabled=no_auth,
             )
         )  # fmt: skip
         if settings.generation and ModelRegistry(settings.registry, "policy").promoted():
@@ -199,10 +212,13 @@ async def run_up(settings: UpSettings) -> int:
                     "generation", "--registry", str(settings.registry),
                     "--reward-addr", settings.reward_address,
                     port=settings.generation_port, metrics_port=settings.generation_metrics_port,
+                    auth_disabled=no_auth,
                 )
             )  # fmt: skip
         for child in children:
-            await asyncio.to_thread(wait_until_serving, child.address, 300.0)
+            await asyncio.to_thread(
+                wait_until_serving, child.address, 300.0, credentials=settings.credentials
+            )
         log.info(
             "plaudit is up: %s; labelling page http://127.0.0.1:%d/",
             ", ".join(f"{c.service} {c.address} (metrics :{c.metrics_port})" for c in children),

@@ -16,6 +16,9 @@ import sqlalchemy as sa
 from services.feedback.db import normalize_url
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Services started by tests (in-process or as subprocesses) run without API keys unless a test
+# configures keys; servers refuse to start with neither (tests/test_security.py covers that).
+os.environ.setdefault("PLAUDIT_AUTH_DISABLED", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -141,7 +144,7 @@ class ServerThread:
     """Runs a service on its own event loop in a background thread (tests use sync clients).
 
     ``kind`` picks the service ("reward", "generation" or "feedback"); ``settings`` are its
-    settings fields.
+    settings fields. Authentication is off unless ``api_keys``/``api_keys_file`` are given.
     """
 
     def __init__(self, kind: str = "reward", **settings: Any) -> None:
@@ -165,6 +168,8 @@ class ServerThread:
 
         async def make() -> Any:
             common = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", **self.settings}
+            keyed = "api_keys" in common or "api_keys_file" in common
+            common.setdefault("auth_disabled", not keyed)
             server: Any
             if self.kind == "feedback":
                 common.setdefault("http_port", 0)

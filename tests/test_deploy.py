@@ -82,7 +82,8 @@ def tool(name: str) -> str:
 
 
 def promtool() -> str:
-    found = BIN / "promtool" if (BIN / "promtool").exists() else shutil.which("promtool")
+    local = BIN / "promtool"
+    found = str(local) if os.access(local, os.X_OK) else shutil.which("promtool")
     if not found:
         pytest.skip("promtool not found (Debian package prometheus); run make deploy-check")
     return str(found)
@@ -290,15 +291,29 @@ def test_pods_run_unprivileged(docs: list[Doc]) -> None:
             assert {"cpu", "memory"} <= c["resources"][key].keys(), f"{name}: {key}"
 
 
-def test_services_probe_their_own_grpc_port(docs: list[Doc]) -> None:
+SERVICE_SETTINGS: dict[str, type[PlauditSettings]] = {
+    "reward": RewardSettings,
+    "feedback": FeedbackSettings,
+    "generation": GenerationSettings,
+}
+
+
+def test_services_expose_and_probe_the_ports_they_bind(
+    docs: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for doc, c in containers(of_kind(docs, "Deployment")):
         name = doc["metadata"]["name"]
         env = container_env(docs, doc, c)
+        for key in [k for k in os.environ if k.startswith("PLAUDIT_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = SERVICE_SETTINGS[c["name"]]()
+        bound = {"grpc": settings.port, "metrics": settings.metrics_port}  # type: ignore[attr-defined]
+        if hasattr(settings, "http_port"):
+            bound["http"] = settings.http_port
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {
-            "grpc": int(env["PLAUDIT_PORT"]),
-            "metrics": int(env["PLAUDIT_METRICS_PORT"]),
-        }
+        assert ports == bound, f"{name}: container ports vs the ports the service binds"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe in c, f"{name}: {probe}"
         for probe in ("startupProbe", "readinessProbe"):
@@ -316,7 +331,7 @@ def test_services_probe_their_own_grpc_port(docs: list[Doc]) -> None:
             if svc["spec"]["selector"].items() <= pod_labels(doc).items():
                 for port in svc["spec"]["ports"]:
                     assert port["targetPort"] in ports, f"{svc['metadata']['name']}: {port}"
-        grace = float(env.get("PLAUDIT_GRACE_PERIOD_S", 30))
+        grace = float(settings.grace_period_s)  # type: ignore[attr-defined]
         pause = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
         assert grace + pause < pod_spec(doc)["terminationGracePeriodSeconds"], name
 

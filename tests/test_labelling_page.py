@@ -233,3 +233,42 @@ def test_a_database_outage_is_shown_clearly(page: Page) -> None:
         expect(page.locator("#task")).to_be_hidden()
     finally:
         server.stop()
+
+
+def test_a_service_with_api_keys_asks_for_one_and_sends_it(page: Page, tmp_path: Any) -> None:
+    """Without a key the page says so and asks; the key entered is kept and sent as a header."""
+    from services.common.security import hash_key, new_api_key
+
+    key = new_api_key()
+    entry = {"name": "labellers", "sha256": hash_key(key), "roles": ["submit_feedback"]}
+    server = ServerThread(
+        "feedback",
+        database_url=f"sqlite:///{tmp_path / 'f.db'}",
+        api_keys=[entry],
+        log_level="ERROR",
+    ).start()
+    try:
+        base = server.http_url
+        request = urllib.request.Request(
+            f"{base}/api/v1/tasks",
+            data=json.dumps({"tasks": TASKS[2:3]}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            (task,) = json.loads(response.read())["tasks"]
+        page.add_init_script("localStorage.setItem('plaudit.annotator', 'dora')")
+        page.goto(base + "/")
+        expect(page.locator("#banner-text")).to_contain_text("needs a valid API key")
+        expect(page.locator("#login")).to_be_visible()
+        page.fill("#api-key-input", key)
+        page.press("#annotator-input", "Enter")
+        wait_for_task(page, task["task_id"])
+        expect(page.locator("#banner")).to_be_hidden()
+        with page.expect_request("**/api/v1/comparisons") as sent:
+            page.keyboard.press("1")
+            page.keyboard.press("Enter")
+        assert sent.value.headers["authorization"] == f"Bearer {key}"
+        expect(page.locator("#empty")).to_be_visible()
+        assert page.evaluate("localStorage.getItem('plaudit.apiKey')") == key
+    finally:
+        server.stop()

@@ -28,6 +28,12 @@ class Backbone:
     gguf_file: str | None = None
     name: str = ""
 
+    @property
+    def weights_kwargs(self) -> dict[str, object]:
+        """``from_pretrained`` arguments for the weights: the GGUF file, or safetensors only,
+        so a checkpoint folder's pickled ``*.bin`` weights are never unpickled."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {"use_safetensors": True}
+
 
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)

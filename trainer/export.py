@@ -101,7 +101,11 @@ def load_reward_model(
         require_trained_head = (backbone.path / TRAINING_RECORD).is_file()
     tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
     model, loading = AutoModelForSequenceClassification.from_pretrained(
-        backbone.path, num_labels=1, dtype=torch.float32, output_loading_info=True, **kwargs
+        backbone.path,
+        num_labels=1,
+        dtype=torch.float32,
+        output_loading_info=True,
+        **backbone.weights_kwargs,
     )
     fresh = sorted(
         set(loading.get("missing_keys", ())) | {k[0] for k in loading.get("mismatched_keys", ())}

@@ -73,19 +73,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float, *, fused: bool = False
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with weight decay on matrices only (not on biases
-    and norm weights)."""
+    and norm weights). ``fused``: torch's fused kernel (one pass over all tensors) when every
+    parameter is a float tensor on CPU or CUDA; otherwise the default implementation."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=(fused and fusable) or None)
 
 
 def _optimizer(model: torch.nn.Module, cfg: RewardTrainingConfig) -> torch.optim.AdamW:
-    return adamw(model, cfg.learning_rate, cfg.weight_decay)
+    # fused: on a 2-core CPU the per-tensor AdamW step of MiniLM (22.7M parameters) takes about
+    # 0.5 s, the fused one about 0.1 s (about a tenth of a 16-pair training step)
+    return adamw(model, cfg.learning_rate, cfg.weight_decay, fused=True)
 
 
 def _is_better(new: dict[str, float], old: dict[str, float], metric: str) -> bool:

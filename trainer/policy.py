@@ -46,7 +46,7 @@ from trainer.distributed import DistEnv, init_distributed, shutdown
 from trainer.loop import adamw, disable_dropout, lr_factor
 from trainer.objective import prompt_bucket, split_by_prompt
 from trainer.policy_config import DPOConfig, PolicyConfig, RejectionSamplingConfig, RLConfig
-from trainer.policy_data import PolicyTokenizer, TokenBatch, TokenRow, collate_rows
+from trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
 from trainer.policy_objective import (
     best_of_n,
     dpo_loss,
@@ -63,6 +63,7 @@ from trainer.policy_sampling import (
     SamplingParams,
     Scorer,
     completion_logprobs,
+    completion_token_logprobs,
     evaluate_policy,
     forward_logprobs,
     generate_rows,
@@ -174,7 +175,9 @@ def load_policy_model(base: str) -> tuple[PreTrainedModel, Any, Backbone]:
     kwargs = {"gguf_file": backbone.gguf_file} if backbone.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
     model = trainable(
-        AutoModelForCausalLM.from_pretrained(backbone.path, dtype=torch.float32, **kwargs)
+        AutoModelForCausalLM.from_pretrained(
+            backbone.path, dtype=torch.float32, **backbone.weights_kwargs
+        )
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -338,14 +341,18 @@ def train_dpo(
 
     train_c, train_r = encode(train)
     held_c, held_r = encode(held_out)
-    with run.reference.use(run.model) as ref:
-        ref_all = completion_logprobs(
-            ref, [*train_c, *train_r, *held_c, *held_r], pad, device, batch_size=2 * cfg.batch_size
-        )
     n, m = len(train), len(held_out)
-    ref_c = torch.tensor(ref_all[:n], dtype=torch.float32, device=device)
-    ref_r = torch.tensor(ref_all[n : 2 * n], dtype=torch.float32, device=device)
-    ref_held_c, ref_held_r = ref_all[2 * n : 2 * n + m], ref_all[2 * n + m :]
+    with run.reference.use(run.model) as ref:
+        ref_train = completion_logprobs(
+            ref, [*train_c, *train_r], pad, device, batch_size=2 * cfg.batch_size
+        )
+        # batched exactly as the evaluation batches the policy: equal models, equal numbers
+        ref_held = completion_logprobs(
+            ref, [*held_c, *held_r], pad, device, batch_size=2 * cfg.batch_size
+        )
+    ref_c = torch.tensor(ref_train[:n], dtype=torch.float32, device=device)
+    ref_r = torch.tensor(ref_train[n:], dtype=torch.float32, device=device)
+    ref_held_c, ref_held_r = ref_held[:m], ref_held[m:]
     weight = torch.tensor([p.weight for p in train], dtype=torch.float32, device=device)
 
     def evaluate(step: int, epoch: float) -> dict[str, float]:
@@ -459,9 +466,9 @@ def train_rejection_sampling(
         sft_rows = [*best, *corrections]
 
         def micro_loss(index: np.ndarray, rows: list[TokenRow] = sft_rows) -> Any:
-            batch = _collate(run, [rows[i] for i in index])
-            logits = run.model(**batch.model_inputs(), use_cache=False).logits
-            return sft_loss(logits, batch.input_ids, batch.completion_mask), {}
+            batch = collate_rows([rows[i] for i in index], tok.pad_id).to(device)
+            logps, _ = completion_token_logprobs(run.model, batch)
+            return sft_loss(logps), {}
 
         fit = _fit(
             run,
@@ -484,10 +491,6 @@ def train_rejection_sampling(
         "train/steps": float(run.step),
         "train/rounds": float(cfg.rounds),
     }
-
-
-def _collate(run: _Run, rows: Sequence[TokenRow]) -> TokenBatch:
-    return collate_rows(rows, run.tokens.pad_id).to(run.device)
 
 
 # -- RL (RLOO) ----------------------------------------------------------------------------------
@@ -577,7 +580,8 @@ def baseline_sampler(
 
         def base(prompts: Sequence[str]) -> list[str]:
             with run.reference.use(run.model) as ref:
-                return torch_sampler(ref, run.tokens, params, run.device, seed)(prompts)
+                sampler = torch_sampler(ref, run.tokens, params, run.device, seed, run.progress)
+                return sampler(prompts)
 
         return base, f"base model {run.cfg.base}"
     from services.generation.engine import GenerateJob, GenerationEngine, LoadedPolicy
@@ -767,6 +771,7 @@ def _train(
                 scorer=scorer,
                 baseline=baseline,
                 seed=cfg.seed,
+                progress=progress,
             )
         )
     finally:

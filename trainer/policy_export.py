@@ -364,7 +364,9 @@ def load_policy_checkpoint(checkpoint: str) -> tuple[PreTrainedModel, Any, str]:
     backbone = resolve_backbone(checkpoint)
     kwargs = {"gguf_file": backbone.gguf_file} if backbone.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(backbone.path, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        backbone.path, dtype=torch.float32, **backbone.weights_kwargs
+    )
     model.eval()
     return model, tokenizer, backbone.name
 

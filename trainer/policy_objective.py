@@ -101,12 +101,10 @@ def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> to
     return -(advantages.detach() * logprobs).mean()
 
 
-def sft_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy per completion token, averaged over all completion tokens in the batch."""
-    mask = completion_mask[:, 1:].to(torch.float32)
-    return -(token_logprobs(logits, input_ids) * mask).sum() / mask.sum().clamp(min=1.0)
+def sft_loss(completion_logprobs: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning: cross-entropy averaged over every completion token of the batch
+    (``completion_logprobs``: the log-probs of those tokens, flattened)."""
+    return -completion_logprobs.mean()
 
 
 def best_of_n(scores: Sequence[float] | np.ndarray) -> int:

@@ -15,8 +15,9 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
-from trainer.policy_objective import sequence_logprobs, win_rate
+from services.common.security import INSECURE, ClientCredentials
+from trainer.policy_data import PolicyTokenizer, TokenBatch, TokenRow, collate_rows
+from trainer.policy_objective import token_logprobs, win_rate
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,20 @@ class RewardServiceScorer:
     """Scores through the reward service (:class:`services.reward.client.RewardClient`); the
     rewards are the service's default, standardised by the version's reference statistics."""
 
-    def __init__(self, address: str, *, wait_s: float = 60.0, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        wait_s: float = 60.0,
+        timeout_s: float = 120.0,
+        credentials: ClientCredentials = INSECURE,
+    ) -> None:
         from services.reward.client import RewardClient, wait_until_serving
 
-        wait_until_serving(address, wait_s)
+        wait_until_serving(address, wait_s, credentials=credentials)
         self.address = address
         self.timeout_s = timeout_s
-        self.client = RewardClient(address)
+        self.client = RewardClient(address, credentials)
         self.versions: set[str] = set()  # the reward-model versions that answered
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
@@ -64,8 +72,43 @@ class RewardServiceScorer:
         self.client.close()
 
 
+def _plain_head(lm: Any) -> bool:
+    """Whether the logits are just the output projection of the decoder's last hidden state
+    (no logit scaling or soft-capping), so it can be applied to the completion positions only."""
+    config = lm.config
+    scaled = any(
+        getattr(config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return isinstance(head, torch.nn.Linear) and hasattr(lm, "get_decoder") and not scaled
+
+
+def completion_token_logprobs(
+    model: Any, batch: TokenBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the completion tokens alone, flattened, and the row each belongs to.
+
+    The output projection and softmax (a 49k vocabulary for SmolLM2) run on the completion
+    positions only, not on prompt and padding; models whose head does more than a projection
+    take the full-logits path (:func:`trainer.policy_objective.token_logprobs`).
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: injected
+    target = batch.completion_mask[:, 1:].bool()  # token t is predicted at position t - 1
+    rows = torch.arange(len(target), device=target.device).unsqueeze(1).expand_as(target)[target]
+    if not _plain_head(lm):
+        logits = model(**batch.model_inputs(), use_cache=False).logits
+        return token_logprobs(logits, batch.input_ids, temperature)[target], rows
+    hidden = lm.get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+    logits = lm.get_output_embeddings()(hidden[:, :-1][target]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    labels = batch.input_ids[:, 1:][target].unsqueeze(-1)
+    return torch.gather(logits.log_softmax(-1), 1, labels).squeeze(-1), rows
+
+
 def forward_logprobs(
-    model: torch.nn.Module,
+    model: Any,
     rows: Sequence[TokenRow],
     pad_id: int,
     device: torch.device,
@@ -73,8 +116,8 @@ def forward_logprobs(
 ) -> torch.Tensor:
     """Completion log-prob sums of ``rows`` in one forward pass (keeps the graph)."""
     batch = collate_rows(rows, pad_id).to(device)
-    logits = model(**batch.model_inputs(), use_cache=False).logits
-    return sequence_logprobs(logits, batch.input_ids, batch.completion_mask, temperature)
+    logps, row = completion_token_logprobs(model, batch, temperature)
+    return torch.zeros(len(rows), device=device, dtype=logps.dtype).index_add(0, row, logps)
 
 
 def completion_logprobs(
@@ -176,14 +219,20 @@ Sampler = Callable[[Sequence[str]], list[str]]
 
 
 def torch_sampler(
-    model: Any, tokens: PolicyTokenizer, params: SamplingParams, device: torch.device, seed: int
+    model: Any,
+    tokens: PolicyTokenizer,
+    params: SamplingParams,
+    device: torch.device,
+    seed: int,
+    progress: bool = False,
 ) -> Sampler:
     """Samples from a PyTorch causal LM, reproducibly (``seed``), without disturbing the
     global random state."""
 
     def sample(prompts: Sequence[str]) -> list[str]:
+        desc = "baseline samples" if progress else None
         with seeded(seed, device):
-            rows = generate_rows(model, tokens, prompts, params, device, desc="baseline samples")
+            rows = generate_rows(model, tokens, prompts, params, device, desc=desc)
         return [tokens.decode(r.completion) for r in rows]
 
     return sample
@@ -208,6 +257,7 @@ def evaluate_policy(
     scorer: Scorer | None,
     baseline: Sampler | None,
     seed: int,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Held-out metrics of the policy on ``prompts``, one sample each (seeded):
 
@@ -220,7 +270,8 @@ def evaluate_policy(
     if not prompts:
         return {}
     with seeded(seed, device):
-        rows = generate_rows(model, tokens, prompts, params, device, desc="policy samples")
+        desc = "policy samples" if progress else None
+        rows = generate_rows(model, tokens, prompts, params, device, desc=desc)
     logp = completion_logprobs(model, rows, tokens.pad_id, device, temperature=params.temperature)
     with reference.use(model) as ref:
         ref_logp = completion_logprobs(

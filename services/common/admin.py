@@ -8,6 +8,7 @@ import grpc
 from plaudit.v1 import admin_pb2, admin_pb2_grpc
 
 from services.common.hotswap import ModelWatcher
+from services.common.security import INSECURE, ClientCredentials
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -26,8 +27,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
 
-def notify_reload(address: str, timeout: float = 300.0) -> admin_pb2.ReloadModelResponse:
-    """Ask a serving process at ``address`` to pick up the registry's promoted version now."""
-    with grpc.insecure_channel(address) as channel:
+def notify_reload(
+    address: str, timeout: float = 300.0, credentials: ClientCredentials = INSECURE
+) -> admin_pb2.ReloadModelResponse:
+    """Ask a serving process at ``address`` to pick up the registry's promoted version now
+    (its API key needs the ``admin`` role)."""
+    with credentials.channel(address) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         return stub.ReloadModel(admin_pb2.ReloadModelRequest(), timeout=timeout)

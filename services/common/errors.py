@@ -59,3 +59,15 @@ class AlreadyExistsError(PlauditError):
     """An entity with the same identity (e.g. an idempotency key) exists with different content."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class UnauthenticatedError(PlauditError):
+    """No credentials, or credentials that match no configured API key."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(PlauditError):
+    """The caller is known but its roles do not allow the operation."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

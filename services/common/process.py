@@ -56,16 +56,19 @@ def start_service(
     port: int = 0,
     metrics_port: int = 0,
     log_level: str = "WARNING",
+    auth_disabled: bool = True,
 ) -> ServiceProcess:
     """Start ``plaudit serve <service> <args>`` (on free ports unless given); returns at once.
 
+    The child listens on 127.0.0.1 only; ``auth_disabled`` passes ``--auth-disabled`` (say
+    False to have it read its API keys from the environment, PLAUDIT_API_KEYS...).
     Wait with :func:`services.reward.client.wait_until_serving` on ``.address`` before calling.
     """
     port, metrics_port = port or free_port(), metrics_port or free_port()
     command = [
         *CLI, "serve", service, "--host", "127.0.0.1", "--port", str(port),
         "--metrics-port", str(metrics_port), "--log-format", "text", "--log-level", log_level,
-        *args,
+        *(["--auth-disabled"] if auth_disabled else []), *args,
     ]  # fmt: skip
     return ServiceProcess(subprocess.Popen(command), port, metrics_port, service)
 

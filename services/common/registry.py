@@ -9,7 +9,13 @@ Layout (one namespace per model kind)::
 Publishing is atomic: files are copied into a staging folder beside ``versions/`` and renamed into
 place, so a reader never sees half a version. The promotion pointer is replaced atomically
 (write aside, fsync, rename). Every file of a version is listed in its manifest with its sha256,
-and :meth:`ModelRegistry.verify` checks them before a server uses the version.
+and :meth:`ModelRegistry.verify` checks them before a server uses the version: a listed file
+that differs or is missing, a file that is not listed, or one outside the version folder fails it.
+
+Versions hold ONNX graphs, tokenizers and JSON: nothing is ever unpickled. Files in pickle-based
+formats (:data:`PICKLE_SUFFIXES`: PyTorch ``.bin``/``.pt`` checkpoints, ``.pkl``...) are refused
+both when publishing and when verifying, so a version cannot carry one for a later loader to trip
+over. Version names are checked (:func:`validate_version_name`) wherever one is read or written.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 ModelKind = Literal["reward", "policy"]
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
 
 
 class Normalization(BaseModel):
@@ -94,6 +101,15 @@ def validate_version_name(version: str) -> str:
     if not _VERSION_RE.fullmatch(version) or ".." in version:
         raise InvalidArgumentError("version", f"invalid version name {version!r}")
     return version
+
+
+def check_file_format(version: str, rel: str) -> None:
+    """Refuse pickle-based files (see :data:`PICKLE_SUFFIXES`) in a version."""
+    if Path(rel).suffix.lower() in PICKLE_SUFFIXES:
+        raise FailedPreconditionError(
+            f"version {version}: {rel} is a pickle-based file; versions hold ONNX, safetensors, "
+            "tokenizer and JSON files only"
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -167,12 +183,22 @@ class ModelRegistry:
         return [json.loads(line) for line in self.history.read_text().splitlines() if line.strip()]
 
     def verify(self, version: str) -> ModelManifest:
-        """Check every file's sha256 against the manifest; raise if anything differs."""
+        """Check every file's sha256 against the manifest; raise if anything differs, is missing,
+        is not listed, or is in a pickle-based format."""
         manifest = self.manifest(version)
         root = self.version_dir(version)
         if not manifest.files:
             raise FailedPreconditionError(f"version {version} lists no files")
+        present = {
+            str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()
+        }
+        unlisted = sorted(present - set(manifest.files) - {MANIFEST})
+        if unlisted:
+            raise FailedPreconditionError(
+                f"version {version}: {unlisted[0]} is not listed in the manifest"
+            )
         for rel, expected in manifest.files.items():
+            check_file_format(version, rel)
             path = (root / rel).resolve()
             if root.resolve() not in path.parents:
                 raise FailedPreconditionError(
@@ -204,6 +230,9 @@ class ModelRegistry:
         try:
             shutil.copytree(source_dir, staging, dirs_exist_ok=True)
             (staging / MANIFEST).unlink(missing_ok=True)
+            for p in staging.rglob("*"):
+                if p.is_file():
+                    check_file_format(manifest.version, str(p.relative_to(staging)))
             files = {
                 str(p.relative_to(staging)): sha256_file(p)
                 for p in sorted(staging.rglob("*"))

@@ -2,7 +2,9 @@
 
 Health (``grpc.health.v1``) starts NOT_SERVING for every service and is flipped by the owner
 when it can really answer; server reflection lists every service; the error/metrics interceptor
-wraps every method; ``/metrics`` is served on its own port. :func:`wait_for_termination` turns
+and the access interceptor (API keys, roles, rate and in-flight limits; see
+:mod:`services.common.security`) wrap every other method; TLS or mutual TLS is served when
+configured; ``/metrics`` is served on its own port. :func:`wait_for_termination` turns
 SIGTERM/SIGINT into a graceful stop: health goes NOT_SERVING, new calls are refused, in-flight
 calls finish (up to the grace period), then the process exits 0.
 """
@@ -19,28 +21,31 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from services.common.interceptors import ErrorAndMetricsInterceptor
+from services.common.interceptors import AccessInterceptor, ErrorAndMetricsInterceptor
 from services.common.metrics import GrpcMetrics, MetricsHttpServer
+from services.common.security import ServerSecurity
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
 
 class GrpcService:
-    """Owns a grpc.aio.Server plus health, reflection, interceptor and metrics endpoint."""
+    """Owns a grpc.aio.Server plus health, reflection, interceptors and metrics endpoint.
+
+    ``security`` (:meth:`ServerSecurity.from_settings`) is required: every server enforces it.
+    """
 
     def __init__(
         self,
         *,
         service_names: Sequence[str],
+        security: ServerSecurity,
         host: str = "0.0.0.0",
         port: int = 0,
         metrics_port: int | None = 0,
         registry: CollectorRegistry | None = None,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.service_names = list(service_names)
+        self.security = security
         self.registry = registry or CollectorRegistry()
         self.metrics = GrpcMetrics(self.registry)
         self.health = health.aio.HealthServicer()
@@ -49,10 +54,13 @@ class GrpcService:
         self._metrics_port = metrics_port
         self._metrics_server: MetricsHttpServer | None = None
         self.server = grpc.aio.server(
-            interceptors=[ErrorAndMetricsInterceptor(self.metrics)],
+            interceptors=[  # the first is the outermost
+                ErrorAndMetricsInterceptor(self.metrics),
+                AccessInterceptor(security.guard),
+            ],
             options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", security.max_message_bytes),
+                ("grpc.max_send_message_length", security.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -68,7 +76,12 @@ class GrpcService:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{self._host}:{self._requested_port}")
+        address = f"{self._host}:{self._requested_port}"
+        tls = self.security.tls
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, tls.server_credentials())
         if self.port == 0:
             raise OSError(f"could not bind {self._host}:{self._requested_port}")
         await self.set_serving(False)
@@ -76,7 +89,10 @@ class GrpcService:
         if self._metrics_port is not None:
             self._metrics_server = MetricsHttpServer(self.registry, self._metrics_port)
             self.metrics_port = self._metrics_server.port
-        log.info("grpc server started", extra={"port": self.port, "services": self.service_names})
+        log.info(
+            "grpc server started",
+            extra={"port": self.port, "services": self.service_names, **self.security.describe()},
+        )
 
     async def set_serving(self, serving: bool) -> None:
         """Report the truth: SERVING only when every service can answer."""

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FEEDBACK_URL = "sqlite:///.plaudit/feedback.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-POSTGRES_CONNECT_TIMEOUT_S = 5
+POSTGRES_CONNECT_TIMEOUT_S = 2
+POSTGRES_TCP_USER_TIMEOUT_MS = 10_000  # unacknowledged data on a dead link: give up then
 _SQLITE_BEGIN = "plaudit_sqlite_begin"  # execution option: "DEFERRED" (default) or "IMMEDIATE"
 
 
@@ -56,8 +57,15 @@ def is_sqlite(engine_or_conn: Engine | Connection) -> bool:
     return engine_or_conn.dialect.name == "sqlite"
 
 
-def create_feedback_engine(url: str | URL, *, pool_size: int = 5) -> Engine:
-    """An engine for ``url`` with the SQLite pragmas / PostgreSQL options described above."""
+def create_feedback_engine(
+    url: str | URL, *, pool_size: int = 5, connect_timeout_s: int = POSTGRES_CONNECT_TIMEOUT_S
+) -> Engine:
+    """An engine for ``url`` with the SQLite pragmas / PostgreSQL options described above.
+
+    PostgreSQL connections give up after ``connect_timeout_s`` and detect a dead link (TCP
+    keepalives, ``tcp_user_timeout``), so an outage fails calls fast instead of hanging them;
+    a pooled connection is pinged before use and replaced when the database is back.
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed)
@@ -66,8 +74,16 @@ def create_feedback_engine(url: str | URL, *, pool_size: int = 5) -> Engine:
         pool_size=pool_size,
         max_overflow=2 * pool_size,
         pool_pre_ping=True,
+        pool_timeout=max(5, 2 * connect_timeout_s),  # waiting for a free pooled connection
         isolation_level="READ COMMITTED",  # writers rely on a fresh snapshot per statement
-        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
+        connect_args={
+            "connect_timeout": connect_timeout_s,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 3,
+            "keepalives_count": 3,
+            "tcp_user_timeout": POSTGRES_TCP_USER_TIMEOUT_MS,
+        },
         json_serializer=json_dumps,
         json_deserializer=orjson.loads,
     )

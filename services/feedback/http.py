@@ -21,7 +21,10 @@ same code and committed through the same group-commit batcher, so idempotency an
 the same. Errors are the domain's :class:`PlauditError` s, mapped to HTTP in one place
 (:func:`error_response`): ``{"error": {"code": "INVALID_ARGUMENT", "field": "chosen",
 "message": "chosen: must not be empty or whitespace only"}}`` with 400, and likewise 404, 409,
-429, 503. Authentication plugs in at :func:`allow_all` (see there).
+429, 503. Every ``/api/`` request first passes the authenticator: :func:`api_key_authenticator`
+(the ``Authorization: Bearer <key>`` header, checked by the gRPC server's own
+:class:`~services.common.security.AccessGuard`: same keys, roles from the same table, same rate
+limits), or :func:`allow_all` when the service runs with ``auth_disabled``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,6 +43,7 @@ from aiohttp import web
 
 from services.common.batching import DynamicBatcher
 from services.common.errors import InvalidArgumentError, PlauditError
+from services.common.security import AccessGuard, Principal
 from services.feedback.domain import (
     Comparison,
     Correction,
@@ -123,17 +128,35 @@ def error_response(exc: PlauditError) -> web.Response:
 
 # -- authentication -------------------------------------------------------------------------------
 Authenticator = Callable[[web.Request], Awaitable[None]]
+PRINCIPAL = web.RequestKey("principal", Principal)
+"""Who is calling, recorded by the authenticator for the handlers."""
 
 
 async def allow_all(request: web.Request) -> None:
-    """The authenticator in use: every request is let through.
+    """The authenticator of a service started with ``auth_disabled``: every request passes.
 
-    Authentication plugs in here and nowhere else. :func:`make_app` runs the authenticator
-    before every ``/api/`` handler (the page, its static files and ``/healthz`` stay public). An
-    API-key authenticator reads ``Authorization: Bearer <key>``, refuses by raising a
+    :func:`make_app` runs the authenticator before every ``/api/`` handler (the page, its
+    static files and ``/healthz`` stay public). An authenticator refuses by raising a
     :class:`PlauditError` whose code is ``UNAUTHENTICATED`` (401) or ``PERMISSION_DENIED``
-    (403), and may record who is calling in ``request["principal"]`` for the handlers.
+    (403), and may record who is calling in ``request[PRINCIPAL]`` for the handlers.
     """
+
+
+def api_key_authenticator(guard: AccessGuard) -> Authenticator:
+    """Admit requests through ``guard``: ``Authorization: Bearer <key>``, the role
+    :data:`~services.common.security.CALL_ROLES` names for ``METHOD /route``, the key's rate
+    limit. A path that matches no route only needs a valid key (then it is 404)."""
+
+    async def authenticate(request: web.Request) -> None:
+        authorization = request.headers.get("Authorization")
+        resource = request.match_info.route.resource
+        if resource is None:
+            request[PRINCIPAL] = guard.identify(authorization)
+            return
+        method = "GET" if request.method == "HEAD" else request.method
+        request[PRINCIPAL] = guard.check(f"{method} {resource.canonical}", authorization)
+
+    return authenticate
 
 
 # -- JSON -> domain ---------------------------------------------------------------------------
@@ -446,7 +469,7 @@ class FeedbackHttpApi:
 
 
 def make_app(
-    api: FeedbackHttpApi, metrics: FeedbackMetrics, authenticate: Authenticator = allow_all
+    api: FeedbackHttpApi, metrics: FeedbackMetrics, authenticate: Authenticator
 ) -> web.Application:
     """The aiohttp application: routes, error mapping, authentication hook, headers, metrics."""
 
@@ -504,10 +527,20 @@ def make_app(
 
 
 class FeedbackHttpServer:
-    """Serves :func:`make_app` on ``host:port`` (0 picks a free port) on the running loop."""
+    """Serves :func:`make_app` on ``host:port`` (0 picks a free port) on the running loop, over
+    TLS when given an ``ssl_context``."""
 
-    def __init__(self, app: web.Application, *, host: str, port: int, grace_s: float) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        host: str,
+        port: int,
+        grace_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._app = app
+        self._ssl_context = ssl_context
         self._host = host
         self._requested_port = port
         self._grace_s = grace_s
@@ -519,7 +552,9 @@ class FeedbackHttpServer:
             self._app, access_log=None, handle_signals=False, shutdown_timeout=self._grace_s
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._requested_port)
+        site = web.TCPSite(
+            runner, self._host, self._requested_port, ssl_context=self._ssl_context
+        )
         try:
             await site.start()
         except BaseException:
@@ -546,7 +581,8 @@ def feedback_http_server(
     metrics: FeedbackMetrics,
     is_serving: Callable[[], bool],
     settings: FeedbackSettings,
-    authenticate: Authenticator = allow_all,
+    authenticate: Authenticator,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> FeedbackHttpServer:
     """The HTTP server of a feedback service, configured from its settings."""
     api = FeedbackHttpApi(
@@ -562,4 +598,5 @@ def feedback_http_server(
         host=settings.host,
         port=settings.http_port,
         grace_s=settings.grace_period_s,
+        ssl_context=ssl_context,
     )

@@ -19,9 +19,10 @@ from plaudit.v1 import feedback_pb2_grpc
 
 from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.errors import PlauditError, UnavailableError
+from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
 from services.feedback.domain import FeedbackEvent, FeedbackLimits
-from services.feedback.http import feedback_http_server
+from services.feedback.http import allow_all, api_key_authenticator, feedback_http_server
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.servicer import FeedbackServicer, Outcome
 from services.feedback.settings import FeedbackSettings
@@ -38,8 +39,10 @@ class FeedbackServer:
 
     def __init__(self, settings: FeedbackSettings) -> None:
         self.settings = settings
+        security = ServerSecurity.from_settings(settings)
         self.grpc = GrpcService(
             service_names=[SERVICE_NAME],
+            security=security,
             host=settings.host,
             port=settings.port,
             metrics_port=settings.metrics_port,
@@ -72,6 +75,12 @@ class FeedbackServer:
             metrics=self.metrics,
             is_serving=lambda: self.database_up,
             settings=settings,
+            authenticate=(
+                api_key_authenticator(security.guard)
+                if security.guard.auth_required
+                else allow_all
+            ),
+            ssl_context=security.tls.ssl_context() if security.tls else None,
         )
 
     @property
@@ -108,6 +117,7 @@ class FeedbackServer:
         return FeedbackStore(
             self.settings.database_url,
             limits=limits,
+            connect_timeout_s=self.settings.database_connect_timeout_s,
             rating_pairs_across_annotators=self.settings.rating_pairs_across_annotators,
             outlier_alpha=self.settings.outlier_alpha,
         )

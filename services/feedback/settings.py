@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from services.common.settings import PlauditSettings
+from services.common.security import ClientSecuritySettings, ServerSecuritySettings
 from services.feedback.db import DEFAULT_FEEDBACK_URL
 
 
-class FeedbackSettings(PlauditSettings):
+class FeedbackSettings(ServerSecuritySettings, ClientSecuritySettings):
+    """The server's settings; the client ones (``api_key``, ``tls_ca_file``...) are for its calls
+    to the reward service (``reward_addr``)."""
+
     database_url: str = Field(
         DEFAULT_FEEDBACK_URL,
         description="sqlite:///path.db (embedded) or postgresql://user@host/db (psycopg 3)",
+    )
+    database_connect_timeout_s: int = Field(
+        2, ge=1, description="PostgreSQL connect timeout: how fast calls fail while it is down"
     )
     host: str = Field("0.0.0.0", description="gRPC bind address")
     port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one)")

@@ -59,6 +59,7 @@ from services.common.errors import (
 )
 from services.feedback.db import (
     DEFAULT_FEEDBACK_URL,
+    POSTGRES_CONNECT_TIMEOUT_S,
     create_feedback_engine,
     database_errors,
     is_sqlite,
@@ -218,13 +219,16 @@ class FeedbackStore:
         outlier_alpha: float = 0.05,
         page_rows: int = 500,
         pool_size: int = 5,
+        connect_timeout_s: int = POSTGRES_CONNECT_TIMEOUT_S,
     ) -> None:
         self.url = normalize_url(url)
         self.limits = limits
         self.rating_pairs_across_annotators = rating_pairs_across_annotators
         self.outlier_alpha = outlier_alpha
         self.page_rows = page_rows
-        self._engine = create_feedback_engine(self.url, pool_size=pool_size)
+        self._engine = create_feedback_engine(
+            self.url, pool_size=pool_size, connect_timeout_s=connect_timeout_s
+        )
         # SQLite has one writer at a time anyway; queueing in-process avoids busy-wait polling.
         self._write_lock: AbstractContextManager[Any] = (
             threading.Lock() if is_sqlite(self._engine) else nullcontext()

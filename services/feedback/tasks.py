@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 import grpc
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
+from services.common.security import INSECURE, ClientCredentials
 from services.feedback.domain import LabellingTask, NewTask, validate_identifier
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
@@ -76,10 +77,12 @@ def smallest_gap(rewards: Sequence[float]) -> float:
 class RewardServiceScorer:
     """:class:`UncertaintyScorer` backed by the reward service's ``Score`` RPC (grpc.aio)."""
 
-    def __init__(self, address: str, *, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, *, timeout_s: float, credentials: ClientCredentials = INSECURE
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = credentials.aio_channel(address)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
 
     async def margins(self, tasks: Sequence[LabellingTask]) -> dict[int, float]:
@@ -165,7 +168,11 @@ class TaskPicker:
         cls, store: Callable[[], FeedbackStore], settings: FeedbackSettings
     ) -> TaskPicker:
         scorer = (
-            RewardServiceScorer(settings.reward_addr, timeout_s=settings.reward_timeout_s)
+            RewardServiceScorer(
+                settings.reward_addr,
+                timeout_s=settings.reward_timeout_s,
+                credentials=settings.credentials,
+            )
             if settings.reward_addr
             else None
         )

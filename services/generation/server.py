@@ -14,6 +14,7 @@ from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.errors import PlauditError
 from services.common.hotswap import ModelWatcher, SwapMetrics
 from services.common.registry import ModelRegistry
+from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
 from services.generation.engine import (
     GenerateJob,
@@ -39,6 +40,7 @@ class GenerationServer:
         self.settings = settings
         self.grpc = GrpcService(
             service_names=[SERVICE_NAME, ADMIN_SERVICE_NAME],
+            security=ServerSecurity.from_settings(settings),
             host=settings.host,
             port=settings.port,
             metrics_port=settings.metrics_port,

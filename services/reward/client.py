@@ -9,11 +9,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
+from services.common.security import INSECURE, ClientCredentials
 
-def wait_until_serving(address: str, timeout: float = 120.0, service: str = "") -> None:
-    """Block until the server's health check says SERVING (raise TimeoutError otherwise)."""
+
+def wait_until_serving(
+    address: str,
+    timeout: float = 120.0,
+    service: str = "",
+    credentials: ClientCredentials = INSECURE,
+) -> None:
+    """Block until the server's health check says SERVING (raise TimeoutError otherwise).
+
+    Health needs no API key; ``credentials`` matter for a TLS server.
+    """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with credentials.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -27,10 +37,13 @@ def wait_until_serving(address: str, timeout: float = 120.0, service: str = "") 
 
 
 class RewardClient:
-    """Blocking client: ``score`` and ``compare`` return plain Python values."""
+    """Blocking client: ``score`` and ``compare`` return plain Python values.
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    ``credentials`` carry the API key (role ``score``) and TLS files, if the server wants them.
+    """
+
+    def __init__(self, address: str, credentials: ClientCredentials = INSECURE) -> None:
+        self.channel = credentials.channel(address)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
 
     def score(

@@ -13,6 +13,7 @@ from services.common.admin import AdminServicer
 from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.hotswap import ModelWatcher, SwapMetrics
 from services.common.registry import ModelRegistry
+from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
 from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob, ScoreResult
 from services.reward.metrics import RewardMetrics
@@ -33,6 +34,7 @@ class RewardServer:
         self.settings = settings
         self.grpc = GrpcService(
             service_names=[SERVICE_NAME, ADMIN_SERVICE_NAME],
+            security=ServerSecurity.from_settings(settings),
             host=settings.host,
             port=settings.port,
             metrics_port=settings.metrics_port,

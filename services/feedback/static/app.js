@@ -3,10 +3,14 @@
 // Every label is sent with an idempotency key made of the task, the kind of label and the
 // annotator, so a retry after a lost answer is stored once by the server; the submit button is
 // disabled while a submission is in flight, so a double click sends one request.
+//
+// A service that requires API keys gets one from the login form: it is kept in this browser's
+// localStorage and sent as "Authorization: Bearer <key>" with every API call (never in URLs).
 "use strict";
 
 (() => {
   const ANNOTATOR_KEY = "plaudit.annotator";
+  const API_KEY_KEY = "plaudit.apiKey";
   const SESSION_KEY = "plaudit.session";
   const API = "api/v1/";
   const RATING_SCALE = [1, 5];
@@ -22,6 +26,7 @@
 
   const state = {
     annotator: localStorage.getItem(ANNOTATOR_KEY) || "",
+    apiKey: localStorage.getItem(API_KEY_KEY) || "",
     task: null,
     selection: null,
     queue: null,
@@ -62,6 +67,7 @@
 
   async function api(method, path, body) {
     const init = { method, cache: "no-store", headers: {} };
+    if (state.apiKey) init.headers["Authorization"] = `Bearer ${state.apiKey}`;
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -93,6 +99,10 @@
         "Nothing was saved; try again in a moment.";
     }
     if (err.status === 429) return "The service is busy. Nothing was saved; try again.";
+    if (err.status === 401) return "This service needs a valid API key: enter it to continue.";
+    if (err.status === 403) {
+      return "Your API key may not label here (it needs the submit_feedback role).";
+    }
     return err.message;
   }
 
@@ -151,7 +161,12 @@
     $("progress").hidden = true;
     $("login").hidden = false;
     $("annotator-input").value = state.annotator;
+    $("api-key-input").value = state.apiKey;
     $("annotator-input").focus();
+  }
+
+  function isAuthError(err) {
+    return err instanceof ApiError && (err.status === 401 || err.status === 403);
   }
 
   function login(event) {
@@ -160,6 +175,10 @@
     if (!value) return;
     state.annotator = value;
     localStorage.setItem(ANNOTATOR_KEY, value);
+    state.apiKey = $("api-key-input").value.trim();
+    if (state.apiKey) localStorage.setItem(API_KEY_KEY, state.apiKey);
+    else localStorage.removeItem(API_KEY_KEY);
+    hideBanner();
     $("login").hidden = true;
     document.activeElement.blur(); // shortcuts go to the page, not the hidden field
     start();
@@ -191,6 +210,7 @@
     } catch (err) {
       $("loading").hidden = true;
       showBanner(describe(err), isOutage(err));
+      if (isAuthError(err)) showLogin();
     }
     renderProgress();
   }
@@ -495,6 +515,7 @@
       } else {
         $("status").textContent = "Not saved.";
         showBanner(describe(err), isOutage(err));
+        if (isAuthError(err)) showLogin(); // the lease keeps the task for after the key
       }
     } finally {
       state.busy = false;
@@ -513,6 +534,7 @@
       await loadNext();
     } catch (err) {
       showBanner(describe(err), isOutage(err));
+      if (isAuthError(err)) showLogin();
     } finally {
       state.busy = false;
       refresh();

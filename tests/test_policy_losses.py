@@ -1,0 +1,276 @@
+"""Policy objectives on literal values, the completion-only log-probs against a manual
+computation, prompt/completion tokenization, and DPO learning a toy preference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import toy_pairs, write_jsonl
+from trainer.policy import train_policy
+from trainer.policy_config import DPOConfig
+from trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
+from trainer.policy_objective import (
+    best_of_n,
+    dpo_loss,
+    dpo_metrics,
+    kl_penalized_rewards,
+    policy_gradient_loss,
+    rloo_advantages,
+    sequence_logprobs,
+    sft_loss,
+    win_rate,
+)
+from trainer.policy_sampling import (
+    SamplingParams,
+    completion_token_logprobs,
+    forward_logprobs,
+    generate_rows,
+)
+from trainer.reward import PairSource
+
+
+# -- DPO ----------------------------------------------------------------------------------------
+def test_dpo_loss_is_log_2_when_the_policy_is_the_reference() -> None:
+    logps = torch.tensor([-12.0, -3.5, -40.0])
+    other = torch.tensor([-7.0, -9.0, -1.0])
+    loss, chosen, rejected = dpo_loss(logps, other, logps.clone(), other.clone(), beta=0.1)
+    assert float(loss) == pytest.approx(math.log(2))
+    assert torch.all(chosen == 0) and torch.all(rejected == 0)
+    metrics = dpo_metrics(chosen.numpy(), rejected.numpy())
+    assert metrics == {
+        "rewards/chosen": 0.0,
+        "rewards/rejected": 0.0,
+        "rewards/accuracies": 0.5,  # all ties
+        "rewards/margins": 0.0,
+    }
+
+
+def test_dpo_gradients_on_literal_log_probs() -> None:
+    pi_c = torch.tensor([-3.0], requires_grad=True)
+    pi_r = torch.tensor([-5.0], requires_grad=True)
+    ref_c, ref_r, beta = torch.tensor([-4.0]), torch.tensor([-4.0]), 0.5
+    loss, chosen, rejected = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    # h_c - h_r = (1) - (-1) = 2, so the logit is beta * 2 = 1
+    assert float(loss.detach()) == pytest.approx(math.log1p(math.exp(-1.0)))
+    assert float(chosen[0]) == pytest.approx(0.5) and float(rejected[0]) == pytest.approx(-0.5)
+    loss.backward()
+    sigmoid_neg = 1.0 / (1.0 + math.e)  # sigmoid(-1)
+    assert pi_c.grad is not None and pi_r.grad is not None
+    # descending the loss raises the chosen log-prob and lowers the rejected one
+    assert float(pi_c.grad[0]) == pytest.approx(-beta * sigmoid_neg)
+    assert float(pi_r.grad[0]) == pytest.approx(beta * sigmoid_neg)
+
+
+def test_dpo_weights_scale_each_pair() -> None:
+    pi, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.5])
+    unweighted, _, _ = dpo_loss(pi, ref, ref, pi, beta=1.0)
+    weighted, _, _ = dpo_loss(pi, ref, ref, pi, beta=1.0, weight=torch.tensor([1.0, 0.0]))
+    first, _, _ = dpo_loss(pi[:1], ref[:1], ref[:1], pi[:1], beta=1.0)
+    assert float(weighted) == pytest.approx(float(first) / 2)
+    assert float(unweighted) > float(weighted)
+
+
+# -- RLOO, KL, REINFORCE ------------------------------------------------------------------------
+def test_rloo_advantages_on_literal_values_sum_to_zero() -> None:
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.5, 0.5, 0.5, 0.5]])
+    advantages = rloo_advantages(rewards)
+    # sample i's baseline is the mean of the other three
+    expected = torch.tensor([[1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3], [0.0] * 4])
+    assert torch.allclose(advantages, expected)
+    assert torch.allclose(advantages.sum(-1), torch.zeros(2), atol=1e-6)
+    with pytest.raises(ValueError):
+        rloo_advantages(torch.tensor([[1.0]]))
+
+
+def test_kl_penalty_and_policy_gradient() -> None:
+    scores = torch.tensor([1.0, 2.0, 0.0])
+    pi = torch.tensor([-3.0, -2.0, -1.0])
+    ref = torch.tensor([-4.0, -2.0, -0.5])
+    rewards = kl_penalized_rewards(scores, pi, ref, kl_coef=0.1)
+    # score - 0.1 * (log pi - log ref): +1 nat above the reference costs 0.1
+    assert torch.allclose(rewards, torch.tensor([0.9, 2.0, 0.05]))
+    logp = torch.tensor([-2.0, -3.0], requires_grad=True)
+    advantages = torch.tensor([1.5, -0.5])
+    loss = policy_gradient_loss(logp, advantages)
+    assert float(loss) == pytest.approx(-(1.5 * -2.0 + -0.5 * -3.0) / 2)
+    loss.backward()
+    assert logp.grad is not None
+    assert torch.allclose(logp.grad, -advantages / 2)  # raise what beat its baseline
+
+
+def test_best_of_n_and_win_rate() -> None:
+    assert best_of_n([0.1, 2.5, -1.0, 2.0]) == 1
+    assert best_of_n(np.array([3.0, 3.0, 1.0])) == 0  # a tie goes to the first
+    with pytest.raises(ValueError):
+        best_of_n([])
+    assert win_rate(np.array([1.0, 0.0, 2.0, 5.0]), np.array([0.0, 1.0, 2.0, 4.0])) == 0.625
+
+
+# -- log-probs of completion tokens -------------------------------------------------------------
+def test_sequence_logprobs_mask_prompt_and_padding() -> None:
+    torch.manual_seed(0)
+    rows = [TokenRow((5, 6, 7), (8, 9)), TokenRow((1,), (2, 3, 4, 5))]
+    batch = collate_rows(rows, pad_id=0)
+    assert batch.completion_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
+    logits = torch.randn(2, 5, 11)
+    got = sequence_logprobs(logits, batch.input_ids, batch.completion_mask)
+    manual = []
+    for b, row in enumerate(rows):
+        logp = torch.log_softmax(logits[b], -1)
+        start = len(row.prompt)
+        manual.append(
+            sum(float(logp[t - 1, batch.input_ids[b, t]]) for t in range(start, len(row)))
+        )
+    assert got.tolist() == pytest.approx(manual, abs=1e-5)
+    # the padded position's logits do not matter
+    logits[0, 4:] = 1e3
+    assert sequence_logprobs(logits, batch.input_ids, batch.completion_mask).tolist() == (
+        pytest.approx(manual, abs=1e-5)
+    )
+    # sft: the mean over all six completion tokens
+    tokens, _ = completion_token_logprobs(_FullLogits(logits), batch)
+    assert float(sft_loss(tokens)) == pytest.approx(-sum(manual) / 6, abs=1e-5)
+
+
+class _FullLogits(torch.nn.Module):
+    """A 'model' that returns fixed logits (no decoder), so the full-logits path is taken."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.config = type("Config", (), {})()
+
+    def forward(self, **_: object) -> object:
+        return type("Out", (), {"logits": self.logits})()
+
+
+def test_collate_left_padding_keeps_positions() -> None:
+    rows = [TokenRow((5, 6), (7,)), TokenRow((1,), ())]
+    right, left = collate_rows(rows, 0), collate_rows(rows, 0, left=True)
+    assert right.position_ids.tolist()[1][:1] == [0]
+    assert left.input_ids.tolist() == [[5, 6, 7], [0, 0, 1]]
+    assert left.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert left.completion_mask.tolist() == [[0, 0, 1], [0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_policy_checkpoint: Path) -> tuple[Any, PolicyTokenizer]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_checkpoint)
+    return model, PolicyTokenizer(tokenizer, model, max_length=48, max_prompt_length=24)
+
+
+def test_fast_logprobs_match_full_logits_and_ignore_padding(
+    tiny: tuple[Any, PolicyTokenizer],
+) -> None:
+    model, tokens = tiny
+    rows = tokens.rows(
+        ["What is two plus two?", "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"],
+        ["Four.", "Goodbye, and have a nice day."],
+    )
+    with torch.no_grad():
+        fast = forward_logprobs(model, rows, tokens.pad_id, torch.device("cpu"))
+        batch = collate_rows(rows, tokens.pad_id)
+        logits = model(**batch.model_inputs()).logits
+        full = sequence_logprobs(logits, batch.input_ids, batch.completion_mask)
+        alone = [forward_logprobs(model, [r], tokens.pad_id, torch.device("cpu")) for r in rows]
+    assert fast.tolist() == pytest.approx(full.tolist(), abs=1e-4)
+    assert fast.tolist() == pytest.approx([float(a[0]) for a in alone], abs=1e-4)
+
+
+def test_sampled_tokens_score_as_generation_scored_them(
+    tiny: tuple[Any, PolicyTokenizer],
+) -> None:
+    """Samples from a left-padded batch get the log-probs the sampler used (positions right)."""
+    model, tokens = tiny
+    prompts = ["Hi", "Tell me a long story about a dragon and a castle, please."]
+    torch.manual_seed(3)
+    rows = generate_rows(
+        model, tokens, prompts, SamplingParams(max_new_tokens=6), torch.device("cpu")
+    )
+    assert [r.prompt for r in rows] == [tokens.prompt_ids(p) for p in prompts]
+    batch = collate_rows([TokenRow(r.prompt, ()) for r in rows], tokens.pad_id, left=True)
+    torch.manual_seed(3)
+    out = model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=6,
+        pad_token_id=tokens.pad_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    for i, row in enumerate(rows):
+        expected = sum(
+            float(torch.log_softmax(out.scores[t][i], -1)[tok])
+            for t, tok in enumerate(row.completion)
+        )
+        got = forward_logprobs(model, [row], tokens.pad_id, torch.device("cpu"))
+        assert float(got[0]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_prompts_use_the_chat_template_and_keep_their_end(
+    tiny: tuple[Any, PolicyTokenizer], tiny_policy_checkpoint: Path
+) -> None:
+    _, tokens = tiny
+    hf = AutoTokenizer.from_pretrained(tiny_policy_checkpoint)
+    prompt = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
+    rendered = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = hf(rendered, add_special_tokens=False)["input_ids"]
+    assert len(full) > tokens.max_prompt_length
+    assert list(tokens.prompt_ids(prompt)) == full[-tokens.max_prompt_length :]  # end kept
+    row = tokens.rows([prompt], ["Goodbye! " * 20])[0]
+    assert len(row) == tokens.max_length  # the completion's end is cut
+    assert tokens.rows(["Hi"], ["Bye"])[0].completion[-1] == hf.eos_token_id
+    words = hf("Good night", add_special_tokens=False)["input_ids"]
+    generated = tokens.generated((1, 2), [*words, hf.eos_token_id, hf.eos_token_id, 7])
+    assert generated.completion == (*words, hf.eos_token_id)  # cut after the first EOS
+    assert tokens.decode(generated.completion) == "Good night"
+
+
+# -- DPO learns a toy preference ----------------------------------------------------------------
+def test_dpo_loss_falls_and_held_out_accuracy_rises(
+    tiny_policy_checkpoint: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_pairs(64))
+    cfg = DPOConfig(
+        base=str(tiny_policy_checkpoint),
+        max_length=40,
+        max_prompt_length=24,
+        batch_size=8,
+        learning_rate=5e-3,
+        beta=0.5,
+        epochs=2,
+        eval_fraction=0.2,
+        eval_prompts=2,
+        eval_max_new_tokens=2,
+    )
+    result = train_policy(cfg, PairSource(files=(data,)), output_dir=tmp_path / "run")
+    m = result.metrics
+    assert m["eval/initial_loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
+    assert m["eval/initial_accuracy"] == 0.5
+    assert m["eval/loss"] < m["eval/initial_loss"] - 0.1
+    assert m["eval/accuracy"] >= 0.75
+    assert m["rewards/margins"] > 0 and m["rewards/chosen"] > m["rewards/rejected"]
+    assert m["eval/kl"] > 0  # it moved away from the reference
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in log if "train/loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert result.manifest is None and not result.promotion["promoted"]
+    assert (tmp_path / "run" / "training.png").is_file()
+    assert (tmp_path / "run" / "checkpoint" / "config.json").is_file()

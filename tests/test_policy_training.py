@@ -1,0 +1,235 @@
+"""Policy training end to end on a tiny random Llama: DPO published behind the win-rate gate,
+rejection sampling and RLOO against a real reward service, the gate refusing a worse policy,
+and the command line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.cli import TrainPolicySettings, main
+from services.common.registry import ModelRegistry
+from services.feedback.domain import Comparison, Correction
+from services.feedback.store import FeedbackStore
+from services.generation.engine import LoadedPolicy
+from tests.conftest import ServerThread, toy_pairs, write_jsonl
+from trainer.policy import PolicyPublishOptions, promotion_record, train_policy
+from trainer.policy_config import DPOConfig, RejectionSamplingConfig, RLConfig
+from trainer.policy_export import export_policy_checkpoint
+from trainer.reward import PairSource
+
+SMALL = {
+    "max_length": 40,
+    "max_prompt_length": 24,
+    "batch_size": 8,
+    "eval_prompts": 6,
+    "eval_max_new_tokens": 6,
+}
+
+
+def test_dpo_publishes_a_policy_with_its_metrics_and_gate_decision(
+    tiny_policy_checkpoint: Path, tiny_registry: Path, reward_server: ServerThread, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_pairs(48))
+    registry = ModelRegistry(tmp_path / "registry", "policy")
+    cfg = DPOConfig(
+        base=str(tiny_policy_checkpoint),
+        learning_rate=5e-3,
+        beta=0.5,
+        eval_fraction=0.2,
+        reward_addr=reward_server.address,
+        **SMALL,  # type: ignore[arg-type]
+    )
+    result = train_policy(
+        cfg,
+        PairSource(files=(data,)),
+        registry,
+        publish=PolicyPublishOptions(promote=True),
+        output_dir=tmp_path / "run",
+    )
+    manifest = result.manifest
+    assert manifest is not None and manifest.kind == "policy" and manifest.parent is None
+    assert registry.verify(manifest.version).metrics == result.metrics
+    for key in ("eval/accuracy", "eval/initial_accuracy", "eval/win_rate", "eval/kl"):
+        assert key in manifest.metrics
+    assert manifest.metrics["eval/reward"] == pytest.approx(
+        result.promotion["candidate_reward"], abs=1e-12
+    )
+    promotion = manifest.promotion
+    assert promotion is not None and promotion["requested"] is True
+    assert promotion["baseline"] == f"base model {tiny_policy_checkpoint}"
+    assert promotion["min_win_rate"] == 0.5
+    assert promotion["passed"] == (promotion["win_rate"] > 0.5) == promotion["promoted"]
+    assert registry.promoted() == (manifest.version if promotion["promoted"] else None)
+    assert promotion["reward_model"] == [ModelRegistry(tiny_registry).promoted()]
+    assert manifest.notes["training"]["method"] == "dpo"
+    assert Path(manifest.notes["checkpoint"]).is_dir()
+    # the published graph is what the generation service serves
+    served = LoadedPolicy.load(registry, manifest.version, provider="cpu")
+    assert served.version == manifest.version
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["version"] == manifest.version and summary["config"]["beta"] == 0.5
+
+
+def test_rejection_sampling_uses_the_reward_service_and_corrections(
+    tiny_policy_checkpoint: Path, reward_server: ServerThread, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    pairs = toy_pairs(30)
+    with FeedbackStore(url) as store:
+        events: list[Comparison | Correction] = [
+            Comparison(
+                prompt=p["prompt"],
+                chosen=p["chosen"],
+                rejected=p["rejected"],
+                annotator_id="a",
+                idempotency_key=f"pair-{i}",
+            )
+            for i, p in enumerate(pairs)
+        ]
+        events += [
+            Correction(
+                prompt=p["prompt"],
+                completion=p["rejected"],
+                corrected=p["chosen"],
+                annotator_id="b",
+                idempotency_key=f"fix-{i}",
+            )
+            for i, p in enumerate(pairs[:10])
+        ]
+        assert not [r for r in store.submit_many(events) if isinstance(r, Exception)]
+        last = max(item.cursor for item in store.export_sft())
+    cfg = RejectionSamplingConfig(
+        base=str(tiny_policy_checkpoint),
+        num_candidates=3,
+        max_new_tokens=6,
+        max_prompts=8,
+        sft_learning_rate=1e-3,
+        eval_fraction=0.2,
+        reward_addr=reward_server.address,
+        **SMALL,  # type: ignore[arg-type]
+    )
+    result = train_policy(cfg, PairSource(database_url=url), output_dir=tmp_path / "run")
+    m = result.metrics
+    assert m["sampling/prompts"] == 8
+    assert m["sampling/best_reward"] >= m["sampling/mean_reward"]
+    held_out = {p for p in (q["prompt"] for q in pairs) if _held_out(p, 0.2)}
+    corrections_in_training = sum(p["prompt"] not in held_out for p in pairs[:10])
+    assert m["train/corrections"] == corrections_in_training
+    assert m["train/sft_examples"] == 8 + corrections_in_training
+    assert {"eval/reward", "eval/win_rate", "eval/kl"} <= set(m)
+    assert result.data_cursor is not None and int(result.data_cursor) >= last
+    assert result.promotion["reward_model"]  # the version that scored the samples
+    assert not result.promotion["promoted"]  # not asked to
+
+
+def _held_out(prompt: str, fraction: float) -> bool:
+    from trainer.objective import prompt_bucket
+
+    return prompt_bucket(prompt) < fraction
+
+
+def test_rl_from_the_command_line(
+    tiny_policy_checkpoint: Path,
+    reward_server: ServerThread,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {i}"} for i in range(20)]
+    )
+    args = [
+        "train", "policy", "--method", "rl", "--registry", str(tmp_path / "registry"),
+        "--data", str(data), "--base", str(tiny_policy_checkpoint),
+        "--reward-addr", reward_server.address, "--steps", "3", "--rloo-k", "2",
+        "--prompts-per-step", "2", "--max-new-tokens", "6", "--learning-rate", "1e-3",
+        "--max-length", "40", "--max-prompt-length", "24", "--eval-fraction", "0.2",
+        "--eval-prompts", "4", "--eval-max-new-tokens", "6",
+        "--output-dir", str(tmp_path / "run"), "--no-progress", "--log-level", "WARNING",
+    ]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    metrics = summary["metrics"]
+    assert metrics["train/steps"] == 3 and {"rl/score", "rl/kl", "rl/reward"} <= set(metrics)
+    assert {"eval/win_rate", "eval/kl", "eval/reward"} <= set(metrics)
+    manifest = ModelRegistry(tmp_path / "registry", "policy").manifest(summary["version"])
+    assert manifest.promotion == summary["promotion"] and manifest.notes["training"]["rloo_k"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "rl/score" in r] == [1, 2, 3]
+    assert (tmp_path / "run" / "training.png").is_file()
+
+
+class LengthScorer:
+    """A stand-in reward model that prefers longer completions."""
+
+    def __init__(self) -> None:
+        self.versions = {"length"}
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        return np.array([len(c) for c in completions], dtype=np.float64)
+
+
+def test_the_gate_refuses_a_worse_policy(tiny_policy_checkpoint: Path, tmp_path: Path) -> None:
+    """DPO towards terse answers, judged by a reward that likes long ones, against the served
+    parent: the candidate loses, is published with the refusal, and the parent stays."""
+    registry = ModelRegistry(tmp_path / "registry", "policy")
+    parent = export_policy_checkpoint(
+        str(tiny_policy_checkpoint), registry, promote=True, max_length=64
+    ).version
+    terse = [
+        {"prompt": p["prompt"], "chosen": "Ok.", "rejected": p["chosen"] + " " + p["rejected"]}
+        for p in toy_pairs(40)
+    ]
+    cfg = DPOConfig(
+        base=str(tiny_policy_checkpoint),
+        learning_rate=2e-2,
+        beta=0.5,
+        epochs=2,
+        eval_fraction=0.25,
+        **{**SMALL, "eval_max_new_tokens": 12},  # type: ignore[arg-type]
+    )
+    result = train_policy(
+        cfg,
+        PairSource(files=(write_jsonl(tmp_path / "terse.jsonl", terse),)),
+        registry,
+        publish=PolicyPublishOptions(promote=True),
+        output_dir=tmp_path / "run",
+        scorer=LengthScorer(),
+    )
+    promotion = result.promotion
+    assert promotion["baseline"] == f"parent {parent}"
+    assert promotion["win_rate"] < 0.5 and not promotion["passed"] and not promotion["promoted"]
+    assert promotion["candidate_reward"] < promotion["baseline_reward"]
+    assert result.manifest is not None and result.manifest.parent == parent
+    assert result.manifest.promotion == promotion
+    assert registry.promoted() == parent
+
+
+def test_gate_thresholds() -> None:
+    cfg = RLConfig(promotion_min_win_rate=0.55)
+    metrics = {"eval/win_rate": 0.55, "eval/prompts": 20.0}
+    refused = promotion_record(metrics, cfg, "base", requested=True)
+    assert not refused["passed"] and "<= 0.55" in refused["reason"]
+    passed = promotion_record({**metrics, "eval/win_rate": 0.6}, cfg, "base", requested=False)
+    assert passed["passed"] and not passed["promoted"] and "not asked" in passed["reason"]
+    unmeasured = promotion_record({}, cfg, "base", requested=True)
+    assert not unmeasured["promoted"] and "not measured" in unmeasured["reason"]
+
+
+def test_settings_pick_the_methods_defaults_and_refuse_foreign_flags(tmp_path: Path) -> None:
+    data = [tmp_path / "x.jsonl"]
+    rl = TrainPolicySettings(method="rl", data=data, steps=7).policy_config()
+    assert isinstance(rl, RLConfig) and rl.steps == 7 and rl.kl_coef == RLConfig.kl_coef
+    dpo = TrainPolicySettings(data=data, lora_r=8).policy_config()
+    assert isinstance(dpo, DPOConfig) and dpo.beta == 0.1 and dpo.lora_r == 8
+    assert dpo.promotion_min_win_rate == 0.5
+    with pytest.raises(ValueError, match="--beta: not a setting of --method rl"):
+        TrainPolicySettings(method="rl", data=data, beta=0.2)
+    with pytest.raises(ValueError, match="either --data"):
+        TrainPolicySettings(method="dpo")
+    with pytest.raises(ValueError, match="invalid dpo settings: max_prompt_length"):
+        TrainPolicySettings(data=data, max_length=64, max_prompt_length=64)
