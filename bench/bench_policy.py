@@ -39,7 +39,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH or TRL pairs JSONL")
-    parser.add_argument("--pairs", type=int, default=96, help="first N pairs of --data")
+    parser.add_argument("--pairs", type=int, default=64, help="first N pairs of --data")
     parser.add_argument("--base", default="smollm2", help="policy backbone")
     parser.add_argument("--reward-checkpoint", default="minilm", help="reward model to serve")
     parser.add_argument("--max-length", type=int, default=256)
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "steps": m.get("train/steps"),
             "loss": m.get("train/loss"),
             "pairs_per_s": m.get("train/pairs_per_s"),
-            "train_wall_s": m.get("train/wall_s"),
+            "train_policy_wall_s": m.get("train/wall_s"),  # load, train, evaluate, save
         },
         "reward_export_s": export_s,
         "wall_s": time.perf_counter() - started,

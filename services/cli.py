@@ -60,6 +60,10 @@ class ExportPolicySettings(PlauditSettings):
     max_length: int = Field(2048, ge=8, description="context length (prompt + generated tokens)")
     max_new_tokens: int = Field(256, ge=1, description="the version's default completion length")
     parent: str | None = Field(None, description="parent version (default: the promoted one)")
+    quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
+    int8_min_agreement: float = Field(
+        0.9, ge=0, le=1, description="int8 must pick fp32's next token this often to be kept"
+    )
 
 
 class GenerateClientSettings(PlauditSettings):
@@ -428,11 +432,18 @@ def _cmd_export_policy(args: argparse.Namespace) -> int:
         max_length=settings.max_length,
         max_new_tokens=settings.max_new_tokens,
         parent=settings.parent,
+        quantize=None if settings.quantize == "none" else settings.quantize,
+        int8_min_agreement=settings.int8_min_agreement,
     )
     parity = {k: v for k, v in manifest.notes.items() if "diff" in k or "agreement" in k}
-    sys.stdout.write(
-        json.dumps({"version": manifest.version, "promoted": settings.promote, **parity}) + "\n"
-    )
+    report = {
+        "version": manifest.version,
+        "promoted": settings.promote,
+        "precision": manifest.default_precision,
+        "quantization": manifest.quantization.model_dump() if manifest.quantization else None,
+        **parity,
+    }
+    sys.stdout.write(json.dumps(report) + "\n")
     return 0
 
 
@@ -691,9 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("keys", help="make API keys for the services")
     p.add_argument("action", choices=["new"])
     p.add_argument("--name", required=True, help="who the key is for (logs, rate limits)")
-    p.add_argument(
-        "--roles", required=True, help=f"comma-separated roles: {', '.join(ROLES)}"
-    )
+    p.add_argument("--roles", required=True, help=f"comma-separated roles: {', '.join(ROLES)}")
     p.set_defaults(func=_cmd_keys)
 
     from services.up import UpSettings

@@ -1,16 +1,22 @@
-"""Fuzzing every RPC of the reward and feedback services with random and adversarial messages.
+"""Fuzzing every RPC of the reward and feedback services (and the feedback service's JSON API)
+with random and adversarial messages.
 
 Texts near and over the limits, odd Unicode (NUL, RTL and zero-width marks, combining runs,
 emoji, noncharacters, look-alike digits), empty and oversized repeated fields, NaN and
 infinities, negative and extreme integers, unknown enum values, and raw bytes that are not the
 method's message at all. Whatever arrives, the answer is OK or a deliberate status, never
-INTERNAL or UNKNOWN; what was accepted exports as finite training data; and the server still
-reports SERVING afterwards. The feedback service is fuzzed on SQLite and on PostgreSQL.
+INTERNAL or UNKNOWN (over HTTP: no 5xx but 503); what was accepted exports as finite training
+data; and the server still reports SERVING afterwards. The feedback service is fuzzed on SQLite
+and on PostgreSQL.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,10 +58,11 @@ FUZZ = settings(
 # -- strategies ---------------------------------------------------------------------------------
 ODD = [
     "", " ", "\t\n", "\x00", "a\x00b", "\u200f", "\u202e", "\u200b", "\ufeff", "\ufffd",
-    "\U0010ffff", "\uffff", "🙂", "👩\u200d👩\u200d👧", "e" + "\u0301" * 64, "\u00b2", "\u0663", "\uff11\uff12",
-    "0", "-1", "1e400", "NaN", "null", "{}", "' OR 1=1 --", "../../etc/passwd", "\\u0000",
+    "\U0010ffff", "\uffff", "🙂", "👩\u200d👩\u200d👧", "e" + "\u0301" * 64,
+    "\u00b2", "\u0663", "\uff11\uff12", "0", "-1", "1e400", "NaN", "null", "{}",
+    "' OR 1=1 --", "../../etc/passwd", "\\u0000",
 ]  # fmt: skip
-unicode_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+unicode_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)  # no surrogates
 near_limit = st.builds(
     lambda unit, n: unit * n,
     st.sampled_from(["a", "é", "🙂", " ", "\x00"]),
@@ -66,7 +73,9 @@ texts = st.one_of(st.sampled_from(ODD), unicode_text, near_limit, st.sampled_fro
 huge = st.builds(lambda n: "x" * n, st.sampled_from([MESSAGE_LIMIT - 100, 2 * MESSAGE_LIMIT]))
 doubles = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308]),
+    st.sampled_from(
+        [math.nan, math.inf, -math.inf, -0.0, 5e-324, 1e308, -1e308, 1.7976931348623157e308]
+    ),
     st.integers(-10, 10).map(float),
 )
 int32s = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([-1, 0, 1, 2**31 - 1]))
@@ -345,16 +354,22 @@ def test_submit_batch_raw_bytes_fuzz(feedback_channel: grpc.Channel, stream: lis
     answer(feedback_channel.stream_unary("/plaudit.v1.FeedbackService/SubmitBatch"), iter(stream))
 
 
+@st.composite
+def rating_pairs(draw: Any) -> tuple[float, float, float, float]:
+    """A scale (often extreme) and two scores on it (often its ends)."""
+    ends = st.sampled_from([-1.7976931348623157e308, -1e308, -1.0, 0.0, 1.0, 5.0, 1e308])
+    low, high = draw(st.one_of(ends, doubles)), draw(st.one_of(ends, doubles))
+    on_scale = st.one_of(st.sampled_from([low, high, low / 2 + high / 2]), doubles)
+    return low, high, draw(on_scale), draw(on_scale)
+
+
 @settings(FUZZ, max_examples=30)
-@given(
-    low=doubles,
-    high=doubles,
-    scores=st.tuples(doubles, doubles),
-)
+@given(ratings=rating_pairs())
 def test_accepted_ratings_export_finite_margins(
-    feedback_channel: grpc.Channel, low: float, high: float, scores: tuple[float, float]
+    feedback_channel: grpc.Channel, ratings: tuple[float, float, float, float]
 ) -> None:
     """Two ratings of one prompt on one scale pair up; whatever was accepted exports finite."""
+    low, high, *scores = ratings
     stub = feedback_pb2_grpc.FeedbackServiceStub(feedback_channel)
     prompt = f"rate {uuid.uuid4()}"
     for completion, score in zip(("first", "second"), scores, strict=True):
@@ -372,9 +387,68 @@ def test_everything_accepted_by_fuzzing_exports_finite(feedback_channel: grpc.Ch
     assert isinstance(finite_pairs(feedback_channel), list)
 
 
+# -- the feedback service's JSON API -------------------------------------------------------------
+json_values = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), texts, doubles,
+        st.integers(), st.sampled_from([10**400, -(10**400), 2**63, 2**64, -1, 0]),
+    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
+    max_leaves=8,
+)  # fmt: skip
+HTTP_FIELDS = {
+    "comparisons": ["prompt", "chosen", "rejected", "margin"],
+    "rankings": ["prompt", "completions"],
+    "ratings": ["prompt", "completion", "score", "scale_min", "scale_max"],
+    "corrections": ["prompt", "completion", "corrected"],
+    "tasks": ["tasks"],
+}
+COMMON_FIELDS = ["annotator_id", "idempotency_key", "metadata", "task_id", "unknown"]
+
+
+@st.composite
+def http_requests(draw: Any) -> tuple[str, str, bytes]:
+    """(method, path, body): a JSON API call with fields of the right names, any values."""
+    route = draw(st.sampled_from([*HTTP_FIELDS, "tasks/next", "tasks/{id}", "tasks/{id}/skip"]))
+    task_id = draw(st.one_of(st.integers(0, 10**30), st.sampled_from(["%D9%A3", "-1", "1e3"])))
+    path = "/api/v1/" + route.replace("{id}", str(task_id))
+    if route == "tasks/next":
+        annotator = draw(texts).encode("utf-8", "replace")
+        return "GET", f"{path}?annotator_id={urllib.parse.quote(annotator)}", b""
+    if route == "tasks/{id}":
+        return "GET", path, b""
+    names = HTTP_FIELDS.get(route, ["annotator_id"]) + (
+        COMMON_FIELDS if route in HTTP_FIELDS else []
+    )
+    body = draw(st.fixed_dictionaries({}, optional={n: json_values for n in names}))
+    if draw(st.integers(0, 9)) == 0:
+        return "POST", path, draw(st.binary(max_size=100))  # not even JSON
+    return "POST", path, json.dumps(body).encode()
+
+
+@settings(FUZZ, max_examples=60)
+@given(call=http_requests())
+def test_http_api_fuzz(feedback: ServerThread, call: tuple[str, str, bytes]) -> None:
+    method, path, body = call
+    request = urllib.request.Request(
+        feedback.http_url + path,
+        data=body if method == "POST" else None,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read()
+    assert status < 500 or status == 503, text[:500]
+    reply = json.loads(text)
+    assert status < 400 or set(reply["error"]) == {"code", "field", "message"}
+
+
 # -- regressions found by the fuzzers (kept as plain examples) ----------------------------------
 @pytest.mark.parametrize(
-    "raw", [b"\x0a\x02\xff\xfe", b"\xff\xff\xff", b"\x0a\x80", b"\x32\x05\x0a\x03\xc3\x28\x41"]
+    "raw", [b"\x0a\x02\xff\xfe", b"\xff\xff\xff", b"\x0a\x80", b"\x3a\x05\x0a\x03\xc3\x28\x41"]
 )
 def test_malformed_protobuf_is_invalid_argument(feedback_channel: grpc.Channel, raw: bytes) -> None:
     """Invalid UTF-8 in a string field or a corrupt encoding: was UNKNOWN (unary) and
@@ -410,3 +484,35 @@ def test_a_rating_scale_too_wide_for_floats_is_refused(feedback_channel: grpc.Ch
         stub.SubmitRating(request, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "scale" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/v1/comparisons", {"margin": 10**400}, 400),  # OverflowError: was 500
+        ("/api/v1/ratings", {"score": 10**400}, 400),
+        ("/api/v1/comparisons", {"task_id": 10**40}, 400),  # too large for SQLite: was 500
+        ("/api/v1/tasks/" + "9" * 40 + "/skip", {"annotator_id": "a"}, 404),  # was 500
+        ("/api/v1/tasks/%D9%A3/skip", {"annotator_id": "a"}, 404),  # "٣" was task 3
+    ],
+)
+def test_http_numbers_out_of_range_are_client_errors(
+    feedback: ServerThread, path: str, body: dict[str, Any], status: int
+) -> None:
+    event = {"prompt": "p", "chosen": "a", "rejected": "b", "completion": "a",
+             "annotator_id": "a", "idempotency_key": str(uuid.uuid4())}  # fmt: skip
+    if path.endswith("ratings"):
+        event = {k: v for k, v in event.items() if k not in ("chosen", "rejected")}
+    elif path.endswith("comparisons"):
+        event.pop("completion")
+    else:
+        event = {}
+    request = urllib.request.Request(
+        feedback.http_url + path,
+        data=json.dumps({**event, **body}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == status, err.value.read()

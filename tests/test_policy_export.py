@@ -230,6 +230,29 @@ def test_export_records_lineage_and_promotes_through_the_gate(
         export_policy(model, tokenizer, ModelRegistry(tmp_path / "r", "reward"))
 
 
+def test_int8_graph_is_kept_only_behind_its_gate(tmp_path: Path, hf_policy: Any) -> None:
+    model, tokenizer = hf_policy
+    registry = ModelRegistry(tmp_path / "registry", "policy")
+    kept = export_policy(
+        model, tokenizer, registry, max_length=64, quantize="int8", int8_min_agreement=0.0
+    )
+    assert kept.onnx_files == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    assert kept.default_precision == "int8"
+    report = kept.quantization
+    assert report is not None and report.passed and report.pairs == 3 * 16
+    assert 0 <= report.pairwise_agreement <= 1 and kept.notes["int8_mean_kl_vs_fp32"] >= 0
+    served = LoadedPolicy.load(registry, kept.version, provider="cpu")
+    assert served.precision == "int8"
+    served.smoke_test()
+    assert LoadedPolicy.load(registry, kept.version, precision="fp32").precision == "fp32"
+    refused = export_policy(
+        model, tokenizer, registry, max_length=64, quantize="int8", int8_min_agreement=1.01
+    )
+    assert refused.onnx_files == {"fp32": "model.onnx"} and refused.default_precision == "fp32"
+    assert refused.quantization is not None and not refused.quantization.passed
+    assert "model.int8.onnx" not in refused.files
+
+
 # -- the sampler -------------------------------------------------------------------------------
 def test_sampler_limits() -> None:
     rng = np.random.default_rng(0)

@@ -16,6 +16,12 @@ back. Before publishing, ONNX Runtime is checked against PyTorch through the ser
 (:mod:`services.generation.engine`): the prefill logits, a few teacher-forced decode steps on the
 exported cache, and a left-padded batch of prompts of different lengths; any difference over
 ``atol`` x max(1, max |logit|) refuses the export.
+
+``quantize="int8"`` adds a dynamically quantised graph (int8 weights: about 4x less memory to
+read per decoded token, the bound on CPU). It is kept, and made the version's default, only if
+it picks the fp32 graph's next token at least ``int8_min_agreement`` of the time along the fp32
+graph's greedy continuations of the reference prompts (teacher-forced, so one early difference
+does not count twice); the result is recorded in the manifest either way.
 """
 
 from __future__ import annotations
@@ -33,13 +39,21 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from services.common.registry import GenerationConfig, ModelManifest, ModelRegistry, new_version_id
+from services.common.registry import (
+    GenerationConfig,
+    ModelManifest,
+    ModelRegistry,
+    QuantizationReport,
+    new_version_id,
+)
 from services.common.textfmt import TextFormat
 from services.generation.engine import (
     INPUT_NAMES,
     LOGITS,
     GenerateJob,
+    GenerationEngine,
     LoadedPolicy,
+    SamplingParams,
     past_names,
     present_names,
 )
@@ -49,8 +63,10 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 DEFAULT_MAX_NEW_TOKENS = 256
 DECODE_STEPS = 4
+INT8_CHECK_TOKENS = 16
 # rendered with the model's own prompt format; a dialogue, a question and a one-word prompt
 REFERENCE_PROMPTS = (
     "\n\nHuman: How do I keep basil fresh?\n\nAssistant:",
@@ -274,6 +290,48 @@ def check_parity(
     return report
 
 
+def _teacher_forced_logits(
+    policy: LoadedPolicy, ids: list[int], continuation: list[int]
+) -> np.ndarray:
+    """Next-token logits after the prompt and after each continuation token but the last."""
+    n = len(ids)
+    logits, past = policy.forward(
+        np.array([ids]), np.ones((1, n), dtype=np.int64), np.arange(n)[None], policy.empty_cache(1)
+    )
+    rows = [logits[0]]
+    for step, token in enumerate(continuation[:-1]):
+        logits, past = policy.forward(
+            np.array([[token]]),
+            np.ones((1, n + step + 1), dtype=np.int64),
+            np.array([[n + step]]),
+            past,
+        )
+        rows.append(logits[0])
+    return np.stack(rows)
+
+
+def int8_agreement(
+    fp32: LoadedPolicy, int8: LoadedPolicy, prompts: Sequence[str], tokens: int
+) -> tuple[float, float, int]:
+    """(top-1 agreement, mean KL(fp32 || int8) in nats, positions) along fp32's greedy paths."""
+    engine = GenerationEngine(max_new_tokens=tokens)
+    engine.set_model(fp32)
+    agree, kl, positions = 0, 0.0, 0
+    for prompt in prompts:
+        job = GenerateJob(prompt=prompt, params=SamplingParams(0.0, max_new_tokens=tokens))
+        (result,) = engine.process([job])
+        assert not isinstance(result, Exception)
+        ids, path = fp32.encode(job), result.completions[0].token_ids
+        reference = _teacher_forced_logits(fp32, ids, path)
+        candidate = _teacher_forced_logits(int8, ids, path)
+        agree += int(np.sum(candidate.argmax(-1) == np.asarray(path)))
+        log_p = reference - np.logaddexp.reduce(reference, axis=-1, keepdims=True)
+        log_q = candidate - np.logaddexp.reduce(candidate, axis=-1, keepdims=True)
+        kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+        positions += len(path)
+    return agree / positions, kl / positions, positions
+
+
 def export_policy(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -290,6 +348,8 @@ def export_policy(
     backbone: str | None = None,
     reference_prompts: Sequence[str] = REFERENCE_PROMPTS,
     atol: float = 1e-3,
+    quantize: str | None = None,
+    int8_min_agreement: float = 0.9,
 ) -> ModelManifest:
     """Export ``model`` (a causal LM) with ``tokenizer`` (a fast HF tokenizer) as a policy version.
 
@@ -297,8 +357,11 @@ def export_policy(
     the model is left as it was (a non-fp32 or non-CPU model is exported from an fp32 CPU copy).
     ``parent`` defaults to the registry's promoted version. The version is promoted when
     ``promote`` is set or when ``promotion`` (recorded in the manifest as it is) says
-    ``"promoted": True``.
+    ``"promoted": True``. ``quantize="int8"`` adds an int8 graph behind its own gate (see the
+    module doc).
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
     if registry.kind != "policy":
         raise ValueError(f"policies go to a policy registry, not {registry.kind!r}")
     source = model
@@ -339,10 +402,14 @@ def export_policy(
             policy = LoadedPolicy.from_dir(out, manifest, provider="cpu")
             parity = check_parity(model, policy, reference_prompts, atol=atol)
             log.info("policy parity ok", extra=parity)
+            extra: dict[str, Any] = {}
+            if quantize == "int8":
+                extra = _add_int8(out, manifest, policy, reference_prompts, int8_min_agreement)
             del policy
             manifest.notes = {
                 **(notes or {}),
                 **parity,
+                **extra,
                 "parity_atol": atol,
                 "opset": OPSET,
                 "torch": torch.__version__,
@@ -356,6 +423,52 @@ def export_policy(
         reason = "export --promote" if promote else str(promotion.get("reason", "gate"))  # type: ignore[union-attr]
         registry.promote(published.version, reason=reason)
     return published
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    """Dynamic int8 weights, one scale per output channel (on SmolLM2-135M: KL to fp32 0.20
+    nats per token against 0.27 with one scale per tensor)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.disable(logging.WARNING)  # the quantizer logs every tensor on the root logger
+    try:
+        quantize_dynamic(
+            str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _add_int8(
+    out: Path,
+    manifest: ModelManifest,
+    fp32: LoadedPolicy,
+    prompts: Sequence[str],
+    threshold: float,
+) -> dict[str, Any]:
+    """Quantise, check against fp32 and keep the int8 graph (as the default) if it passes;
+    records the report in ``manifest`` and returns notes."""
+    quantize_int8(out / FP32_FILE, out / INT8_FILE)
+    files = {**manifest.onnx_files, "int8": INT8_FILE}
+    candidate = manifest.model_copy(update={"onnx_files": files, "default_precision": "int8"})
+    int8 = LoadedPolicy.from_dir(out, candidate, provider="cpu")
+    agreement, kl, positions = int8_agreement(fp32, int8, prompts, INT8_CHECK_TOKENS)
+    del int8
+    report = QuantizationReport(
+        method="dynamic-int8 next-token agreement",
+        pairwise_agreement=agreement,
+        threshold=threshold,
+        pairs=positions,
+        passed=agreement >= threshold,
+    )
+    manifest.quantization = report
+    if report.passed:
+        manifest.onnx_files, manifest.default_precision = files, "int8"
+        log.info("int8 policy kept", extra={**report.model_dump(), "kl": kl})
+    else:
+        (out / INT8_FILE).unlink()
+        log.warning("int8 policy rejected", extra={**report.model_dump(), "kl": kl})
+    return {"int8_mean_kl_vs_fp32": kl}
 
 
 def load_policy_checkpoint(checkpoint: str) -> tuple[PreTrainedModel, Any, str]:

@@ -208,9 +208,13 @@ def _check_identifier(name: str, value: object, limits: FeedbackLimits) -> None:
 def _check_finite(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgumentError(name, f"must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise InvalidArgumentError(name, f"must be a finite number, got {value}")
-    return float(value)
+    try:
+        number = float(value)  # a JSON integer may be too large for a float
+    except OverflowError:
+        raise InvalidArgumentError(name, "is too large for a 64-bit float") from None
+    if not math.isfinite(number):
+        raise InvalidArgumentError(name, f"must be a finite number, got {number}")
+    return number
 
 
 def _check_metadata(metadata: object, limits: FeedbackLimits) -> None:
@@ -275,6 +279,10 @@ def validate_event(event: FeedbackEvent, limits: FeedbackLimits = DEFAULT_LIMITS
         if low >= high:
             raise InvalidArgumentError(
                 "scale_min", f"must be less than scale_max ({low} >= {high})"
+            )
+        if not math.isfinite(high - low):  # margins and normalised scores divide by it
+            raise InvalidArgumentError(
+                "scale_max", f"the scale [{low}, {high}] is too wide: its width overflows"
             )
         score = _check_finite("score", event.score)
         if not low <= score <= high:

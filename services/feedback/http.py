@@ -171,9 +171,14 @@ def _check_fields(
     return body
 
 
+MAX_ID = 2**63 - 1  # ids are 64-bit integers in the database
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(name, f"must be an integer, got {type(value).__name__}")
+    if value > MAX_ID:
+        raise InvalidArgumentError(name, f"must be at most {MAX_ID}")
     if value <= 0:
         raise InvalidArgumentError(name, f"must be positive, got {value}")
     return value
@@ -365,8 +370,9 @@ class FeedbackHttpApi:
             web.get("/api/v1/stats", self.stats),
             web.post("/api/v1/tasks", self.import_tasks),
             web.get("/api/v1/tasks/next", self.next_task),
-            web.get(r"/api/v1/tasks/{task_id:\d+}", self.get_task),
-            web.post(r"/api/v1/tasks/{task_id:\d+}/skip", self.skip_task),
+            # ASCII digits only (\d would take "٣"), and no more than a 64-bit id has
+            web.get(r"/api/v1/tasks/{task_id:[0-9]{1,18}}", self.get_task),
+            web.post(r"/api/v1/tasks/{task_id:[0-9]{1,18}}/skip", self.skip_task),
         ]
         for kind in _KIND_FIELDS:
             routes.append(web.post(f"/api/v1/{kind}s", self._submit_handler(kind)))
@@ -552,9 +558,7 @@ class FeedbackHttpServer:
             self._app, access_log=None, handle_signals=False, shutdown_timeout=self._grace_s
         )
         await runner.setup()
-        site = web.TCPSite(
-            runner, self._host, self._requested_port, ssl_context=self._ssl_context
-        )
+        site = web.TCPSite(runner, self._host, self._requested_port, ssl_context=self._ssl_context)
         try:
             await site.start()
         except BaseException:

@@ -76,9 +76,7 @@ class FeedbackServer:
             is_serving=lambda: self.database_up,
             settings=settings,
             authenticate=(
-                api_key_authenticator(security.guard)
-                if security.guard.auth_required
-                else allow_all
+                api_key_authenticator(security.guard) if security.guard.auth_required else allow_all
             ),
             ssl_context=security.tls.ssl_context() if security.tls else None,
         )

@@ -111,7 +111,7 @@ def event_from_batch_request(msg: feedback_pb2.SubmitBatchRequest) -> FeedbackEv
 def parse_cursor(cursor: str) -> int:
     if not cursor:
         return 0
-    if not cursor.isdigit() or len(cursor) > 30:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 30:  # not "²" or "٣"
         raise InvalidArgumentError("cursor", f"not a cursor from a previous export: {cursor!r}")
     return int(cursor)
 
