@@ -64,6 +64,18 @@ def torch_generate(model: Any, ids: list[int], n: int, max_new: int, sample: boo
     return count
 
 
+def greedy_reference(model: Any, ids: list[int], max_new: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new,
+            pad_token_id=2,
+        )
+    return list(out[0, len(ids) :].tolist())
+
+
 def best_rate(run: Any, repeats: int) -> tuple[float, float]:
     """(tokens/s, seconds) of the fastest of ``repeats`` runs."""
     best = (0.0, 0.0)
@@ -114,14 +126,7 @@ def main() -> int:
             if n == 1:
                 (check,) = engine.process([job])
                 assert not isinstance(check, Exception)
-                with torch.inference_mode():
-                    ref = model.generate(
-                        torch.tensor([ids]),
-                        attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
-                        do_sample=False,
-                        max_new_tokens=args.max_new_tokens,
-                        pad_token_id=2,
-                    )[0, len(ids) :].tolist()
+                ref = greedy_reference(model, ids, args.max_new_tokens)
                 assert check.completions[0].token_ids == ref, "greedy outputs differ"
             onnx_rate, onnx_s = best_rate(ours, args.repeats)
             torch_rate, torch_s = best_rate(theirs, args.repeats)

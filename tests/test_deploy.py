@@ -134,6 +134,9 @@ def container_env(docs: list[Doc], doc: Doc, container: Doc) -> dict[str, str]:
     """The container's environment as Kubernetes would build it (envFrom, then env)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
+        if "secretRef" in source:  # the API keys: created by the operator, not rendered
+            assert source["secretRef"].get("optional") is True, source
+            continue
         env.update(named(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
     for var in container.get("env", []):
         if "value" in var:
@@ -224,7 +227,11 @@ def test_references_resolve(docs: list[Doc], overlay: str) -> None:
     for doc, c in containers(docs):
         spec = pod_spec(doc)
         wanted = [("ServiceAccount", spec["serviceAccountName"])]
-        wanted += [("ConfigMap", s["configMapRef"]["name"]) for s in c.get("envFrom", [])]
+        wanted += [
+            ("ConfigMap", s["configMapRef"]["name"])
+            for s in c.get("envFrom", [])
+            if "configMapRef" in s  # secretRefs are optional (the API keys)
+        ]
         for var in c.get("env", []):
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             if ref and ref["name"] not in EXTERNAL_SECRETS[overlay]:

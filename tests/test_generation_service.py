@@ -289,6 +289,23 @@ def test_hot_swap_to_a_new_policy_version(
             after = gen.generate(QUESTION, temperature=0.0, max_new_tokens=8)
             assert after.model_version == new.version
             assert after.completions[0].token_ids != before.completions[0].token_ids
+
+            # a candidate whose graph does not match its manifest never replaces the live one
+            source = tmp_path / "broken"
+            shutil.copytree(registry.version_dir(new.version), source)
+            assert new.generation is not None
+            generation = new.generation.model_copy(update={"num_layers": 3})
+            broken = new.model_copy(update={"version": "policy-broken", "generation": generation})
+            registry.publish(source, broken)
+            registry.promote("policy-broken")
+            with grpc.insecure_channel(server.address) as ch:
+                admin = admin_pb2_grpc.AdminServiceStub(ch)
+                reload = admin.ReloadModel(admin_pb2.ReloadModelRequest(), timeout=60)
+            assert not reload.swapped and reload.live_version == new.version
+            assert "policy-broken" in reload.last_swap_error
+            assert "3-layer" in reload.last_swap_error
+            still = gen.generate(QUESTION, temperature=0.0, max_new_tokens=8)
+            assert still.model_version == new.version
     finally:
         server.stop()
 

@@ -3,6 +3,7 @@ serving engine against ``transformers``' ``generate``, the manifest, and the sam
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,21 @@ def test_int8_graph_is_kept_only_behind_its_gate(tmp_path: Path, hf_policy: Any)
     assert refused.onnx_files == {"fp32": "model.onnx"} and refused.default_precision == "fp32"
     assert refused.quantization is not None and not refused.quantization.passed
     assert "model.int8.onnx" not in refused.files
+
+
+def test_the_cli_exports_and_promotes(
+    tmp_path: Path, tiny_policy_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.cli import main
+
+    root = tmp_path / "registry"
+    argv = ["export", "policy", "--checkpoint", str(tiny_policy_checkpoint)]
+    assert main([*argv, "--registry", str(root), "--max-length", "64", "--promote"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    registry = ModelRegistry(root, "policy")
+    assert report["version"] == registry.promoted() and report["precision"] == "fp32"
+    assert report["prefill_max_rel_diff"] < 1e-5
+    assert registry.manifest(report["version"]).generation is not None
 
 
 # -- the sampler -------------------------------------------------------------------------------

@@ -231,6 +231,13 @@ def test_keys_come_from_environment_flags_and_file(
         RewardSettings(auth_disabled=False, api_keys_file=keys_file)
     )
     assert secured.guard.keys is not None and len(secured.guard.keys) == 4
+    keys_file.write_text("not json")
+    with pytest.raises(FailedPreconditionError, match="api_keys_file"):
+        ServerSecurity.from_settings(RewardSettings(auth_disabled=False, api_keys_file=keys_file))
+    with pytest.raises(FailedPreconditionError, match="unique"):
+        ServerSecurity.from_settings(
+            RewardSettings(auth_disabled=False, api_keys=[ENTRIES[0], ENTRIES[0]])
+        )
     with pytest.raises(ValidationError, match="tls_key_file"):
         RewardSettings(tls_cert_file=keys_file)
     with pytest.raises(ValidationError, match="tls_client_ca_file"):

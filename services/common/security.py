@@ -357,7 +357,12 @@ class ServerSecurity:
         """Load keys and check TLS files; refuse a server with no keys unless auth is off."""
         entries = list(settings.api_keys)
         if settings.api_keys_file is not None:
-            entries += load_keys_file(settings.api_keys_file)
+            try:
+                entries += load_keys_file(settings.api_keys_file)
+            except ValueError as exc:  # not JSON, or entries that do not validate
+                raise FailedPreconditionError(
+                    f"api_keys_file {settings.api_keys_file}: {exc}"
+                ) from exc
         if settings.auth_disabled and entries:
             raise FailedPreconditionError(
                 "auth_disabled is set but API keys are configured: choose one"
@@ -384,7 +389,10 @@ class ServerSecurity:
                 "authentication is DISABLED: anyone who can reach this server may call every "
                 "method (configure API keys for anything but local use)"
             )
-        keys = None if settings.auth_disabled else KeyStore(entries)
+        try:
+            keys = None if settings.auth_disabled else KeyStore(entries)
+        except ValueError as exc:  # duplicate names or hashes
+            raise FailedPreconditionError(str(exc)) from exc
         guard = AccessGuard(
             keys,
             rate=RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst),

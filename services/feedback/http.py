@@ -333,13 +333,19 @@ def stats_json(stats: Stats) -> dict[str, Any]:
 async def _read_json(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise InvalidArgumentError("body", "must be JSON, sent as Content-Type: application/json")
-    text = await request.text()
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")  # JSON is UTF-8 (RFC 8259), whatever charset is claimed
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError("body", f"is not valid UTF-8 (byte {exc.start})") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgumentError(
             "body", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from exc
+    except RecursionError as exc:
+        raise InvalidArgumentError("body", "is nested too deeply") from exc
 
 
 # -- the application ----------------------------------------------------------------------------
