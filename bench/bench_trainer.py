@@ -41,7 +41,14 @@ Metrics, per trainer:
 
 Ours keeps the best held-out weights it saw (before training or after an epoch); TRL keeps the
 final ones. With one epoch, ours differs from its final weights only if training made held-out
-accuracy worse (reported as ``best step``).
+accuracy worse (reported as ``best step``). Small differences left in: warmup steps (ours
+``int(0.1 x steps)`` starting at lr/warmup, Transformers ``ceil`` starting at 0), AdamW kernels
+(both fused on CPU), TRL's per-step metric gathering and logging (inside its ``train_runtime``).
+
+The machine is shared: the two trainers run one after the other, so a change in other users'
+load between them moves the ratio (``--order`` swaps them). The run prints padded tokens per
+training pair for each (the work ratio, independent of load) and padded tokens/s (the machine
+speed each one saw), with fp32 GEMM rates and load averages before and after.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -311,30 +319,33 @@ def run_trl(
     )  # the fresh head our trainer starts from (same loader, same seed)
     eos = tokenizer.eos_token or tokenizer.sep_token
     shipped = args.trl_shipped_defaults
-    config = RewardConfig(
-        output_dir=str(work / "trl"),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.1,  # a fraction: 10% of the steps, as warmup_ratio=0.1 in ours
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        max_length=args.max_length,
-        eos_token=eos,
-        disable_dropout=True,
-        bf16=None if shipped else False,  # None: TRL's default, bf16 autocast
-        gradient_checkpointing=bool(shipped),
-        use_cpu=True,
-        seed=args.seed,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10,
-        disable_tqdm=not args.progress,
-        dataloader_num_workers=0,
-    )
+
+    with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing: not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        config = RewardConfig(
+            output_dir=str(work / "trl"),
+            num_train_epochs=args.epochs,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.1,  # a fraction: 10% of the steps, as warmup_ratio=0.1 in ours
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            max_length=args.max_length,
+            eos_token=eos,
+            disable_dropout=True,
+            bf16=None if shipped else False,  # None: TRL's default, bf16 autocast
+            gradient_checkpointing=bool(shipped),
+            use_cpu=True,
+            seed=args.seed,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10,
+            disable_tqdm=not args.progress,
+            dataloader_num_workers=0,
+        )
 
     def dataset(pairs: Sequence[PreferencePair]) -> datasets.Dataset:
         return datasets.Dataset.from_list(
@@ -617,6 +628,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{paired_our_eval['p_value']:.2f}; TRL tokenization {paired_trl_tok['ours_only_right']} "
         f"vs {paired_trl_tok['trl_only_right']}, p = {paired_trl_tok['p_value']:.2f}"
     )
+    work_ratio = (trl["padded_tokens"] / trl["train_pairs"]) / (
+        ours["padded_tokens"] / ours["train_pairs"]
+    )
+    print(
+        f"work per training pair: ours {ours['padded_tokens'] / ours['train_pairs']:.0f} padded "
+        f"tokens, TRL {trl['padded_tokens'] / trl['train_pairs']:.0f} ({work_ratio:.2f}x): the "
+        "throughput ratio a quiet machine gives before attention's L^2 and per-step overheads. "
+        f"Padded tokens/s (machine speed as each saw it): ours {ours['padded_tokens_per_s']:.0f},"
+        f" TRL {trl['padded_tokens_per_s']:.0f}."
+    )
     print(
         f"fp32 sgemm start {peaks[0]:.1f} / end {peaks[1]:.1f} GFLOP/s; load average before/after: "
         + ", ".join(f"{k} {v[0]:.2f}/{v[1]:.2f}" for k, v in load.items())
@@ -667,6 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "throughput_ratio": speedup,
             "throughput_target": THROUGHPUT_TARGET,
             "throughput_met": speed_ok,
+            "padded_tokens_per_pair_ratio_trl_over_ours": work_ratio,
         },
     }
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
