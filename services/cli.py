@@ -190,7 +190,7 @@ def _per_method(
     return Field(None, description=text, ge=ge, gt=gt, le=le)
 
 
-class TrainPolicySettings(PlauditSettings):
+class TrainPolicySettings(ClientSecuritySettings):
     """``plaudit train policy``: the method's config fields plus data, registry and promotion.
 
     Method-specific settings left unset take the method's default; one that the chosen method
@@ -527,6 +527,7 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
         publish=PolicyPublishOptions(promote=settings.promote, parent=settings.parent),
         output_dir=settings.output_dir,
         progress=settings.progress,
+        credentials=settings.credentials,
     )
     sys.stdout.write(json.dumps(result.summary()) + "\n")
     return 0

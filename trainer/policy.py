@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.registry import ModelManifest, ModelRegistry, new_version_id
+from services.common.security import INSECURE, ClientCredentials
 from trainer.backbones import Backbone, resolve_backbone
 from trainer.batches import length_grouped_batches
 from trainer.data import (
@@ -666,10 +667,12 @@ def train_policy(
     output_dir: Path | None = None,
     progress: bool = False,
     scorer: Scorer | None = None,
+    credentials: ClientCredentials = INSECURE,
 ) -> PolicyTrainingResult:
     """Train, evaluate, save and (given a ``policy`` registry) publish behind the gate.
 
-    ``scorer`` replaces the reward service at ``cfg.reward_addr`` (tests, benchmarks).
+    ``scorer`` replaces the reward service at ``cfg.reward_addr`` (tests, benchmarks);
+    ``credentials`` (API key, TLS) are used to call that reward service.
     """
     if registry is not None and registry.kind != "policy":
         raise InvalidArgumentError(
@@ -688,6 +691,7 @@ def train_policy(
             output_dir,
             progress,
             scorer,
+            credentials,
         )
     finally:
         shutdown(env)
@@ -702,6 +706,7 @@ def _train(
     output_dir: Path | None,
     progress: bool,
     scorer: Scorer | None,
+    credentials: ClientCredentials,
 ) -> PolicyTrainingResult:
     started = time.perf_counter()
     data, parent = load_policy_data(source, registry, publish.parent)
@@ -733,7 +738,7 @@ def _train(
     policy: Any = with_lora(model, cfg) if cfg.lora_r else model
     own_scorer = None
     if scorer is None and reward_addr:
-        scorer = own_scorer = RewardServiceScorer(reward_addr)
+        scorer = own_scorer = RewardServiceScorer(reward_addr, credentials=credentials)
     reporter = RunReporter(run_dir)
     run = _Run(cfg, policy, Reference(policy), tokens, env.device, reporter, progress, scorer)
     log.info(

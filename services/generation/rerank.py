@@ -12,6 +12,7 @@ from services.common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from services.common.security import INSECURE, ClientCredentials
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -19,10 +20,12 @@ _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 class RewardScorer:
     """An async channel to the reward service; errors become domain errors."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, timeout_s: float, *, credentials: ClientCredentials = INSECURE
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = credentials.aio_channel(address)  # API key and TLS when configured
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
 
     async def score(

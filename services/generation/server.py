@@ -80,7 +80,11 @@ class GenerationServer:
     async def start(self) -> None:
         """Serve at once (health NOT_SERVING); load the promoted policy and follow the registry."""
         if self.settings.reward_addr:  # the aio channel belongs to the running loop
-            self._reward = RewardScorer(self.settings.reward_addr, self.settings.reward_timeout_s)
+            self._reward = RewardScorer(
+                self.settings.reward_addr,
+                self.settings.reward_timeout_s,
+                credentials=self.settings.credentials,
+            )
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(
                 self.engine, self.batcher, self.settings, self.metrics, self._reward

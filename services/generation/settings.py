@@ -7,10 +7,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.common.security import ServerSecuritySettings
+from services.common.security import ClientSecuritySettings, ServerSecuritySettings
 
 
-class GenerationSettings(ServerSecuritySettings):
+class GenerationSettings(ServerSecuritySettings, ClientSecuritySettings):
     registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     host: str = Field("0.0.0.0", description="gRPC bind address")
     port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one)")
