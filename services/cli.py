@@ -66,7 +66,7 @@ class ExportPolicySettings(PlauditSettings):
     )
 
 
-class GenerateClientSettings(PlauditSettings):
+class GenerateClientSettings(ClientSecuritySettings):
     addr: str = Field("localhost:50053", description="generation service address")
     n: int = Field(1, ge=1, description="completions to sample")
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
@@ -453,8 +453,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from services.generation.client import GenerationClient
 
     settings = settings_from_args(GenerateClientSettings, args)
-    fields = settings.model_dump(exclude={"addr", "log_level", "log_format"})
-    with GenerationClient(settings.addr) as client:
+    fields = settings.model_dump(
+        include={"n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "rerank"}
+    )
+    with GenerationClient(settings.addr, settings.credentials) as client:
         reply = client.generate(args.prompt, **fields)
     completions = [
         {

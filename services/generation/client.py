@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import grpc
 from plaudit.v1 import generation_pb2, generation_pb2_grpc
+
+from services.common.security import INSECURE, ClientCredentials
 
 
 def generate_request(
@@ -44,10 +45,13 @@ def generate_request(
 
 
 class GenerationClient:
-    """Blocking client: ``generate`` takes the fields of :func:`generate_request`."""
+    """Blocking client: ``generate`` takes the fields of :func:`generate_request`.
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    ``credentials`` carry the API key (role ``generate``) and TLS files, if the server wants them.
+    """
+
+    def __init__(self, address: str, credentials: ClientCredentials = INSECURE) -> None:
+        self.channel = credentials.channel(address)
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
 
     def generate(
