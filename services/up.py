@@ -220,9 +220,11 @@ async def run_up(settings: UpSettings) -> int:
                 wait_until_serving, child.address, 300.0, credentials=settings.credentials
             )
         log.info(
-            "plaudit is up: %s; labelling page http://127.0.0.1:%d/",
+            "plaudit is up: %s; labelling page %s",
             ", ".join(f"{c.service} {c.address} (metrics :{c.metrics_port})" for c in children),
-            settings.feedback_http_port,
+            f"http://127.0.0.1:{settings.feedback_http_port}/"
+            if settings.feedback_http_port
+            else "on a free port (see the feedback service's log)",
         )
         store = FeedbackStore(settings.feedback_url)
         scheduler = asyncio.ensure_future(Scheduler(settings, store).run())
