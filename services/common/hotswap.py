@@ -24,11 +24,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from services.common.registry import ModelRegistry
+from services.common.errors import UnavailableError
+from services.common.registry import ModelManifest, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,58 @@ class SwapMetrics:
             "1 while the promoted version could not be made live (the previous one serves).",
             registry=registry,
         )
+
+
+class ServableModel(Protocol):
+    """What the serving plumbing needs to know of a loaded model version."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def provider(self) -> str: ...
+
+    manifest: ModelManifest
+    precision: str
+
+
+S = TypeVar("S", bound=ServableModel)
+
+
+class LiveModel(Generic[S]):
+    """The model version a process serves now. Swapping is one reference assignment, so a batch
+    that took :meth:`require_model` keeps the version it started with until it finishes."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._model: S | None = None
+
+    @property
+    def model(self) -> S | None:
+        return self._model
+
+    def set_model(self, model: S) -> None:
+        """Make ``model`` live."""
+        self._model = model
+
+    def require_model(self) -> S:
+        model = self._model
+        if model is None:
+            raise UnavailableError(f"no {self._what} loaded yet")
+        return model
+
+
+def report_live_model(model: ServableModel, info: Info, loaded: Gauge) -> None:
+    """Export the live version on the service's model-info metric."""
+    info.info(
+        {
+            "version": model.version,
+            "backbone": model.manifest.backbone,
+            "execution_provider": model.provider,
+            "precision": model.precision,
+        }
+    )
+    loaded.set(1)
 
 
 @dataclass(frozen=True)

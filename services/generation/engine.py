@@ -35,8 +35,8 @@ from services.common.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     PlauditError,
-    UnavailableError,
 )
+from services.common.hotswap import LiveModel
 from services.common.onnx_runtime import ProviderChoice, create_session
 from services.common.registry import GenerationConfig, ModelManifest, ModelRegistry
 from services.common.textfmt import PromptFormatter, TextFormat
@@ -380,29 +380,15 @@ def generate(
     return results
 
 
-class GenerationEngine:
+class GenerationEngine(LiveModel[LoadedPolicy]):
     """Holds the live policy and generates flushed batches of jobs (called from a worker thread).
 
     ``max_new_tokens`` is the server's limit: a version's default is capped at it.
     """
 
     def __init__(self, max_new_tokens: int) -> None:
+        super().__init__("policy")
         self.max_new_tokens = max_new_tokens
-        self._model: LoadedPolicy | None = None
-
-    @property
-    def model(self) -> LoadedPolicy | None:
-        return self._model
-
-    def set_model(self, model: LoadedPolicy) -> None:
-        """Make ``model`` live; batches already running keep the model they started with."""
-        self._model = model
-
-    def require_model(self) -> LoadedPolicy:
-        model = self._model
-        if model is None:
-            raise UnavailableError("no policy loaded yet")
-        return model
 
     def process(self, jobs: Sequence[GenerateJob]) -> list[GenerateResult | PlauditError]:
         """Generate every job of a flush with one model snapshot; a job whose prompt is refused

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from services.common.errors import FailedPreconditionError, UnavailableError
+from services.common.errors import FailedPreconditionError
+from services.common.hotswap import LiveModel
 from services.common.onnx_runtime import CPU, ProviderChoice, create_session
 from services.common.registry import ModelManifest, ModelRegistry
 from services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
@@ -130,26 +131,12 @@ class LoadedRewardModel:
         return ((raw - norm.mean) / (norm.std if norm.std > 0 else 1.0)).astype(np.float32)
 
 
-class RewardEngine:
+class RewardEngine(LiveModel[LoadedRewardModel]):
     """Holds the live model and scores flushed batches of jobs (called from a worker thread)."""
 
     def __init__(self, group_tokens: int = 0) -> None:
+        super().__init__("reward model")
         self.group_tokens = group_tokens  # 0: the loaded model's provider decides
-        self._model: LoadedRewardModel | None = None
-
-    @property
-    def model(self) -> LoadedRewardModel | None:
-        return self._model
-
-    def set_model(self, model: LoadedRewardModel) -> None:
-        """Make ``model`` live; batches already running keep the model they started with."""
-        self._model = model
-
-    def require_model(self) -> LoadedRewardModel:
-        model = self._model
-        if model is None:
-            raise UnavailableError("no reward model loaded yet")
-        return model
 
     def process(self, jobs: Sequence[ScoreJob]) -> list[ScoreResult]:
         """Score every job of a flush with one model snapshot."""

@@ -11,7 +11,7 @@ from plaudit.v1 import admin_pb2, admin_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 from services.common.admin import AdminServicer
 from services.common.batching import BatchingConfig, DynamicBatcher
-from services.common.hotswap import ModelWatcher, SwapMetrics
+from services.common.hotswap import ModelWatcher, SwapMetrics, report_live_model
 from services.common.registry import ModelRegistry
 from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
@@ -106,15 +106,7 @@ class RewardServer:
         """The atomic switch: batches already running keep the model they started with."""
         first = self.engine.model is None
         self.engine.set_model(model)
-        self.metrics.model_info.info(
-            {
-                "version": model.version,
-                "backbone": model.manifest.backbone,
-                "execution_provider": model.provider,
-                "precision": model.precision,
-            }
-        )
-        self.metrics.model_loaded.set(1)
+        report_live_model(model, self.metrics.model_info, self.metrics.model_loaded)
         if first:
             await self.grpc.set_serving(True)
             log.info("serving", extra={"version": model.version, "port": self.port})
