@@ -124,20 +124,10 @@ def load_policy_data(
     """Pairs, prompts and supervised examples, and the parent they continue from (when reading
     the feedback store after the parent's cursor). Files may hold TRL prompt-only and
     prompt-completion lines besides pairs; the store gives its pairs and its corrections."""
-    if bool(source.files) == bool(source.database_url):
-        raise InvalidArgumentError("data", "give either data files or a feedback database URL")
+    after, parent = source.resolve_cursor(registry, parent)
     if source.files:
         return load_file_pairs(source.files, allow_unpaired=True), parent
     assert source.database_url is not None
-    after = source.after_cursor
-    if source.since_parent_cursor:
-        parent = parent or (registry.promoted() if registry else None)
-        if registry is None or parent is None:
-            raise FailedPreconditionError("--since-cursor needs a registry with a parent version")
-        cursor = registry.manifest(parent).data_cursor
-        if cursor is None:
-            raise FailedPreconditionError(f"parent version {parent} records no data cursor")
-        after = int(cursor)
     pairs = load_feedback_pairs(
         source.database_url, after, exclude_outliers=source.exclude_outliers
     )

@@ -64,6 +64,23 @@ class PairSource:
     since_parent_cursor: bool = False
     exclude_outliers: bool = False
 
+    def resolve_cursor(
+        self, registry: ModelRegistry | None, parent: str | None
+    ) -> tuple[int, str | None]:
+        """The store cursor to read after, and the parent version it continues from; refuses
+        anything but exactly one of files and a database."""
+        if bool(self.files) == bool(self.database_url):
+            raise InvalidArgumentError("data", "give either data files or a feedback database URL")
+        if self.files or not self.since_parent_cursor:  # a parent's cursor is a store position
+            return self.after_cursor, parent
+        parent = parent or (registry.promoted() if registry else None)
+        if registry is None or parent is None:
+            raise FailedPreconditionError("--since-cursor needs a registry with a parent version")
+        cursor = registry.manifest(parent).data_cursor
+        if cursor is None:
+            raise FailedPreconditionError(f"parent version {parent} records no data cursor")
+        return int(cursor), parent
+
 
 @dataclass(frozen=True)
 class PublishOptions:
@@ -134,20 +151,10 @@ def load_training_data(
     source: PairSource, registry: ModelRegistry | None, parent: str | None
 ) -> tuple[TrainingData, str | None]:
     """The pairs, and the parent version they continue from (when reading after its cursor)."""
-    if bool(source.files) == bool(source.database_url):
-        raise InvalidArgumentError("data", "give either data files or a feedback database URL")
+    after, parent = source.resolve_cursor(registry, parent)
     if source.files:
         return load_file_pairs(source.files), parent
     assert source.database_url is not None
-    after = source.after_cursor
-    if source.since_parent_cursor:
-        parent = parent or (registry.promoted() if registry else None)
-        if registry is None or parent is None:
-            raise FailedPreconditionError("--since-cursor needs a registry with a parent version")
-        cursor = registry.manifest(parent).data_cursor
-        if cursor is None:
-            raise FailedPreconditionError(f"parent version {parent} records no data cursor")
-        after = int(cursor)
     data = load_feedback_pairs(source.database_url, after, exclude_outliers=source.exclude_outliers)
     if not data.pairs:
         raise FailedPreconditionError(f"no feedback pairs after cursor {after}")
