@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -302,32 +303,11 @@ class ClientSettings(ClientSecuritySettings):
     addr: str = Field("localhost:50051", description="reward service address")
 
 
-def _cmd_serve_reward(args: argparse.Namespace) -> int:
-    from services.reward.server import serve
-    from services.reward.settings import RewardSettings
-
-    settings = settings_from_args(RewardSettings, args)
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``plaudit serve <service>``: settings from flags/env, then the service's ``serve``."""
+    settings = settings_from_args(args.settings_cls, args)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-    return 0
-
-
-def _cmd_serve_generation(args: argparse.Namespace) -> int:
-    from services.generation.server import serve
-    from services.generation.settings import GenerationSettings
-
-    settings = settings_from_args(GenerationSettings, args)
-    configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-    return 0
-
-
-def _cmd_serve_feedback(args: argparse.Namespace) -> int:
-    from services.feedback.server import serve
-    from services.feedback.settings import FeedbackSettings
-
-    settings = settings_from_args(FeedbackSettings, args)
-    configure_logging(settings.log_level, settings.log_format)
+    serve = importlib.import_module(f"services.{args.service}.server").serve
     asyncio.run(serve(settings))
     return 0
 
@@ -634,23 +614,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a service").add_subparsers(
         dest="service", required=True
     )
+    from services.feedback.settings import FeedbackSettings
+    from services.generation.settings import GenerationSettings
     from services.reward.settings import RewardSettings
 
-    p = serve.add_parser("reward", help="serve the promoted reward model over gRPC")
-    add_settings_arguments(p, RewardSettings)
-    p.set_defaults(func=_cmd_serve_reward)
-
-    from services.generation.settings import GenerationSettings
-
-    p = serve.add_parser("generation", help="serve the promoted policy over gRPC")
-    add_settings_arguments(p, GenerationSettings)
-    p.set_defaults(func=_cmd_serve_generation)
-
-    from services.feedback.settings import FeedbackSettings
-
-    p = serve.add_parser("feedback", help="serve the feedback API (gRPC) and labelling page (HTTP)")
-    add_settings_arguments(p, FeedbackSettings)
-    p.set_defaults(func=_cmd_serve_feedback)
+    services: list[tuple[str, type[PlauditSettings], str]] = [
+        ("reward", RewardSettings, "serve the promoted reward model over gRPC"),
+        ("generation", GenerationSettings, "serve the promoted policy over gRPC"),
+        ("feedback", FeedbackSettings, "serve the feedback API (gRPC) and labelling page (HTTP)"),
+    ]
+    for name, settings_cls, help_text in services:
+        p = serve.add_parser(name, help=help_text)
+        add_settings_arguments(p, settings_cls)
+        p.set_defaults(func=_cmd_serve, settings_cls=settings_cls)
 
     p = commands.add_parser("feedback", help="import, export and inspect stored feedback")
     p.add_argument("action", choices=["import", "export", "stats"])
