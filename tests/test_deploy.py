@@ -351,13 +351,11 @@ def _parse(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     ns = build_parser().parse_args(args)
-    classes: dict[Any, type[PlauditSettings]] = {
-        cli._cmd_serve_reward: RewardSettings,
-        cli._cmd_serve_feedback: FeedbackSettings,
-        cli._cmd_train_reward: TrainRewardSettings,
-        getattr(cli, "_cmd_serve_generation", None): GenerationSettings,
-    }
-    settings_cls = classes[ns.func]
+    # `plaudit serve <service>` carries its settings class; the trainer has its own command
+    classes: dict[Any, type[PlauditSettings]] = {cli._cmd_train_reward: TrainRewardSettings}
+    settings_cls = getattr(ns, "settings_cls", None) or classes[ns.func]
+    assert settings_cls in (RewardSettings, FeedbackSettings, GenerationSettings,
+                            TrainRewardSettings), settings_cls  # fmt: skip
     unknown = {k for k in env if k.startswith("PLAUDIT_")} - {
         f"PLAUDIT_{f.upper()}" for f in settings_cls.model_fields
     }
@@ -371,9 +369,7 @@ def test_commands_and_settings_are_valid(docs: list[Doc], monkeypatch: pytest.Mo
     for doc, c in containers(docs):
         env = container_env(docs, doc, c)
         args = list(c["args"])
-        if args == ["serve", "generation"] and not hasattr(cli, "_cmd_serve_generation"):
-            settings = _generation_settings(env, monkeypatch)  # the CLI command is to come
-        elif c.get("command") == ["torchrun"]:
+        if c.get("command") == ["torchrun"]:
             settings = _torchrun(docs, doc, c, env, monkeypatch)
         else:
             assert "command" not in c, "the image's entrypoint is plaudit"
@@ -396,18 +392,6 @@ def test_commands_and_settings_are_valid(docs: list[Doc], monkeypatch: pytest.Mo
             assert 0 < threads * procs <= limit, f"{doc['metadata']['name']}: threads vs CPUs"
             if isinstance(settings, RewardSettings | GenerationSettings):
                 assert threads == limit, "ONNX Runtime threads should use the whole CPU limit"
-
-
-def _generation_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    for key in [k for k in os.environ if k.startswith("PLAUDIT_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    unknown = {k for k in env if k.startswith("PLAUDIT_")} - {
-        f"PLAUDIT_{f.upper()}" for f in GenerationSettings.model_fields
-    }
-    assert not unknown, f"serve generation: no such settings {sorted(unknown)}"
-    return GenerationSettings()
 
 
 def _torchrun(
