@@ -128,6 +128,15 @@ def load_reward_model(
     return model, tokenizer
 
 
+def special_tokens(tokenizer: object) -> dict[str, str]:
+    """The tokenizer's named special tokens, as chat templates refer to them."""
+    return {
+        key: str(getattr(tokenizer, key))
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if getattr(tokenizer, key, None) is not None
+    }
+
+
 def text_format_for(tokenizer: object, model: PreTrainedModel, max_length: int) -> TextFormat:
     """How this checkpoint joins prompt and completion, and how long its input may be."""
     limits = [max_length]
@@ -138,11 +147,7 @@ def text_format_for(tokenizer: object, model: PreTrainedModel, max_length: int) 
     if isinstance(positions, int) and positions > 0:
         limits.append(positions)
     template = getattr(tokenizer, "chat_template", None)
-    special = {
-        key: str(getattr(tokenizer, key))
-        for key in ("bos_token", "eos_token", "pad_token", "unk_token")
-        if getattr(tokenizer, key, None) is not None
-    }
+    special = special_tokens(tokenizer)
     return TextFormat(
         kind="chat_template" if template else "pair",
         max_length=min(limits),

@@ -58,6 +58,7 @@ from services.generation.engine import (
     present_names,
 )
 from trainer.backbones import resolve_backbone
+from trainer.export import special_tokens
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,7 @@ def prompt_format_for(tokenizer: Any, model: PreTrainedModel, max_length: int) -
     if isinstance(positions, int) and positions > 0:
         limits.append(positions)
     template = getattr(tokenizer, "chat_template", None)
-    special = {
-        key: str(getattr(tokenizer, key))
-        for key in ("bos_token", "eos_token", "pad_token", "unk_token")
-        if getattr(tokenizer, key, None) is not None
-    }
+    special = special_tokens(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TextFormat(
         kind="chat_template" if isinstance(template, str) else "plain",
