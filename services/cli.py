@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from services.common.logging import configure_logging
+from services.common.registry import RegistryLocationSettings
 from services.common.security import ROLES, ClientCredentials, ClientSecuritySettings
 from services.common.settings import PlauditSettings, add_settings_arguments, settings_from_args
 from trainer.config import RewardTrainingConfig  # a plain dataclass: no torch import
@@ -36,9 +37,8 @@ _POLICY_FIELDS = sorted(
 log = logging.getLogger("plaudit.cli")
 
 
-class ExportSettings(PlauditSettings):
+class ExportSettings(RegistryLocationSettings):
     checkpoint: str = Field("minilm", description="HF checkpoint folder, or minilm / smollm2")
-    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
     promote: bool = Field(False, description="promote the new version")
     max_length: int = Field(512, ge=8, description="max tokens per item (keeps the end)")
@@ -54,9 +54,8 @@ class ExportSettings(PlauditSettings):
     seed: int = Field(0, description="seed for a freshly initialised head")
 
 
-class ExportPolicySettings(PlauditSettings):
+class ExportPolicySettings(RegistryLocationSettings):
     checkpoint: str = Field("smollm2", description="HF causal-LM checkpoint folder, or smollm2")
-    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     promote: bool = Field(False, description="promote the new version")
     max_length: int = Field(2048, ge=8, description="context length (prompt + generated tokens)")
     max_new_tokens: int = Field(256, ge=1, description="the version's default completion length")
@@ -78,8 +77,7 @@ class GenerateClientSettings(ClientSecuritySettings):
     rerank: bool = Field(False, description="score with the reward service, best first")
 
 
-class RegistrySettings(ClientSecuritySettings):
-    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
+class RegistrySettings(ClientSecuritySettings, RegistryLocationSettings):
     kind: Literal["reward", "policy"] = Field("reward", description="model kind")
     notify: str = Field(
         "",
@@ -100,10 +98,9 @@ class FeedbackFileSettings(PlauditSettings):
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
 
 
-class TrainRewardSettings(PlauditSettings):
+class TrainRewardSettings(RegistryLocationSettings):
     """``plaudit train reward``: the training config fields plus data, registry and promotion."""
 
-    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     data: list[Path] = Field([], description="JSONL pair files (HH-RLHF or TRL format)")
     database_url: str | None = Field(None, description="feedback database to read pairs from")
     after_cursor: int = Field(0, ge=0, description="read feedback pairs after this cursor")
@@ -191,7 +188,7 @@ def _per_method(
     return Field(None, description=text, ge=ge, gt=gt, le=le)
 
 
-class TrainPolicySettings(ClientSecuritySettings):
+class TrainPolicySettings(ClientSecuritySettings, RegistryLocationSettings):
     """``plaudit train policy``: the method's config fields plus data, registry and promotion.
 
     Method-specific settings left unset take the method's default; one that the chosen method
@@ -201,7 +198,6 @@ class TrainPolicySettings(ClientSecuritySettings):
     method: Literal["dpo", "rejection-sampling", "rl"] = Field(
         "dpo", description="dpo (pairs), rejection-sampling or rl (RLOO; prompts + reward service)"
     )
-    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
     data: list[Path] = Field(
         [], description="JSONL files: pairs (HH-RLHF/TRL), TRL prompt-only or prompt-completion"
     )
@@ -367,7 +363,6 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
     settings = settings_from_args(ExportSettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from services.common.registry import ModelRegistry
     from trainer.export import ExportConfig, export_reward
 
     cfg = ExportConfig(
@@ -379,9 +374,7 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
         reference_pairs=settings.reference_pairs,
         seed=settings.seed,
     )
-    manifest = export_reward(
-        cfg, ModelRegistry(settings.registry, "reward"), promote=settings.promote
-    )
+    manifest = export_reward(cfg, settings.model_registry("reward"), promote=settings.promote)
     sys.stdout.write(
         json.dumps(
             {
@@ -402,12 +395,11 @@ def _cmd_export_policy(args: argparse.Namespace) -> int:
     settings = settings_from_args(ExportPolicySettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from services.common.registry import ModelRegistry
     from trainer.policy_export import export_policy_checkpoint
 
     manifest = export_policy_checkpoint(
         settings.checkpoint,
-        ModelRegistry(settings.registry, "policy"),
+        settings.model_registry("policy"),
         promote=settings.promote,
         max_length=settings.max_length,
         max_new_tokens=settings.max_new_tokens,
@@ -460,7 +452,6 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dataclasses import fields
 
-    from services.common.registry import ModelRegistry
     from trainer.reward import PairSource, PublishOptions, train_reward
 
     cfg = RewardTrainingConfig(**{f.name: getattr(settings, f.name) for f in fields(_TRAIN)})
@@ -473,7 +464,7 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
             since_parent_cursor=settings.since_cursor,
             exclude_outliers=settings.exclude_outliers,
         ),
-        ModelRegistry(settings.registry, "reward"),
+        settings.model_registry("reward"),
         publish=PublishOptions(
             promote=settings.promote,
             promotion_tolerance=settings.promotion_tolerance,
@@ -492,7 +483,6 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
     settings = settings_from_args(TrainPolicySettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from services.common.registry import ModelRegistry
     from trainer.policy import PolicyPublishOptions, train_policy
     from trainer.reward import PairSource
 
@@ -505,7 +495,7 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
             since_parent_cursor=settings.since_cursor,
             exclude_outliers=settings.exclude_outliers,
         ),
-        ModelRegistry(settings.registry, "policy"),
+        settings.model_registry("policy"),
         publish=PolicyPublishOptions(promote=settings.promote, parent=settings.parent),
         output_dir=settings.output_dir,
         progress=settings.progress,
@@ -516,11 +506,10 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
-    from services.common.registry import ModelRegistry
 
     settings = settings_from_args(RegistrySettings, args)
     configure_logging(settings.log_level, settings.log_format)
-    registry = ModelRegistry(settings.registry, settings.kind)
+    registry = settings.model_registry(settings.kind)
     out = sys.stdout
     if args.action == "list":
         promoted = registry.promoted()

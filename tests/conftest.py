@@ -216,6 +216,39 @@ NO_TORCH_PRELUDE = (
 )
 
 
+# -- a model registry on S3: s3fs against moto's S3-compatible server on a local port -------------
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """``s3://<bucket>``, served by moto's S3 server in a thread (real HTTP, real s3fs/botocore);
+    the ``AWS_*`` variables point this process and its children at it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from services.common.process import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "plaudit-test",
+        "AWS_SECRET_ACCESS_KEY": "plaudit-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import fsspec
+
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("plaudit-test")
+        yield "s3://plaudit-test"
+        fsspec.filesystem("s3").clear_instance_cache()
+    server.stop()
+
+
 # -- databases: the feedback suites run on SQLite and on the local PostgreSQL --------------------
 POSTGRES_URL = os.environ.get(
     "PLAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -51,12 +51,12 @@ sys.path.insert(0, str(DEPLOY))
 import healthcheck  # noqa: E402
 import requirements  # noqa: E402
 
-OVERLAYS = ["dev", "prod"]
+OVERLAYS = ["dev", "prod", "prod-s3"]
 K8S_VERSIONS = ["1.30.0", "1.37.0"]  # the oldest cluster we support and the newest schemas
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # no schemas in kubernetes-validate
 WORKLOADS = {"Deployment", "Job", "CronJob"}
 # The prod overlay expects the database Secret to exist (docs/operations.md).
-EXTERNAL_SECRETS = {"prod": {"plaudit-database"}, "dev": set()}
+EXTERNAL_SECRETS = {"prod": {"plaudit-database"}, "prod-s3": {"plaudit-database"}, "dev": set()}
 UID = 10001
 SERVER_ERROR_CODES = {"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
 HEALTH_SERVICES = {
@@ -143,6 +143,8 @@ def container_env(docs: list[Doc], doc: Doc, container: Doc) -> dict[str, str]:
             env[var["name"]] = var["value"]
             continue
         ref = var["valueFrom"]
+        if ref.get("secretKeyRef", {}).get("optional"):
+            continue  # e.g. object-store credentials, when workload identity does not give them
         if "secretKeyRef" in ref:
             secrets = [
                 d
@@ -190,7 +192,9 @@ def docs(overlay: str) -> list[Doc]:
 def test_overlay_builds_every_component(docs: list[Doc], overlay: str) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
-    assert {"CronJob", "Job", "ConfigMap", "PersistentVolumeClaim", "Namespace"} <= kinds
+    assert {"CronJob", "Job", "ConfigMap", "Namespace"} <= kinds
+    # the registry lives on a shared volume, or in object storage with no volume at all
+    assert ("PersistentVolumeClaim" in kinds) == (overlay != "prod-s3")
     deployments = {d["metadata"]["name"] for d in of_kind(docs, "Deployment")}
     assert deployments == {"plaudit-reward", "plaudit-feedback", "plaudit-generation"}
     (namespace,) = of_kind(docs, "Namespace")
@@ -234,7 +238,7 @@ def test_references_resolve(docs: list[Doc], overlay: str) -> None:
         ]
         for var in c.get("env", []):
             ref = var.get("valueFrom", {}).get("secretKeyRef")
-            if ref and ref["name"] not in EXTERNAL_SECRETS[overlay]:
+            if ref and not ref.get("optional") and ref["name"] not in EXTERNAL_SECRETS[overlay]:
                 wanted.append(("Secret", ref["name"]))
         for volume in spec.get("volumes", []):
             if "persistentVolumeClaim" in volume:
@@ -363,7 +367,9 @@ def _parse(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     return settings_from_args(settings_cls, ns)
 
 
-def test_commands_and_settings_are_valid(docs: list[Doc], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commands_and_settings_are_valid(
+    docs: list[Doc], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every container's command parses with the real CLI, and its PLAUDIT_* environment
     (ConfigMaps, Secret, env) builds valid settings: a misspelt key would be ignored."""
     for doc, c in containers(docs):
@@ -374,11 +380,14 @@ def test_commands_and_settings_are_valid(docs: list[Doc], monkeypatch: pytest.Mo
         else:
             assert "command" not in c, "the image's entrypoint is plaudit"
             settings = _parse(args, env, monkeypatch)
-        for field in ("registry",):
-            if hasattr(settings, field):
-                path = str(getattr(settings, field))
+        if hasattr(settings, "registry"):
+            name = doc["metadata"]["name"]
+            if "://" in settings.registry:  # object storage: a writable cache of versions
+                assert overlay == "prod-s3" and settings.registry.startswith("s3://"), name
+                assert mounts(c).get(str(settings.registry_cache)) is True, name
+            else:  # the shared volume: only the trainer writes it
                 writable = isinstance(settings, TrainRewardSettings)
-                assert mounts(c).get(path) is writable, f"{doc['metadata']['name']}: {path}"
+                assert mounts(c).get(settings.registry) is writable, f"{name}: {settings.registry}"
         url = getattr(settings, "database_url", None) or ""
         if url.startswith("sqlite:///"):
             folder = str(Path(url.removeprefix("sqlite:///")).parent)
@@ -641,6 +650,42 @@ def test_requirements_leave_torch_out_of_serving() -> None:
         for r in requirements.requirements(pyproject, "serving", "gpu")
     }
     assert gpu == serving | {"onnxruntime-gpu"}, "the same set, with the GPU build beside"
+    assert "s3fs" in serving and "s3fs" in trainer, "every image can use an s3:// registry"
+
+
+def _dependency_closure(names: set[str]) -> set[str]:
+    """Installed distributions ``names`` pull in (extras left out), found from their metadata."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(requirements.canonical(req.name))
+    return seen
+
+
+def test_no_serving_requirement_pulls_in_torch() -> None:
+    """Transitively: a serving image that installs torch by way of a dependency (peft does) would
+    carry gigabytes it never imports."""
+    serving = {
+        requirements.requirement_name(r)
+        for r in requirements.requirements(REPO / "pyproject.toml", "serving", "cpu")
+    }
+    closure = _dependency_closure(serving)
+    assert "torch" not in closure and "transformers" not in closure
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:

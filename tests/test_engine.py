@@ -131,7 +131,7 @@ def test_a_graph_whose_inputs_differ_from_the_manifest_is_refused(
     reg = ModelRegistry(tmp_path / "reg", "reward")
     version = reg.promoted()
     assert version is not None
-    path = reg.version_dir(version) / "manifest.json"
+    path = Path(reg.versions_dir) / version / "manifest.json"
     data = json.loads(path.read_text())
     data["input_names"] = ["input_ids", "attention_mask"]
     path.write_text(json.dumps(data))

@@ -292,7 +292,7 @@ def test_hot_swap_to_a_new_policy_version(
 
             # a candidate whose graph does not match its manifest never replaces the live one
             source = tmp_path / "broken"
-            shutil.copytree(registry.version_dir(new.version), source)
+            shutil.copytree(registry.checkout(new.version)[1], source)
             assert new.generation is not None
             generation = new.generation.model_copy(update={"num_layers": 3})
             broken = new.model_copy(update={"version": "policy-broken", "generation": generation})

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,8 +43,7 @@ def test_watcher_swaps_only_to_candidates_that_load(tmp_path: Path) -> None:
 
     def load(version: str) -> float:
         loads.append(version)
-        reg.verify(version)
-        value = float((reg.version_dir(version) / "weights.txt").read_text())
+        value = float((reg.checkout(version)[1] / "weights.txt").read_text())
         if not np.isfinite(value):
             raise ValueError("smoke batch scored NaN")
         return value
@@ -68,7 +68,9 @@ def test_watcher_swaps_only_to_candidates_that_load(tmp_path: Path) -> None:
         reg.promote("nan")  # promoted anew: retried (and fails again)
         await watcher.check()
         assert loads.count("nan") == 2 and watcher.live_version == "good1"
-        (reg.version_dir("good2") / "weights.txt").write_text("3")  # tampered after publishing
+        (Path(reg.versions_dir) / "good2" / "weights.txt").write_text(
+            "3"
+        )  # tampered after publishing
         with pytest.raises(Exception, match="sha256"):
             reg.promote("good2")  # the registry itself refuses to promote a tampered version
         reg.rollback()  # nan -> good1, already live: the error clears
@@ -85,7 +87,7 @@ def test_a_tampered_candidate_is_rejected_by_hash(tmp_path: Path) -> None:
     publish(reg, tmp_path, "v2", "2")
     reg.promote("v1")
     reg.promote("v2")
-    (reg.version_dir("v2") / "weights.txt").write_text("evil")  # corrupted after promotion
+    (Path(reg.versions_dir) / "v2" / "weights.txt").write_text("evil")  # corrupted after promotion
 
     async def activate(model: str) -> None:
         pass
@@ -167,7 +169,9 @@ def test_promotion_corrupt_candidate_and_rollback_under_load(swap_registry: Path
         swap(["registry", "promote", v2], v2)
         time.sleep(1.0)
         reg.promote(v3)
-        onnx_file = reg.version_dir(v3) / "model.onnx"  # corrupted after promotion (bad disk)
+        onnx_file = (
+            Path(reg.versions_dir) / v3 / "model.onnx"
+        )  # corrupted after promotion (bad disk)
         onnx_file.write_bytes(onnx_file.read_bytes()[:-100])
         with grpc.insecure_channel(server.address) as channel:
             reply = admin_pb2_grpc.AdminServiceStub(channel).ReloadModel(
@@ -205,3 +209,48 @@ def test_promotion_corrupt_candidate_and_rollback_under_load(swap_registry: Path
         np.testing.assert_allclose(rewards, offline[version], atol=1e-4)
     last_versions = [v for _, _, v, _ in sorted(responses)[-5:]]
     assert last_versions == [v1] * 5
+
+
+def test_the_reward_service_serves_and_swaps_from_a_registry_on_s3(
+    tiny_registry: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The cluster setup: the trainer publishes to S3 (``plaudit export``), serving loads from
+    S3 through its local cache, and ``plaudit registry promote --notify`` swaps it."""
+    url = f"{s3_bucket}/{uuid.uuid4().hex}/registry"
+    local = ModelRegistry(tiny_registry)
+    v1 = local.promoted()
+    assert v1 is not None
+    remote = ModelRegistry(url, cache_dir=tmp_path / "publisher-cache")
+    remote.publish(local.checkout(v1)[1], local.manifest(v1))
+    remote.promote(v1)
+    ckpt = build_tiny_checkpoint(tmp_path / "ckpt", seed=3)
+    export = ["export", "reward", "--checkpoint", str(ckpt), "--registry", url,
+              "--max-length", "64", "--reference-pairs", "8", "--log-level", "ERROR"]  # fmt: skip
+    assert main(export) == 0
+    (v2,) = {m.version for m in remote.list_versions()} - {v1}
+
+    cache = tmp_path / "serving-cache"
+    server = ServerThread(
+        registry=url, registry_cache=cache, poll_interval_s=3600, log_level="ERROR"
+    ).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            request = reward_pb2.ScoreRequest(
+                items=[reward_pb2.ScoreItem(prompt=PROMPTS[0], completion=COMPLETIONS[0])],
+                normalization=reward_pb2.NORMALIZATION_RAW,
+            )
+            assert stub.Score(request, timeout=30).model_version == v1
+            assert main(["registry", "promote", v2, "--registry", url,
+                         "--notify", server.address]) == 0  # fmt: skip
+            reply = stub.Score(request, timeout=30)
+            assert reply.model_version == v2
+            offline = LoadedRewardModel.load(remote, v2, provider="cpu")
+            raw = offline.score_raw([PROMPTS[0]], [COMPLETIONS[0]])[0]
+            np.testing.assert_allclose(reply.rewards, raw, atol=1e-4)
+            model = stub.GetModel(reward_pb2.GetModelRequest())
+            assert model.version == v2 and model.last_swap_error == ""
+    finally:
+        server.stop()
+    cached = {p.name for p in cache.rglob("*") if p.is_dir() and p.name in (v1, v2)}
+    assert cached == {v1, v2}  # serving ran from its local copies

@@ -1,11 +1,16 @@
 """The model registry: atomic publish, hash verification, promotion history, safe names, and
-no pickle anywhere (refused in versions; the trainer loads checkpoints as safetensors only)."""
+no pickle anywhere (refused in versions; the trainer loads checkpoints as safetensors only).
+
+The behaviour tests run on every backend: a local directory, fsspec's in-memory filesystem, and
+S3 (s3fs against moto's S3 server). Tampering goes through the registry's own filesystem.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,9 +22,36 @@ from services.common.registry import (
     PICKLE_SUFFIXES,
     ModelManifest,
     ModelRegistry,
-    sha256_file,
     validate_version_name,
 )
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def reg(request: pytest.FixtureRequest, tmp_path: Path) -> ModelRegistry:
+    """An empty reward registry on each backend (remote ones cache under ``tmp_path``)."""
+    if request.param == "local":
+        return ModelRegistry(tmp_path / "reg")
+    if request.param == "memory":
+        root = f"memory://plaudit-{uuid.uuid4().hex}"
+    else:
+        root = f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}/reg"
+    return ModelRegistry(root, cache_dir=tmp_path / "cache")
+
+
+def put(reg: ModelRegistry, version: str, rel: str, data: bytes) -> None:
+    """Write (or overwrite) one file of a published version behind the registry's back."""
+    reg.fs.pipe_file(f"{reg.versions_dir}/{version}/{rel}", data)
+
+
+def get(reg: ModelRegistry, version: str, rel: str) -> bytes:
+    return bytes(reg.fs.cat_file(f"{reg.versions_dir}/{version}/{rel}"))
+
+
+def children(reg: ModelRegistry) -> list[str]:
+    try:
+        return sorted(Path(p).name for p in reg.fs.ls(reg.versions_dir, detail=False))
+    except FileNotFoundError:
+        return []
 
 
 def manifest(version: str) -> ModelManifest:
@@ -42,39 +74,38 @@ def publish(reg: ModelRegistry, tmp: Path, version: str, payload: bytes = b"weig
     reg.publish(src, manifest(version))
 
 
-def test_publish_records_hashes_and_leaves_no_staging(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_publish_records_hashes_and_leaves_no_staging(reg: ModelRegistry, tmp_path: Path) -> None:
     publish(reg, tmp_path, "v1")
     m = reg.verify("v1")
     assert set(m.files) == {"model.onnx", "sub/tokenizer.json"}
     assert m.files["model.onnx"] == hashlib.sha256(b"weights").hexdigest()
-    assert [p.name for p in reg.versions_dir.iterdir()] == ["v1"]  # no .staging-* left over
+    assert children(reg) == ["v1"]  # no .staging-* left over
     assert [v.version for v in reg.list_versions()] == ["v1"]
+    _, folder = reg.checkout("v1")
+    assert (folder / "model.onnx").read_bytes() == b"weights"
+    assert (folder / "sub" / "tokenizer.json").read_text() == "{}"
 
 
-def test_publishing_an_existing_version_fails(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_publishing_an_existing_version_fails(reg: ModelRegistry, tmp_path: Path) -> None:
     publish(reg, tmp_path, "v1")
     with pytest.raises(FailedPreconditionError, match="already exists"):
         publish(reg, tmp_path, "v1", b"other")
 
 
-def test_tampered_files_fail_verification_and_promotion(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_tampered_files_fail_verification_and_promotion(reg: ModelRegistry, tmp_path: Path) -> None:
     publish(reg, tmp_path, "v1")
-    (reg.version_dir("v1") / "model.onnx").write_bytes(b"evil")
+    put(reg, "v1", "model.onnx", b"evil")
     with pytest.raises(FailedPreconditionError, match=r"sha256 of model\.onnx"):
         reg.verify("v1")
     with pytest.raises(FailedPreconditionError):
         reg.promote("v1")
     assert reg.promoted() is None
-    (reg.version_dir("v1") / "model.onnx").unlink()
+    reg.fs.rm_file(f"{reg.versions_dir}/v1/model.onnx")
     with pytest.raises(FailedPreconditionError, match="missing"):
         reg.verify("v1")
 
 
-def test_promote_and_rollback_follow_the_history(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_promote_and_rollback_follow_the_history(reg: ModelRegistry, tmp_path: Path) -> None:
     assert reg.promoted() is None
     for v in ("v1", "v2", "v3"):
         publish(reg, tmp_path, v, v.encode())
@@ -92,17 +123,17 @@ def test_promote_and_rollback_follow_the_history(tmp_path: Path) -> None:
     assert reg.rollback() == "v1"
 
 
-def test_rollback_without_a_previous_version_fails(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_rollback_without_a_previous_version_fails(reg: ModelRegistry, tmp_path: Path) -> None:
     publish(reg, tmp_path, "v1")
     reg.promote("v1")
     with pytest.raises(FailedPreconditionError):
         reg.rollback()
 
 
-def test_unknown_version_is_not_found(tmp_path: Path) -> None:
+def test_unknown_version_is_not_found(reg: ModelRegistry) -> None:
     with pytest.raises(NotFoundError):
-        ModelRegistry(tmp_path).manifest("nope")
+        reg.manifest("nope")
+    assert reg.list_versions() == [] and reg.promotion_history() == []
 
 
 @pytest.mark.parametrize(
@@ -113,59 +144,60 @@ def test_unsafe_version_names_are_rejected(name: str) -> None:
         validate_version_name(name)
 
 
-def test_manifest_listing_a_file_outside_the_version_is_refused(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_manifest_listing_a_file_outside_the_version_is_refused(
+    reg: ModelRegistry, tmp_path: Path
+) -> None:
     publish(reg, tmp_path, "v1")
-    path = reg.version_dir("v1") / "manifest.json"
-    m = ModelManifest.model_validate_json(path.read_text())
+    m = ModelManifest.model_validate_json(get(reg, "v1", "manifest.json"))
     m.files["../../../outside"] = "0" * 64
-    path.write_text(m.model_dump_json())
+    put(reg, "v1", "manifest.json", m.model_dump_json().encode())
     with pytest.raises(FailedPreconditionError, match="escapes"):
         reg.verify("v1")
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "weights.pt", "state.pkl", "sub/x.PTH"])
-def test_publishing_a_pickle_based_file_is_refused(tmp_path: Path, name: str) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_publishing_a_pickle_based_file_is_refused(
+    reg: ModelRegistry, tmp_path: Path, name: str
+) -> None:
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "model.onnx").write_bytes(b"weights")
     (src / name).write_bytes(b"\x80\x04pickle")
     with pytest.raises(FailedPreconditionError, match="pickle"):
         reg.publish(src, manifest("v1"))
-    assert [p.name for p in reg.versions_dir.iterdir()] == []  # no version, no staging left
+    assert children(reg) == [] and reg.list_versions() == []  # no version, no staging left
 
 
-def test_a_pickle_file_smuggled_into_a_version_fails_verification(tmp_path: Path) -> None:
+def test_a_pickle_file_smuggled_into_a_version_fails_verification(
+    reg: ModelRegistry, tmp_path: Path
+) -> None:
     """Even listed with its correct hash (a tampered manifest), a pickle file is refused."""
-    reg = ModelRegistry(tmp_path / "reg")
     publish(reg, tmp_path, "v1")
-    folder = reg.version_dir("v1")
-    (folder / "extra.pt").write_bytes(b"\x80\x04pickle")
-    path = folder / "manifest.json"
-    m = ModelManifest.model_validate_json(path.read_text())
-    m.files["extra.pt"] = sha256_file(folder / "extra.pt")
-    path.write_text(m.model_dump_json())
+    payload = b"\x80\x04pickle"
+    put(reg, "v1", "extra.pt", payload)
+    m = ModelManifest.model_validate_json(get(reg, "v1", "manifest.json"))
+    m.files["extra.pt"] = hashlib.sha256(payload).hexdigest()
+    put(reg, "v1", "manifest.json", m.model_dump_json().encode())
     with pytest.raises(FailedPreconditionError, match="pickle"):
         reg.verify("v1")
     assert {".bin", ".pt", ".pkl"} <= PICKLE_SUFFIXES
 
 
-def test_a_file_added_to_a_published_version_fails_verification(tmp_path: Path) -> None:
-    reg = ModelRegistry(tmp_path / "reg")
+def test_a_file_added_to_a_published_version_fails_verification(
+    reg: ModelRegistry, tmp_path: Path
+) -> None:
     publish(reg, tmp_path, "v1")
-    (reg.version_dir("v1") / "sub" / "added.json").write_text("{}")
+    put(reg, "v1", "sub/added.json", b"{}")
     with pytest.raises(FailedPreconditionError, match=r"sub/added\.json is not listed"):
         reg.verify("v1")
 
 
-def test_a_tampered_promotion_pointer_cannot_leave_the_registry(tmp_path: Path) -> None:
+def test_a_tampered_promotion_pointer_cannot_leave_the_registry(
+    reg: ModelRegistry, tmp_path: Path
+) -> None:
     """A pointer naming ``../../x`` is refused before any path is built; serving keeps going."""
-    reg = ModelRegistry(tmp_path / "reg")
     publish(reg, tmp_path, "v1")
-    (tmp_path / "x").mkdir()
-    reg.base.mkdir(parents=True, exist_ok=True)
-    reg.pointer.write_text(json.dumps({"version": "../../x", "at": "now"}))
+    reg.fs.pipe_file(reg.pointer, json.dumps({"version": "../../x", "at": "now"}).encode())
     with pytest.raises(InvalidArgumentError, match="version"):
         reg.verify(str(reg.promoted()))
     loaded: list[str] = []
@@ -182,6 +214,68 @@ def test_a_tampered_promotion_pointer_cannot_leave_the_registry(tmp_path: Path) 
     outcome = asyncio.run(watcher.check())
     assert not outcome.swapped and "invalid version name" in outcome.error
     assert loaded == []
+
+
+# -- remote registries: manifest-last publishing and the local cache ----------------------------
+@pytest.fixture(params=["memory", "s3"])
+def remote_reg(request: pytest.FixtureRequest, tmp_path: Path) -> ModelRegistry:
+    if request.param == "memory":
+        root = f"memory://plaudit-{uuid.uuid4().hex}"
+    else:
+        root = f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}/reg"
+    return ModelRegistry(root, cache_dir=tmp_path / "cache", cache_keep=2)
+
+
+def test_a_version_without_its_manifest_does_not_exist(
+    remote_reg: ModelRegistry, tmp_path: Path
+) -> None:
+    """An upload cut off before its last PUT (the manifest) leaves files nobody can see."""
+    publish(remote_reg, tmp_path, "v1")
+    put(remote_reg, "v2", "model.onnx", b"half of a version")
+    assert [m.version for m in remote_reg.list_versions()] == ["v1"]
+    with pytest.raises(NotFoundError):
+        remote_reg.manifest("v2")
+    with pytest.raises(NotFoundError):
+        remote_reg.promote("v2")
+
+
+def test_serving_reads_a_verified_local_copy(remote_reg: ModelRegistry, tmp_path: Path) -> None:
+    publish(remote_reg, tmp_path, "v1")
+    _, folder = remote_reg.checkout("v1")
+    assert folder.is_relative_to(tmp_path / "cache")
+    assert (folder / "model.onnx").read_bytes() == b"weights"
+    (folder / "model.onnx").write_bytes(b"rotten")  # a damaged cache is fetched again
+    _, again = remote_reg.checkout("v1")
+    assert again == folder and (folder / "model.onnx").read_bytes() == b"weights"
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_the_cache_keeps_the_most_recent_versions(
+    remote_reg: ModelRegistry, tmp_path: Path
+) -> None:
+    for v in ("v1", "v2", "v3"):
+        publish(remote_reg, tmp_path, v, v.encode())
+        remote_reg.promote(v)  # promotion verifies, which fills the cache
+    cached = sorted(p.name for p in remote_reg.cache_dir.iterdir())
+    assert cached == ["v2", "v3"]  # cache_keep=2
+    assert remote_reg.rollback() == "v2"
+    assert sorted(p.name for p in remote_reg.cache_dir.iterdir()) == ["v2", "v3"]
+
+
+def test_registries_at_different_urls_do_not_share_a_cache(tmp_path: Path) -> None:
+    a = ModelRegistry("memory://plaudit-a", cache_dir=tmp_path)
+    b = ModelRegistry("memory://plaudit-b", cache_dir=tmp_path)
+    assert a.cache_dir != b.cache_dir and a.cache_dir.parent.parent == tmp_path
+
+
+def test_settings_take_a_path_or_a_url(tmp_path: Path) -> None:
+    from services.reward.settings import RewardSettings
+
+    local = RewardSettings(registry=tmp_path / "reg", auth_disabled=True)
+    assert local.model_registry("reward").is_local
+    url = RewardSettings(registry="memory://plaudit-x", auth_disabled=True)
+    assert url.registry == "memory://plaudit-x"
+    assert not url.model_registry("policy").is_local
 
 
 def test_trainer_loads_checkpoints_as_safetensors_only(tmp_path: Path) -> None:

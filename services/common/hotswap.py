@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -125,12 +124,14 @@ class PointerState:
 
 
 def read_pointer(registry: ModelRegistry) -> PointerState | None:
+    """The pointer now; None when nothing is promoted or it cannot be read (a torn file, a
+    storage outage: the live model keeps serving and the next poll tries again)."""
     try:
-        data = json.loads(registry.pointer.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:  # a torn or unreadable pointer: treat as "no change"
+        data = registry.pointer_record()
+    except Exception as exc:
         log.warning("unreadable promotion pointer", extra={"error": str(exc)})
+        return None
+    if data is None:
         return None
     return PointerState(str(data["version"]), str(data.get("at", "")))
 
@@ -224,9 +225,7 @@ class ModelWatcher(Generic[M]):
         while True:
             outcome = await self.check()
             if outcome.promoted_version is None and self.live_version is None:
-                log.info(
-                    "no promoted model yet; waiting", extra={"registry": str(self.registry.base)}
-                )
+                log.info("no promoted model yet; waiting", extra={"registry": self.registry.root})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()

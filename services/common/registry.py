@@ -1,4 +1,4 @@
-"""The model registry: a directory of immutable model versions and a promotion pointer.
+"""The model registry: immutable model versions and a promotion pointer, on any filesystem.
 
 Layout (one namespace per model kind)::
 
@@ -6,11 +6,22 @@ Layout (one namespace per model kind)::
     <root>/<kind>/promoted.json                     # {"version": ..., "at": ...}
     <root>/<kind>/promotions.jsonl                  # append-only history of promotions
 
-Publishing is atomic: files are copied into a staging folder beside ``versions/`` and renamed into
-place, so a reader never sees half a version. The promotion pointer is replaced atomically
-(write aside, fsync, rename). Every file of a version is listed in its manifest with its sha256,
-and :meth:`ModelRegistry.verify` checks them before a server uses the version: a listed file
-that differs or is missing, a file that is not listed, or one outside the version folder fails it.
+``<root>`` is a local directory (the default) or an fsspec URL (``s3://bucket/prefix``,
+``gs://...``, ``az://...``, with the matching fsspec package installed: ``pip install
+plaudit[s3]`` for S3 and S3-compatible stores). Remote credentials and endpoints come from the
+usual places (``AWS_*`` variables, ``FSSPEC_S3_ENDPOINT_URL``, fsspec's config files).
+
+Publishing is atomic: a reader never sees half a version. In a local directory the files are
+copied into a staging folder beside ``versions/`` and renamed into place. Object stores have no
+rename, so there the files are uploaded first and ``manifest.json`` last, in one PUT: a version
+exists only once its manifest does (listing skips a folder without one). The promotion pointer is
+replaced atomically (local: write aside, fsync, rename; object store: one PUT).
+
+Every file of a version is listed in its manifest with its sha256, and :meth:`ModelRegistry.
+checkout` checks them before a server uses the version: a listed file that differs or is
+missing, a file that is not listed, or one outside the version folder fails it. Servers load
+remote versions from a local cache (``cache_dir``), downloaded aside, verified, then renamed into
+place; a cached copy is verified again before every use.
 
 Versions hold ONNX graphs, tokenizers and JSON: nothing is ever unpickled. Files in pickle-based
 formats (:data:`PICKLE_SUFFIXES`: PyTorch ``.bin``/``.pt`` checkpoints, ``.pkl``...) are refused
@@ -20,6 +31,7 @@ over. Version names are checked (:func:`validate_version_name`) wherever one is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,18 +41,22 @@ import secrets
 import shutil
 import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field, field_validator
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.settings import PlauditSettings
 
 log = logging.getLogger(__name__)
 
 ModelKind = Literal["reward", "policy"]
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_CACHE = Path(".plaudit/registry-cache")
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
 
 
@@ -138,81 +154,221 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-class ModelRegistry:
-    """A local-directory registry of one model kind."""
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
-    def __init__(self, root: Path | str, kind: ModelKind = "reward") -> None:
-        self.root = Path(root)
+
+def _safe_relative(version: str, rel: str) -> str:
+    """A manifest path must stay inside its version: relative, no ``..``, no empty parts."""
+    parts = PurePosixPath(rel).parts
+    if not parts or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise FailedPreconditionError(f"version {version}: file {rel!r} escapes the version")
+    return rel
+
+
+def verify_folder(version: str, manifest: ModelManifest, root: Path) -> ModelManifest:
+    """Check a local copy of ``version`` file by file against its manifest (see the module
+    docstring); return the manifest."""
+    if not manifest.files:
+        raise FailedPreconditionError(f"version {version} lists no files")
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    unlisted = sorted(present - set(manifest.files) - {MANIFEST})
+    if unlisted:
+        raise FailedPreconditionError(
+            f"version {version}: {unlisted[0]} is not listed in the manifest"
+        )
+    for rel, expected in manifest.files.items():
+        check_file_format(version, rel)
+        path = (root / rel).resolve()
+        if root.resolve() not in path.parents:
+            raise FailedPreconditionError(f"version {version}: file {rel!r} escapes the version")
+        if not path.is_file():
+            raise FailedPreconditionError(f"version {version}: file {rel} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise FailedPreconditionError(
+                f"version {version}: sha256 of {rel} is {actual[:12]}…, "
+                f"manifest says {expected[:12]}…"
+            )
+    return manifest
+
+
+def _stage(source_dir: Path, staging: Path, manifest: ModelManifest) -> ModelManifest:
+    """Copy ``source_dir`` into ``staging``, refuse pickles, hash every file, write the manifest."""
+    shutil.copytree(source_dir, staging, dirs_exist_ok=True)
+    (staging / MANIFEST).unlink(missing_ok=True)
+    for p in staging.rglob("*"):
+        if p.is_file():
+            check_file_format(manifest.version, str(p.relative_to(staging)))
+    files = {
+        str(p.relative_to(staging)): sha256_file(p)
+        for p in sorted(staging.rglob("*"))
+        if p.is_file()
+    }
+    final = manifest.model_copy(update={"files": files})
+    (staging / MANIFEST).write_text(final.model_dump_json(indent=2))
+    return final
+
+
+class ModelRegistry:
+    """The registry of one model kind, in a local directory or at an fsspec URL.
+
+    ``cache_dir`` holds local copies of remote versions for serving (unused for a local root);
+    the ``cache_keep`` most recently used copies are kept, for fast rollbacks.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        kind: ModelKind = "reward",
+        *,
+        cache_dir: Path | str | None = None,
+        cache_keep: int = 3,
+    ) -> None:
+        self.root = str(root)
         self.kind = kind
-        self.base = self.root / kind
-        self.versions_dir = self.base / "versions"
-        self.pointer = self.base / "promoted.json"
-        self.history = self.base / "promotions.jsonl"
+        self.fs, root_path = fsspec.core.url_to_fs(self.root)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.base = _join(root_path, kind)
+        self.versions_dir = _join(self.base, "versions")
+        self.pointer = _join(self.base, "promoted.json")
+        self.history = _join(self.base, "promotions.jsonl")
+        slug = hashlib.sha256(self.root.encode()).hexdigest()[:16]
+        self.cache_dir = Path(cache_dir or DEFAULT_CACHE) / slug / kind
+        self.cache_keep = cache_keep
+
+    def __repr__(self) -> str:
+        return f"ModelRegistry({self.root!r}, {self.kind!r})"
 
     # -- reading ---------------------------------------------------------------------------
-    def version_dir(self, version: str) -> Path:
-        return self.versions_dir / validate_version_name(version)
+    def _read(self, path: str) -> bytes:
+        """One object's bytes (raises FileNotFoundError); never served from a listing cache."""
+        return bytes(self.fs.cat_file(path))
 
     def list_versions(self) -> list[ModelManifest]:
-        """Every published version, oldest first."""
-        if not self.versions_dir.is_dir():
+        """Every published version (one with a manifest), oldest first."""
+        self.fs.invalidate_cache(self.versions_dir)
+        try:
+            children = self.fs.ls(self.versions_dir, detail=False)
+        except FileNotFoundError:
             return []
-        out = []
-        for child in sorted(self.versions_dir.iterdir()):
-            if child.name.startswith(".") or not (child / MANIFEST).is_file():
-                continue
-            out.append(self.manifest(child.name))
+        names = sorted(
+            name
+            for name in (PurePosixPath(str(c)).name for c in children)
+            if not name.startswith(".") and _VERSION_RE.fullmatch(name)
+        )
+        paths = [_join(self.versions_dir, name, MANIFEST) for name in names]
+        found = self.fs.cat(paths, on_error="omit") if paths else {}
+        by_path = {self.fs._strip_protocol(k): v for k, v in found.items()}
+        out = [
+            ModelManifest.model_validate_json(by_path[self.fs._strip_protocol(p)])
+            for p in paths
+            if self.fs._strip_protocol(p) in by_path
+        ]
         return sorted(out, key=lambda m: (m.created_at, m.version))
 
     def manifest(self, version: str) -> ModelManifest:
-        path = self.version_dir(version) / MANIFEST
-        if not path.is_file():
-            raise NotFoundError(f"model version {version!r} not found in {self.base}")
-        return ModelManifest.model_validate_json(path.read_text())
+        path = _join(self.versions_dir, validate_version_name(version), MANIFEST)
+        try:
+            raw = self._read(path)
+        except FileNotFoundError:
+            raise NotFoundError(f"model version {version!r} not found in {self.root}") from None
+        return ModelManifest.model_validate_json(raw)
+
+    def pointer_record(self) -> dict[str, Any] | None:
+        """The promotion pointer ``{"version", "at"}``, or None when nothing is promoted."""
+        try:
+            data = json.loads(self._read(self.pointer))
+        except FileNotFoundError:
+            return None
+        if not isinstance(data, dict) or "version" not in data:
+            raise ValueError(f"malformed promotion pointer {self.pointer}")
+        return data
 
     def promoted(self) -> str | None:
         """The promoted version, or None when nothing has been promoted yet."""
-        try:
-            return str(json.loads(self.pointer.read_text())["version"])
-        except FileNotFoundError:
-            return None
+        record = self.pointer_record()
+        return None if record is None else str(record["version"])
 
     def promotion_history(self) -> list[dict[str, Any]]:
-        if not self.history.is_file():
+        try:
+            text = self._read(self.history).decode()
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in self.history.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def checkout(self, version: str) -> tuple[ModelManifest, Path]:
+        """A verified local folder holding ``version``, and its manifest.
+
+        Local registry: the version's own folder. Remote: a copy in ``cache_dir`` (downloaded
+        when missing or damaged). Raises if any file differs from the manifest.
+        """
+        manifest = self.manifest(version)
+        if self.is_local:
+            root = Path(self.versions_dir) / version
+            return verify_folder(version, manifest, root), root
+        target = self.cache_dir / version
+        if target.is_dir():
+            try:
+                verify_folder(version, manifest, target)
+            except FailedPreconditionError as exc:
+                log.warning("cached copy damaged; downloading again",
+                            extra={"version": version, "error": str(exc)})  # fmt: skip
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.utime(target)  # most recently used
+                return manifest, target
+        self._download(version, manifest, target)
+        self._prune_cache(keep=target)
+        return manifest, target
 
     def verify(self, version: str) -> ModelManifest:
-        """Check every file's sha256 against the manifest; raise if anything differs, is missing,
-        is not listed, or is in a pickle-based format."""
-        manifest = self.manifest(version)
-        root = self.version_dir(version)
-        if not manifest.files:
-            raise FailedPreconditionError(f"version {version} lists no files")
-        present = {
-            str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()
+        """Check every file's sha256 against the manifest (see :meth:`checkout`)."""
+        return self.checkout(version)[0]
+
+    def _download(self, version: str, manifest: ModelManifest, target: Path) -> None:
+        remote = _join(self.versions_dir, version)
+        self.fs.invalidate_cache(remote)
+        listed = {
+            PurePosixPath(str(p)).relative_to(self.fs._strip_protocol(remote)).as_posix()
+            for p in self.fs.find(remote)
         }
-        unlisted = sorted(present - set(manifest.files) - {MANIFEST})
+        unlisted = sorted(listed - set(manifest.files) - {MANIFEST})
         if unlisted:
             raise FailedPreconditionError(
                 f"version {version}: {unlisted[0]} is not listed in the manifest"
             )
-        for rel, expected in manifest.files.items():
-            check_file_format(version, rel)
-            path = (root / rel).resolve()
-            if root.resolve() not in path.parents:
-                raise FailedPreconditionError(
-                    f"version {version}: file {rel!r} escapes the version"
-                )
-            if not path.is_file():
-                raise FailedPreconditionError(f"version {version}: file {rel} is missing")
-            actual = sha256_file(path)
-            if actual != expected:
-                raise FailedPreconditionError(
-                    f"version {version}: sha256 of {rel} is {actual[:12]}…, "
-                    f"manifest says {expected[:12]}…"
-                )
-        return manifest
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
+        try:
+            for rel in manifest.files:
+                check_file_format(version, _safe_relative(version, rel))
+                if rel not in listed:
+                    raise FailedPreconditionError(f"version {version}: file {rel} is missing")
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(_join(remote, rel), str(staging / rel))
+            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            verify_folder(version, manifest, staging)
+            try:
+                os.rename(staging, target)
+            except OSError:  # another process cached it meanwhile: use theirs once it verifies
+                shutil.rmtree(staging, ignore_errors=True)
+                verify_folder(version, manifest, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("downloaded model version", extra={"version": version, "registry": self.root})
+
+    def _prune_cache(self, keep: Path) -> None:
+        """Drop all but the ``cache_keep`` most recently used cached versions (never ``keep``)."""
+        cached = sorted(
+            (p for p in self.cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in cached[max(self.cache_keep, 1) :]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     # -- writing ---------------------------------------------------------------------------
     def publish(self, source_dir: Path, manifest: ModelManifest) -> ModelManifest:
@@ -222,53 +378,83 @@ class ModelRegistry:
             raise InvalidArgumentError(
                 "kind", f"registry holds {self.kind} models, got {manifest.kind}"
             )
-        target = self.versions_dir / manifest.version
-        if target.exists():
+        target = _join(self.versions_dir, manifest.version)
+        self.fs.invalidate_cache(self.versions_dir)
+        if self.fs.exists(target):
             raise FailedPreconditionError(f"version {manifest.version} already exists")
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".staging-"))
+        final = (
+            self._publish_local(source_dir, manifest)
+            if self.is_local
+            else (self._publish_remote(source_dir, manifest))
+        )
+        log.info("published model version", extra={"version": final.version, "kind": self.kind})
+        return final
+
+    def _publish_local(self, source_dir: Path, manifest: ModelManifest) -> ModelManifest:
+        versions = Path(self.versions_dir)
+        versions.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=versions, prefix=".staging-"))
         try:
-            shutil.copytree(source_dir, staging, dirs_exist_ok=True)
-            (staging / MANIFEST).unlink(missing_ok=True)
-            for p in staging.rglob("*"):
-                if p.is_file():
-                    check_file_format(manifest.version, str(p.relative_to(staging)))
-            files = {
-                str(p.relative_to(staging)): sha256_file(p)
-                for p in sorted(staging.rglob("*"))
-                if p.is_file()
-            }
-            final = manifest.model_copy(update={"files": files})
-            (staging / MANIFEST).write_text(final.model_dump_json(indent=2))
+            final = _stage(source_dir, staging, manifest)
             for p in staging.rglob("*"):
                 if p.is_file():
                     with p.open("rb") as fh:
                         os.fsync(fh.fileno())
-            os.rename(staging, target)
+            os.rename(staging, versions / manifest.version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        log.info("published model version", extra={"version": final.version, "kind": self.kind})
         return final
+
+    def _publish_remote(self, source_dir: Path, manifest: ModelManifest) -> ModelManifest:
+        target = _join(self.versions_dir, manifest.version)
+        with tempfile.TemporaryDirectory(prefix="plaudit-publish-") as tmp:
+            staging = Path(tmp) / "version"
+            final = _stage(source_dir, staging, manifest)
+            try:
+                for rel in final.files:  # everything but the manifest ...
+                    self.fs.put_file(str(staging / rel), _join(target, rel))
+                # ... which goes last, in one PUT: from now on the version exists
+                self.fs.pipe_file(_join(target, MANIFEST), (staging / MANIFEST).read_bytes())
+            except BaseException:
+                with contextlib.suppress(Exception):  # leave no half version (it is invisible)
+                    self.fs.rm(target, recursive=True)
+                raise
+        return final
+
+    def _write_pointer(self, text: str) -> None:
+        if self.is_local:
+            Path(self.base).mkdir(parents=True, exist_ok=True)
+            _write_atomic(Path(self.pointer), text)
+        else:
+            self.fs.pipe_file(self.pointer, text.encode())
+
+    def _append_history(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        if self.is_local:
+            with Path(self.history).open("a") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return
+        # object stores cannot append: read, extend, write back (promotions are rare, manual or
+        # from one trainer; two promoting at the same instant could lose one history line)
+        try:
+            old = self._read(self.history)
+        except FileNotFoundError:
+            old = b""
+        self.fs.pipe_file(self.history, old + line.encode())
 
     def promote(self, version: str, *, reason: str = "manual", rollback: bool = False) -> None:
         """Point serving at ``version`` (which must verify) and record it in the history."""
         self.verify(version)
         previous = self.promoted()
         now = datetime.now(UTC).isoformat()
-        self.base.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.pointer, json.dumps({"version": version, "at": now}))
-        with self.history.open("a") as fh:
-            record = {
-                "version": version,
-                "previous": previous,
-                "at": now,
-                "reason": reason,
-                "rollback": rollback,
-            }
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._write_pointer(json.dumps({"version": version, "at": now}))
+        self._append_history(
+            {"version": version, "previous": previous, "at": now, "reason": reason,
+             "rollback": rollback}
+        )  # fmt: skip
         log.info("promoted model version", extra={"version": version, "previous": previous})
 
     def live_stack(self) -> list[str]:
@@ -295,3 +481,23 @@ class ModelRegistry:
         target = stack[-2]
         self.promote(target, reason=f"rollback from {current}", rollback=True)
         return target
+
+
+class RegistryLocationSettings(PlauditSettings):
+    """Where a command or service finds the model registry (shared by every settings class)."""
+
+    registry: str = Field(
+        ".plaudit/registry",
+        description="model registry: a directory or an fsspec URL (s3://bucket/prefix, gs://...)",
+    )
+    registry_cache: Path = Field(
+        DEFAULT_CACHE, description="local copies of versions from a remote registry"
+    )
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    def model_registry(self, kind: ModelKind) -> ModelRegistry:
+        return ModelRegistry(self.registry, kind, cache_dir=self.registry_cache)

@@ -189,8 +189,8 @@ class LoadedPolicy:
     @classmethod
     def load(cls, registry: ModelRegistry, version: str, **kwargs: object) -> LoadedPolicy:
         """Verify every file's sha256, then build the version (see :meth:`from_dir`)."""
-        manifest = registry.verify(version)
-        model = cls.from_dir(registry.version_dir(version), manifest, **kwargs)  # type: ignore[arg-type]
+        manifest, root = registry.checkout(version)
+        model = cls.from_dir(root, manifest, **kwargs)  # type: ignore[arg-type]
         log.info(
             "loaded policy",
             extra={"version": version, "precision": model.precision, "provider": model.provider},

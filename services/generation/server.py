@@ -13,7 +13,6 @@ from services.common.admin import AdminServicer
 from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.errors import PlauditError
 from services.common.hotswap import ModelWatcher, SwapMetrics, report_live_model
-from services.common.registry import ModelRegistry
 from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
 from services.generation.engine import (
@@ -47,7 +46,7 @@ class GenerationServer:
         )
         self.metrics = GenerationMetrics(self.grpc.registry)
         self.engine = GenerationEngine(max_new_tokens=settings.max_new_tokens)
-        self.registry = ModelRegistry(settings.registry, "policy")
+        self.registry = settings.model_registry("policy")
         self.batcher: DynamicBatcher[GenerateJob, GenerateResult | PlauditError] = DynamicBatcher(
             self.engine.process,
             BatchingConfig(

@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -88,13 +87,12 @@ class LoadedRewardModel:
         intra_op_threads: int = 0,
     ) -> LoadedRewardModel:
         """Verify hashes, build the session and the tokenizer for ``version``."""
-        manifest = registry.verify(version)
+        manifest, root = registry.checkout(version)
         chosen = manifest.default_precision if precision == "auto" else precision
         if chosen not in manifest.onnx_files:
             raise FailedPreconditionError(
                 f"version {version} has no {chosen} graph (has {sorted(manifest.onnx_files)})"
             )
-        root = registry.version_dir(version)
         session = create_session(root / manifest.onnx_files[chosen], provider, intra_op_threads)
         expected = set(manifest.input_names)
         actual = {i.name for i in session.get_inputs()}
@@ -168,12 +166,3 @@ class RewardEngine(LiveModel[LoadedRewardModel]):
 def estimate_tokens(prompt: str, completion: str, max_length: int) -> int:
     """Cheap token estimate used for batch budgeting before tokenization (about 4 chars/token)."""
     return min(max_length, math.ceil((len(prompt) + len(completion)) / 4) + 3)
-
-
-def load_promoted(registry_dir: Path, **kwargs: object) -> LoadedRewardModel | None:
-    """Load the promoted version of a registry, or None when none is promoted."""
-    registry = ModelRegistry(registry_dir, "reward")
-    version = registry.promoted()
-    if version is None:
-        return None
-    return LoadedRewardModel.load(registry, version, **kwargs)  # type: ignore[arg-type]

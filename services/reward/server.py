@@ -12,7 +12,6 @@ from plaudit.v1 import admin_pb2, admin_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.admin import AdminServicer
 from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.hotswap import ModelWatcher, SwapMetrics, report_live_model
-from services.common.registry import ModelRegistry
 from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
 from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob, ScoreResult
@@ -41,7 +40,7 @@ class RewardServer:
         )
         self.metrics = RewardMetrics(self.grpc.registry)
         self.engine = RewardEngine(group_tokens=settings.group_tokens)
-        self.registry = ModelRegistry(settings.registry, "reward")
+        self.registry = settings.model_registry("reward")
         self.batcher: DynamicBatcher[ScoreJob, ScoreResult] = DynamicBatcher(
             self.engine.process,
             BatchingConfig(

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from services.common.registry import RegistryLocationSettings
 from services.common.security import ServerSecuritySettings
 
 
-class RewardSettings(ServerSecuritySettings):
-    registry: Path = Field(Path(".plaudit/registry"), description="model registry directory")
+class RewardSettings(ServerSecuritySettings, RegistryLocationSettings):
     host: str = Field("0.0.0.0", description="gRPC bind address")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port")
