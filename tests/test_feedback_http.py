@@ -421,6 +421,9 @@ class GeneratedTasks:
             for i in range(min(limit, 2))
         ]
 
+    async def close(self) -> None:
+        pass
+
 
 def test_an_empty_queue_asks_the_task_sources(database_url: str) -> None:
     source = GeneratedTasks()

@@ -113,3 +113,29 @@ def read_pairs(path: Path, limit: int | None = None) -> Iterator[PreferencePair]
             n += 1
             if limit is not None and n >= limit:
                 return
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Distinct prompts of a JSONL file, in file order: lines with only a ``prompt`` (a string or
+    TRL messages) or any record :func:`parse_record` reads (its prompt). Errors name the line."""
+    prompts: dict[str, None] = {}
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if isinstance(record, Mapping) and set(record) <= {"prompt", "metadata"}:
+                    prompt = record.get("prompt")
+                    if isinstance(prompt, list):
+                        prompt = messages_to_dialogue(prompt, "prompt")
+                    if not isinstance(prompt, str):
+                        raise ValueError("'prompt' must be a string or a list of messages")
+                else:
+                    prompt = parse_record(record).prompt
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+                raise ValueError(f"{path}:{number}: {exc}") from None
+            if not prompt.strip():
+                raise ValueError(f"{path}:{number}: empty prompt")
+            prompts.setdefault(prompt)
+    return list(prompts)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 
 from services.common.security import ClientSecuritySettings, ServerSecuritySettings
 from services.feedback.db import DEFAULT_FEEDBACK_URL
@@ -69,3 +71,32 @@ class FeedbackSettings(ServerSecuritySettings, ClientSecuritySettings):
     reward_timeout_s: float = Field(
         2.0, gt=0, description="deadline of one reward-service call (then tasks go at random)"
     )
+    # new tasks from the generation service when the queue runs dry (see docs/labelling.md)
+    generation_addr: str = Field(
+        "", description="generation service host:port that makes tasks when the queue is empty"
+    )
+    task_prompts_file: Path | None = Field(
+        None, description="JSONL prompts (or preference records) the generated tasks are made of"
+    )
+    generated_completions: int = Field(
+        2, ge=2, le=16, description="completions sampled per generated task"
+    )
+    generated_tasks_per_fetch: int = Field(
+        4, ge=1, le=64, description="prompts sent to the generation service per empty queue"
+    )
+    generation_temperature: float = Field(
+        1.0, gt=0, description="sampling temperature of generated tasks"
+    )
+    generation_max_new_tokens: int = Field(
+        0, ge=0, description="tokens per generated completion (0 = the policy's default)"
+    )
+    task_refill_below: int = Field(
+        4, ge=0, description="fetch generated tasks in the background while fewer need labels"
+    )
+    generation_timeout_s: float = Field(120.0, gt=0, description="deadline of one generation call")
+
+    @model_validator(mode="after")
+    def _generation_needs_prompts(self) -> FeedbackSettings:
+        if self.generation_addr and self.task_prompts_file is None:
+            raise ValueError("generation_addr needs task_prompts_file (the prompts to sample for)")
+        return self

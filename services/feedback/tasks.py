@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -30,13 +31,16 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import grpc
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
+from plaudit.v1 import generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
 
+from services.common.errors import AlreadyExistsError, InvalidArgumentError
+from services.common.preference_files import read_prompts
 from services.common.security import INSECURE, ClientCredentials
 from services.feedback.domain import LabellingTask, NewTask, validate_identifier
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.feedback.task_store import TaskStats
+from services.generation.client import generate_request
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ class TaskSource(Protocol):
     async def fetch(self, limit: int) -> Sequence[NewTask]:
         """Up to ``limit`` new tasks (fewer or none when there is nothing to generate)."""
         ...
+
+    async def close(self) -> None: ...
 
 
 class UncertaintyScorer(Protocol):
@@ -109,6 +115,99 @@ class RewardServiceScorer:
         await self._channel.close()
 
 
+class GenerationTaskSource:
+    """:class:`TaskSource` backed by the generation service: each task is one prompt of a pool
+    with ``n`` completions sampled from the promoted policy (``Generate``, grpc.aio).
+
+    Prompts are taken in a shuffled order and reshuffled after each pass, so every prompt comes
+    up once per pass; a prompt comes back with new samples on a later pass. A prompt whose
+    samples are not at least two distinct, non-empty texts makes no task. A call that fails is
+    logged and its prompt skipped; when every call of a fetch fails the first error is raised
+    (the picker logs it and leaves the queue as it is).
+    """
+
+    name = "generation"
+
+    def __init__(
+        self,
+        address: str,
+        prompts: Sequence[str],
+        *,
+        completions: int = 2,
+        per_fetch: int = 4,
+        temperature: float = 1.0,
+        max_new_tokens: int = 0,
+        timeout_s: float = 120.0,
+        credentials: ClientCredentials = INSECURE,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("GenerationTaskSource needs at least one prompt")
+        self.address = address
+        self.prompts = list(prompts)
+        self.completions = completions
+        self.per_fetch = per_fetch
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.timeout_s = timeout_s
+        self.rng = rng or random.Random()
+        self._pending: list[str] = []
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None  # opened in the event loop, on first use
+
+    def _next_prompts(self, k: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < k:
+            if not self._pending:
+                self._pending = self.rng.sample(self.prompts, len(self.prompts))
+            out.append(self._pending.pop())
+        return out
+
+    async def fetch(self, limit: int) -> list[NewTask]:
+        prompts = self._next_prompts(min(limit, self.per_fetch, len(self.prompts)))
+        replies = await asyncio.gather(
+            *(self._generate(p) for p in prompts), return_exceptions=True
+        )
+        tasks: list[NewTask] = []
+        errors: list[BaseException] = []
+        for prompt, reply in zip(prompts, replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors.append(reply)
+                detail = reply.details() if isinstance(reply, grpc.aio.AioRpcError) else reply
+                log.warning("generation failed for a task prompt", extra={"error": str(detail)})
+                continue
+            texts = list(dict.fromkeys(c.text for c in reply.completions if c.text.strip()))
+            if len(texts) < 2:
+                continue
+            metadata = {"model_version": reply.model_version, "temperature": str(self.temperature)}
+            tasks.append(
+                NewTask(prompt=prompt, completions=texts, metadata=metadata, source=self.name)
+            )
+        if errors and len(errors) == len(prompts):
+            raise errors[0]
+        return tasks
+
+    async def _generate(self, prompt: str) -> generation_pb2.GenerateResponse:
+        request = generate_request(
+            prompt,
+            n=self.completions,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+        )
+        if self._channel is None:
+            self._channel = self._credentials.aio_channel(self.address)
+        stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        reply: generation_pb2.GenerateResponse = await stub.Generate(
+            request, timeout=self.timeout_s
+        )
+        return reply
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
 @dataclass(frozen=True)
 class TaskPick:
     """The task handed out and why; ``margin`` is its reward gap when it was scored."""
@@ -152,6 +251,7 @@ class TaskPicker:
         candidates: int = 32,
         scorer: UncertaintyScorer | None = None,
         sources: Sequence[TaskSource] = (),
+        refill_below: int = 0,
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
@@ -161,7 +261,9 @@ class TaskPicker:
         self.candidates = candidates
         self.scorer = scorer
         self.sources = list(sources)
+        self.refill_below = refill_below
         self.rng = rng or random.Random()
+        self._refill: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(
@@ -176,6 +278,20 @@ class TaskPicker:
             if settings.reward_addr
             else None
         )
+        sources: list[TaskSource] = []
+        if settings.generation_addr and settings.task_prompts_file is not None:
+            sources.append(
+                GenerationTaskSource(
+                    settings.generation_addr,
+                    read_prompts(settings.task_prompts_file),
+                    completions=settings.generated_completions,
+                    per_fetch=settings.generated_tasks_per_fetch,
+                    temperature=settings.generation_temperature,
+                    max_new_tokens=settings.generation_max_new_tokens,
+                    timeout_s=settings.generation_timeout_s,
+                    credentials=settings.credentials,
+                )
+            )
         return cls(
             store,
             labels_per_task=settings.labels_per_task,
@@ -183,11 +299,19 @@ class TaskPicker:
             explore_fraction=settings.explore_fraction,
             candidates=settings.task_candidates,
             scorer=scorer,
+            sources=sources,
+            refill_below=settings.task_refill_below,
         )
 
     async def close(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
         if self.scorer is not None:
             await self.scorer.close()
+        for source in self.sources:
+            await source.close()
 
     async def next_task(self, annotator_id: str) -> TaskPick | None:
         """Lease the next task to the annotator; None when there is nothing for them."""
@@ -205,18 +329,42 @@ class TaskPicker:
             return TaskPick(held, "resumed")
         pick = await self._pick(annotator_id)
         if pick is None and self.sources:
-            for source in self.sources:
-                try:
-                    fresh = await source.fetch(self.candidates)
-                except Exception as exc:  # a source that is down leaves the queue as it is
-                    log.warning(
-                        "task source failed", extra={"source": source.name, "error": str(exc)}
-                    )
-                    continue
-                if fresh:
-                    await asyncio.to_thread(tasks.import_tasks, fresh)
+            if self._refill is not None and not self._refill.done():
+                await asyncio.shield(self._refill)  # a refill under way: wait for it instead
+            else:
+                await self._fetch_from_sources()
             pick = await self._pick(annotator_id)
+        if self.sources and self.refill_below and (self._refill is None or self._refill.done()):
+            self._refill = asyncio.create_task(self._refill_if_low())
         return pick
+
+    async def _fetch_from_sources(self) -> None:
+        """Ask every source for new tasks and queue them; a failing source is logged, skipped."""
+        tasks = self._store().tasks
+        for source in self.sources:
+            try:
+                fresh = await source.fetch(self.candidates)
+            except Exception as exc:  # a source that is down leaves the queue as it is
+                log.warning("task source failed", extra={"source": source.name, "error": str(exc)})
+                continue
+            if fresh:
+                try:
+                    await asyncio.to_thread(tasks.import_tasks, fresh)
+                except (InvalidArgumentError, AlreadyExistsError) as exc:  # e.g. too long
+                    log.warning(
+                        "task source made tasks the queue refuses",
+                        extra={"source": source.name, "error": str(exc)},
+                    )
+
+    async def _refill_if_low(self) -> None:
+        """In the background, after a pick: fetch new tasks while fewer than ``refill_below``
+        still need labels, so the next annotator does not wait for the generation service."""
+        try:
+            stats = await asyncio.to_thread(self._store().tasks.stats, self.labels_per_task)
+            if stats.pending < self.refill_below:
+                await self._fetch_from_sources()
+        except Exception as exc:  # never an unhandled task error; the next pick tries again
+            log.warning("background task refill failed", extra={"error": str(exc)})
 
     async def _pick(self, annotator_id: str) -> TaskPick | None:
         tasks = self._store().tasks
