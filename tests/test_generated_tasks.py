@@ -204,3 +204,32 @@ def test_a_low_queue_is_refilled_in_the_background(tmp_path: Path) -> None:
         # b: 4 pending (b's lease still needs its label) >= 3: no refill
         assert asyncio.run(scenario()) == [4, 4]
         assert source.fetches == 2
+
+
+class MixedSource(CountingSource):
+    """Each fetch: one task the queue refuses (a completion over the size limit), one good."""
+
+    async def fetch(self, limit: int) -> list[NewTask]:
+        self.fetches += 1
+        await asyncio.sleep(0.05)  # long enough for every waiting annotator to pile up
+        return [
+            NewTask(prompt="too long", completions=["x" * 70_000, "y"], source=self.name),
+            NewTask(prompt=f"good {self.fetches}", completions=["a", "b"], source=self.name),
+        ]
+
+
+def test_annotators_share_one_fetch_and_a_bad_task_costs_only_itself(tmp_path: Path) -> None:
+    source = MixedSource(per_fetch=2)
+    with FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}") as store:
+        picker = TaskPicker(lambda: store, labels_per_task=5, sources=[source])
+
+        async def scenario() -> list[str | None]:
+            try:
+                picks = await asyncio.gather(*(picker.next_task(f"a{i}") for i in range(4)))
+            finally:
+                await picker.close()
+            return [None if p is None else p.task.prompt for p in picks]
+
+        assert asyncio.run(scenario()) == ["good 1"] * 4
+        assert source.fetches == 1  # four annotators found the queue empty: one fetch
+        assert store.tasks.stats(5).total == 1

@@ -254,3 +254,31 @@ def test_the_reward_service_serves_and_swaps_from_a_registry_on_s3(
         server.stop()
     cached = {p.name for p in cache.rglob("*") if p.is_dir() and p.name in (v1, v2)}
     assert cached == {v1, v2}  # serving ran from its local copies
+
+
+def test_a_storage_error_is_retried_at_the_next_poll(tmp_path: Path) -> None:
+    """A download cut off (OSError) is no verdict on the candidate: the same pointer is tried
+    again; a rejected candidate (any other error) waits for a new promotion."""
+    reg = ModelRegistry(tmp_path / "reg")
+    publish(reg, tmp_path, "v1", "1")
+    reg.promote("v1")
+    failures = [ConnectionResetError("connection reset by peer")]
+
+    def load(version: str) -> str:
+        if failures:
+            raise failures.pop()
+        return version
+
+    live: list[str] = []
+
+    async def activate(model: str) -> None:
+        live.append(model)
+
+    async def scenario() -> tuple[bool, bool]:
+        watcher = ModelWatcher(reg, load, activate, poll_interval_s=60)
+        first = await watcher.check()
+        second = await watcher.check()
+        return first.swapped, second.swapped
+
+    assert asyncio.run(scenario()) == (False, True)
+    assert live == ["v1"]

@@ -266,6 +266,35 @@ def test_registries_at_different_urls_do_not_share_a_cache(tmp_path: Path) -> No
     a = ModelRegistry("memory://plaudit-a", cache_dir=tmp_path)
     b = ModelRegistry("memory://plaudit-b", cache_dir=tmp_path)
     assert a.cache_dir != b.cache_dir and a.cache_dir.parent.parent == tmp_path
+    assert ModelRegistry("memory://plaudit-a/", cache_dir=tmp_path).cache_dir == a.cache_dir
+
+
+def test_folder_placeholder_keys_on_s3_are_not_files(s3_bucket: str, tmp_path: Path) -> None:
+    """Consoles and sync tools create ``v1/`` and ``v1/sub/`` keys: they are not unlisted files."""
+    import boto3
+
+    reg = ModelRegistry(f"{s3_bucket}/{uuid.uuid4().hex}/reg", cache_dir=tmp_path / "cache")
+    publish(reg, tmp_path, "v1")
+    bucket, _, prefix = reg.versions_dir.partition("/")
+    s3 = boto3.client("s3")
+    for key in (f"{prefix}/v1/", f"{prefix}/v1/sub/"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"")
+    reg.fs.invalidate_cache()
+    _, folder = reg.checkout("v1")
+    assert (folder / "sub" / "tokenizer.json").read_text() == "{}"
+
+
+def test_a_crashed_download_is_cleaned_up(remote_reg: ModelRegistry, tmp_path: Path) -> None:
+    import os
+    import time
+
+    publish(remote_reg, tmp_path, "v1")
+    left = remote_reg.cache_dir / ".download-crashed"
+    (left / "sub").mkdir(parents=True)
+    hour_ago = time.time() - 7200
+    os.utime(left, (hour_ago, hour_ago))
+    remote_reg.checkout("v1")
+    assert not left.exists()
 
 
 def test_settings_take_a_path_or_a_url(tmp_path: Path) -> None:

@@ -8,9 +8,11 @@ on any problem. Only a candidate that passed every check is handed to ``activate
 of the owner whose switch is one atomic reference assignment), so batches already running finish
 on the model they started with, and the old model is released when its last batch drops it.
 
-A candidate that fails never replaces a working model: the failure is logged once, counted, and
-kept as ``last_error`` (``GetModel`` shows it); the watcher retries only when the pointer changes
-again (a new promotion, a rollback, or the same version promoted anew).
+A candidate that fails never replaces a working model: the failure is logged, counted, and kept
+as ``last_error`` (``GetModel`` shows it). A rejected candidate (bad hash, graph, smoke batch) is
+retried only when the pointer changes again (a new promotion, a rollback, or the same version
+promoted anew); a storage or network error (``OSError``: a cut-off download, a full disk) is
+retried at the next poll.
 
 The mechanism is model-agnostic: the reward service and the generation service both use it.
 """
@@ -178,7 +180,8 @@ class ModelWatcher(Generic[M]):
     async def check(self) -> SwapOutcome:
         """Act on the current pointer once (serialised with the background loop)."""
         async with self._lock:
-            state = read_pointer(self.registry)
+            # a remote registry is a network call: keep it off the event loop
+            state = await asyncio.to_thread(read_pointer, self.registry)
             if state is None or state == self._seen:
                 return SwapOutcome(
                     self.live_version, state.version if state else None, False, self.last_error
@@ -195,6 +198,10 @@ class ModelWatcher(Generic[M]):
             model = await asyncio.to_thread(self._load, version)
         except Exception as exc:  # every failure is reported; the live model keeps serving
             self.last_error = f"{version}: {exc}"
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                # storage or network trouble (a download cut off, a full disk): not a verdict on
+                # the candidate, so the next poll tries the same pointer again
+                self._seen = None
             if self._metrics is not None:
                 self._metrics.swaps.labels("failure").inc()
                 self._metrics.swap_failing.set(1)

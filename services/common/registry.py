@@ -40,6 +40,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -225,7 +226,7 @@ class ModelRegistry:
         cache_dir: Path | str | None = None,
         cache_keep: int = 3,
     ) -> None:
-        self.root = str(root)
+        self.root = str(root).rstrip("/") or "/"
         self.kind = kind
         self.fs, root_path = fsspec.core.url_to_fs(self.root)
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -258,13 +259,14 @@ class ModelRegistry:
             if not name.startswith(".") and _VERSION_RE.fullmatch(name)
         )
         paths = [_join(self.versions_dir, name, MANIFEST) for name in names]
-        found = self.fs.cat(paths, on_error="omit") if paths else {}
-        by_path = {self.fs._strip_protocol(k): v for k, v in found.items()}
-        out = [
-            ModelManifest.model_validate_json(by_path[self.fs._strip_protocol(p)])
-            for p in paths
-            if self.fs._strip_protocol(p) in by_path
-        ]
+        found = self.fs.cat(paths, on_error="return") if paths else {}
+        out = []
+        for raw in found.values():
+            if isinstance(raw, FileNotFoundError):
+                continue  # a folder without its manifest: an upload not finished (or abandoned)
+            if isinstance(raw, BaseException):  # permissions, network: say so, hide nothing
+                raise raw
+            out.append(ModelManifest.model_validate_json(raw))
         return sorted(out, key=lambda m: (m.created_at, m.version))
 
     def manifest(self, version: str) -> ModelManifest:
@@ -319,7 +321,6 @@ class ModelRegistry:
                 os.utime(target)  # most recently used
                 return manifest, target
         self._download(version, manifest, target)
-        self._prune_cache(keep=target)
         return manifest, target
 
     def verify(self, version: str) -> ModelManifest:
@@ -329,9 +330,11 @@ class ModelRegistry:
     def _download(self, version: str, manifest: ModelManifest, target: Path) -> None:
         remote = _join(self.versions_dir, version)
         self.fs.invalidate_cache(remote)
-        listed = {
-            PurePosixPath(str(p)).relative_to(self.fs._strip_protocol(remote)).as_posix()
-            for p in self.fs.find(remote)
+        prefix = remote.rstrip("/") + "/"
+        listed = {  # files only: "folder" placeholder keys (``v1/``, ``v1/sub/``) are no files
+            name[len(prefix) :]
+            for name, info in self.fs.find(remote, detail=True).items()
+            if info.get("type") == "file" and name.startswith(prefix) and not name.endswith("/")
         }
         unlisted = sorted(listed - set(manifest.files) - {MANIFEST})
         if unlisted:
@@ -339,6 +342,7 @@ class ModelRegistry:
                 f"version {version}: {unlisted[0]} is not listed in the manifest"
             )
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._prune_cache(room_for_one=True)
         staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
         try:
             for rel in manifest.files:
@@ -359,16 +363,23 @@ class ModelRegistry:
             raise
         log.info("downloaded model version", extra={"version": version, "registry": self.root})
 
-    def _prune_cache(self, keep: Path) -> None:
-        """Drop all but the ``cache_keep`` most recently used cached versions (never ``keep``)."""
-        cached = sorted(
-            (p for p in self.cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-        for old in cached[max(self.cache_keep, 1) :]:
-            if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+    def _prune_cache(self, *, room_for_one: bool = False) -> None:
+        """Keep the ``cache_keep`` most recently used cached versions (one fewer when a download
+        is about to add one) and drop downloads left behind by a crash (over an hour old)."""
+        stale = time.time() - 3600
+        mtimes: dict[Path, float] = {}
+        for path in self.cache_dir.iterdir():
+            try:  # another process may delete entries while we look
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if path.name.startswith(".download-") and mtime < stale:
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_dir() and not path.name.startswith("."):
+                mtimes[path] = mtime
+        keep = max(self.cache_keep - int(room_for_one), 1 - int(room_for_one))
+        for old in sorted(mtimes, key=mtimes.__getitem__, reverse=True)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     # -- writing ---------------------------------------------------------------------------
     def publish(self, source_dir: Path, manifest: ModelManifest) -> ModelManifest:
@@ -493,6 +504,9 @@ class RegistryLocationSettings(PlauditSettings):
     registry_cache: Path = Field(
         DEFAULT_CACHE, description="local copies of versions from a remote registry"
     )
+    registry_cache_keep: int = Field(
+        3, ge=1, description="versions kept in the registry cache (fast rollbacks)"
+    )
 
     @field_validator("registry", mode="before")
     @classmethod
@@ -500,4 +514,6 @@ class RegistryLocationSettings(PlauditSettings):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     def model_registry(self, kind: ModelKind) -> ModelRegistry:
-        return ModelRegistry(self.registry, kind, cache_dir=self.registry_cache)
+        return ModelRegistry(
+            self.registry, kind, cache_dir=self.registry_cache, cache_keep=self.registry_cache_keep
+        )

@@ -36,7 +36,7 @@ from plaudit.v1 import generation_pb2, generation_pb2_grpc, reward_pb2, reward_p
 from services.common.errors import AlreadyExistsError, InvalidArgumentError
 from services.common.preference_files import read_prompts
 from services.common.security import INSECURE, ClientCredentials
-from services.feedback.domain import LabellingTask, NewTask, validate_identifier
+from services.feedback.domain import LabellingTask, NewTask, validate_identifier, validate_task
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.feedback.task_store import TaskStats
@@ -176,7 +176,11 @@ class GenerationTaskSource:
                 detail = reply.details() if isinstance(reply, grpc.aio.AioRpcError) else reply
                 log.warning("generation failed for a task prompt", extra={"error": str(detail)})
                 continue
-            texts = list(dict.fromkeys(c.text for c in reply.completions if c.text.strip()))
+            distinct: dict[str, str] = {}  # the queue tells completions apart by stripped text
+            for c in reply.completions:
+                if c.text.strip():
+                    distinct.setdefault(c.text.strip(), c.text)
+            texts = list(distinct.values())
             if len(texts) < 2:
                 continue
             metadata = {"model_version": reply.model_version, "temperature": str(self.temperature)}
@@ -263,7 +267,10 @@ class TaskPicker:
         self.sources = list(sources)
         self.refill_below = refill_below
         self.rng = rng or random.Random()
-        self._refill: asyncio.Task[None] | None = None
+        # the one fetch from the sources under way (an empty queue's or a background refill);
+        # its result says whether it asked the sources
+        self._refill: asyncio.Task[bool] | None = None
+        self._closed = False
 
     @classmethod
     def from_settings(
@@ -304,6 +311,7 @@ class TaskPicker:
         )
 
     async def close(self) -> None:
+        self._closed = True
         if self._refill is not None:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -328,17 +336,21 @@ class TaskPicker:
         if held is not None:
             return TaskPick(held, "resumed")
         pick = await self._pick(annotator_id)
-        if pick is None and self.sources:
-            if self._refill is not None and not self._refill.done():
-                await asyncio.shield(self._refill)  # a refill under way: wait for it instead
-            else:
-                await self._fetch_from_sources()
+        if pick is None and self.sources and not self._closed:
+            # one fetch at a time, shared by every annotator who finds the queue empty
+            refill, fetched = self._refill, False
+            if refill is not None and not refill.done():
+                fetched = await asyncio.shield(refill)  # False: it found enough and did not ask
+            if not fetched:
+                self._refill = refill = asyncio.create_task(self._fetch_from_sources())
+                await asyncio.shield(refill)
             pick = await self._pick(annotator_id)
-        if self.sources and self.refill_below and (self._refill is None or self._refill.done()):
+        idle = self._refill is None or self._refill.done()
+        if self.sources and self.refill_below and idle and not self._closed:
             self._refill = asyncio.create_task(self._refill_if_low())
         return pick
 
-    async def _fetch_from_sources(self) -> None:
+    async def _fetch_from_sources(self) -> bool:
         """Ask every source for new tasks and queue them; a failing source is logged, skipped."""
         tasks = self._store().tasks
         for source in self.sources:
@@ -347,24 +359,37 @@ class TaskPicker:
             except Exception as exc:  # a source that is down leaves the queue as it is
                 log.warning("task source failed", extra={"source": source.name, "error": str(exc)})
                 continue
-            if fresh:
+            valid = []
+            for task in fresh:  # one bad task (too long, say) must not cost the others
                 try:
-                    await asyncio.to_thread(tasks.import_tasks, fresh)
-                except (InvalidArgumentError, AlreadyExistsError) as exc:  # e.g. too long
+                    validate_task(task, tasks.limits)
+                except InvalidArgumentError as exc:
+                    log.warning(
+                        "task source made a task the queue refuses",
+                        extra={"source": source.name, "error": str(exc)},
+                    )
+                else:
+                    valid.append(task)
+            if valid:
+                try:
+                    await asyncio.to_thread(tasks.import_tasks, valid)
+                except AlreadyExistsError as exc:  # a key reused with other content
                     log.warning(
                         "task source made tasks the queue refuses",
                         extra={"source": source.name, "error": str(exc)},
                     )
+        return True
 
-    async def _refill_if_low(self) -> None:
+    async def _refill_if_low(self) -> bool:
         """In the background, after a pick: fetch new tasks while fewer than ``refill_below``
         still need labels, so the next annotator does not wait for the generation service."""
         try:
             stats = await asyncio.to_thread(self._store().tasks.stats, self.labels_per_task)
             if stats.pending < self.refill_below:
-                await self._fetch_from_sources()
+                return await self._fetch_from_sources()
         except Exception as exc:  # never an unhandled task error; the next pick tries again
             log.warning("background task refill failed", extra={"error": str(exc)})
+        return False
 
     async def _pick(self, annotator_id: str) -> TaskPick | None:
         tasks = self._store().tasks
