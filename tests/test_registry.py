@@ -97,6 +97,8 @@ def test_tampered_files_fail_verification_and_promotion(reg: ModelRegistry, tmp_
     put(reg, "v1", "model.onnx", b"evil")
     with pytest.raises(FailedPreconditionError, match=r"sha256 of model\.onnx"):
         reg.verify("v1")
+    with pytest.raises(FailedPreconditionError, match=r"sha256 of model\.onnx"):
+        reg.checkout("v1")  # what serving calls (remote: download, then the same check)
     with pytest.raises(FailedPreconditionError):
         reg.promote("v1")
     assert reg.promoted() is None
@@ -255,10 +257,14 @@ def test_the_cache_keeps_the_most_recent_versions(
 ) -> None:
     for v in ("v1", "v2", "v3"):
         publish(remote_reg, tmp_path, v, v.encode())
-        remote_reg.promote(v)  # promotion verifies, which fills the cache
+        remote_reg.promote(v)  # verifies by streaming: nothing cached
+        assert not remote_reg.cache_dir.exists()
+    for v in ("v1", "v2", "v3"):
+        remote_reg.checkout(v)  # what serving does
     cached = sorted(p.name for p in remote_reg.cache_dir.iterdir())
     assert cached == ["v2", "v3"]  # cache_keep=2
     assert remote_reg.rollback() == "v2"
+    remote_reg.checkout("v2")  # a cache hit: nothing downloaded, nothing pruned
     assert sorted(p.name for p in remote_reg.cache_dir.iterdir()) == ["v2", "v3"]
 
 

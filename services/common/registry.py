@@ -324,10 +324,32 @@ class ModelRegistry:
         return manifest, target
 
     def verify(self, version: str) -> ModelManifest:
-        """Check every file's sha256 against the manifest (see :meth:`checkout`)."""
-        return self.checkout(version)[0]
+        """Check every file's sha256 against the manifest, as :meth:`checkout` does.
 
-    def _download(self, version: str, manifest: ModelManifest, target: Path) -> None:
+        A remote version is hashed as it streams in, nothing written to disk (promoting from
+        a laptop or a trainer pod does not fill a cache with what serving will download).
+        """
+        if self.is_local:
+            return self.checkout(version)[0]
+        manifest = self.manifest(version)
+        remote = _join(self.versions_dir, version)
+        for rel, expected in self._remote_files(version, manifest).items():
+            digest = hashlib.sha256()
+            with self.fs.open(_join(remote, rel), "rb", block_size=1 << 22) as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != expected:
+                raise FailedPreconditionError(
+                    f"version {version}: sha256 of {rel} is {digest.hexdigest()[:12]}…, "
+                    f"manifest says {expected[:12]}…"
+                )
+        return manifest
+
+    def _remote_files(self, version: str, manifest: ModelManifest) -> dict[str, str]:
+        """The manifest's files (relative path -> sha256) once the remote folder holds exactly
+        them: none unlisted, none missing, none outside the version, no pickle."""
+        if not manifest.files:
+            raise FailedPreconditionError(f"version {version} lists no files")
         remote = _join(self.versions_dir, version)
         self.fs.invalidate_cache(remote)
         prefix = remote.rstrip("/") + "/"
@@ -341,14 +363,20 @@ class ModelRegistry:
             raise FailedPreconditionError(
                 f"version {version}: {unlisted[0]} is not listed in the manifest"
             )
+        for rel in manifest.files:
+            check_file_format(version, _safe_relative(version, rel))
+            if rel not in listed:
+                raise FailedPreconditionError(f"version {version}: file {rel} is missing")
+        return manifest.files
+
+    def _download(self, version: str, manifest: ModelManifest, target: Path) -> None:
+        remote = _join(self.versions_dir, version)
+        files = self._remote_files(version, manifest)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._prune_cache(room_for_one=True)
         staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
         try:
-            for rel in manifest.files:
-                check_file_format(version, _safe_relative(version, rel))
-                if rel not in listed:
-                    raise FailedPreconditionError(f"version {version}: file {rel} is missing")
+            for rel in files:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(_join(remote, rel), str(staging / rel))
             (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
