@@ -203,6 +203,14 @@ class ServerThread:
 
 
 @pytest.fixture(scope="module")
+def generation_server(tiny_policy_registry: Path) -> Iterator[ServerThread]:
+    """The generation service on the tiny policy."""
+    server = ServerThread("generation", registry=tiny_policy_registry, log_level="WARNING")
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def reward_server(tiny_registry: Path) -> Iterator[ServerThread]:
     server = ServerThread(registry=tiny_registry, log_level="WARNING").start()
     yield server

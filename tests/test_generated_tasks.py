@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,19 +68,12 @@ def test_generation_without_prompts_is_refused_at_start_up() -> None:
 
 
 # -- against the generation service ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def generation(tiny_policy_registry: Path) -> Iterator[ServerThread]:
-    server = ServerThread("generation", registry=tiny_policy_registry, log_level="WARNING")
-    yield server.start()
-    server.stop()
-
-
 def test_the_source_samples_distinct_completions_from_the_promoted_policy(
-    generation: ServerThread, tiny_policy_registry: Path
+    generation_server: ServerThread, tiny_policy_registry: Path
 ) -> None:
     async def fetch() -> list[NewTask]:
         source = GenerationTaskSource(
-            generation.address, PROMPTS, completions=4, per_fetch=2, max_new_tokens=8
+            generation_server.address, PROMPTS, completions=4, per_fetch=2, max_new_tokens=8
         )
         try:
             return await source.fetch(10)
@@ -114,14 +106,16 @@ def test_a_generation_outage_leaves_the_queue_as_it_is(database_url: str) -> Non
         assert store.tasks.stats(1).total == 0
 
 
-def test_the_labelling_api_serves_generated_tasks(generation: ServerThread, tmp_path: Path) -> None:
+def test_the_labelling_api_serves_generated_tasks(
+    generation_server: ServerThread, tmp_path: Path
+) -> None:
     """Feedback service + generation service: an empty queue fills itself from the policy, and
     the annotator's label of a generated task is stored as a comparison."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     feedback = ServerThread(
         "feedback",
         database_url=f"sqlite:///{tmp_path / 'feedback.db'}",
-        generation_addr=generation.address,
+        generation_addr=generation_server.address,
         task_prompts_file=prompts,
         generated_completions=3,
         generation_max_new_tokens=8,

@@ -32,13 +32,6 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def generation_server(tiny_policy_registry: Path) -> Iterator[ServerThread]:
-    server = ServerThread("generation", registry=tiny_policy_registry, log_level="WARNING")
-    yield server.start()
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def client(generation_server: ServerThread) -> Iterator[GenerationClient]:
     with GenerationClient(generation_server.address) as c:
         yield c

@@ -31,11 +31,14 @@ def reg(request: pytest.FixtureRequest, tmp_path: Path) -> ModelRegistry:
     """An empty reward registry on each backend (remote ones cache under ``tmp_path``)."""
     if request.param == "local":
         return ModelRegistry(tmp_path / "reg")
+    return ModelRegistry(remote_root(request), cache_dir=tmp_path / "cache")
+
+
+def remote_root(request: pytest.FixtureRequest) -> str:
+    """A fresh root on the ``memory`` or ``s3`` backend that ``request.param`` names."""
     if request.param == "memory":
-        root = f"memory://plaudit-{uuid.uuid4().hex}"
-    else:
-        root = f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}/reg"
-    return ModelRegistry(root, cache_dir=tmp_path / "cache")
+        return f"memory://plaudit-{uuid.uuid4().hex}"
+    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}/reg"
 
 
 def put(reg: ModelRegistry, version: str, rel: str, data: bytes) -> None:
@@ -221,11 +224,7 @@ def test_a_tampered_promotion_pointer_cannot_leave_the_registry(
 # -- remote registries: manifest-last publishing and the local cache ----------------------------
 @pytest.fixture(params=["memory", "s3"])
 def remote_reg(request: pytest.FixtureRequest, tmp_path: Path) -> ModelRegistry:
-    if request.param == "memory":
-        root = f"memory://plaudit-{uuid.uuid4().hex}"
-    else:
-        root = f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}/reg"
-    return ModelRegistry(root, cache_dir=tmp_path / "cache", cache_keep=2)
+    return ModelRegistry(remote_root(request), cache_dir=tmp_path / "cache", cache_keep=2)
 
 
 def test_a_version_without_its_manifest_does_not_exist(

@@ -25,12 +25,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from services.common.errors import UnavailableError
 from services.common.registry import ModelManifest, ModelRegistry
+
+if TYPE_CHECKING:
+    from services.common.server import GrpcService
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +239,58 @@ class ModelWatcher(Generic[M]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()
+
+
+class FollowedModel(Generic[S]):
+    """A serving process's link to the registry: the watcher, its background task, and the
+    switch that makes a loaded version live. The reward and generation servers each hold one.
+
+    The first version made live turns health SERVING; later ones swap silently (see module doc).
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        load: Callable[[str], S],
+        live: LiveModel[S],
+        grpc: GrpcService,
+        *,
+        info: Info,
+        loaded: Gauge,
+        metrics_prefix: str,
+        poll_interval_s: float,
+    ) -> None:
+        self._live = live
+        self._grpc = grpc
+        self._info = info
+        self._loaded = loaded
+        self.watcher: ModelWatcher[S] = ModelWatcher(
+            registry,
+            load,
+            self._activate,
+            poll_interval_s=poll_interval_s,
+            metrics=SwapMetrics(grpc.registry, metrics_prefix),
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Follow the registry in the background (call inside the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self.watcher.run())
+
+    async def wait_until_serving(self, timeout: float) -> None:
+        await self.watcher.wait_for_first_model(timeout)
+
+    async def _activate(self, model: S) -> None:
+        """The atomic switch: batches already running keep the version they started with."""
+        first = self._live.model is None
+        self._live.set_model(model)
+        report_live_model(model, self._info, self._loaded)
+        if first:
+            await self._grpc.set_serving(True)
+            log.info("serving", extra={"version": model.version, "port": self._grpc.port})
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

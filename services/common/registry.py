@@ -43,7 +43,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -129,12 +129,16 @@ def check_file_format(version: str, rel: str) -> None:
         )
 
 
-def sha256_file(path: Path) -> str:
+def sha256_stream(fh: IO[bytes], chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: fh.read(chunk_bytes), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return sha256_stream(fh)
 
 
 def new_version_id(kind: str) -> str:
@@ -167,30 +171,41 @@ def _safe_relative(version: str, rel: str) -> str:
     return rel
 
 
-def verify_folder(version: str, manifest: ModelManifest, root: Path) -> ModelManifest:
-    """Check a local copy of ``version`` file by file against its manifest (see the module
-    docstring); return the manifest."""
+def check_listing(version: str, manifest: ModelManifest, present: set[str]) -> None:
+    """The files a version folder holds (``present``, relative paths) are exactly those of its
+    manifest: none unlisted, none missing, none pickle-based, none outside the version."""
     if not manifest.files:
         raise FailedPreconditionError(f"version {version} lists no files")
-    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
     unlisted = sorted(present - set(manifest.files) - {MANIFEST})
     if unlisted:
         raise FailedPreconditionError(
             f"version {version}: {unlisted[0]} is not listed in the manifest"
         )
+    for rel in manifest.files:
+        check_file_format(version, _safe_relative(version, rel))
+        if rel not in present:
+            raise FailedPreconditionError(f"version {version}: file {rel} is missing")
+
+
+def check_digest(version: str, rel: str, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise FailedPreconditionError(
+            f"version {version}: sha256 of {rel} is {actual[:12]}…, manifest says {expected[:12]}…"
+        )
+
+
+def verify_folder(version: str, manifest: ModelManifest, root: Path) -> ModelManifest:
+    """Check a local copy of ``version`` file by file against its manifest (see the module
+    docstring); return the manifest."""
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    check_listing(version, manifest, present)
     for rel, expected in manifest.files.items():
-        check_file_format(version, rel)
         path = (root / rel).resolve()
-        if root.resolve() not in path.parents:
+        if root.resolve() not in path.parents:  # a symlink pointing out
             raise FailedPreconditionError(f"version {version}: file {rel!r} escapes the version")
         if not path.is_file():
             raise FailedPreconditionError(f"version {version}: file {rel} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise FailedPreconditionError(
-                f"version {version}: sha256 of {rel} is {actual[:12]}…, "
-                f"manifest says {expected[:12]}…"
-            )
+        check_digest(version, rel, sha256_file(path), expected)
     return manifest
 
 
@@ -334,39 +349,22 @@ class ModelRegistry:
         manifest = self.manifest(version)
         remote = _join(self.versions_dir, version)
         for rel, expected in self._remote_files(version, manifest).items():
-            digest = hashlib.sha256()
             with self.fs.open(_join(remote, rel), "rb", block_size=1 << 22) as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(chunk)
-            if digest.hexdigest() != expected:
-                raise FailedPreconditionError(
-                    f"version {version}: sha256 of {rel} is {digest.hexdigest()[:12]}…, "
-                    f"manifest says {expected[:12]}…"
-                )
+                check_digest(version, rel, sha256_stream(fh, 1 << 22), expected)
         return manifest
 
     def _remote_files(self, version: str, manifest: ModelManifest) -> dict[str, str]:
-        """The manifest's files (relative path -> sha256) once the remote folder holds exactly
-        them: none unlisted, none missing, none outside the version, no pickle."""
-        if not manifest.files:
-            raise FailedPreconditionError(f"version {version} lists no files")
+        """The manifest's files (relative path -> sha256) once :func:`check_listing` accepts
+        what the remote folder holds."""
         remote = _join(self.versions_dir, version)
         self.fs.invalidate_cache(remote)
         prefix = remote.rstrip("/") + "/"
-        listed = {  # files only: "folder" placeholder keys (``v1/``, ``v1/sub/``) are no files
+        present = {  # files only: "folder" placeholder keys (``v1/``, ``v1/sub/``) are no files
             name[len(prefix) :]
             for name, info in self.fs.find(remote, detail=True).items()
             if info.get("type") == "file" and name.startswith(prefix) and not name.endswith("/")
         }
-        unlisted = sorted(listed - set(manifest.files) - {MANIFEST})
-        if unlisted:
-            raise FailedPreconditionError(
-                f"version {version}: {unlisted[0]} is not listed in the manifest"
-            )
-        for rel in manifest.files:
-            check_file_format(version, _safe_relative(version, rel))
-            if rel not in listed:
-                raise FailedPreconditionError(f"version {version}: file {rel} is missing")
+        check_listing(version, manifest, present)
         return manifest.files
 
     def _download(self, version: str, manifest: ModelManifest, target: Path) -> None:

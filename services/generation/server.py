@@ -3,16 +3,12 @@ with the reward service as an optional reranker."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-
 from plaudit.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 from services.common.admin import AdminServicer
 from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.errors import PlauditError
-from services.common.hotswap import ModelWatcher, SwapMetrics, report_live_model
+from services.common.hotswap import FollowedModel
 from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
 from services.generation.engine import (
@@ -25,8 +21,6 @@ from services.generation.metrics import GenerationMetrics
 from services.generation.rerank import RewardScorer
 from services.generation.servicer import GenerationServicer
 from services.generation.settings import GenerationSettings
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
@@ -58,15 +52,18 @@ class GenerationServer:
             metrics=self.metrics.batch,
             name="generation-batcher",
         )
-        self.watcher: ModelWatcher[LoadedPolicy] = ModelWatcher(
+        self.following = FollowedModel(
             self.registry,
             self._load_and_check,
-            self._activate,
+            self.engine,
+            self.grpc,
+            info=self.metrics.model_info,
+            loaded=self.metrics.model_loaded,
+            metrics_prefix="plaudit_generation",
             poll_interval_s=settings.poll_interval_s,
-            metrics=SwapMetrics(self.grpc.registry, "plaudit_generation"),
         )
+        self.watcher = self.following.watcher
         self._reward: RewardScorer | None = None
-        self._watch: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -95,10 +92,10 @@ class GenerationServer:
         )
         self.batcher.start()
         await self.grpc.start()
-        self._watch = asyncio.get_running_loop().create_task(self.watcher.run())
+        self.following.start()
 
     async def wait_until_serving(self, timeout: float) -> None:
-        await self.watcher.wait_for_first_model(timeout)
+        await self.following.wait_until_serving(timeout)
 
     def _load_and_check(self, version: str) -> LoadedPolicy:
         """Load ``version`` beside the live policy (hashes verified) and smoke-test it."""
@@ -112,21 +109,9 @@ class GenerationServer:
         model.smoke_test()
         return model
 
-    async def _activate(self, model: LoadedPolicy) -> None:
-        """The atomic switch: batches already running keep the policy they started with."""
-        first = self.engine.model is None
-        self.engine.set_model(model)
-        report_live_model(model, self.metrics.model_info, self.metrics.model_loaded)
-        if first:
-            await self.grpc.set_serving(True)
-            log.info("serving", extra={"version": model.version, "port": self.port})
-
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, finish in-flight ones, stop the batcher."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await self.following.stop()
         await self.grpc.stop(self.settings.grace_period_s if grace is None else grace)
         await self.batcher.close()
         if self._reward is not None:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-
 import numpy as np
 from plaudit.v1 import admin_pb2, admin_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 from services.common.admin import AdminServicer
 from services.common.batching import BatchingConfig, DynamicBatcher
-from services.common.hotswap import ModelWatcher, SwapMetrics, report_live_model
+from services.common.hotswap import FollowedModel
 from services.common.security import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
 from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob, ScoreResult
 from services.reward.metrics import RewardMetrics
 from services.reward.servicer import RewardServicer
 from services.reward.settings import RewardSettings
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
@@ -52,13 +46,17 @@ class RewardServer:
             metrics=self.metrics.batch,
             name="reward-batcher",
         )
-        self.watcher: ModelWatcher[LoadedRewardModel] = ModelWatcher(
+        self.following = FollowedModel(
             self.registry,
             self._load_and_check,
-            self._activate,
+            self.engine,
+            self.grpc,
+            info=self.metrics.model_info,
+            loaded=self.metrics.model_loaded,
+            metrics_prefix="plaudit_reward",
             poll_interval_s=settings.poll_interval_s,
-            metrics=SwapMetrics(self.grpc.registry, "plaudit_reward"),
         )
+        self.watcher = self.following.watcher
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(
                 self.engine, self.batcher, settings, self.metrics, lambda: self.watcher.last_error
@@ -68,7 +66,6 @@ class RewardServer:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.watcher), self.grpc.server
         )
-        self._watch: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -82,10 +79,10 @@ class RewardServer:
         """Serve at once (health NOT_SERVING); load the promoted model and follow the registry."""
         self.batcher.start()
         await self.grpc.start()
-        self._watch = asyncio.get_running_loop().create_task(self.watcher.run())
+        self.following.start()
 
     async def wait_until_serving(self, timeout: float) -> None:
-        await self.watcher.wait_for_first_model(timeout)
+        await self.following.wait_until_serving(timeout)
 
     def _load_and_check(self, version: str) -> LoadedRewardModel:
         """Load ``version`` beside the live model (hashes verified), warm it up, smoke-test it."""
@@ -101,21 +98,9 @@ class RewardServer:
             raise ValueError(f"version {version} scores the smoke batch as {raw.tolist()}")
         return model
 
-    async def _activate(self, model: LoadedRewardModel) -> None:
-        """The atomic switch: batches already running keep the model they started with."""
-        first = self.engine.model is None
-        self.engine.set_model(model)
-        report_live_model(model, self.metrics.model_info, self.metrics.model_loaded)
-        if first:
-            await self.grpc.set_serving(True)
-            log.info("serving", extra={"version": model.version, "port": self.port})
-
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, finish in-flight ones, stop the batcher."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await self.following.stop()
         await self.grpc.stop(self.settings.grace_period_s if grace is None else grace)
         await self.batcher.close()
 
