@@ -29,12 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from services.common.registry import ModelRegistry
-from services.generation.engine import (
-    GenerateJob,
-    GenerationEngine,
-    LoadedPolicy,
-    SamplingParams,
-)
+from services.generation.engine import GenerationEngine
+from services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams
 from trainer.policy_export import export_policy, load_policy_checkpoint
 
 PROMPTS = [

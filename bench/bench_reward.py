@@ -74,8 +74,9 @@ from services.common.settings import settings_from_args
 from services.common.textfmt import RewardTextEncoder, length_groups
 from services.demo import DEFAULT_DATA
 from services.reward.client import RewardClient, wait_until_serving
-from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob, estimate_tokens
+from services.reward.engine import RewardEngine, ScoreJob, estimate_tokens
 from services.reward.settings import RewardSettings
+from services.runtime.reward_model import LoadedRewardModel
 from trainer.backbones import resolve_backbone
 from trainer.data import read_pairs
 from trainer.export import (

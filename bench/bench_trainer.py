@@ -31,7 +31,7 @@ Metrics, per trainer:
   over-long ones). Real tok/s counts unpadded tokens; ``pad eff`` = real / padded tokens fed.
 * wall s: end to end, load + tokenize + train + evaluation(s) + (ours) checkpoint save and plot.
 * held-out accuracy, **our eval** (the issue's number): every held-out pair scored by each final
-  model through the same code (:func:`trainer.loop.evaluate`: ``RewardTextEncoder``
+  model through the same code (:func:`trainer.reward.evaluate`: ``RewardTextEncoder``
   tokenization, all held-out pairs, over-long ones truncated keeping the end). This is TRL's
   model on a tokenization it was not trained on (segment ids, one ``[SEP]`` at the end), so the
   run also reports **TRL tokenization**: both models scored on TRL's own token ids, on the
@@ -87,9 +87,8 @@ from trainer.config import RewardTrainingConfig
 from trainer.data import load_file_pairs
 from trainer.distributed import DistEnv, available_cores
 from trainer.export import ScalarReward, load_reward_model, text_format_for
-from trainer.loop import evaluate
 from trainer.objective import preference_accuracy, split_by_prompt
-from trainer.reward import PairSource, serving_encoder, train_reward
+from trainer.reward import PairSource, evaluate, serving_encoder, train_reward
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

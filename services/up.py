@@ -29,9 +29,9 @@ from pydantic import Field
 from services.common.admin import notify_reload
 from services.common.process import CLI, ServiceProcess, start_service
 from services.common.registry import ModelRegistry
-from services.common.security import ClientSecuritySettings
+from services.common.security.client import ClientSecuritySettings
 from services.common.server import wait_for_termination
-from services.feedback.store import FeedbackStore
+from services.feedback.export import FeedbackReader
 from services.reward.client import wait_until_serving
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def bootstrap(settings: UpSettings) -> None:
 class Scheduler:
     """Retrains the reward model when enough new feedback has arrived."""
 
-    def __init__(self, settings: UpSettings, store: FeedbackStore) -> None:
+    def __init__(self, settings: UpSettings, store: FeedbackReader) -> None:
         self.settings = settings
         self.store = store
         self.registry = ModelRegistry(settings.registry, "reward")
@@ -226,7 +226,7 @@ async def run_up(settings: UpSettings) -> int:
             if settings.feedback_http_port
             else "on a free port (see the feedback service's log)",
         )
-        store = FeedbackStore(settings.feedback_url)
+        store = FeedbackReader(settings.feedback_url)  # read-only: the service migrated it
         scheduler = asyncio.ensure_future(Scheduler(settings, store).run())
         stopped = asyncio.ensure_future(wait_for_termination())
         watched = [asyncio.ensure_future(asyncio.to_thread(c.process.wait)) for c in children]

@@ -642,8 +642,12 @@ def test_requirements_leave_torch_out_of_serving() -> None:
         requirements.requirement_name(r)
         for r in requirements.requirements(pyproject, "trainer", "cpu")
     }
-    assert not serving & requirements.TRAINING_ONLY
-    assert trainer >= requirements.TRAINING_ONLY
+    training_only = {
+        requirements.requirement_name(r) for r in requirements.extra(pyproject, "train")
+    }
+    assert "torch" in training_only and "transformers" in training_only
+    assert not serving & training_only
+    assert trainer >= training_only
     assert "onnxruntime" in serving and "onnxruntime-gpu" not in serving
     gpu = {
         requirements.requirement_name(r)

@@ -12,7 +12,8 @@ import pytest
 from services.common.errors import FailedPreconditionError, UnavailableError
 from services.common.onnx_runtime import CPU, select_providers
 from services.common.registry import ModelRegistry
-from services.reward.engine import LoadedRewardModel, RewardEngine, ScoreJob
+from services.reward.engine import RewardEngine, ScoreJob
+from services.runtime.reward_model import LoadedRewardModel
 from trainer.data import read_pairs, reference_pairs_path
 from trainer.export import ExportConfig, export_reward, pairwise_agreement
 

@@ -7,6 +7,8 @@ runs never collide. That half is skipped, saying why, when no PostgreSQL answers
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +38,7 @@ from services.feedback.domain import (
     SubmitResult,
     decode_cursor,
 )
+from services.feedback.export import FeedbackReader
 from services.feedback.migrate import VERSION_TABLE, current_revision, head_revision
 from services.feedback.store import FeedbackStore
 from services.feedback.tables import Base
@@ -519,3 +522,29 @@ def test_unusable_sqlite_path_is_unavailable(tmp_path: Path) -> None:
     corrupt.write_bytes(b"this is not a database" * 100)
     with pytest.raises(UnavailableError):
         FeedbackStore(f"sqlite:///{corrupt}")
+
+
+# -- the read-only export API --------------------------------------------------------------------
+def test_the_reader_exports_and_counts_but_cannot_write(
+    store: FeedbackStore, database_url: str
+) -> None:
+    ok(store.submit_many([comparison("r1")])[0])
+    with FeedbackReader(database_url) as reader:
+        assert reader.stats().total == 1
+        [pair] = reader.export_pairs()
+        assert (pair.chosen, pair.rejected) == ("good", "bad")
+        with pytest.raises(sa.exc.DBAPIError), reader._engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM feedback"))
+    assert row_count(store) == 1
+
+
+def test_the_trainer_reads_feedback_without_the_store(database_url: str) -> None:
+    """trainer.data goes through the read-only export API, never the store's write side."""
+    code = (
+        "import sys; from trainer.data import load_feedback_pairs; "
+        f"data = load_feedback_pairs({database_url!r}); assert data.pairs == [], data; "
+        "assert 'services.feedback.store' not in sys.modules, 'store imported'"
+    )
+    with FeedbackStore(database_url):
+        pass
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

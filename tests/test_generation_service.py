@@ -22,8 +22,9 @@ from plaudit.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2
 from services.common.process import free_port
 from services.common.registry import ModelRegistry
 from services.generation.client import GenerationClient, generate_request
-from services.generation.engine import GenerateJob, GenerationEngine, LoadedPolicy, SamplingParams
+from services.generation.engine import GenerationEngine
 from services.reward.client import RewardClient, wait_until_serving
+from services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams
 from tests.conftest import NO_TORCH_PRELUDE, REPO, ServerThread, build_tiny_policy
 from trainer.policy_export import export_policy_checkpoint
 

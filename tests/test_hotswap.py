@@ -18,7 +18,7 @@ from plaudit.v1 import admin_pb2, admin_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.cli import main
 from services.common.hotswap import ModelWatcher
 from services.common.registry import ModelManifest, ModelRegistry
-from services.reward.engine import LoadedRewardModel
+from services.runtime.reward_model import LoadedRewardModel
 from tests.conftest import ServerThread, build_tiny_checkpoint
 from trainer.export import ExportConfig, export_reward
 

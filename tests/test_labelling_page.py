@@ -237,7 +237,7 @@ def test_a_database_outage_is_shown_clearly(page: Page) -> None:
 
 def test_a_service_with_api_keys_asks_for_one_and_sends_it(page: Page, tmp_path: Any) -> None:
     """Without a key the page says so and asks; the key entered is kept and sent as a header."""
-    from services.common.security import hash_key, new_api_key
+    from services.common.security.keys import hash_key, new_api_key
 
     key = new_api_key()
     entry = {"name": "labellers", "sha256": hash_key(key), "roles": ["submit_feedback"]}

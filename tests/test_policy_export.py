@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.common.registry import ModelRegistry
-from services.generation.engine import (
+from services.generation.engine import GenerationEngine
+from services.runtime.policy_model import (
     FinishReason,
     GenerateJob,
-    GenerationEngine,
     LoadedPolicy,
     SamplingParams,
     _nucleus,

@@ -15,7 +15,7 @@ from services.cli import TrainPolicySettings, main
 from services.common.registry import ModelRegistry
 from services.feedback.domain import Comparison, Correction
 from services.feedback.store import FeedbackStore
-from services.generation.engine import LoadedPolicy
+from services.runtime.policy_model import LoadedPolicy
 from tests.conftest import ServerThread, toy_pairs, write_jsonl
 from trainer.policy import PolicyPublishOptions, promotion_record, train_policy
 from trainer.policy_config import DPOConfig, RejectionSamplingConfig, RLConfig
@@ -42,7 +42,7 @@ def test_dpo_publishes_a_policy_with_its_metrics_and_gate_decision(
         beta=0.5,
         eval_fraction=0.2,
         reward_addr=reward_server.address,
-        **SMALL,  # type: ignore[arg-type]
+        **SMALL,
     )
     result = train_policy(
         cfg,
@@ -111,7 +111,7 @@ def test_rejection_sampling_uses_the_reward_service_and_corrections(
         sft_learning_rate=1e-3,
         eval_fraction=0.2,
         reward_addr=reward_server.address,
-        **SMALL,  # type: ignore[arg-type]
+        **SMALL,
     )
     result = train_policy(cfg, PairSource(database_url=url), output_dir=tmp_path / "run")
     m = result.metrics
@@ -190,7 +190,7 @@ def test_the_gate_refuses_a_worse_policy(tiny_policy_checkpoint: Path, tmp_path:
         beta=0.5,
         epochs=2,
         eval_fraction=0.25,
-        **{**SMALL, "eval_max_new_tokens": 12},  # type: ignore[arg-type]
+        **{**SMALL, "eval_max_new_tokens": 12},
     )
     result = train_policy(
         cfg,
@@ -223,7 +223,7 @@ def test_gate_thresholds() -> None:
 def test_settings_pick_the_methods_defaults_and_refuse_foreign_flags(tmp_path: Path) -> None:
     data = [tmp_path / "x.jsonl"]
     rl = TrainPolicySettings(method="rl", data=data, steps=7).policy_config()
-    assert isinstance(rl, RLConfig) and rl.steps == 7 and rl.kl_coef == RLConfig.kl_coef
+    assert isinstance(rl, RLConfig) and rl.steps == 7 and rl.kl_coef == RLConfig().kl_coef
     dpo = TrainPolicySettings(data=data, lora_r=8).policy_config()
     assert isinstance(dpo, DPOConfig) and dpo.beta == 0.1 and dpo.lora_r == 8
     assert dpo.promotion_min_win_rate == 0.5

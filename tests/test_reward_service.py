@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 from services.common.registry import ModelRegistry
-from services.reward.engine import LoadedRewardModel
+from services.runtime.reward_model import LoadedRewardModel
 from tests.conftest import ServerThread
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke.", "hi", "Explain gravity briefly."]

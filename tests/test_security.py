@@ -28,7 +28,7 @@ from plaudit.v1 import admin_pb2, feedback_pb2, feedback_pb2_grpc, generation_pb
 from plaudit.v1 import feedback_pb2 as pb
 from pydantic import ValidationError
 
-import services.common.security as security
+import services.common.security.keys as security
 from services.cli import main
 from services.common.admin import notify_reload
 from services.common.errors import (
@@ -37,24 +37,25 @@ from services.common.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from services.common.security import (
-    CALL_ROLES,
+from services.common.security.client import ClientCredentials
+from services.common.security.guard import AccessGuard, ServerSecurity
+from services.common.security.keys import (
     ROLES,
     ApiKeyEntry,
-    ClientCredentials,
-    InFlightLimit,
     KeyStore,
-    RateLimiter,
-    ServerSecurity,
     hash_key,
     new_api_key,
     parse_bearer,
 )
+from services.common.security.limits import InFlightLimit, RateLimiter
 from services.common.settings import add_settings_arguments, settings_from_args
+from services.feedback import access as feedback
 from services.feedback.domain import LabellingTask
 from services.feedback.http import FeedbackHttpApi
 from services.feedback.settings import FeedbackSettings
-from services.feedback.tasks import RewardServiceScorer
+from services.feedback.tasks import RewardMarginScorer
+from services.generation import access as generation
+from services.reward import access as reward
 from services.reward.client import RewardClient
 from services.reward.settings import RewardSettings
 from tests.certs import TlsFiles, make_tls_files
@@ -68,6 +69,13 @@ ROLES_OF = {
     "ops": ["admin"],
 }
 ENTRIES = [{"name": name, "sha256": hash_key(KEYS[name]), "roles": ROLES_OF[name]} for name in KEYS]
+REWARD_CALLS = reward.CALL_ROLES  # RewardService and AdminService
+CALL_ROLES = {  # every service's own table, together
+    **REWARD_CALLS,
+    **generation.CALL_ROLES,
+    **feedback.CALL_ROLES,
+    **feedback.ROUTE_ROLES,
+}
 Stub = feedback_pb2_grpc.FeedbackServiceStub
 
 
@@ -162,6 +170,20 @@ def test_keys_are_identified_by_hash_comparing_every_entry(monkeypatch: pytest.M
         KeyStore([ApiKeyEntry.model_validate(ENTRIES[0])] * 2)
 
 
+def test_a_service_only_admits_the_calls_it_declares() -> None:
+    guard = AccessGuard(KeyStore([ApiKeyEntry.model_validate(e) for e in ENTRIES]), REWARD_CALLS)
+    assert (
+        guard.check("/plaudit.v1.RewardService/Score", f"Bearer {KEYS['scorer']}").name == "scorer"
+    )
+    with pytest.raises(PermissionDeniedError, match="not open to any API key"):
+        guard.check("/plaudit.v1.FeedbackService/GetStats", f"Bearer {KEYS['reader']}")
+    routes = guard.for_calls(feedback.ROUTE_ROLES)  # the feedback HTTP API's guard
+    assert routes.check("GET /api/v1/stats", f"Bearer {KEYS['reader']}").name == "reader"
+    with pytest.raises(PermissionDeniedError, match="not open to any API key"):
+        routes.check("/plaudit.v1.RewardService/Score", f"Bearer {KEYS['scorer']}")
+    assert routes.keys is guard.keys and routes.rate is guard.rate  # one bucket per key
+
+
 @pytest.mark.parametrize(
     ("header", "ok"),
     [("Bearer k1", True), ("bearer  k1 ", True), (None, False), ("", False),
@@ -228,15 +250,18 @@ def test_keys_come_from_environment_flags_and_file(
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(json.dumps({"keys": ENTRIES}))
     secured = ServerSecurity.from_settings(
-        RewardSettings(auth_disabled=False, api_keys_file=keys_file)
+        RewardSettings(auth_disabled=False, api_keys_file=keys_file), call_roles=REWARD_CALLS
     )
     assert secured.guard.keys is not None and len(secured.guard.keys) == 4
     keys_file.write_text("not json")
     with pytest.raises(FailedPreconditionError, match="api_keys_file"):
-        ServerSecurity.from_settings(RewardSettings(auth_disabled=False, api_keys_file=keys_file))
+        ServerSecurity.from_settings(
+            RewardSettings(auth_disabled=False, api_keys_file=keys_file), call_roles=REWARD_CALLS
+        )
     with pytest.raises(FailedPreconditionError, match="unique"):
         ServerSecurity.from_settings(
-            RewardSettings(auth_disabled=False, api_keys=[ENTRIES[0], ENTRIES[0]])
+            RewardSettings(auth_disabled=False, api_keys=[ENTRIES[0], ENTRIES[0]]),
+            call_roles=REWARD_CALLS,
         )
     with pytest.raises(ValidationError, match="tls_key_file"):
         RewardSettings(tls_cert_file=keys_file)
@@ -248,11 +273,15 @@ def test_authentication_is_off_only_when_asked_and_then_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with pytest.raises(FailedPreconditionError, match="no API keys configured"):
-        ServerSecurity.from_settings(RewardSettings(auth_disabled=False))
+        ServerSecurity.from_settings(RewardSettings(auth_disabled=False), call_roles=REWARD_CALLS)
     with pytest.raises(FailedPreconditionError, match="choose one"):
-        ServerSecurity.from_settings(RewardSettings(auth_disabled=True, api_keys=ENTRIES))
-    with caplog.at_level(logging.WARNING, logger="services.common.security"):
-        open_ = ServerSecurity.from_settings(RewardSettings(auth_disabled=True))
+        ServerSecurity.from_settings(
+            RewardSettings(auth_disabled=True, api_keys=ENTRIES), call_roles=REWARD_CALLS
+        )
+    with caplog.at_level(logging.WARNING, logger="services.common.security.guard"):
+        open_ = ServerSecurity.from_settings(
+            RewardSettings(auth_disabled=True), call_roles=REWARD_CALLS
+        )
     assert not open_.guard.auth_required
     assert any("authentication is DISABLED" in r.getMessage() for r in caplog.records)
 
@@ -535,7 +564,7 @@ def test_reward_service_and_its_clients_use_keys(
         )  # fmt: skip
 
         async def margins(credentials: ClientCredentials) -> dict[int, float]:
-            scorer = RewardServiceScorer(address, timeout_s=10, credentials=credentials)
+            scorer = RewardMarginScorer(address, timeout_s=10, credentials=credentials)
             try:
                 return await scorer.margins([task])
             finally:
@@ -554,6 +583,6 @@ def test_feedback_settings_carry_client_credentials_for_the_reward_service() -> 
     assert settings.credentials.api_key == KEYS["scorer"]
     assert KEYS["scorer"] not in repr(settings)  # a secret: never in logs or reprs
     with pytest.raises(PermissionDeniedError):
-        security.AccessGuard(KeyStore([ApiKeyEntry.model_validate(ENTRIES[0])])).check(
+        AccessGuard(KeyStore([ApiKeyEntry.model_validate(ENTRIES[0])]), REWARD_CALLS).check(
             "/plaudit.v1.RewardService/Score", f"Bearer {KEYS['writer']}"
         )

@@ -16,7 +16,7 @@ from services.common.registry import ModelRegistry
 from services.common.settings import settings_from_args
 from services.feedback.domain import Comparison
 from services.feedback.store import FeedbackStore
-from services.reward.engine import LoadedRewardModel
+from services.runtime.reward_model import LoadedRewardModel
 from tests.conftest import minilm_dir, toy_pairs, write_jsonl
 from trainer.backbones import resolve_backbone
 from trainer.config import RewardTrainingConfig
@@ -49,7 +49,7 @@ def tiny_config(checkpoint: Path, **overrides: object) -> RewardTrainingConfig:
         "batch_size": 16,
         "early_stopping_patience": 0,
     }
-    return RewardTrainingConfig(**{**settings, **overrides})  # type: ignore[arg-type]
+    return RewardTrainingConfig(**{**settings, **overrides})
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
     assert registry.manifest(summaries[0]["version"]).notes["world_size"] == 2
 
     single = train_reward(
-        RewardTrainingConfig(**common, grad_accum=2),  # type: ignore[arg-type]
+        RewardTrainingConfig(**common, grad_accum=2),
         PairSource(files=(data,)),
         output_dir=tmp_path / "single",
     )

@@ -100,8 +100,3 @@ def collate(
     batch = encoder.pad(rows)
     inputs = {k: torch.from_numpy(v) for k, v in batch.inputs.items()}
     return inputs, torch.from_numpy(data.margin[index]), torch.from_numpy(data.weight[index])
-
-
-def eval_groups(data: EncodedPairs, group_tokens: int) -> list[np.ndarray]:
-    """Held-out pairs in length-sorted groups for scoring (no gradients: bigger groups)."""
-    return length_groups(data.lengths, group_tokens // 2)

@@ -134,11 +134,11 @@ def load_feedback_pairs(
     copy. ``cursor`` is the last one read (``after_cursor`` when nothing is new): record it, and
     the next run can continue after it.
     """
-    from services.feedback.store import FeedbackStore  # sqlalchemy: only when asked for
+    from services.feedback.export import FeedbackReader  # sqlalchemy: only when asked for
 
     latest: dict[str, PreferencePair] = {}
     cursor = after_cursor
-    with FeedbackStore(database_url, migrate=False) as store:
+    with FeedbackReader(database_url) as store:
         for item in store.export_pairs(after_cursor, exclude_outliers=exclude_outliers):
             latest.pop(item.pair_key, None)  # keep cursor order: a re-export moves to the end
             latest[item.pair_key] = PreferencePair(
@@ -168,11 +168,11 @@ def load_feedback_sft(
 ) -> tuple[list[SupervisedExample], int]:
     """The store's corrections after ``after_cursor`` as supervised examples (the corrected
     text is the completion), and the last cursor read (``after_cursor`` when none)."""
-    from services.feedback.store import FeedbackStore  # sqlalchemy: only when asked for
+    from services.feedback.export import FeedbackReader  # sqlalchemy: only when asked for
 
     examples = []
     cursor = after_cursor
-    with FeedbackStore(database_url, migrate=False) as store:
+    with FeedbackReader(database_url) as store:
         for item in store.export_sft(after_cursor, exclude_outliers=exclude_outliers):
             examples.append(SupervisedExample(item.prompt, item.completion))
             cursor = max(cursor, item.cursor)

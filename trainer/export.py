@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
@@ -30,14 +29,12 @@ from services.common.registry import (
     new_version_id,
 )
 from services.common.textfmt import EncodedBatch, RewardTextEncoder, TextFormat, length_groups
+from services.runtime.contract import FP32_FILE, INT8_FILE, OPSET, TOKENIZER_FILE, quantize_int8
 from trainer.backbones import Backbone, resolve_backbone
 from trainer.data import PreferencePair, read_pairs, reference_pairs_path
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-FP32_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
 REFERENCE_GROUP_TOKENS = 1024
 # encoders whose attention ONNX Runtime's transformer optimizer can fuse into one kernel
 FUSABLE_ENCODERS = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet"}
@@ -284,22 +281,6 @@ def pairwise_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(ref == cand))
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.disable(logging.INFO)  # the quantizer logs every tensor at INFO on the root logger
-    try:
-        quantize_dynamic(
-            str(fp32_path),
-            str(int8_path),
-            weight_type=QuantType.QInt8,
-            # fused com.microsoft ops defeat shape inference; their tensors are all fp32
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def _reference_texts(cfg: ExportConfig) -> list[tuple[str, str]]:
     pairs: list[PreferencePair]
     if cfg.reference is not None:
@@ -339,7 +320,7 @@ def export_reward(
     with tempfile.TemporaryDirectory(prefix="plaudit-export-") as tmp:
         out = Path(tmp)
         tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
-        encoder = RewardTextEncoder.from_files(out / "tokenizer.json", fmt)
+        encoder = RewardTextEncoder.from_files(out / TOKENIZER_FILE, fmt)
         if model.config.model_type in FUSABLE_ENCODERS:
             model.set_attn_implementation("eager")  # the pattern the fusion recognises
         input_names = export_onnx(model, fmt, out / FP32_FILE)

@@ -1,9 +1,13 @@
-"""The reward-model training loop: one readable loop, one process or many (``torchrun``).
+"""The one training loop: a method supplies each optimizer step's micro-batches and their loss;
+the loop does the rest (gradient accumulation, clipping, AdamW, warmup and decay, logging,
+evaluation, early stopping with the best weights kept, the progress bar).
 
-Every process holds the whole model (DDP) and takes its share of each global batch; gradients
-are averaged across processes on the last micro-batch of each optimizer step. Held-out scoring
-is split across processes too and gathered, so every process computes the same metrics and
-makes the same early-stopping decision.
+Methods: the Bradley-Terry reward objective (:mod:`trainer.reward`); DPO and the rejection-sampling
+fine-tune (epochs of length-grouped batches, :func:`epoch_steps`); RLOO, whose steps are rollouts
+sampled when the loop asks for the next one (:mod:`trainer.policy`). Under ``torchrun`` each
+process runs the loop on its shard of every global batch; DDP averages the gradients on a step's
+last micro-batch, and the logged loss and throughput are reduced over processes, so all processes
+log the same numbers and make the same decisions.
 """
 
 from __future__ import annotations
@@ -11,47 +15,79 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 from functools import partial
+from itertools import islice
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-from transformers import PreTrainedModel
 
-from services.common.textfmt import RewardTextEncoder
-from trainer.batches import (
-    EncodedPairs,
-    collate,
-    eval_groups,
-    length_grouped_batches,
-    shard_batches,
-)
-from trainer.config import RewardTrainingConfig
-from trainer.distributed import DistEnv, all_gather, all_reduce_sum
-from trainer.export import ScalarReward
-from trainer.objective import bradley_terry_loss, pairwise_metrics, reward_centering_loss
+from services.common.errors import FailedPreconditionError
+from trainer.batches import length_grouped_batches, shard_batches
+from trainer.distributed import DistEnv, all_reduce_sum
 from trainer.report import RunReporter
 
 log = logging.getLogger(__name__)
 
-EVAL_GROUP_TOKENS = 16384  # padded tokens per held-out scoring batch
+# one micro-batch's loss (a mean over its items) and numbers to log for it, computed with the model
+# the loop runs (DDP-wrapped under torchrun)
+MicroLoss = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Step:
+    """One optimizer step's work, as a method supplies it."""
+
+    micro: Sequence[Any]  # micro-batches, each handed to the method's loss
+    items: int  # training items in them (pairs, sequences): for throughput
+    # each micro-batch's weight in the step's loss; None: equal weights
+    shares: Sequence[float] | None = None
+    epoch: float | None = None  # epochs completed after this step; None: not epoch-based
+    end_of_epoch: bool = False
+    record: dict[str, float] = field(default_factory=dict)  # logged with the step (rollout stats)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Optimizer, schedule, evaluation cadence, early stopping and what the progress shows."""
+
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    schedule: str = "linear"  # cosine | linear | constant, after the warmup
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    fused: bool = False  # AdamW's fused kernel
+    eval_every: int = 0  # steps between evaluations; 0: at each epoch's end (and the last step)
+    early_stopping_patience: int = 0  # evaluations without improvement; 0: never stop early
+    early_stopping_metric: str = "accuracy"  # "accuracy" (ties: lower loss) or "loss"
+    keep_best: bool = False  # end with the best-evaluated weights
+    desc: str = "train"  # progress-bar label
+    rate_key: str = ""  # log the throughput (items per second) under this name; "": do not
+    bar_keys: tuple[str, ...] = ()  # logged numbers the progress bar shows besides the loss
+
+    @classmethod
+    def of(cls, cfg: Any, **overrides: Any) -> LoopSettings:
+        """The settings a training config holds (fields of the same names), with ``overrides``."""
+        names = {f.name for f in fields(cls)} - overrides.keys()
+        return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)}, **overrides)
 
 
 @dataclass
 class LoopResult:
     steps: int
     epochs: float  # epochs completed, fractional when stopped inside one
+    history: list[dict[str, Any]]  # every step's logged record
+    evals: list[dict[str, float]]  # held-out metrics, before training first
+    best: dict[str, float]  # held-out metrics of the best weights (kept with ``keep_best``)
     best_step: int
-    best: dict[str, float]  # held-out metrics of the kept (best) weights
-    initial: dict[str, float]  # held-out metrics before training
     train_loss: float  # mean over the last tenth of the steps (NaN without steps)
-    pairs_per_s: float  # training pairs per second over all processes, evaluation excluded
+    items_per_s: float  # over all processes, evaluation excluded, rollouts included
     wall_s: float
-    stopped_early: bool
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -88,10 +124,52 @@ def adamw(
     return torch.optim.AdamW(groups, lr=learning_rate, fused=(fused and fusable) or None)
 
 
-def _optimizer(model: torch.nn.Module, cfg: RewardTrainingConfig) -> torch.optim.AdamW:
-    # fused: on a 2-core CPU the per-tensor AdamW step of MiniLM (22.7M parameters) takes about
-    # 0.5 s, the fused one about 0.1 s (about a tenth of a 16-pair training step)
-    return adamw(model, cfg.learning_rate, cfg.weight_decay, fused=True)
+def tail_mean(values: Sequence[float]) -> float:
+    """Mean over the last tenth (at least one) of the values; NaN when there are none."""
+    return float(np.mean(values[-max(1, len(values) // 10) :])) if values else float("nan")
+
+
+def epoch_steps(
+    lengths: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: Sequence[int],
+    max_steps: int | None = None,
+    batch_tokens: int | None = None,
+    window: int = 64,
+    env: DistEnv | None = None,
+) -> list[Step]:
+    """The steps of an epoch-based run, cut at ``max_steps``: each epoch's length-grouped
+    micro-batches of item indices (the same on every process, drawn from ``[*seed, epoch]``),
+    this process's shard of them, ``grad_accum`` per step."""
+    env = env or DistEnv()
+    steps: list[Step] = []
+    for epoch in range(epochs):
+        batches = length_grouped_batches(
+            lengths,
+            batch_size=batch_size,
+            batch_tokens=batch_tokens,
+            rng=np.random.default_rng([*seed, epoch]),
+            window=window,
+        )
+        plan = shard_batches(batches, env.rank, env.world_size, grad_accum)
+        count = len(plan) // grad_accum
+        if count == 0:
+            raise FailedPreconditionError(
+                f"{len(lengths)} training items make no full step of {env.world_size} x "
+                f"{grad_accum} micro-batches of {batch_size}"
+            )
+        for k in range(count):
+            micro = plan[k * grad_accum : (k + 1) * grad_accum]
+            items = sum(len(index) for index in micro)
+            steps.append(
+                Step(micro, items, epoch=epoch + (k + 1) / count, end_of_epoch=k + 1 == count)
+            )
+        if max_steps is not None and len(steps) >= max_steps:
+            break
+    return steps if max_steps is None else steps[:max_steps]
 
 
 def _is_better(new: dict[str, float], old: dict[str, float], metric: str) -> bool:
@@ -101,191 +179,117 @@ def _is_better(new: dict[str, float], old: dict[str, float], metric: str) -> boo
     return (new["eval/accuracy"], -new["eval/loss"]) > (old["eval/accuracy"], -old["eval/loss"])
 
 
-def evaluate(
-    scorer: torch.nn.Module,
-    encoder: RewardTextEncoder,
-    data: EncodedPairs,
-    env: DistEnv,
-    autocast: Callable[[], AbstractContextManager[object]],
-    use_margin: bool,
-) -> dict[str, float]:
-    """Held-out metrics; each process scores every world_size-th group, all get all rewards."""
-    was_training = scorer.training
-    scorer.eval()
-    parts = []
-    with torch.inference_mode():
-        for index in eval_groups(data, EVAL_GROUP_TOKENS)[env.rank :: env.world_size]:
-            inputs, _, _ = collate(encoder, data, index)
-            with autocast():
-                rewards = scorer(**{k: v.to(env.device) for k, v in inputs.items()})
-            rewards = rewards.float().cpu().numpy()
-            parts.append((index, rewards[: len(index)], rewards[len(index) :]))
-    scorer.train(was_training)
-    chosen = np.empty(len(data), dtype=np.float64)
-    rejected = np.empty(len(data), dtype=np.float64)
-    for rank_parts in all_gather(env, parts):
-        for index, c, r in rank_parts:
-            chosen[index], rejected[index] = c, r
-    return pairwise_metrics(chosen, rejected, data.margin if use_margin else None, data.weight)
-
-
 def train_loop(
-    cfg: RewardTrainingConfig,
-    model: PreTrainedModel,
-    encoder: RewardTextEncoder,
-    train: EncodedPairs,
-    held_out: EncodedPairs,
-    env: DistEnv,
+    model: torch.nn.Module,
+    steps: Iterable[Step],
+    total: int,
+    loss_fn: MicroLoss,
+    settings: LoopSettings,
     reporter: RunReporter,
     *,
+    env: DistEnv | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    first_step: int = 0,
     progress: bool = False,
 ) -> LoopResult:
-    """Train ``model`` in place; on return it holds the best weights seen on the held-out set."""
+    """Train ``model`` in place for ``total`` steps taken from ``steps`` (fewer when stopped
+    early); ``evaluate`` gives held-out metrics, taken before training and at the cadence;
+    logged step numbers continue from ``first_step``."""
     started = time.perf_counter()
-    torch.nn.Module.to(model, env.device)
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    scorer = ScalarReward(model).train()  # (batch, seq) -> (batch,) rewards, as exported
-    ddp = None
+    env = env or DistEnv()
+    net, ddp = model, None
     if env.distributed:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        ddp = DistributedDataParallel(scorer, device_ids=device_ids)
-    net: torch.nn.Module = ddp if ddp is not None else scorer
-    optimizer = _optimizer(model, cfg)
-
-    def autocast() -> AbstractContextManager[object]:
-        # bf16 mixed precision where it pays (CUDA); the weights and the loss stay fp32
-        if env.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    # the whole run's micro-batches, the same on every process (seed, epoch), then sharded
-    plans = [
-        shard_batches(
-            length_grouped_batches(
-                train.lengths,
-                batch_size=cfg.batch_size,
-                batch_tokens=cfg.batch_tokens,
-                rng=np.random.default_rng([cfg.seed, epoch]),
-                window=cfg.group_window,
-            ),
-            env.rank,
-            env.world_size,
-            cfg.grad_accum,
-        )
-        for epoch in range(cfg.epochs)
-    ]
-    steps_per_epoch = [len(plan) // cfg.grad_accum for plan in plans]
-    if steps_per_epoch[0] == 0:
-        raise ValueError(
-            f"{len(train)} training pairs make no full global batch of {env.world_size} x "
-            f"{cfg.grad_accum} micro-batches of {cfg.batch_size} pairs"
-        )
-    total = sum(steps_per_epoch)
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    schedule = partial(
-        lr_factor, total=total, warmup=int(cfg.warmup_ratio * total), schedule=cfg.schedule
-    )
+        net = ddp = DistributedDataParallel(model, device_ids=device_ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(model, settings.learning_rate, settings.weight_decay, fused=settings.fused)
+    warmup = int(settings.warmup_ratio * total)
+    schedule = partial(lr_factor, total=total, warmup=warmup, schedule=settings.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
 
     def run_eval(step: int, epoch: float) -> dict[str, float]:
-        metrics = evaluate(scorer, encoder, held_out, env, autocast, cfg.use_margin)
-        reporter.log({"step": step, "epoch": epoch, **metrics})
-        log.info("held-out evaluation", extra={"step": step, **metrics})
+        assert evaluate is not None
+        metrics = evaluate()
+        reporter.log({"step": first_step + step, "epoch": epoch, **metrics})
+        log.info("held-out evaluation", extra={"step": first_step + step, **metrics})
+        evals.append(metrics)
         return metrics
 
     def snapshot() -> dict[str, torch.Tensor]:
+        if not settings.keep_best:
+            return {}
         return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
-    initial = best = run_eval(0, 0.0)
+    evals: list[dict[str, float]] = []
+    best = run_eval(0, 0.0) if evaluate is not None else {}
     best_step, best_state = 0, snapshot()
-    evals_without_gain = 0
-    losses: list[float] = []
-    pairs_seen, train_s = 0.0, 0.0
-    step, epochs_done, stopped_early = 0, 0.0, False
-    show = progress and env.is_main
-    bar = tqdm(total=total, desc="reward model", unit="step", disable=not show)
-    for epoch, plan in enumerate(plans):
-        if step >= total or stopped_early:
-            break
-        for first in range(0, steps_per_epoch[epoch] * cfg.grad_accum, cfg.grad_accum):
-            window = plan[first : first + cfg.grad_accum]
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            loss_sum, pairs = 0.0, 0
-            for i, index in enumerate(window):
-                inputs, margin, weight = collate(encoder, train, index)
-                inputs = {k: v.to(env.device) for k, v in inputs.items()}
-                margin, weight = margin.to(env.device), weight.to(env.device)
-                last = i == len(window) - 1  # gradients are averaged across processes here
-                sync = ddp.no_sync() if ddp is not None and not last else nullcontext()
-                with sync:
-                    with autocast():
-                        rewards = net(**inputs)
-                    rewards = rewards.float()
-                    chosen, rejected = rewards[: len(index)], rewards[len(index) :]
-                    loss = bradley_terry_loss(
-                        chosen, rejected, margin if cfg.use_margin else None, weight
-                    )
-                    if cfg.center_rewards_coefficient:
-                        loss = loss + cfg.center_rewards_coefficient * reward_centering_loss(
-                            chosen, rejected
-                        )
-                    (loss / len(window)).backward()
-                loss_sum += float(loss.detach())
-                pairs += len(index)
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                if cfg.max_grad_norm > 0
-                else float("nan")
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_s += time.perf_counter() - t0
-            step += 1
-            epochs_done = epoch + (first // cfg.grad_accum + 1) / steps_per_epoch[epoch]
-            loss_total, pairs_total = all_reduce_sum(env, [loss_sum / len(window), pairs])
-            losses.append(loss_total / env.world_size)
-            pairs_seen += pairs_total
-            reporter.log(
-                {
-                    "step": step,
-                    "epoch": epochs_done,
-                    "train/loss": losses[-1],
-                    "train/lr": lr,
-                    "train/grad_norm": grad_norm,
-                    "train/pairs_per_s": pairs_seen / train_s,
-                }
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{best['eval/accuracy']:.3f}")
-            end_of_epoch = first + cfg.grad_accum >= steps_per_epoch[epoch] * cfg.grad_accum
-            due = step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
-            if due or step >= total:
-                metrics = run_eval(step, epochs_done)
-                if _is_better(metrics, best, cfg.early_stopping_metric):
-                    best, best_step, best_state = metrics, step, snapshot()
-                    evals_without_gain = 0
-                else:
-                    evals_without_gain += 1
-                patience = cfg.early_stopping_patience
-                stopped_early = bool(patience) and evals_without_gain >= patience
-            if step >= total or stopped_early:
+    history: list[dict[str, Any]] = []
+    step, epoch, evals_without_gain = 0, 0.0, 0
+    items_seen, train_s = 0.0, 0.0
+    bar = tqdm(total=total, desc=settings.desc, unit="step", disable=not (progress and env.is_main))
+    t0 = time.perf_counter()
+    for work in islice(steps, total):  # an RL method samples its rollout as it is taken here
+        lr = scheduler.get_last_lr()[0]
+        loss_sum, extras = 0.0, dict[str, float]()
+        for i, batch in enumerate(work.micro):
+            last = i == len(work.micro) - 1  # gradients are averaged across processes here
+            with ddp.no_sync() if ddp is not None and not last else nullcontext():
+                loss, numbers = loss_fn(net, batch)
+                share = 1 / len(work.micro) if work.shares is None else work.shares[i]
+                scaled = loss / len(work.micro) if work.shares is None else loss * share
+                scaled.backward()
+            loss_sum += float(scaled.detach())
+            for key, value in numbers.items():
+                extras[key] = extras.get(key, 0.0) + value * share
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+            if settings.max_grad_norm > 0
+            else float("nan")
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - t0
+        step += 1
+        epoch = work.epoch if work.epoch is not None else epoch
+        loss_total, items_total = all_reduce_sum(env, [loss_sum, work.items])
+        items_seen += items_total
+        record: dict[str, Any] = {"step": first_step + step, "epoch": work.epoch}
+        record |= {"train/loss": loss_total / env.world_size, "train/lr": lr}
+        record |= {"train/grad_norm": grad_norm, settings.rate_key: items_seen / train_s}
+        record |= extras | work.record
+        record = {k: v for k, v in record.items() if k and v is not None}  # no epoch, no rate key
+        history.append(record)
+        reporter.log(record)
+        bar.update(1)
+        postfix = {"loss": f"{record['train/loss']:.4f}"}
+        postfix |= {"acc": f"{best['eval/accuracy']:.3f}"} if best else {}
+        postfix |= {key.rsplit("/", 1)[-1]: f"{record[key]:.3f}" for key in settings.bar_keys}
+        bar.set_postfix(postfix)
+        due = step % settings.eval_every == 0 if settings.eval_every else work.end_of_epoch
+        if evaluate is not None and (due or step >= total):
+            metrics = run_eval(step, epoch)
+            if _is_better(metrics, best, settings.early_stopping_metric):
+                best, best_step, best_state = metrics, step, snapshot()
+                evals_without_gain = 0
+            else:
+                evals_without_gain += 1
+            patience = settings.early_stopping_patience
+            if patience and evals_without_gain >= patience:
                 break
+        t0 = time.perf_counter()
     bar.close()
-    if best_step != step:
+    if settings.keep_best and best_step != step:
         model.load_state_dict(best_state)
-    tail = losses[-max(1, len(losses) // 10) :]
     return LoopResult(
         steps=step,
-        epochs=epochs_done,
-        best_step=best_step,
+        epochs=epoch,
+        history=history,
+        evals=evals,
         best=best,
-        initial=initial,
-        train_loss=float(np.mean(tail)) if losses else float("nan"),
-        pairs_per_s=pairs_seen / train_s if train_s else float("nan"),
+        best_step=best_step,
+        train_loss=tail_mean([r["train/loss"] for r in history]),
+        items_per_s=items_seen / train_s if train_s else float("nan"),
         wall_s=time.perf_counter() - started,
-        stopped_early=stopped_early,
     )

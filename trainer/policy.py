@@ -18,33 +18,32 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.registry import ModelManifest, ModelRegistry, new_version_id
-from services.common.security import INSECURE, ClientCredentials
+from services.common.security.client import INSECURE, ClientCredentials
 from trainer.backbones import Backbone, resolve_backbone
-from trainer.batches import length_grouped_batches
-from trainer.data import (
-    PreferencePair,
-    SupervisedExample,
-    TrainingData,
-    load_feedback_pairs,
-    load_feedback_sft,
-    load_file_pairs,
-)
+from trainer.data import PreferencePair, SupervisedExample, TrainingData
 from trainer.distributed import DistEnv, init_distributed, shutdown
-from trainer.loop import adamw, disable_dropout, lr_factor
+from trainer.loop import (
+    LoopResult,
+    LoopSettings,
+    MicroLoss,
+    Step,
+    disable_dropout,
+    epoch_steps,
+    tail_mean,
+    train_loop,
+)
 from trainer.objective import prompt_bucket, split_by_prompt
 from trainer.policy_config import DPOConfig, PolicyConfig, RejectionSamplingConfig, RLConfig
 from trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
@@ -75,6 +74,7 @@ from trainer.reward import (
     CHECKPOINT_DIR,
     DEFAULT_RUNS_DIR,
     PairSource,
+    load_training_data,
     save_checkpoint,
     seed_everything,
     trainable,
@@ -118,32 +118,6 @@ class PolicyTrainingResult:
 
 
 # -- data ---------------------------------------------------------------------------------------
-def load_policy_data(
-    source: PairSource, registry: ModelRegistry | None, parent: str | None
-) -> tuple[TrainingData, str | None]:
-    """Pairs, prompts and supervised examples, and the parent they continue from (when reading
-    the feedback store after the parent's cursor). Files may hold TRL prompt-only and
-    prompt-completion lines besides pairs; the store gives its pairs and its corrections."""
-    after, parent = source.resolve_cursor(registry, parent)
-    if source.files:
-        return load_file_pairs(source.files, allow_unpaired=True), parent
-    assert source.database_url is not None
-    pairs = load_feedback_pairs(
-        source.database_url, after, exclude_outliers=source.exclude_outliers
-    )
-    supervised, sft_cursor = load_feedback_sft(
-        source.database_url, after, exclude_outliers=source.exclude_outliers
-    )
-    if not pairs.pairs and not supervised:
-        raise FailedPreconditionError(f"no feedback after cursor {after}")
-    return TrainingData(
-        pairs=pairs.pairs,
-        source={**pairs.source, "supervised": len(supervised)},
-        cursor=max(pairs.cursor or after, sft_cursor),
-        supervised=supervised,
-    ), parent
-
-
 def all_prompts(data: TrainingData) -> list[str]:
     """Every distinct prompt, in order of first appearance."""
     seen = dict.fromkeys(
@@ -205,112 +179,40 @@ class _Run:
     scorer: Scorer | None
     step: int = 0  # optimizer steps so far (rejection sampling runs several fits)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def clip(self) -> float:
-        if self.cfg.max_grad_norm <= 0:
-            return float("nan")
-        params = self.trainable_parameters()
-        return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-
-
-@dataclass
-class _Fit:
-    steps: int
-    losses: list[float]
-    items: int
-    train_s: float
-
-
-# loss of one micro-batch (item indices) and numbers to log for it
-MicroLoss = Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]]
-
-
-def _fit(
-    run: _Run,
-    lengths: np.ndarray,
-    micro_loss: MicroLoss,
-    *,
-    epochs: int,
-    learning_rate: float,
-    max_steps: int | None,
-    desc: str,
-    on_epoch_end: Callable[[int, float], None] | None = None,
-) -> _Fit:
-    """Length-grouped micro-batches, gradient accumulation, clipping, linear decay after
-    warmup: the supervised loop that DPO and the rejection-sampling fine-tune share."""
-    cfg = run.cfg
-    plans = [
-        length_grouped_batches(
+    def epochs(self, lengths: np.ndarray, epochs: int, max_steps: int | None) -> list[Step]:
+        """Epochs of length-grouped micro-batches of item indices (drawn afresh for each fit)."""
+        cfg = self.cfg
+        return epoch_steps(
             lengths,
+            epochs=epochs,
             batch_size=cfg.batch_size,
-            batch_tokens=None,
-            rng=np.random.default_rng([cfg.seed, run.step, epoch]),
+            grad_accum=cfg.grad_accum,
+            seed=[cfg.seed, self.step],
+            max_steps=max_steps,
         )
-        for epoch in range(epochs)
-    ]
-    per_epoch = [len(plan) // cfg.grad_accum for plan in plans]
-    if per_epoch[0] == 0:
-        raise FailedPreconditionError(
-            f"{len(lengths)} training items make no step of {cfg.grad_accum} x {cfg.batch_size}"
+
+    def fit(
+        self,
+        steps: Iterable[Step],
+        total: int,
+        loss: MicroLoss,
+        settings: LoopSettings,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+    ) -> LoopResult:
+        """The training loop with a fresh optimizer; logged steps continue from ``self.step``."""
+        result = train_loop(
+            self.model,
+            steps,
+            total,
+            loss,
+            settings,
+            self.reporter,
+            evaluate=evaluate,
+            first_step=self.step,
+            progress=self.progress,
         )
-    total = sum(per_epoch) if max_steps is None else min(sum(per_epoch), max_steps)
-    optimizer = adamw(run.model, learning_rate, cfg.weight_decay)
-    schedule = partial(
-        lr_factor, total=total, warmup=int(cfg.warmup_ratio * total), schedule="linear"
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    run.model.train()
-    fit = _Fit(0, [], 0, 0.0)
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not run.progress)
-    for epoch, plan in enumerate(plans):
-        for first in range(0, per_epoch[epoch] * cfg.grad_accum, cfg.grad_accum):
-            if fit.steps >= total:
-                break
-            t0 = time.perf_counter()
-            extras: dict[str, float] = {}
-            window = plan[first : first + cfg.grad_accum]
-            lr = scheduler.get_last_lr()[0]
-            loss_sum = 0.0
-            for index in window:
-                loss, numbers = micro_loss(index)
-                (loss / len(window)).backward()
-                loss_sum += float(loss.detach()) / len(window)
-                for key, value in numbers.items():
-                    extras[key] = extras.get(key, 0.0) + value / len(window)
-                fit.items += len(index)
-            grad_norm = run.clip()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            fit.train_s += time.perf_counter() - t0
-            fit.steps += 1
-            run.step += 1
-            fit.losses.append(loss_sum)
-            run.reporter.log(
-                {
-                    "step": run.step,
-                    "epoch": epoch + (first // cfg.grad_accum + 1) / per_epoch[epoch],
-                    "train/loss": loss_sum,
-                    "train/lr": lr,
-                    "train/grad_norm": grad_norm,
-                    **extras,
-                }
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}")
-        if on_epoch_end is not None:
-            on_epoch_end(run.step, float(epoch + 1))
-        if fit.steps >= total:
-            break
-    bar.close()
-    return fit
-
-
-def _tail_mean(values: Sequence[float]) -> float:
-    """Mean over the last tenth (at least one) of the values; NaN when there are none."""
-    return float(np.mean(values[-max(1, len(values) // 10) :])) if values else float("nan")
+        self.step += result.steps
+        return result
 
 
 # -- DPO ----------------------------------------------------------------------------------------
@@ -346,7 +248,7 @@ def train_dpo(
     ref_held_c, ref_held_r = ref_held[:m], ref_held[m:]
     weight = torch.tensor([p.weight for p in train], dtype=torch.float32, device=device)
 
-    def evaluate(step: int, epoch: float) -> dict[str, float]:
+    def evaluate() -> dict[str, float]:
         pi = completion_logprobs(
             run.model, [*held_c, *held_r], pad, device, batch_size=2 * cfg.batch_size
         )
@@ -359,18 +261,15 @@ def train_dpo(
                 cfg.beta,
             )
         rewards = dpo_metrics(chosen.numpy(), rejected.numpy(), prefix="eval/rewards")
-        metrics = {
+        return {
             "eval/loss": float(loss),
             "eval/accuracy": rewards["eval/rewards/accuracies"],
             **rewards,
         }
-        run.reporter.log({"step": step, "epoch": epoch, **metrics})
-        log.info("held-out DPO evaluation", extra={"step": step, **metrics})
-        return metrics
 
-    def micro_loss(index: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_loss(model: Any, index: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         rows = [train_c[i] for i in index] + [train_r[i] for i in index]
-        logps = forward_logprobs(run.model, rows, pad, device)
+        logps = forward_logprobs(model, rows, pad, device)
         k = len(index)
         at = torch.from_numpy(index).to(device)
         loss, chosen, rejected = dpo_loss(
@@ -378,38 +277,28 @@ def train_dpo(
         )
         return loss, dpo_metrics(chosen.cpu().numpy(), rejected.cpu().numpy())
 
-    initial = evaluate(0, 0.0)
-    evals = [initial]
     lengths = np.array([max(len(c), len(r)) for c, r in zip(train_c, train_r, strict=True)])
-    fit = _fit(
-        run,
-        lengths,
-        micro_loss,
-        epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
-        max_steps=cfg.max_steps,
-        desc="dpo",
-        on_epoch_end=lambda step, epoch: evals.append(evaluate(step, epoch)),
-    )
-    tail = [r for r in run.reporter.records if "rewards/margins" in r][-max(1, fit.steps // 10) :]
+    steps = run.epochs(lengths, cfg.epochs, cfg.max_steps)
+    fit = run.fit(steps, len(steps), micro_loss, LoopSettings.of(cfg, desc="dpo"), evaluate)
+    initial = fit.evals[0]
     return {
-        **evals[-1],
+        **fit.evals[-1],
         "eval/initial_accuracy": initial["eval/accuracy"],
         "eval/initial_loss": initial["eval/loss"],
         **{
-            key: float(np.mean([r[key] for r in tail]))
+            key: tail_mean([r[key] for r in fit.history])
             for key in (
                 "rewards/chosen",
                 "rewards/rejected",
                 "rewards/accuracies",
                 "rewards/margins",
             )
-            if tail
+            if fit.history
         },
-        "train/loss": _tail_mean(fit.losses),
+        "train/loss": fit.train_loss,
         "train/steps": float(fit.steps),
         "train/pairs": float(n),
-        "train/pairs_per_s": fit.items / fit.train_s if fit.train_s else float("nan"),
+        "train/pairs_per_s": fit.items_per_s,
     }
 
 
@@ -456,21 +345,16 @@ def train_rejection_sampling(
         log.info("rejection sampling round", extra={"round": round_ + 1, **sampling})
         sft_rows = [*best, *corrections]
 
-        def micro_loss(index: np.ndarray, rows: list[TokenRow] = sft_rows) -> Any:
+        def micro_loss(model: Any, index: np.ndarray, rows: list[TokenRow] = sft_rows) -> Any:
             batch = collate_rows([rows[i] for i in index], tok.pad_id).to(device)
-            logps, _ = completion_token_logprobs(run.model, batch)
+            logps, _ = completion_token_logprobs(model, batch)
             return sft_loss(logps), {}
 
-        fit = _fit(
-            run,
-            np.array([len(r) for r in sft_rows]),
-            micro_loss,
-            epochs=cfg.sft_epochs,
-            learning_rate=cfg.sft_learning_rate,
-            max_steps=None,
-            desc=f"fine-tune (round {round_ + 1})",
-        )
-        losses += fit.losses
+        steps = run.epochs(np.array([len(r) for r in sft_rows]), cfg.sft_epochs, None)
+        desc = f"fine-tune (round {round_ + 1})"
+        settings = LoopSettings.of(cfg, learning_rate=cfg.sft_learning_rate, desc=desc)
+        fit = run.fit(steps, len(steps), micro_loss, settings)
+        losses += [r["train/loss"] for r in fit.history]
         metrics = {
             **sampling,
             "train/sft_examples": float(len(sft_rows)),
@@ -478,7 +362,7 @@ def train_rejection_sampling(
         }
     return {
         **metrics,
-        "train/loss": _tail_mean(losses),
+        "train/loss": tail_mean(losses),
         "train/steps": float(run.step),
         "train/rounds": float(cfg.rounds),
     }
@@ -490,72 +374,67 @@ def train_rl(run: _Run, cfg: RLConfig, prompts: Sequence[str]) -> dict[str, floa
     them (reward model minus the KL penalty), and takes one policy-gradient step with the
     leave-one-out baseline. Log-probs are taken at the sampling temperature."""
     assert run.scorer is not None
-    tok, pad, device = run.tokens, run.tokens.pad_id, run.device
+    scorer, tok, pad, device = run.scorer, run.tokens, run.tokens.pad_id, run.device
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    optimizer = adamw(run.model, cfg.learning_rate, cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * cfg.steps)
-    schedule = partial(lr_factor, total=cfg.steps, warmup=warmup, schedule="constant")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    rng = np.random.default_rng(cfg.seed)
-    queue: list[int] = []
-    history: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="rloo", unit="step", disable=not run.progress)
-    for _ in range(cfg.steps):
-        batch_prompts = []
-        for _ in range(min(cfg.prompts_per_step, len(prompts))):
-            if not queue:
-                queue = list(rng.permutation(len(prompts)))
-            batch_prompts.append(prompts[queue.pop()])
-        repeated = [p for p in batch_prompts for _ in range(cfg.rloo_k)]
-        rows = generate_rows(run.model, tok, repeated, params, device, batch_size=GENERATION_BATCH)
-        scores = run.scorer(repeated, [tok.decode(r.completion) for r in rows])
-        policy_logp = completion_logprobs(
-            run.model, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
-        )
-        with run.reference.use(run.model) as ref:
-            ref_logp = completion_logprobs(
-                ref, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
+
+    def rollouts() -> Iterator[Step]:
+        """Each step's batch, sampled from the policy as it is when the loop asks for it:
+        micro-batches of (rows, advantages), weighted by their share of the samples."""
+        rng = np.random.default_rng(cfg.seed)
+        queue: list[int] = []
+        while True:
+            batch_prompts = []
+            for _ in range(min(cfg.prompts_per_step, len(prompts))):
+                if not queue:
+                    queue = list(rng.permutation(len(prompts)))
+                batch_prompts.append(prompts[queue.pop()])
+            repeated = [p for p in batch_prompts for _ in range(cfg.rloo_k)]
+            rows = generate_rows(
+                run.model, tok, repeated, params, device, batch_size=GENERATION_BATCH
             )
-        rewards = kl_penalized_rewards(
-            torch.from_numpy(scores), torch.from_numpy(policy_logp), torch.from_numpy(ref_logp),
-            cfg.kl_coef,
-        )  # fmt: skip
-        advantages = rloo_advantages(rewards.view(len(batch_prompts), cfg.rloo_k)).flatten()
-        advantages = advantages.to(device=device, dtype=torch.float32)
-        lr = scheduler.get_last_lr()[0]
-        run.model.train()
-        loss_sum = 0.0
-        for start in range(0, len(rows), cfg.batch_size):
-            chunk = slice(start, start + cfg.batch_size)
-            logp = forward_logprobs(run.model, rows[chunk], pad, device, cfg.temperature)
-            share = len(logp) / len(rows)  # the loss is a mean over all samples of the step
-            loss = policy_gradient_loss(logp, advantages[chunk]) * share
-            loss.backward()
-            loss_sum += float(loss.detach())
-        grad_norm = run.clip()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        record = {
-            "train/loss": loss_sum,
-            "rl/score": float(np.mean(scores)),
-            "rl/kl": float(np.mean(policy_logp - ref_logp)),
-            "rl/reward": float(rewards.mean()),
-            "rl/completion_tokens": float(np.mean([len(r.completion) for r in rows])),
-        }
-        history.append(record)
-        run.reporter.log({"step": run.step, "train/lr": lr, "train/grad_norm": grad_norm, **record})
-        bar.update(1)
-        bar.set_postfix(score=f"{record['rl/score']:.3f}", kl=f"{record['rl/kl']:.3f}")
-    bar.close()
-    tail = history[-max(1, len(history) // 10) :]
+            scores = scorer(repeated, [tok.decode(r.completion) for r in rows])
+            policy_logp = completion_logprobs(
+                run.model, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
+            )
+            with run.reference.use(run.model) as ref:
+                ref_logp = completion_logprobs(
+                    ref, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
+                )
+            rewards = kl_penalized_rewards(
+                torch.from_numpy(scores), torch.from_numpy(policy_logp),
+                torch.from_numpy(ref_logp), cfg.kl_coef,
+            )  # fmt: skip
+            advantages = rloo_advantages(rewards.view(len(batch_prompts), cfg.rloo_k)).flatten()
+            advantages = advantages.to(device=device, dtype=torch.float32)
+            chunks = [slice(s, s + cfg.batch_size) for s in range(0, len(rows), cfg.batch_size)]
+            micro = [(rows[c], advantages[c]) for c in chunks]
+            yield Step(
+                micro,
+                len(rows),
+                shares=[len(r) / len(rows) for r, _ in micro],  # the loss: a mean over samples
+                record={
+                    "rl/score": float(np.mean(scores)),
+                    "rl/kl": float(np.mean(policy_logp - ref_logp)),
+                    "rl/reward": float(rewards.mean()),
+                    "rl/completion_tokens": float(np.mean([len(r.completion) for r in rows])),
+                },
+            )
+
+    def loss(model: Any, batch: tuple[list[TokenRow], torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        rows, advantages = batch
+        logp = forward_logprobs(model, rows, pad, device, cfg.temperature)
+        return policy_gradient_loss(logp, advantages), {}
+
+    settings = LoopSettings.of(
+        cfg, schedule="constant", desc="rloo", bar_keys=("rl/score", "rl/kl")
+    )
+    fit = run.fit(rollouts(), cfg.steps, loss, settings)
+    keys = ("train/loss", "rl/score", "rl/kl", "rl/reward", "rl/completion_tokens")
     return {
-        **{key: float(np.mean([h[key] for h in tail])) for key in history[-1]},
-        "rl/initial_score": history[0]["rl/score"],
+        **{key: tail_mean([r[key] for r in fit.history]) for key in keys},
+        "rl/initial_score": fit.history[0]["rl/score"],
         "train/steps": float(cfg.steps),
-        "train/samples_per_s": cfg.steps * len(rows) / (time.perf_counter() - t0),
+        "train/samples_per_s": fit.items_per_s,
     }
 
 
@@ -564,7 +443,7 @@ def baseline_sampler(
     run: _Run, registry: ModelRegistry | None, parent: str | None, params: SamplingParams
 ) -> tuple[Sampler | None, str]:
     """What the candidate is compared with, and its description: the parent policy as it is
-    served (its verified ONNX graph through the generation engine), or the base model (the
+    served (its verified ONNX graph through the serving runtime), or the base model (the
     reference) when there is no parent."""
     seed = run.cfg.seed
     if parent is None or registry is None:
@@ -575,12 +454,11 @@ def baseline_sampler(
                 return sampler(prompts)
 
         return base, f"base model {run.cfg.base}"
-    from services.generation.engine import GenerateJob, GenerationEngine, LoadedPolicy
-    from services.generation.engine import SamplingParams as ServedParams
+    from services.runtime.policy_model import GenerateJob, LoadedPolicy, generate_jobs
+    from services.runtime.policy_model import SamplingParams as ServedParams
 
     try:
-        engine = GenerationEngine(params.max_new_tokens)
-        engine.set_model(LoadedPolicy.load(registry, parent, provider="cpu"))
+        policy = LoadedPolicy.load(registry, parent, provider="cpu")
     except Exception as exc:
         log.exception("could not load the parent policy", extra={"version": parent})
         return None, f"parent {parent} (could not be loaded: {exc})"
@@ -600,7 +478,7 @@ def baseline_sampler(
                 )
                 for i, prompt in enumerate(prompts[start : start + GENERATION_BATCH])
             ]
-            for result in engine.process(jobs):
+            for result in generate_jobs(policy, jobs, params.max_new_tokens):
                 if isinstance(result, Exception):
                     raise result
                 texts.append(result.completions[0].text.strip())
@@ -699,7 +577,7 @@ def _train(
     credentials: ClientCredentials,
 ) -> PolicyTrainingResult:
     started = time.perf_counter()
-    data, parent = load_policy_data(source, registry, publish.parent)
+    data, parent = load_training_data(source, registry, publish.parent, policy=True)
     if parent is None and registry is not None:
         parent = registry.promoted()
     run_id = new_version_id("run")

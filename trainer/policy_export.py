@@ -13,7 +13,7 @@ past_value_0, ..., past_key_{L-1}, past_value_{L-1}) -> (logits, present_key_0, 
 
 Inside the wrapper the legacy (key, value) tuples become a transformers ``DynamicCache`` and
 back. Before publishing, ONNX Runtime is checked against PyTorch through the serving code
-(:mod:`services.generation.engine`): the prefill logits, a few teacher-forced decode steps on the
+(:mod:`services.runtime.policy_model`): the prefill logits, a few teacher-forced decode steps on the
 exported cache, and a left-padded batch of prompts of different lengths; any difference over
 ``atol`` x max(1, max |logit|) refuses the export.
 
@@ -47,24 +47,23 @@ from services.common.registry import (
     new_version_id,
 )
 from services.common.textfmt import TextFormat
-from services.generation.engine import (
-    INPUT_NAMES,
+from services.runtime.contract import (
+    FP32_FILE,
+    INT8_FILE,
     LOGITS,
-    GenerateJob,
-    GenerationEngine,
-    LoadedPolicy,
-    SamplingParams,
+    OPSET,
+    POLICY_INPUTS,
+    TOKENIZER_FILE,
     past_names,
     present_names,
+    quantize_int8,
 )
+from services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams, generate_jobs
 from trainer.backbones import resolve_backbone
 from trainer.export import special_tokens
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-FP32_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
 DEFAULT_MAX_NEW_TOKENS = 256
 DECODE_STEPS = 4
 INT8_CHECK_TOKENS = 16
@@ -131,7 +130,7 @@ def export_onnx(model: PreTrainedModel, path: Path, layout: tuple[int, int, int]
     ids = torch.full((batch, seq), 5, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
     past = [torch.zeros((batch, heads, past_len, head_dim)) for _ in range(2 * num_layers)]
-    inputs = [*INPUT_NAMES, *past_names(num_layers)]
+    inputs = [*POLICY_INPUTS, *past_names(num_layers)]
     outputs = [LOGITS, *present_names(num_layers)]
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch", 1: "sequence"},
@@ -311,12 +310,10 @@ def int8_agreement(
     fp32: LoadedPolicy, int8: LoadedPolicy, prompts: Sequence[str], tokens: int
 ) -> tuple[float, float, int]:
     """(top-1 agreement, mean KL(fp32 || int8) in nats, positions) along fp32's greedy paths."""
-    engine = GenerationEngine(max_new_tokens=tokens)
-    engine.set_model(fp32)
     agree, kl, positions = 0, 0.0, 0
     for prompt in prompts:
         job = GenerateJob(prompt=prompt, params=SamplingParams(0.0, max_new_tokens=tokens))
-        (result,) = engine.process([job])
+        (result,) = generate_jobs(fp32, [job], tokens)
         assert not isinstance(result, Exception)
         ids, path = fp32.encode(job), result.completions[0].token_ids
         reference = _teacher_forced_logits(fp32, ids, path)
@@ -378,7 +375,7 @@ def export_policy(
         with tempfile.TemporaryDirectory(prefix="plaudit-policy-") as tmp:
             out = Path(tmp)
             tokenizer.save_pretrained(out)
-            if not (out / "tokenizer.json").is_file():
+            if not (out / TOKENIZER_FILE).is_file():
                 raise ValueError("the tokenizer must be a fast tokenizer (tokenizer.json)")
             input_names = export_onnx(model, out / FP32_FILE, layout)
             manifest = ModelManifest(
@@ -422,20 +419,6 @@ def export_policy(
     return published
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
-    """Dynamic int8 weights, one scale per output channel (on SmolLM2-135M: KL to fp32 0.20
-    nats per token against 0.27 with one scale per tensor)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.disable(logging.WARNING)  # the quantizer logs every tensor on the root logger
-    try:
-        quantize_dynamic(
-            str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def _add_int8(
     out: Path,
     manifest: ModelManifest,
@@ -445,7 +428,7 @@ def _add_int8(
 ) -> dict[str, Any]:
     """Quantise, check against fp32 and keep the int8 graph (as the default) if it passes;
     records the report in ``manifest`` and returns notes."""
-    quantize_int8(out / FP32_FILE, out / INT8_FILE)
+    quantize_int8(out / FP32_FILE, out / INT8_FILE, per_channel=True)
     files = {**manifest.onnx_files, "int8": INT8_FILE}
     candidate = manifest.model_copy(update={"onnx_files": files, "default_precision": "int8"})
     int8 = LoadedPolicy.from_dir(out, candidate, provider="cpu")

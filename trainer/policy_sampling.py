@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from services.common.security import INSECURE, ClientCredentials
+from services.common.security.client import INSECURE, ClientCredentials
 from trainer.policy_data import PolicyTokenizer, TokenBatch, TokenRow, collate_rows
 from trainer.policy_objective import token_logprobs, win_rate
 

@@ -69,7 +69,7 @@ class AccuracyGate:
     def current_accuracy(self, version: str, texts: list[tuple[str, str]]) -> float:
         """The promoted version's accuracy on ``texts`` as it is served (hash-verified graph,
         its own tokenization and default precision)."""
-        from services.reward.engine import LoadedRewardModel  # onnxruntime only, no torch
+        from services.runtime.reward_model import LoadedRewardModel  # onnxruntime, no torch
 
         loaded = LoadedRewardModel.load(self.registry, version, provider="cpu")
         rewards, _, _ = loaded.score_raw([p for p, _ in texts], [c for _, c in texts])

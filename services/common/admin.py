@@ -8,7 +8,11 @@ import grpc
 from plaudit.v1 import admin_pb2, admin_pb2_grpc
 
 from services.common.hotswap import ModelWatcher
-from services.common.security import INSECURE, ClientCredentials
+from services.common.security.client import INSECURE, ClientCredentials
+from services.common.security.guard import CallRoles
+
+CALL_ROLES: CallRoles = {"/plaudit.v1.AdminService/ReloadModel": "admin"}
+"""Only ``admin`` reloads; a model-serving process adds this to its own service's table."""
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

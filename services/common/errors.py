@@ -1,4 +1,5 @@
-"""Domain errors. Engines and stores raise these; one interceptor turns them into gRPC statuses."""
+"""Domain errors. Engines and stores raise these; their ``code`` is the gRPC status (one
+interceptor sets it) and :data:`HTTP_STATUS` maps it to HTTP."""
 
 from __future__ import annotations
 
@@ -71,3 +72,21 @@ class PermissionDeniedError(PlauditError):
     """The caller is known but its roles do not allow the operation."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+"""gRPC status of a domain error -> HTTP status (the google.rpc mapping); anything else is 500."""

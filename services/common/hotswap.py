@@ -14,7 +14,8 @@ retried only when the pointer changes again (a new promotion, a rollback, or the
 promoted anew); a storage or network error (``OSError``: a cut-off download, a full disk) is
 retried at the next poll.
 
-The mechanism is model-agnostic: the reward service and the generation service both use it.
+The mechanism is model-agnostic: :class:`services.common.server.ModelServer` (the reward and
+generation services) drives it.
 """
 
 from __future__ import annotations
@@ -25,15 +26,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.errors import UnavailableError
-from services.common.registry import ModelManifest, ModelRegistry
-
-if TYPE_CHECKING:
-    from services.common.server import GrpcService
+from services.common.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -66,58 +63,6 @@ class SwapMetrics:
             "1 while the promoted version could not be made live (the previous one serves).",
             registry=registry,
         )
-
-
-class ServableModel(Protocol):
-    """What the serving plumbing needs to know of a loaded model version."""
-
-    @property
-    def version(self) -> str: ...
-
-    @property
-    def provider(self) -> str: ...
-
-    manifest: ModelManifest
-    precision: str
-
-
-S = TypeVar("S", bound=ServableModel)
-
-
-class LiveModel(Generic[S]):
-    """The model version a process serves now. Swapping is one reference assignment, so a batch
-    that took :meth:`require_model` keeps the version it started with until it finishes."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._model: S | None = None
-
-    @property
-    def model(self) -> S | None:
-        return self._model
-
-    def set_model(self, model: S) -> None:
-        """Make ``model`` live."""
-        self._model = model
-
-    def require_model(self) -> S:
-        model = self._model
-        if model is None:
-            raise UnavailableError(f"no {self._what} loaded yet")
-        return model
-
-
-def report_live_model(model: ServableModel, info: Info, loaded: Gauge) -> None:
-    """Export the live version on the service's model-info metric."""
-    info.info(
-        {
-            "version": model.version,
-            "backbone": model.manifest.backbone,
-            "execution_provider": model.provider,
-            "precision": model.precision,
-        }
-    )
-    loaded.set(1)
 
 
 @dataclass(frozen=True)
@@ -239,58 +184,3 @@ class ModelWatcher(Generic[M]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()
-
-
-class FollowedModel(Generic[S]):
-    """A serving process's link to the registry: the watcher, its background task, and the
-    switch that makes a loaded version live. The reward and generation servers each hold one.
-
-    The first version made live turns health SERVING; later ones swap silently (see module doc).
-    """
-
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        load: Callable[[str], S],
-        live: LiveModel[S],
-        grpc: GrpcService,
-        *,
-        info: Info,
-        loaded: Gauge,
-        metrics_prefix: str,
-        poll_interval_s: float,
-    ) -> None:
-        self._live = live
-        self._grpc = grpc
-        self._info = info
-        self._loaded = loaded
-        self.watcher: ModelWatcher[S] = ModelWatcher(
-            registry,
-            load,
-            self._activate,
-            poll_interval_s=poll_interval_s,
-            metrics=SwapMetrics(grpc.registry, metrics_prefix),
-        )
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Follow the registry in the background (call inside the running loop)."""
-        self._task = asyncio.get_running_loop().create_task(self.watcher.run())
-
-    async def wait_until_serving(self, timeout: float) -> None:
-        await self.watcher.wait_for_first_model(timeout)
-
-    async def _activate(self, model: S) -> None:
-        """The atomic switch: batches already running keep the version they started with."""
-        first = self._live.model is None
-        self._live.set_model(model)
-        report_live_model(model, self._info, self._loaded)
-        if first:
-            await self._grpc.set_serving(True)
-            log.info("serving", extra={"version": model.version, "port": self._grpc.port})
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

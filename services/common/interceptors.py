@@ -1,20 +1,19 @@
-"""The one place where domain errors become gRPC statuses, and where every RPC is measured and
-admitted.
+"""The one place where every RPC is admitted, measured, and its domain error becomes a status.
 
-Servicers raise :class:`~services.common.errors.PlauditError`; :class:`ErrorAndMetricsInterceptor`
-aborts the call with the error's status code and message, logs it once, and counts it. Any other
-exception is an INTERNAL error, logged with its traceback; the client never sees the traceback.
+:class:`ServiceInterceptor` wraps every method but health and reflection (:data:`OPEN_PREFIXES`).
 A request that does not parse as the method's message (corrupt wire format, invalid UTF-8 in a
-string field) is INVALID_ARGUMENT, never reaching the servicer.
-
-:class:`AccessInterceptor` (inside it) admits each call through the
-:class:`~services.common.security.AccessGuard`: API key, role, rate limit, in-flight limit.
-Health and reflection are neither measured nor guarded.
+string field) is INVALID_ARGUMENT, never reaching the servicer. The call is then admitted by the
+server's :class:`~services.common.security.guard.AccessGuard` (API key, role from the service's
+own table, rate limit) and served within the in-flight limit. Servicers raise
+:class:`~services.common.errors.PlauditError`; the call is aborted with the error's status code
+and message, logged once and counted. Any other exception is an INTERNAL error, logged with its
+traceback; the client never sees the traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,39 +23,37 @@ import grpc
 
 from services.common.errors import InvalidArgumentError, PlauditError
 from services.common.metrics import GrpcMetrics
-from services.common.security import OPEN_PREFIXES, AccessGuard
+from services.common.security.guard import AccessGuard
 
 log = logging.getLogger("plaudit.rpc")
 
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""gRPC methods anyone may call, neither guarded nor measured: health checks and reflection."""
+
 UnaryBehaviour = Callable[..., Awaitable[Any]]
 StreamBehaviour = Callable[..., AsyncIterator[Any]]
-Wrap = Callable[[Any, bool], Any]  # (behaviour, request_streaming) -> behaviour
 
-
-class MalformedRequest:
-    """What the tolerant deserializer returns for bytes that are not the expected message."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+_MALFORMED = object()
+"""What the tolerant deserializer returns for bytes that are not the expected message."""
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """``deserializer`` that returns a :class:`MalformedRequest` instead of raising (grpc would
-    answer UNKNOWN or INTERNAL)."""
+    """``deserializer`` that returns a sentinel instead of raising (grpc would answer
+    UNKNOWN or INTERNAL)."""
     if deserializer is None:
         return None
 
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except Exception as exc:  # DecodeError, or anything a custom deserializer raises
-            return MalformedRequest(exc)
+        except Exception:  # DecodeError, or anything a custom deserializer raises
+            return _MALFORMED
 
     return parse
 
 
 def _checked(request: Any) -> Any:
-    if isinstance(request, MalformedRequest):
+    if request is _MALFORMED:
         raise InvalidArgumentError(
             "request",
             "is not a valid message for this method (corrupt protobuf encoding or "
@@ -70,35 +67,13 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _checked(request)
 
 
-def rebuild_handler(
-    handler: grpc.RpcMethodHandler,
-    unary: Wrap,
-    streaming: Wrap,
-    request_deserializer: Callable[[bytes], Any] | None = None,
-) -> grpc.RpcMethodHandler:
-    """``handler`` with its behaviour wrapped: ``unary`` for unary responses, ``streaming`` for
-    streamed ones; each wrapper is told whether the request is a stream."""
-    deserializer = request_deserializer or handler.request_deserializer
-    kwargs = {
-        "request_deserializer": deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, False), **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary, True), **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream, False), **kwargs
-        )
-    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream, True), **kwargs)
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Admits each call through ``guard``, maps domain errors to statuses and records request
+    count, errors and latency (refusals included)."""
 
-
-class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to statuses and records request count, errors and latency."""
-
-    def __init__(self, metrics: GrpcMetrics) -> None:
+    def __init__(self, metrics: GrpcMetrics, guard: AccessGuard) -> None:
         self._metrics = metrics
+        self._guard = guard
 
     async def intercept_service(
         self,
@@ -109,50 +84,68 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        short = method.lstrip("/")  # plaudit.v1.RewardService/Score
-        wrap = _Wrapper(self._metrics, short)
-        return rebuild_handler(
-            handler, wrap.unary, wrap.streaming, _tolerant(handler.request_deserializer)
-        )
+        return _Wrapper(self._metrics, self._guard, method).rebuild(handler)
 
 
 class _Wrapper:
-    def __init__(self, metrics: GrpcMetrics, method: str) -> None:
-        self.metrics = metrics
-        self.method = method
+    """One method's behaviour, admitted, measured and its errors mapped (see the module doc)."""
 
-    def unary(self, inner: UnaryBehaviour, request_streaming: bool) -> UnaryBehaviour:
+    def __init__(self, metrics: GrpcMetrics, guard: AccessGuard, call: str) -> None:
+        self.metrics = metrics
+        self.guard = guard
+        self.call = call  # /plaudit.v1.RewardService/Score: what the guard decides
+        self.method = call.lstrip("/")  # plaudit.v1.RewardService/Score: metrics and logs
+
+    def rebuild(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` with a tolerant deserializer and its behaviour wrapped."""
+        kwargs = {
+            "request_deserializer": _tolerant(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self.unary(handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            unary = self.unary(handler.stream_unary, request_streaming=True)
+            return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+        if handler.unary_stream:
+            streaming = self.streaming(handler.unary_stream)
+            return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+        streaming = self.streaming(handler.stream_stream, request_streaming=True)
+        return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def _served(
+        self, request: Any, request_streaming: bool, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Yields the checked request once admitted, inside an in-flight slot; measures the
+        call and turns what it raises into its status (logged once, then aborted or re-raised)."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            request = _checked_stream(request) if request_streaming else _checked(request)
+            self.guard.check(self.call, _authorization(context))
+            with self.guard.in_flight.slot():
+                yield request
+        except BaseException as exc:
+            code, message = self._classify(exc, context)
+            if message is not None:
+                await context.abort(code, message)
+            raise
+        finally:
+            self.metrics.observe(self.method, code.name, time.perf_counter() - start)
+
+    def unary(self, inner: UnaryBehaviour, request_streaming: bool = False) -> UnaryBehaviour:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                request = _checked_stream(request) if request_streaming else _checked(request)
-                return await inner(request, context)
-            except BaseException as exc:  # classified, logged once, then aborted or re-raised
-                code, message = self._classify(exc, context)
-                if message is not None:
-                    await context.abort(code, message)
-                raise
-            finally:
-                self.metrics.observe(self.method, code.name, time.perf_counter() - start)
+            async with self._served(request, request_streaming, context) as checked:
+                return await inner(checked, context)
 
         return call
 
-    def streaming(self, inner: StreamBehaviour, request_streaming: bool) -> StreamBehaviour:
+    def streaming(self, inner: StreamBehaviour, request_streaming: bool = False) -> StreamBehaviour:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                request = _checked_stream(request) if request_streaming else _checked(request)
-                async for response in inner(request, context):
+            async with self._served(request, request_streaming, context) as checked:
+                async for response in inner(checked, context):
                     yield response
-            except BaseException as exc:
-                code, message = self._classify(exc, context)
-                if message is not None:
-                    await context.abort(code, message)
-                raise
-            finally:
-                self.metrics.observe(self.method, code.name, time.perf_counter() - start)
 
         return call
 
@@ -181,42 +174,3 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
         if key == "authorization":
             return str(value)
     return None
-
-
-class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Admits each call (key, role, rate, in-flight) before the servicer runs; a refusal is a
-    domain error, which :class:`ErrorAndMetricsInterceptor` (outside this one) turns into its
-    status, logs and counts."""
-
-    def __init__(self, guard: AccessGuard) -> None:
-        self._guard = guard
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
-        guard = self._guard
-
-        def unary(inner: UnaryBehaviour, _streaming: bool) -> UnaryBehaviour:
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                guard.check(method, _authorization(context))
-                with guard.in_flight.slot():
-                    return await inner(request, context)
-
-            return call
-
-        def streaming(inner: StreamBehaviour, _streaming: bool) -> StreamBehaviour:
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                guard.check(method, _authorization(context))
-                with guard.in_flight.slot():
-                    async for response in inner(request, context):
-                        yield response
-
-            return call
-
-        return rebuild_handler(handler, unary, streaming)

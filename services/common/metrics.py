@@ -6,7 +6,9 @@ import logging
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from services.common.batching import BatchMetrics
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +76,17 @@ class MetricsHttpServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class ModelMetrics:
+    """What every model service exports under ``prefix`` (e.g. ``plaudit_reward``): batching
+    and the live version; services subclass it to add their own counters."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str, what: str) -> None:
+        self.registry = registry
+        self.prefix = prefix
+        self.batch = BatchMetrics(registry, prefix)
+        self.model_info = Info(f"{prefix}_model", f"The active {what} version.", registry=registry)
+        self.model_loaded = Gauge(
+            f"{prefix}_model_loaded", f"1 when a {what} is serving.", registry=registry
+        )

@@ -12,9 +12,12 @@ import ctypes
 import functools
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
 import onnxruntime as ort
+
+from services.common.errors import FailedPreconditionError
+from services.common.registry import ModelManifest, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +68,72 @@ def create_session(
         log.warning("CUDA session failed; using CPU", extra={"error": str(exc)})
         session = ort.InferenceSession(str(model_path), sess_options=options, providers=[CPU])
     return session
+
+
+class OnnxModel:
+    """One registry version in ONNX Runtime. Subclasses build from verified files
+    (:meth:`from_dir`) and check themselves (:meth:`smoke_test`); :meth:`load` is the one load
+    path of every served model: verify hashes, build, smoke-test."""
+
+    manifest: ModelManifest
+    session: ort.InferenceSession
+    precision: str
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def provider(self) -> str:
+        return str(self.session.get_providers()[0])
+
+    @classmethod
+    def from_dir(
+        cls,
+        root: Path,
+        manifest: ModelManifest,
+        *,
+        precision: str = "auto",
+        provider: ProviderChoice = "auto",
+        intra_op_threads: int = 0,
+    ) -> Self:
+        """Build the version from its files in ``root`` (not verified) with the graph at
+        ``precision`` ('auto': the version's default); its inputs must be the manifest's."""
+        chosen = manifest.default_precision if precision == "auto" else precision
+        if chosen not in manifest.onnx_files:
+            raise FailedPreconditionError(
+                f"version {manifest.version} has no {chosen} graph "
+                f"(has {sorted(manifest.onnx_files)})"
+            )
+        session = create_session(root / manifest.onnx_files[chosen], provider, intra_op_threads)
+        actual = {i.name for i in session.get_inputs()}
+        if actual != set(manifest.input_names):
+            raise FailedPreconditionError(
+                f"graph inputs {sorted(actual)} != manifest {sorted(manifest.input_names)}"
+            )
+        return cls.build(root, manifest, session, chosen)
+
+    @classmethod
+    def build(
+        cls, root: Path, manifest: ModelManifest, session: ort.InferenceSession, precision: str
+    ) -> Self:
+        """The model around ``session`` (tokenizer and checks of the subclass)."""
+        raise NotImplementedError
+
+    def smoke_test(self) -> None:
+        """Run a tiny input through the graph; raise if it misbehaves."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(
+        cls, registry: ModelRegistry, version: str, *, smoke: bool = False, **options: Any
+    ) -> Self:
+        """Verify every file's sha256, build the version (``options``: those of
+        :meth:`from_dir`) and, with ``smoke``, warm it up and check it (:meth:`smoke_test`)."""
+        manifest, root = registry.checkout(version)
+        model = cls.from_dir(root, manifest, **options)
+        if smoke:
+            model.smoke_test()
+        extra = {"version": version, "precision": model.precision, "provider": model.provider}
+        log.info("loaded model", extra={"kind": manifest.kind, **extra})
+        return model

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S", bound="PlauditSettings")
@@ -25,6 +26,35 @@ class PlauditSettings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @classmethod
+    def default_help(cls, name: str) -> str:
+        """How ``--help`` states the default of field ``name``."""
+        return f"default {cls.model_fields[name].default!r}"
+
+
+def port_field(default: int, description: str = "gRPC port (0 picks a free one)") -> Any:
+    """A TCP port setting (0 picks a free one); each service gives its own default."""
+    return Field(default, ge=0, le=65535, description=description)
+
+
+class ModelServingSettings(PlauditSettings):
+    """Where a model server (reward, generation) listens and how it runs its ONNX graphs."""
+
+    host: str = Field("0.0.0.0", description="gRPC bind address")
+    port: int = port_field(0)
+    metrics_port: int = port_field(0, "Prometheus /metrics port")
+    execution_provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime provider; auto = CUDA only when a device can start"
+    )
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="graph to serve; auto = the version's default (int8 only if it passed parity)",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads (0 = one per core)")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill")
+    poll_interval_s: float = Field(5.0, gt=0, description="registry poll while nothing is promoted")
+    grace_period_s: float = Field(30.0, ge=0, description="drain time on SIGTERM")
 
 
 def _scalar_type(annotation: Any) -> Any:
@@ -43,7 +73,7 @@ def add_settings_arguments(
     for name, field in settings_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "PLAUDIT_" + name.upper()
-        help_text = f"{field.description or name} (env {env}; default {field.default!r})"
+        help_text = f"{field.description or name} (env {env}; {settings_cls.default_help(name)})"
         annotation = _scalar_type(field.annotation)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if annotation is bool:

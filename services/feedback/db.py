@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -28,6 +28,7 @@ DEFAULT_FEEDBACK_URL = "sqlite:///.plaudit/feedback.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_CONNECT_TIMEOUT_S = 2
 POSTGRES_TCP_USER_TIMEOUT_MS = 10_000  # unacknowledged data on a dead link: give up then
+WRITE_ATTEMPTS = 3  # a unique-key race with a writer that bypassed the lock is retried
 _SQLITE_BEGIN = "plaudit_sqlite_begin"  # execution option: "DEFERRED" (default) or "IMMEDIATE"
 
 
@@ -58,9 +59,16 @@ def is_sqlite(engine_or_conn: Engine | Connection) -> bool:
 
 
 def create_feedback_engine(
-    url: str | URL, *, pool_size: int = 5, connect_timeout_s: int = POSTGRES_CONNECT_TIMEOUT_S
+    url: str | URL,
+    *,
+    pool_size: int = 5,
+    connect_timeout_s: int = POSTGRES_CONNECT_TIMEOUT_S,
+    read_only: bool = False,
 ) -> Engine:
     """An engine for ``url`` with the SQLite pragmas / PostgreSQL options described above.
+
+    ``read_only`` engines cannot write: SQLite connections are ``query_only`` (and leave the
+    journal mode and folders alone), PostgreSQL transactions are ``READ ONLY``.
 
     PostgreSQL connections give up after ``connect_timeout_s`` and detect a dead link (TCP
     keepalives, ``tcp_user_timeout``), so an outage fails calls fast instead of hanging them;
@@ -68,8 +76,8 @@ def create_feedback_engine(
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed)
-    return sa.create_engine(
+        return _sqlite_engine(parsed, read_only)
+    engine = sa.create_engine(
         parsed,
         pool_size=pool_size,
         max_overflow=2 * pool_size,
@@ -87,16 +95,23 @@ def create_feedback_engine(
         json_serializer=json_dumps,
         json_deserializer=orjson.loads,
     )
+    if read_only:
+
+        @event.listens_for(engine, "connect")
+        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.read_only = True  # psycopg 3: every transaction is READ ONLY
+
+    return engine
 
 
-def _sqlite_engine(url: URL) -> Engine:
+def _sqlite_engine(url: URL, read_only: bool) -> Engine:
     database = url.database or ""
     if database in ("", ":memory:") or "mode=memory" in str(url) or ":memory:" in database:
         raise ValueError(
             "in-memory SQLite is not supported (one database per connection); "
             "use a file, e.g. sqlite:///.plaudit/feedback.db"
         )
-    if not url.query.get("uri"):
+    if not url.query.get("uri") and not read_only:
         folder = Path(database).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -115,7 +130,10 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            _enable_wal(cursor)
+            if read_only:
+                cursor.execute("PRAGMA query_only=ON")
+            else:
+                _enable_wal(cursor)
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
@@ -157,6 +175,33 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
             conn = conn.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
         with conn.begin():
             yield conn
+
+
+T = TypeVar("T")
+
+
+def write_with_retry(
+    engine: Engine,
+    lock: AbstractContextManager[Any],
+    action: str,
+    work: Callable[[Connection], T],
+) -> T:
+    """``work`` in one write transaction under ``lock``; an ``IntegrityError`` (a unique-key race
+    with another writer) is retried up to :data:`WRITE_ATTEMPTS` times. Database failures are
+    raised as :class:`UnavailableError` (see :func:`database_errors`)."""
+    with database_errors(action):
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with lock, write_transaction(engine) as conn:
+                    return work(conn)
+            except sa.exc.IntegrityError as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+                log.warning(
+                    "feedback write raced with another writer; retrying",
+                    extra={"action": action, "attempt": attempt, "reason": str(exc.orig)[:200]},
+                )
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def describe_database_error(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import orjson
@@ -148,6 +148,9 @@ class Correction:
 
 
 FeedbackEvent: TypeAlias = Comparison | Ranking | Rating | Correction
+EVENT_CLASSES: dict[str, type[FeedbackEvent]] = {
+    cls.kind: cls for cls in (Comparison, Ranking, Rating, Correction)
+}
 
 
 @dataclass(frozen=True)
@@ -171,38 +174,41 @@ class SubmitResult:
 
 
 # -- validation --------------------------------------------------------------------------------
-def _check_text(name: str, value: object, limits: FeedbackLimits) -> None:
+def _string_problem(
+    value: object,
+    *,
+    max_bytes: int | None = None,
+    max_chars: int | None = None,
+    blank_ok: bool = False,
+) -> str | None:
+    """What is wrong with a text (type, blank, length, NUL, lone surrogate), or None."""
     if not isinstance(value, str):
-        raise InvalidArgumentError(name, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidArgumentError(name, "must not be empty or whitespace only")
+        return f"must be a string, got {type(value).__name__}"
+    if not blank_ok and not value.strip():
+        return "must not be empty or whitespace only"
+    if max_chars is not None and len(value) > max_chars:
+        return f"is {len(value)} characters; the limit is {max_chars}"
     if "\x00" in value:
-        raise InvalidArgumentError(name, "must not contain NUL characters")
+        return "must not contain NUL characters"
     try:
         size = len(value.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidArgumentError(name, "is not valid UTF-8 text (lone surrogate)") from exc
-    if size > limits.max_text_bytes:
-        raise InvalidArgumentError(
-            name, f"is {size} UTF-8 bytes; the limit is {limits.max_text_bytes}"
-        )
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text (lone surrogate)"
+    if max_bytes is not None and size > max_bytes:
+        return f"is {size} UTF-8 bytes; the limit is {max_bytes}"
+    return None
+
+
+def _check_text(name: str, value: object, limits: FeedbackLimits) -> None:
+    """A prompt or completion: non-blank, at most ``max_text_bytes`` UTF-8 bytes."""
+    if problem := _string_problem(value, max_bytes=limits.max_text_bytes):
+        raise InvalidArgumentError(name, problem)
 
 
 def _check_identifier(name: str, value: object, limits: FeedbackLimits) -> None:
-    if not isinstance(value, str):
-        raise InvalidArgumentError(name, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidArgumentError(name, "must not be empty or whitespace only")
-    if len(value) > limits.max_id_chars:
-        raise InvalidArgumentError(
-            name, f"is {len(value)} characters; the limit is {limits.max_id_chars}"
-        )
-    if "\x00" in value:
-        raise InvalidArgumentError(name, "must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidArgumentError(name, "is not valid UTF-8 text (lone surrogate)") from exc
+    """An id (annotator, key, source): non-blank, at most ``max_id_chars`` characters."""
+    if problem := _string_problem(value, max_chars=limits.max_id_chars):
+        raise InvalidArgumentError(name, problem)
 
 
 def _check_finite(name: str, value: object) -> float:
@@ -225,32 +231,12 @@ def _check_metadata(metadata: object, limits: FeedbackLimits) -> None:
             "metadata", f"has {len(metadata)} entries; the limit is {limits.max_metadata_entries}"
         )
     for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidArgumentError("metadata", "keys and values must be strings")
-        shown = key[:32] + ("..." if len(key) > 32 else "")
-        if not key.strip():
-            raise InvalidArgumentError("metadata", "keys must not be empty")
-        if len(key) > limits.max_metadata_key_chars:
-            raise InvalidArgumentError(
-                "metadata",
-                f"key {shown!r} is {len(key)} characters; the limit is "
-                f"{limits.max_metadata_key_chars}",
-            )
-        if len(value) > limits.max_metadata_value_chars:
-            raise InvalidArgumentError(
-                "metadata",
-                f"value of {shown!r} is {len(value)} characters; the limit is "
-                f"{limits.max_metadata_value_chars}",
-            )
-        if "\x00" in key or "\x00" in value:
-            raise InvalidArgumentError("metadata", f"entry {shown!r} contains a NUL character")
-        try:
-            key.encode("utf-8")
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidArgumentError(
-                "metadata", f"entry {shown!r} is not valid UTF-8 text (lone surrogate)"
-            ) from exc
+        shown = repr(key[:32] + ("..." if len(key) > 32 else "")) if isinstance(key, str) else "?"
+        if problem := _string_problem(key, max_chars=limits.max_metadata_key_chars):
+            raise InvalidArgumentError("metadata", f"key {shown} {problem}")
+        limit = limits.max_metadata_value_chars  # values may be empty
+        if problem := _string_problem(value, max_chars=limit, blank_ok=True):
+            raise InvalidArgumentError("metadata", f"value of {shown} {problem}")
 
 
 def _same_text(a: str, b: str) -> bool:
@@ -385,21 +371,18 @@ def validate_task(task: NewTask, limits: FeedbackLimits = DEFAULT_LIMITS) -> Non
 
 
 # -- canonical form ----------------------------------------------------------------------------
+_COMMON_FIELDS = frozenset({"prompt", "annotator_id", "idempotency_key", "metadata"})
+
+
 def event_payload(event: FeedbackEvent) -> dict[str, Any]:
     """The kind-specific fields of an event as JSON-ready values (numbers as floats)."""
-    if isinstance(event, Comparison):
-        margin = None if event.margin is None else float(event.margin)
-        return {"chosen": event.chosen, "rejected": event.rejected, "margin": margin}
-    if isinstance(event, Ranking):
-        return {"completions": list(event.completions)}
-    if isinstance(event, Rating):
-        return {
-            "completion": event.completion,
-            "score": float(event.score),
-            "scale_min": float(event.scale_min),
-            "scale_max": float(event.scale_max),
-        }
-    return {"completion": event.completion, "corrected": event.corrected}
+    payload: dict[str, Any] = {}
+    for name in (f.name for f in fields(event) if f.name not in _COMMON_FIELDS):
+        value = getattr(event, name)
+        payload[name] = list(value) if name == "completions" else value
+        if isinstance(value, int | float):
+            payload[name] = float(value)
+    return payload
 
 
 def event_from_payload(
@@ -412,34 +395,14 @@ def event_from_payload(
     metadata: Mapping[str, str],
 ) -> FeedbackEvent:
     """Rebuild an event from its stored columns (inverse of :func:`event_payload`)."""
-    common: dict[str, Any] = {
-        "prompt": prompt,
-        "annotator_id": annotator_id,
-        "idempotency_key": idempotency_key,
-        "metadata": dict(metadata),
-    }
-    if kind == "comparison":
-        return Comparison(
-            **common,
-            chosen=payload["chosen"],
-            rejected=payload["rejected"],
-            margin=payload.get("margin"),
-        )
-    if kind == "ranking":
-        return Ranking(**common, completions=tuple(payload["completions"]))
-    if kind == "rating":
-        return Rating(
-            **common,
-            completion=payload["completion"],
-            score=payload["score"],
-            scale_min=payload["scale_min"],
-            scale_max=payload["scale_max"],
-        )
-    if kind == "correction":
-        return Correction(
-            **common, completion=payload["completion"], corrected=payload["corrected"]
-        )
-    raise ValueError(f"unknown feedback kind {kind!r}")
+    if kind not in EVENT_CLASSES:
+        raise ValueError(f"unknown feedback kind {kind!r}")
+    values = dict(payload)
+    if "completions" in values:
+        values["completions"] = tuple(values["completions"])
+    common: dict[str, Any] = {"prompt": prompt, "annotator_id": annotator_id}
+    common["idempotency_key"] = idempotency_key
+    return EVENT_CLASSES[kind](**common, **values, metadata=dict(metadata))
 
 
 def content_hash(event: FeedbackEvent) -> str:

@@ -16,15 +16,16 @@ Routes (JSON in and out; ``docs/labelling.md`` has examples):
 * ``GET /api/v1/tasks/{id}``, ``POST /api/v1/tasks/{id}/skip`` (``{"annotator_id"}``).
 * ``GET /api/v1/stats`` - what gRPC ``GetStats`` reports, plus the task queue's counts.
 
-Submissions are built into the same domain events as the gRPC servicer builds, validated by the
-same code and committed through the same group-commit batcher, so idempotency and durability are
-the same. Errors are the domain's :class:`PlauditError` s, mapped to HTTP in one place
-(:func:`error_response`): ``{"error": {"code": "INVALID_ARGUMENT", "field": "chosen",
-"message": "chosen: must not be empty or whitespace only"}}`` with 400, and likewise 404, 409,
-429, 503. Every ``/api/`` request first passes the authenticator: :func:`api_key_authenticator`
-(the ``Authorization: Bearer <key>`` header, checked by the gRPC server's own
-:class:`~services.common.security.AccessGuard`: same keys, roles from the same table, same rate
-limits), or :func:`allow_all` when the service runs with ``auth_disabled``.
+Submissions are read through the proto's JSON mapping into the gRPC request of their kind and go
+through the same :class:`~services.feedback.core.FeedbackCore` as gRPC (same validation, same
+group-commit batcher), so idempotency and durability are the same. Errors are the domain's
+:class:`PlauditError` s, mapped to HTTP in one place (:func:`error_response`):
+``{"error": {"code": "INVALID_ARGUMENT", "field": "chosen", "message": "chosen: must not be
+empty or whitespace only"}}`` with 400, and likewise 404, 409, 429, 503. Every ``/api/``
+request first passes the authenticator: :func:`api_key_authenticator` (the
+``Authorization: Bearer <key>`` header, checked by the gRPC server's own
+:class:`~services.common.security.guard.AccessGuard`: same keys and rate limits, roles from
+:data:`~services.feedback.access.ROUTE_ROLES`), or :func:`allow_all` with ``auth_disabled``.
 """
 
 from __future__ import annotations
@@ -38,27 +39,26 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 from aiohttp import web
 
 from services.common.batching import DynamicBatcher
-from services.common.errors import InvalidArgumentError, PlauditError
-from services.common.security import AccessGuard, Principal
+from services.common.errors import HTTP_STATUS, InvalidArgumentError, PlauditError
+from services.common.security.guard import AccessGuard
+from services.common.security.keys import Principal
+from services.feedback.access import ROUTE_ROLES
+from services.feedback.core import REQUEST_OF_KIND, FeedbackCore, event_from_json, stats_json
 from services.feedback.domain import (
     Comparison,
-    Correction,
     FeedbackEvent,
     FeedbackKind,
     LabellingTask,
     NewTask,
     Ranking,
-    Rating,
     SubmitResult,
-    validate_event,
 )
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore, Stats
+from services.feedback.store import FeedbackStore
 from services.feedback.task_store import TaskStats
 from services.feedback.tasks import TaskPick, TaskPicker
 
@@ -68,23 +68,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
 MAX_BODY_BYTES = 32 * 1024 * 1024
-
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-"""gRPC status of a domain error -> HTTP status (the google.rpc mapping); anything else is 500."""
 
 _CODE_OF_HTTP = {
     400: "INVALID_ARGUMENT",
@@ -100,13 +83,6 @@ _CODE_OF_HTTP = {
 }
 _RETRY_AFTER_S = {429: "1", 503: "2"}
 
-_COMMON_FIELDS = frozenset({"prompt", "annotator_id", "idempotency_key", "metadata", "task_id"})
-_KIND_FIELDS: dict[FeedbackKind, frozenset[str]] = {
-    "comparison": frozenset({"chosen", "rejected", "margin"}),
-    "ranking": frozenset({"completions"}),
-    "rating": frozenset({"completion", "score", "scale_min", "scale_max"}),
-    "correction": frozenset({"completion", "corrected"}),
-}
 _TASK_FIELDS = frozenset({"prompt", "completions", "key", "metadata", "source"})
 
 
@@ -121,7 +97,8 @@ def error_json(status: int, code: str, message: str, field: str | None = None) -
 
 
 def error_response(exc: PlauditError) -> web.Response:
-    """The HTTP answer to a domain error: its status from :data:`HTTP_STATUS`, JSON body."""
+    """The HTTP answer to a domain error: its status from
+    :data:`~services.common.errors.HTTP_STATUS`, JSON body."""
     field = exc.field if isinstance(exc, InvalidArgumentError) else None
     return error_json(HTTP_STATUS.get(exc.code, 500), exc.code.name, exc.message, field)
 
@@ -143,9 +120,11 @@ async def allow_all(request: web.Request) -> None:
 
 
 def api_key_authenticator(guard: AccessGuard) -> Authenticator:
-    """Admit requests through ``guard``: ``Authorization: Bearer <key>``, the role
-    :data:`~services.common.security.CALL_ROLES` names for ``METHOD /route``, the key's rate
-    limit. A path that matches no route only needs a valid key (then it is 404)."""
+    """Admit requests through ``guard`` (the gRPC server's keys and rate buckets), deciding the
+    routes of :data:`~services.feedback.access.ROUTE_ROLES`: ``Authorization: Bearer <key>``, the
+    role it names for ``METHOD /route``, the key's rate limit. A path that matches no route only
+    needs a valid key (then it is 404)."""
+    guard = guard.for_calls(ROUTE_ROLES)
 
     async def authenticate(request: web.Request) -> None:
         authorization = request.headers.get("Authorization")
@@ -169,67 +148,6 @@ def _check_fields(
     if unknown:
         raise InvalidArgumentError(f"{prefix}{unknown[0]}", f"is not a field of {what}")
     return body
-
-
-MAX_ID = 2**63 - 1  # ids are 64-bit integers in the database
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(name, f"must be an integer, got {type(value).__name__}")
-    if value > MAX_ID:
-        raise InvalidArgumentError(name, f"must be at most {MAX_ID}")
-    if value <= 0:
-        raise InvalidArgumentError(name, f"must be positive, got {value}")
-    return value
-
-
-def event_from_json(kind: FeedbackKind, body: object) -> tuple[FeedbackEvent, int | None]:
-    """The domain event a JSON body describes, and its ``task_id`` if any (not yet validated).
-
-    Missing texts become empty strings, so validation names them like gRPC's empty fields do.
-    """
-    fields = _check_fields(body, _COMMON_FIELDS | _KIND_FIELDS[kind], f"a {kind}")
-    task_id = None
-    if fields.get("task_id") is not None:
-        task_id = _positive_int("task_id", fields["task_id"])
-    metadata = fields.get("metadata", {})
-    if task_id is not None and isinstance(metadata, dict):
-        metadata = {**metadata, "task_id": str(task_id)}
-    common: dict[str, Any] = {
-        "prompt": fields.get("prompt", ""),
-        "annotator_id": fields.get("annotator_id", ""),
-        "idempotency_key": fields.get("idempotency_key", ""),
-        "metadata": metadata,
-    }
-    event: FeedbackEvent
-    if kind == "comparison":
-        event = Comparison(
-            **common,
-            chosen=fields.get("chosen", ""),
-            rejected=fields.get("rejected", ""),
-            margin=fields.get("margin"),
-        )
-    elif kind == "ranking":
-        event = Ranking(**common, completions=fields.get("completions", []))
-    elif kind == "rating":
-        scale_min, scale_max = fields.get("scale_min", 0.0), fields.get("scale_max", 0.0)
-        if scale_min == 0 and scale_max == 0:
-            scale_max = 1.0  # no scale: the 0-1 (thumbs) scale, as in gRPC
-        event = Rating(
-            **common,
-            completion=fields.get("completion", ""),
-            score=fields.get("score"),  # type: ignore[arg-type]  # validated next
-            scale_min=scale_min,
-            scale_max=scale_max,
-        )
-    else:
-        event = Correction(
-            **common,
-            completion=fields.get("completion", ""),
-            corrected=fields.get("corrected", ""),
-        )
-    return event, task_id
 
 
 def check_event_matches_task(event: FeedbackEvent, task: LabellingTask) -> None:
@@ -298,38 +216,6 @@ def queue_json(stats: TaskStats) -> dict[str, Any]:
     }
 
 
-def stats_json(stats: Stats) -> dict[str, Any]:
-    """The fields of gRPC ``GetStatsResponse`` (numbers as JSON numbers)."""
-    report = stats.agreement
-    tests = {t.annotator_id: t for t in report.outliers}
-    annotators = []
-    for annotator, records in sorted(stats.by_annotator.items()):
-        test = tests.get(annotator)
-        annotators.append(
-            {
-                "annotator_id": annotator,
-                "records": records,
-                "compared_votes": test.votes if test else 0,
-                "disagreement_rate": test.disagreement_rate if test else 0.0,
-                "p_value": test.p_value if test else 1.0,
-                "outlier": bool(test and test.outlier),
-            }
-        )
-    return {
-        "records": stats.total,
-        "records_by_kind": stats.by_kind,
-        "annotators": annotators,
-        "judgements": stats.judgements,
-        "pairs_derived": stats.pairs_derived,
-        "overlapping_items": report.multi_annotated_groups,
-        "raw_agreement": report.raw_agreement,
-        "kappa": report.kappa,
-        "kappa_method": report.kappa_method or "",
-        "contradictions": report.contradicted_groups,
-        "ties": report.tied_groups,
-    }
-
-
 async def _read_json(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise InvalidArgumentError("body", "must be JSON, sent as Content-Type: application/json")
@@ -363,9 +249,8 @@ class FeedbackHttpApi:
         max_tasks_per_import: int,
     ) -> None:
         self._store = store
-        self._batcher = batcher
+        self._core = FeedbackCore(store, batcher, metrics)
         self._picker = picker
-        self._metrics = metrics
         self._is_serving = is_serving
         self._max_tasks = max_tasks_per_import
 
@@ -380,7 +265,7 @@ class FeedbackHttpApi:
             web.get(r"/api/v1/tasks/{task_id:[0-9]{1,18}}", self.get_task),
             web.post(r"/api/v1/tasks/{task_id:[0-9]{1,18}}/skip", self.skip_task),
         ]
-        for kind in _KIND_FIELDS:
+        for kind in REQUEST_OF_KIND:
             routes.append(web.post(f"/api/v1/{kind}s", self._submit_handler(kind)))
         return routes
 
@@ -404,19 +289,12 @@ class FeedbackHttpApi:
 
     async def _submit(self, kind: FeedbackKind, body: object) -> web.Response:
         event, task_id = event_from_json(kind, body)
-        store = self._store()
-        try:
-            validate_event(event, store.limits)
+
+        async def check_task(event: FeedbackEvent) -> None:
             if task_id is not None:
                 check_event_matches_task(event, await self._task(task_id))
-        except InvalidArgumentError:
-            self._metrics.events.labels(kind, "rejected").inc()
-            raise
-        outcome = await self._batcher.submit(event)
-        if isinstance(outcome, PlauditError):
-            self._metrics.events.labels(kind, "rejected").inc()
-            raise outcome
-        self._metrics.events.labels(kind, "duplicate" if outcome.duplicate else "accepted").inc()
+
+        outcome = await self._core.submit(event, check=check_task)
         reply: dict[str, Any] = {
             "feedback_id": str(outcome.feedback_id),
             "duplicate": outcome.duplicate,

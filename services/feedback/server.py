@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Sequence
 
 from plaudit.v1 import feedback_pb2_grpc
 
 from services.common.batching import BatchingConfig, DynamicBatcher
 from services.common.errors import PlauditError, UnavailableError
-from services.common.security import ServerSecurity
+from services.common.security.guard import ServerSecurity
 from services.common.server import GrpcService, wait_for_termination
+from services.feedback.access import CALL_ROLES
+from services.feedback.core import Outcome, commit_events
 from services.feedback.domain import FeedbackEvent, FeedbackLimits
 from services.feedback.http import allow_all, api_key_authenticator, feedback_http_server
 from services.feedback.metrics import FeedbackMetrics
-from services.feedback.servicer import FeedbackServicer, Outcome
+from services.feedback.servicer import FeedbackServicer
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.feedback.tasks import TaskPicker
@@ -39,7 +41,7 @@ class FeedbackServer:
 
     def __init__(self, settings: FeedbackSettings) -> None:
         self.settings = settings
-        security = ServerSecurity.from_settings(settings)
+        security = ServerSecurity.from_settings(settings, call_roles=CALL_ROLES)
         self.grpc = GrpcService(
             service_names=[SERVICE_NAME],
             security=security,
@@ -50,7 +52,7 @@ class FeedbackServer:
         self.metrics = FeedbackMetrics(self.grpc.registry)
         self.store: FeedbackStore | None = None
         self.batcher: DynamicBatcher[FeedbackEvent, Outcome] = DynamicBatcher(
-            self._commit,
+            functools.partial(commit_events, self.require_store, self.metrics),
             BatchingConfig(
                 max_batch_size=settings.commit_batch_size,
                 max_batch_tokens=settings.commit_batch_size,
@@ -98,17 +100,6 @@ class FeedbackServer:
         if store is None:
             raise UnavailableError("the feedback database is not reachable yet")
         return store
-
-    def _commit(self, events: Sequence[FeedbackEvent]) -> list[Outcome]:
-        """Group commit of concurrent unary submissions (runs in the batcher's thread)."""
-        try:
-            with self.metrics.commit_latency.time():
-                outcomes = self.require_store().submit_many(events)
-        except PlauditError:
-            self.metrics.storage_errors.inc()
-            raise
-        self.metrics.transaction_events.observe(len(events))
-        return outcomes
 
     def _open_store(self) -> FeedbackStore:
         limits = FeedbackLimits(max_text_bytes=self.settings.max_text_bytes)

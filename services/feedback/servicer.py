@@ -1,4 +1,4 @@
-"""gRPC servicer for plaudit.v1.FeedbackService: proto -> domain, one store call, domain -> proto.
+"""gRPC servicer for plaudit.v1.FeedbackService: proto -> domain, one core call, domain -> proto.
 
 Unary submissions go through a :class:`DynamicBatcher` so that concurrent callers share one
 durable commit (group commit); ``SubmitBatch`` commits its stream in chunks of
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 import grpc
@@ -20,92 +21,11 @@ from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 
 from services.common.batching import DynamicBatcher
 from services.common.errors import InvalidArgumentError, PlauditError
-from services.feedback.domain import (
-    Comparison,
-    Correction,
-    DerivedPair,
-    FeedbackEvent,
-    Ranking,
-    Rating,
-    SubmitResult,
-)
+from services.feedback.core import FeedbackCore, Outcome, event_from_proto, stats_to_proto
+from services.feedback.domain import DerivedPair, FeedbackEvent
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore, Stats
-
-Outcome = SubmitResult | PlauditError
-
-KIND_TO_PROTO = {
-    "comparison": feedback_pb2.FEEDBACK_KIND_COMPARISON,
-    "ranking": feedback_pb2.FEEDBACK_KIND_RANKING,
-    "rating": feedback_pb2.FEEDBACK_KIND_RATING,
-    "correction": feedback_pb2.FEEDBACK_KIND_CORRECTION,
-}
-
-
-# -- proto -> domain ---------------------------------------------------------------------------
-def comparison_from_proto(msg: feedback_pb2.SubmitComparisonRequest) -> Comparison:
-    return Comparison(
-        prompt=msg.prompt,
-        chosen=msg.chosen,
-        rejected=msg.rejected,
-        annotator_id=msg.annotator_id,
-        idempotency_key=msg.idempotency_key,
-        margin=msg.margin if msg.HasField("margin") else None,
-        metadata=dict(msg.metadata),
-    )
-
-
-def ranking_from_proto(msg: feedback_pb2.SubmitRankingRequest) -> Ranking:
-    return Ranking(
-        prompt=msg.prompt,
-        completions=list(msg.completions),
-        annotator_id=msg.annotator_id,
-        idempotency_key=msg.idempotency_key,
-        metadata=dict(msg.metadata),
-    )
-
-
-def rating_from_proto(msg: feedback_pb2.SubmitRatingRequest) -> Rating:
-    scale_min, scale_max = msg.scale_min, msg.scale_max
-    if scale_min == 0 and scale_max == 0:
-        scale_max = 1.0  # an unset scale is the 0-1 (thumbs) scale
-    return Rating(
-        prompt=msg.prompt,
-        completion=msg.completion,
-        score=msg.score,
-        scale_min=scale_min,
-        scale_max=scale_max,
-        annotator_id=msg.annotator_id,
-        idempotency_key=msg.idempotency_key,
-        metadata=dict(msg.metadata),
-    )
-
-
-def correction_from_proto(msg: feedback_pb2.SubmitCorrectionRequest) -> Correction:
-    return Correction(
-        prompt=msg.prompt,
-        completion=msg.completion,
-        corrected=msg.corrected,
-        annotator_id=msg.annotator_id,
-        idempotency_key=msg.idempotency_key,
-        metadata=dict(msg.metadata),
-    )
-
-
-_FROM_BATCH: dict[str, Callable[[Any], FeedbackEvent]] = {
-    "comparison": comparison_from_proto,
-    "ranking": ranking_from_proto,
-    "rating": rating_from_proto,
-    "correction": correction_from_proto,
-}
-
-
-def event_from_batch_request(msg: feedback_pb2.SubmitBatchRequest) -> FeedbackEvent:
-    which = msg.WhichOneof("event")
-    if which is None:
-        raise InvalidArgumentError("event", "one of comparison, ranking, rating, correction")
-    return _FROM_BATCH[which](getattr(msg, which))
+from services.feedback.store import FeedbackStore
 
 
 def parse_cursor(cursor: str) -> int:
@@ -118,57 +38,10 @@ def parse_cursor(cursor: str) -> int:
 
 # -- domain -> proto ---------------------------------------------------------------------------
 def pair_to_proto(pair: DerivedPair) -> feedback_pb2.PreferencePair:
-    return feedback_pb2.PreferencePair(
-        prompt=pair.prompt,
-        chosen=pair.chosen,
-        rejected=pair.rejected,
-        margin=pair.margin,
-        weight=pair.weight,
-        annotator_id=pair.annotator_id,
-        source_kind=KIND_TO_PROTO[pair.source_kind],
-        feedback_id=str(pair.feedback_id),
-        cursor=str(pair.cursor),
-        agree=pair.agree,
-        disagree=pair.disagree,
-        pair_key=pair.pair_key,
-    )
-
-
-def stats_to_proto(stats: Stats) -> feedback_pb2.GetStatsResponse:
-    report = stats.agreement
-    tests = {t.annotator_id: t for t in report.outliers}
-    annotators = []
-    for annotator, records in sorted(stats.by_annotator.items()):
-        test = tests.get(annotator)
-        annotators.append(
-            feedback_pb2.AnnotatorStats(
-                annotator_id=annotator,
-                records=records,
-                compared_votes=test.votes if test else 0,
-                disagreement_rate=test.disagreement_rate if test else 0.0,
-                p_value=test.p_value if test else 1.0,
-                outlier=bool(test and test.outlier),
-            )
-        )
-    return feedback_pb2.GetStatsResponse(
-        records=stats.total,
-        records_by_kind=stats.by_kind,
-        annotators=annotators,
-        judgements=stats.judgements,
-        pairs_derived=stats.pairs_derived,
-        overlapping_items=report.multi_annotated_groups,
-        raw_agreement=report.raw_agreement,
-        kappa=report.kappa,
-        kappa_method=report.kappa_method or "",
-        contradictions=report.contradicted_groups,
-        ties=report.tied_groups,
-    )
-
-
-def _raise_or_return(outcome: Outcome) -> SubmitResult:
-    if isinstance(outcome, PlauditError):
-        raise outcome
-    return outcome
+    """The message of a pair: its fields by the same names, ids and cursors as strings."""
+    fields = {**asdict(pair), "feedback_id": str(pair.feedback_id), "cursor": str(pair.cursor)}
+    fields["source_kind"] = f"FEEDBACK_KIND_{pair.source_kind.upper()}"
+    return feedback_pb2.PreferencePair(**fields)
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
@@ -180,55 +53,19 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         metrics: FeedbackMetrics,
     ) -> None:
         self._store = store
-        self._batcher = batcher
+        self._core = FeedbackCore(store, batcher, metrics)
         self._settings = settings
         self._metrics = metrics
 
-    def _count(self, event: FeedbackEvent, outcome: Outcome) -> None:
-        if isinstance(outcome, PlauditError):
-            status = "rejected"
-        else:
-            status = "duplicate" if outcome.duplicate else "accepted"
-        self._metrics.events.labels(event.kind, status).inc()
+    async def _submit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Every unary ``Submit*``: the request's event through the core; the reply of the same
+        name (each has ``feedback_id`` and ``duplicate``)."""
+        event = event_from_proto(request)
+        result = await self._core.submit(event, timeout=context.time_remaining())
+        reply = getattr(feedback_pb2, request.DESCRIPTOR.name.replace("Request", "Response"))
+        return reply(feedback_id=str(result.feedback_id), duplicate=result.duplicate)
 
-    async def _submit(
-        self, event: FeedbackEvent, context: grpc.aio.ServicerContext
-    ) -> SubmitResult:
-        outcome = await self._batcher.submit(event, timeout=context.time_remaining())
-        self._count(event, outcome)
-        return _raise_or_return(outcome)
-
-    async def SubmitComparison(
-        self, request: feedback_pb2.SubmitComparisonRequest, context: grpc.aio.ServicerContext
-    ) -> feedback_pb2.SubmitComparisonResponse:
-        result = await self._submit(comparison_from_proto(request), context)
-        return feedback_pb2.SubmitComparisonResponse(
-            feedback_id=str(result.feedback_id), duplicate=result.duplicate
-        )
-
-    async def SubmitRanking(
-        self, request: feedback_pb2.SubmitRankingRequest, context: grpc.aio.ServicerContext
-    ) -> feedback_pb2.SubmitRankingResponse:
-        result = await self._submit(ranking_from_proto(request), context)
-        return feedback_pb2.SubmitRankingResponse(
-            feedback_id=str(result.feedback_id), duplicate=result.duplicate
-        )
-
-    async def SubmitRating(
-        self, request: feedback_pb2.SubmitRatingRequest, context: grpc.aio.ServicerContext
-    ) -> feedback_pb2.SubmitRatingResponse:
-        result = await self._submit(rating_from_proto(request), context)
-        return feedback_pb2.SubmitRatingResponse(
-            feedback_id=str(result.feedback_id), duplicate=result.duplicate
-        )
-
-    async def SubmitCorrection(
-        self, request: feedback_pb2.SubmitCorrectionRequest, context: grpc.aio.ServicerContext
-    ) -> feedback_pb2.SubmitCorrectionResponse:
-        result = await self._submit(correction_from_proto(request), context)
-        return feedback_pb2.SubmitCorrectionResponse(
-            feedback_id=str(result.feedback_id), duplicate=result.duplicate
-        )
+    SubmitComparison = SubmitRanking = SubmitRating = SubmitCorrection = _submit
 
     async def SubmitBatch(
         self,
@@ -242,9 +79,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         committing: asyncio.Task[None] | None = None
 
         async def commit(part: list[tuple[int, FeedbackEvent]]) -> None:
-            outcomes = await asyncio.to_thread(self._commit, [event for _, event in part])
-            for (index, event), outcome in zip(part, outcomes, strict=True):
-                self._count(event, outcome)
+            outcomes = await asyncio.to_thread(self._core.commit, [event for _, event in part])
+            for (index, _), outcome in zip(part, outcomes, strict=True):
                 if isinstance(outcome, PlauditError):
                     results[index] = _refused(index, outcome)
                 else:
@@ -263,7 +99,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     )
                 results.append(None)
                 try:
-                    chunk.append((index, event_from_batch_request(message)))
+                    chunk.append((index, event_from_proto(message)))
                 except InvalidArgumentError as exc:
                     results[index] = _refused(index, exc)
                 if len(chunk) >= chunk_size:  # commit while the rest of the stream arrives
@@ -284,13 +120,6 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         return feedback_pb2.SubmitBatchResponse(
             results=done, accepted=len(done) - rejected, rejected=rejected
         )
-
-    def _commit(self, events: list[FeedbackEvent]) -> list[Outcome]:
-        """One transaction for a chunk of a stream (runs in a worker thread)."""
-        with self._metrics.commit_latency.time():
-            outcomes = self._store().submit_many(events)
-        self._metrics.transaction_events.observe(len(events))
-        return outcomes
 
     async def ExportPreferences(
         self, request: feedback_pb2.ExportPreferencesRequest, context: grpc.aio.ServicerContext

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from services.common.security import ClientSecuritySettings, ServerSecuritySettings
+from services.common.security.client import ClientSecuritySettings
+from services.common.security.guard import ServerSecuritySettings
 from services.feedback.db import DEFAULT_FEEDBACK_URL
 
 

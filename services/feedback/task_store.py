@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from services.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from services.feedback.db import database_errors, write_transaction
+from services.feedback.db import database_errors, write_with_retry
 from services.feedback.domain import FeedbackLimits, LabellingTask, NewTask, validate_task
 from services.feedback.tables import LabellingTaskRow, TaskAssignmentRow
 
@@ -44,7 +44,6 @@ _TASK_COLUMNS = (
     _TASK.c.labels,
 )
 _KEY_CHUNK = 500
-_WRITE_ATTEMPTS = 3
 
 T = TypeVar("T")
 
@@ -99,15 +98,7 @@ class TaskStore:
 
     def _write(self, action: str, work: Callable[[Connection], T]) -> T:
         """``work`` in one write transaction; a unique-key race with another writer is retried."""
-        with database_errors(action):
-            for attempt in range(1, _WRITE_ATTEMPTS + 1):
-                try:
-                    with self._write_lock, write_transaction(self._engine) as conn:
-                        return work(conn)
-                except sa.exc.IntegrityError:
-                    if attempt == _WRITE_ATTEMPTS:
-                        raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        return write_with_retry(self._engine, self._write_lock, action, work)
 
     # -- import ----------------------------------------------------------------------------
     def import_tasks(self, tasks: Sequence[NewTask]) -> list[ImportedTask]:

@@ -31,16 +31,17 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import grpc
-from plaudit.v1 import generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
+from plaudit.v1 import generation_pb2, generation_pb2_grpc
 
 from services.common.errors import AlreadyExistsError, InvalidArgumentError
 from services.common.preference_files import read_prompts
-from services.common.security import INSECURE, ClientCredentials
+from services.common.security.client import INSECURE, ClientCredentials
 from services.feedback.domain import LabellingTask, NewTask, validate_identifier, validate_task
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from services.feedback.task_store import TaskStats
 from services.generation.client import generate_request
+from services.reward.client import AsyncRewardClient
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,14 @@ def smallest_gap(rewards: Sequence[float]) -> float:
     return min(b - a for a, b in itertools.pairwise(ordered))
 
 
-class RewardServiceScorer:
-    """:class:`UncertaintyScorer` backed by the reward service's ``Score`` RPC (grpc.aio)."""
+class RewardMarginScorer:
+    """:class:`UncertaintyScorer` backed by the reward service (:class:`AsyncRewardClient`);
+    a failed call raises the server's ``grpc.aio.AioRpcError``."""
 
     def __init__(
         self, address: str, *, timeout_s: float, credentials: ClientCredentials = INSECURE
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel = credentials.aio_channel(address)
-        self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+        self.client = AsyncRewardClient(address, timeout_s, credentials=credentials)
 
     async def margins(self, tasks: Sequence[LabellingTask]) -> dict[int, float]:
         chunks: list[list[tuple[int, str, str]]] = [[]]
@@ -97,22 +96,18 @@ class RewardServiceScorer:
             if chunks[-1] and len(chunks[-1]) + len(task.completions) > SCORE_CHUNK_ITEMS:
                 chunks.append([])
             chunks[-1].extend((task.task_id, task.prompt, c) for c in task.completions)
-        replies = await asyncio.gather(*(self._score(chunk) for chunk in chunks if chunk))
+        chunks = [c for c in chunks if c]
+        replies = await asyncio.gather(
+            *(self.client.score([p for _, p, _ in c], [t for _, _, t in c]) for c in chunks)
+        )
         rewards: dict[int, list[float]] = {}
-        for chunk, reply in zip((c for c in chunks if c), replies, strict=True):
+        for chunk, (reply, _) in zip(chunks, replies, strict=True):
             for (task_id, _, _), reward in zip(chunk, reply, strict=True):
                 rewards.setdefault(task_id, []).append(reward)
         return {task_id: smallest_gap(values) for task_id, values in rewards.items()}
 
-    async def _score(self, items: list[tuple[int, str, str]]) -> list[float]:
-        request = reward_pb2.ScoreRequest(
-            items=[reward_pb2.ScoreItem(prompt=p, completion=c) for _, p, c in items]
-        )
-        reply = await self._stub.Score(request, timeout=self.timeout_s)
-        return list(reply.rewards)
-
     async def close(self) -> None:
-        await self._channel.close()
+        await self.client.close()
 
 
 class GenerationTaskSource:
@@ -277,7 +272,7 @@ class TaskPicker:
         cls, store: Callable[[], FeedbackStore], settings: FeedbackSettings
     ) -> TaskPicker:
         scorer = (
-            RewardServiceScorer(
+            RewardMarginScorer(
                 settings.reward_addr,
                 timeout_s=settings.reward_timeout_s,
                 credentials=settings.credentials,

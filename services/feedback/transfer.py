@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from tqdm import tqdm
 
 from services.common.errors import PlauditError
-from services.common.preference_files import PreferencePair, RankedCompletions, parse_record
-from services.feedback.domain import Comparison, DerivedPair, FeedbackEvent, Ranking
+from services.common.preference_files import RankedCompletions, parse_record
+from services.feedback.core import event_from_json
+from services.feedback.domain import DerivedPair, FeedbackEvent
 from services.feedback.store import FeedbackStore
 
 IMPORT_CHUNK = 500
@@ -34,28 +35,19 @@ class ImportSummary:
 
 
 def line_to_event(record: Any, default_annotator: str) -> FeedbackEvent:
-    """One parsed JSON line as a feedback event with a content-derived idempotency key."""
+    """One parsed JSON line as a feedback event with a content-derived idempotency key, built
+    like an HTTP submission (:func:`~services.feedback.core.event_from_json`)."""
     parsed = parse_record(record)
-    annotator = str(record.get("annotator_id") or default_annotator)
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:40]
-    key = f"import:{digest}"
+    fields: dict[str, Any] = {
+        "prompt": parsed.prompt,
+        "annotator_id": str(record.get("annotator_id") or default_annotator),
+        "idempotency_key": f"import:{digest}",
+    }
     if isinstance(parsed, RankedCompletions):
-        return Ranking(
-            prompt=parsed.prompt,
-            completions=parsed.completions,
-            annotator_id=annotator,
-            idempotency_key=key,
-        )
-    assert isinstance(parsed, PreferencePair)
-    return Comparison(
-        prompt=parsed.prompt,
-        chosen=parsed.chosen,
-        rejected=parsed.rejected,
-        annotator_id=annotator,
-        idempotency_key=key,
-        margin=parsed.margin or None,
-        metadata={"source": "import"},
-    )
+        return event_from_json("ranking", {**fields, "completions": list(parsed.completions)})[0]
+    fields.update(chosen=parsed.chosen, rejected=parsed.rejected, metadata={"source": "import"})
+    return event_from_json("comparison", {**fields, "margin": parsed.margin or None})[0]
 
 
 def _parsed_lines(
@@ -69,6 +61,8 @@ def _parsed_lines(
             yield number, line_to_event(json.loads(line), default_annotator)
         except (ValueError, AttributeError) as exc:  # JSONDecodeError is a ValueError
             _reject(summary, number, str(exc))
+        except PlauditError as exc:
+            _reject(summary, number, exc.message)
 
 
 def _reject(summary: ImportSummary, number: int, message: str) -> None:
@@ -109,21 +103,8 @@ def _commit(
 
 
 def pair_record(pair: DerivedPair) -> dict[str, Any]:
-    """A derived pair in TRL's preference format, with its provenance."""
-    return {
-        "prompt": pair.prompt,
-        "chosen": pair.chosen,
-        "rejected": pair.rejected,
-        "margin": pair.margin,
-        "weight": pair.weight,
-        "annotator_id": pair.annotator_id,
-        "source_kind": pair.source_kind,
-        "feedback_id": pair.feedback_id,
-        "cursor": pair.cursor,
-        "agree": pair.agree,
-        "disagree": pair.disagree,
-        "pair_key": pair.pair_key,
-    }
+    """A derived pair in TRL's preference format, with its provenance (every field)."""
+    return asdict(pair)
 
 
 def export_pairs(

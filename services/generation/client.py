@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from plaudit.v1 import generation_pb2, generation_pb2_grpc
 
-from services.common.security import INSECURE, ClientCredentials
+from services.common.security.client import INSECURE, ClientCredentials
 
 
 def generate_request(

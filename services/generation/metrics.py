@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter
 
-from services.common.batching import BatchMetrics
+from services.common.metrics import ModelMetrics
 
 
-class GenerationMetrics:
+class GenerationMetrics(ModelMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.batch = BatchMetrics(registry, "plaudit_generation")
+        super().__init__(registry, "plaudit_generation", "policy")
         self.completions = Counter(
             "plaudit_generation_completions",
             "Completions generated, by finish reason.",
@@ -26,10 +26,4 @@ class GenerationMetrics:
             "plaudit_generation_reranked_requests",
             "Requests whose completions were scored by the reward service.",
             registry=registry,
-        )
-        self.model_info = Info(
-            "plaudit_generation_model", "The active policy version.", registry=registry
-        )
-        self.model_loaded = Gauge(
-            "plaudit_generation_model_loaded", "1 when a policy is serving.", registry=registry
         )

@@ -15,17 +15,11 @@ from plaudit.v1 import generation_pb2, generation_pb2_grpc
 from services.common.batching import DynamicBatcher
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, PlauditError
 from services.common.textfmt import messages_to_dialogue
-from services.generation.engine import (
-    FinishReason,
-    GenerateJob,
-    GenerateResult,
-    GenerationEngine,
-    SamplingParams,
-    estimate_cost,
-)
+from services.generation.engine import GenerationEngine, estimate_cost
 from services.generation.metrics import GenerationMetrics
-from services.generation.rerank import RewardScorer
 from services.generation.settings import GenerationSettings
+from services.reward.client import AsyncRewardClient, domain_error
+from services.runtime.policy_model import FinishReason, GenerateJob, GenerateResult, SamplingParams
 
 ROLES = ("system", "user", "assistant")
 _FINISH = {
@@ -120,7 +114,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         batcher: DynamicBatcher[GenerateJob, GenerateResult | PlauditError],
         settings: GenerationSettings,
         metrics: GenerationMetrics,
-        reward: RewardScorer | None,
+        reward: AsyncRewardClient | None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
@@ -166,9 +160,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             prompt = (
                 job.prompt if job.prompt is not None else messages_to_dialogue(job.messages or ())
             )
-            rewards, reward_version = await self._reward.score(
-                prompt, [c.text for c in completions], timeout=context.time_remaining()
-            )
+            texts = [c.text for c in completions]
+            try:
+                rewards, reward_version = await self._reward.score(
+                    [prompt] * len(texts), texts, timeout=context.time_remaining()
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise domain_error(self._reward.address, exc) from exc
             for completion, reward in zip(completions, rewards, strict=True):
                 completion.reward = reward
             completions.sort(key=lambda c: -c.reward)  # stable: ties keep sampling order

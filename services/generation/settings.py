@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from services.common.registry import RegistryLocationSettings
-from services.common.security import ClientSecuritySettings, ServerSecuritySettings
+from services.common.security.client import ClientSecuritySettings
+from services.common.security.guard import ServerSecuritySettings
+from services.common.settings import ModelServingSettings, port_field
 
 
-class GenerationSettings(ServerSecuritySettings, ClientSecuritySettings, RegistryLocationSettings):
-    host: str = Field("0.0.0.0", description="gRPC bind address")
-    port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one)")
-    metrics_port: int = Field(9093, ge=0, le=65535, description="Prometheus /metrics port")
+class GenerationSettings(
+    ModelServingSettings, ServerSecuritySettings, ClientSecuritySettings, RegistryLocationSettings
+):
+    port: int = port_field(50053)
+    metrics_port: int = port_field(9093, "Prometheus /metrics port")
     reward_addr: str = Field(
         "", description="reward service address for rerank requests ('' = rerank refused)"
     )
     reward_timeout_s: float = Field(30.0, gt=0, description="longest wait for the reward service")
-    execution_provider: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="ONNX Runtime provider; auto = CUDA only when a device can start"
-    )
-    precision: Literal["auto", "fp32", "int8"] = Field(
-        "auto", description="graph to serve; auto = the version's default"
-    )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads (0 = one per core)")
     max_new_tokens: int = Field(
         1024, ge=1, description="most tokens one completion may ask for (caps version defaults)"
     )
@@ -38,12 +32,9 @@ class GenerationSettings(ServerSecuritySettings, ClientSecuritySettings, Registr
     max_batch_tokens: int = Field(
         65536, ge=1, description="estimated prompt + generated tokens of one batch"
     )
-    max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch")
     max_queue_items: int = Field(
         512, ge=1, description="completions queued before RESOURCE_EXHAUSTED"
     )
-    poll_interval_s: float = Field(5.0, gt=0, description="registry poll interval")
-    grace_period_s: float = Field(30.0, ge=0, description="drain time on SIGTERM")
 
     @model_validator(mode="after")
     def _limits_hold_a_request(self) -> GenerationSettings:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter
 
-from services.common.batching import BatchMetrics
+from services.common.metrics import ModelMetrics
 
 
-class RewardMetrics:
+class RewardMetrics(ModelMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.batch = BatchMetrics(registry, "plaudit_reward")
+        super().__init__(registry, "plaudit_reward", "reward model")
         self.items_scored = Counter(
             "plaudit_reward_items_scored", "Items scored.", registry=registry
         )
         self.tokens_scored = Counter(
             "plaudit_reward_tokens_scored", "Real (unpadded) tokens scored.", registry=registry
-        )
-        self.model_info = Info(
-            "plaudit_reward_model", "The active reward model version.", registry=registry
-        )
-        self.model_loaded = Gauge(
-            "plaudit_reward_model_loaded", "1 when a reward model is serving.", registry=registry
         )

@@ -1,0 +1,155 @@
+"""The server side: :class:`AccessGuard` decides each call, :class:`ServerSecurity` is what a
+server enforces, built from :class:`ServerSecuritySettings` and the service's own call table."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from services.common.errors import FailedPreconditionError, PermissionDeniedError
+from services.common.security.keys import (
+    ANONYMOUS,
+    ApiKeyEntries,
+    KeyStore,
+    Principal,
+    Role,
+    load_keys_file,
+    parse_bearer,
+)
+from services.common.security.limits import InFlightLimit, RateLimiter
+from services.common.security.tls import ServerTlsSettings, TlsFiles
+
+log = logging.getLogger(__name__)
+
+CallRoles = Mapping[str, Role]
+"""The role each call of a service needs: ``/package.Service/Method`` for gRPC,
+``METHOD /route`` for HTTP. Each service declares its own; a call not in it is refused."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, eq=False)
+class AccessGuard:
+    """Decides every call: who is calling (key), may they (``call_roles``), may they now (rate)."""
+
+    keys: KeyStore | None
+    call_roles: CallRoles
+    rate: RateLimiter = field(default_factory=lambda: RateLimiter(0))
+    in_flight: InFlightLimit = field(default_factory=lambda: InFlightLimit(0))
+
+    @property
+    def auth_required(self) -> bool:
+        return self.keys is not None
+
+    def for_calls(self, call_roles: CallRoles) -> AccessGuard:
+        """A guard for other calls (e.g. HTTP routes) sharing these keys, buckets and slots."""
+        return replace(self, call_roles=call_roles)
+
+    def identify(self, authorization: str | None) -> Principal:
+        """The caller (ANONYMOUS while authentication is off); UNAUTHENTICATED if unknown."""
+        if self.keys is None:
+            return ANONYMOUS
+        return self.keys.identify(parse_bearer(authorization))
+
+    def check(self, call: str, authorization: str | None) -> Principal:
+        """Admit ``call`` (a key of ``call_roles``) or raise the refusal's domain error."""
+        principal = self.identify(authorization)
+        if self.keys is not None:
+            role = self.call_roles.get(call)
+            if role is None:
+                raise PermissionDeniedError(f"{call.lstrip('/')} is not open to any API key")
+            if role not in principal.roles:
+                raise PermissionDeniedError(
+                    f"API key {principal.name!r} lacks the role {role!r} "
+                    f"needed for {call.lstrip('/')}"
+                )
+        self.rate.check(principal.name)
+        return principal
+
+
+class ServerSecuritySettings(ServerTlsSettings):
+    """Authentication, limits and TLS of a service's server (:mod:`services.common.security`)."""
+
+    auth_disabled: bool = Field(
+        False, description="serve without authentication: anyone may call everything (WARNING)"
+    )
+    api_keys: ApiKeyEntries = Field(
+        [], description='accepted API keys, JSON [{"name", "sha256", "roles"}] (plaudit keys new)'
+    )
+    api_keys_file: Path | None = Field(None, description="JSON file of more accepted API keys")
+    rate_limit_rps: float = Field(
+        0.0, ge=0, description="calls per second per API key (0 = no limit)"
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="calls a key may make at once (0 = max(1, rate_limit_rps))"
+    )
+    max_in_flight: int = Field(
+        0, ge=0, description="calls served at once before RESOURCE_EXHAUSTED (0 = no limit)"
+    )
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="largest gRPC message received or sent"
+    )
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """What :class:`~services.common.server.GrpcService` enforces, built from settings."""
+
+    guard: AccessGuard
+    tls: TlsFiles | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    @classmethod
+    def from_settings(
+        cls, settings: ServerSecuritySettings, *, call_roles: CallRoles
+    ) -> ServerSecurity:
+        """Load keys and check TLS files; refuse a server with no keys unless auth is off.
+        ``call_roles`` are the calls this server serves (any other is refused to every key)."""
+        entries = list(settings.api_keys)
+        if settings.api_keys_file is not None:
+            try:
+                entries += load_keys_file(settings.api_keys_file)
+            except ValueError as exc:  # not JSON, or entries that do not validate
+                raise FailedPreconditionError(
+                    f"api_keys_file {settings.api_keys_file}: {exc}"
+                ) from exc
+        if settings.auth_disabled and entries:
+            raise FailedPreconditionError(
+                "auth_disabled is set but API keys are configured: choose one"
+            )
+        if not settings.auth_disabled and not entries:
+            raise FailedPreconditionError(
+                "no API keys configured: set PLAUDIT_API_KEYS or PLAUDIT_API_KEYS_FILE "
+                "(plaudit keys new makes one), or turn authentication off explicitly with "
+                "--auth-disabled / PLAUDIT_AUTH_DISABLED=true"
+            )
+        tls = settings.tls_files()
+        if settings.auth_disabled:
+            log.warning(
+                "authentication is DISABLED: anyone who can reach this server may call every "
+                "method (configure API keys for anything but local use)"
+            )
+        try:
+            keys = None if settings.auth_disabled else KeyStore(entries)
+        except ValueError as exc:  # duplicate names or hashes
+            raise FailedPreconditionError(str(exc)) from exc
+        guard = AccessGuard(
+            keys,
+            call_roles,
+            rate=RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst),
+            in_flight=InFlightLimit(settings.max_in_flight),
+        )
+        return cls(guard, tls, settings.max_message_bytes)
+
+    def describe(self) -> dict[str, Any]:
+        """For the start-up log line."""
+        transport = "plaintext"
+        if self.tls is not None:
+            transport = "mutual-tls" if self.tls.client_ca_file else "tls"
+        keys = self.guard.keys
+        return {"transport": transport, "auth": "disabled" if keys is None else f"{len(keys)} keys"}

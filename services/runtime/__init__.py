@@ -1,0 +1,1 @@
+"""ONNX runtimes shared by the serving processes and the trainer (which checks models as served)."""

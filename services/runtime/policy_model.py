@@ -1,0 +1,364 @@
+"""A policy version in ONNX Runtime and a numpy sampling loop over its KV cache.
+
+Used by the generation service and by the trainer (export parity check, policy gate), so a
+policy is checked exactly as it is served. The exported graph (``trainer/policy_export.py``)
+takes ``input_ids``, ``attention_mask`` (over past and new tokens), ``position_ids`` and one past
+key and value per layer, and returns the logits of the last position and the present keys and
+values. A flush of requests is generated together:
+
+1. **Prefill.** Each request's prompt runs once, all prompts left-padded to the longest (mask 0
+   on padding, positions counted from each prompt's first real token), from an empty cache.
+2. **Fan out.** Each prompt's cache, mask and last logits are repeated for its ``n`` candidates.
+3. **Decode.** One token per active row per step. A row that ends (end-of-sequence token, stop
+   string, token limit) leaves the batch, so the others stop paying for it.
+
+Sampling is numpy: temperature (0 is greedy), then top-k, then top-p, with one seeded generator
+per request, so a request's completions do not depend on what it was batched with (beyond float
+rounding). No torch, no transformers: tokenization is the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import onnxruntime as ort
+
+from services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PlauditError,
+)
+from services.common.onnx_runtime import OnnxModel
+from services.common.registry import GenerationConfig, ModelManifest
+from services.common.textfmt import PromptFormatter, TextFormat
+from services.runtime.contract import (
+    LOGITS,
+    POLICY_INPUTS,
+    TOKENIZER_FILE,
+    past_names,
+    present_names,
+)
+
+SMOKE_PROMPT = "What is the capital of France?"
+_ORT_DTYPES: dict[str, type[np.floating]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+}
+# nucleus sampling looks at this many top tokens first; exact (falls back to a full sort)
+_NUCLEUS_FIRST = 64
+
+
+class FinishReason(StrEnum):
+    EOS = "eos"
+    STOP_STRING = "stop_string"
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; ``max_new_tokens`` 0 is the version's default."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One request: a prompt or a conversation, and how many completions to sample."""
+
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    n: int = 1
+    params: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    completions: list[Candidate]
+    version: str
+    prompt_tokens: int
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.completions)
+
+
+@dataclass
+class LoadedPolicy(OnnxModel):
+    """One policy version, ready to generate."""
+
+    manifest: ModelManifest
+    session: ort.InferenceSession
+    formatter: PromptFormatter
+    precision: str
+    cache_dtype: type[np.floating]
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        gen = self.generation
+        self._past = past_names(gen.num_layers)
+        self._outputs = [LOGITS, *present_names(gen.num_layers)]
+        self.eos_ids = frozenset(gen.eos_token_ids)
+
+    @property
+    def generation(self) -> GenerationConfig:
+        assert self.manifest.generation is not None
+        return self.manifest.generation
+
+    @property
+    def max_length(self) -> int:
+        return self.formatter.format.max_length
+
+    @classmethod
+    def build(
+        cls, root: Path, manifest: ModelManifest, session: ort.InferenceSession, precision: str
+    ) -> LoadedPolicy:
+        """Checks the graph's KV cache against the manifest's generation config."""
+        if manifest.kind != "policy" or manifest.generation is None:
+            raise FailedPreconditionError(f"version {manifest.version} is not a policy")
+        gen = manifest.generation
+        expected = [*POLICY_INPUTS, *past_names(gen.num_layers)]
+        inputs = {i.name: i for i in session.get_inputs()}
+        if sorted(inputs) != sorted(expected):
+            raise FailedPreconditionError(
+                f"graph inputs {sorted(inputs)} do not match a {gen.num_layers}-layer KV cache"
+            )
+        past = inputs["past_key_0"]
+        if len(past.shape) != 4 or list(past.shape[1:2]) + list(past.shape[3:]) != [
+            gen.num_kv_heads,
+            gen.head_dim,
+        ]:
+            raise FailedPreconditionError(
+                f"cache shape {past.shape} != (batch, {gen.num_kv_heads}, past, {gen.head_dim})"
+            )
+        if past.type not in _ORT_DTYPES:
+            raise FailedPreconditionError(f"unsupported cache type {past.type}")
+        formatter = PromptFormatter.from_files(
+            root / TOKENIZER_FILE, TextFormat.from_dict(manifest.text_format)
+        )
+        return cls(manifest, session, formatter, precision, _ORT_DTYPES[past.type])
+
+    # -- the graph ---------------------------------------------------------------------------
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        gen = self.generation
+        shape = (batch, gen.num_kv_heads, 0, gen.head_dim)
+        return [np.zeros(shape, dtype=self.cache_dtype) for _ in self._past]
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph call: last-position logits (batch, vocab) and the present cache."""
+        feeds = dict(zip(self._past, past, strict=True))
+        feeds.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        out = self.session.run(self._outputs, feeds)
+        return np.asarray(out[0], dtype=np.float32), list(out[1:])
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode(self, job: GenerateJob) -> list[int]:
+        """The prompt's token ids; raises InvalidArgumentError naming the input field."""
+        field_name = "prompt" if job.prompt is not None else "conversation"
+        try:
+            ids = self.formatter.encode(job.prompt, job.messages)
+        except jinja2.TemplateError as exc:
+            raise InvalidArgumentError(field_name, f"the chat template refused it: {exc}") from exc
+        if not ids:
+            raise InvalidArgumentError(field_name, "renders to no tokens")
+        if len(ids) >= self.max_length:
+            raise InvalidArgumentError(
+                field_name,
+                f"{len(ids)} tokens leave no room to generate within the model's context of "
+                f"{self.max_length} tokens",
+            )
+        return ids
+
+    def token_budget(self, job: GenerateJob, prompt_tokens: int, limit: int) -> int:
+        """Tokens to generate at most: requested (or the version's default, capped at
+        ``limit``), and never past the model's context."""
+        wanted = job.params.max_new_tokens or min(self.generation.max_new_tokens, limit)
+        return max(1, min(wanted, self.max_length - prompt_tokens))
+
+    def smoke_test(self) -> None:
+        """Generate a few greedy tokens; raise if the graph misbehaves."""
+        job = GenerateJob(
+            prompt=SMOKE_PROMPT, n=2, params=SamplingParams(temperature=0.0, max_new_tokens=2)
+        )
+        ids = self.encode(job)
+        (result,) = generate(self, [job], [ids], [2])
+        if len(result.completions) != 2:
+            raise FailedPreconditionError("smoke generation returned the wrong number of rows")
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def _nucleus(probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and probabilities of the smallest set whose mass reaches ``top_p``, most likely
+    first. Looks at the top few tokens first; only a flat distribution needs a full sort."""
+    vocab = probs.size
+    k = min(vocab, _NUCLEUS_FIRST)
+    while True:
+        top = np.argpartition(probs, vocab - k)[vocab - k :] if k < vocab else np.arange(vocab)
+        order = top[np.argsort(-probs[top], kind="stable")]
+        mass = np.cumsum(probs[order])
+        if mass[-1] >= top_p or k == vocab:
+            keep = min(int(np.searchsorted(mass, top_p, side="left")) + 1, order.size)
+            return order[:keep], probs[order[:keep]]
+        k = min(vocab, k * 8)
+
+
+def sample_tokens(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
+) -> np.ndarray:
+    """One token per row of ``logits`` (rows, vocab): greedy at temperature 0, otherwise
+    temperature, then top-k, then top-p; one draw from ``rng`` per row, in row order."""
+    if params.temperature == 0:
+        return np.asarray(logits.argmax(axis=-1), dtype=np.int64)
+    x = logits.astype(np.float64) / params.temperature
+    vocab = x.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = np.partition(x, vocab - params.top_k, axis=-1)[:, vocab - params.top_k, None]
+        x = np.where(x < kth, -np.inf, x)
+    x -= x.max(axis=-1, keepdims=True)
+    probs = np.exp(x)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = np.empty(len(probs), dtype=np.int64)
+    for i, row in enumerate(probs):
+        ids: np.ndarray | None = None
+        if params.top_p < 1.0:
+            ids, row = _nucleus(row, params.top_p)
+        cdf = np.cumsum(row)
+        pick = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), cdf.size - 1)
+        out[i] = ids[pick] if ids is not None else pick
+    return out
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+# -- the decode loop ---------------------------------------------------------------------------
+def generate(
+    model: LoadedPolicy,
+    jobs: Sequence[GenerateJob],
+    prompts: Sequence[Sequence[int]],
+    budgets: Sequence[int],
+) -> list[GenerateResult]:
+    """Generate every job's ``n`` completions together (see the module doc)."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    width = int(lengths.max())
+    pad = model.formatter.format.pad_token_id
+    ids = np.full((len(jobs), width), pad, dtype=np.int64)
+    mask = np.zeros((len(jobs), width), dtype=np.int64)
+    for j, prompt in enumerate(prompts):
+        ids[j, width - len(prompt) :] = prompt
+        mask[j, width - len(prompt) :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = model.forward(ids, mask, positions, model.empty_cache(len(jobs)))
+    if not np.all(np.isfinite(logits)):
+        raise FailedPreconditionError(f"policy {model.version} produced non-finite logits")
+
+    job_of_row = np.repeat(np.arange(len(jobs)), [job.n for job in jobs])
+    if len(job_of_row) != len(jobs):
+        logits, mask = logits[job_of_row], mask[job_of_row]
+        cache = [c[job_of_row] for c in cache]
+    rows = np.arange(len(job_of_row))  # the row each batch position holds
+    position = lengths[job_of_row]  # the next token's position, per batch position
+    budget = np.asarray(budgets, dtype=np.int64)[job_of_row]
+    tokens: list[list[int]] = [[] for _ in rows]
+    finish: list[FinishReason | None] = [None] * len(rows)
+    texts: list[str | None] = [None] * len(rows)
+    rngs = [np.random.default_rng(job.params.seed) for job in jobs]
+
+    while True:
+        chosen = np.empty(len(rows), dtype=np.int64)
+        jobs_here = job_of_row[rows]
+        for j in np.unique(jobs_here):
+            sel = np.flatnonzero(jobs_here == j)
+            chosen[sel] = sample_tokens(logits[sel], jobs[j].params, rngs[j])
+        done = np.zeros(len(rows), dtype=bool)
+        for k, row in enumerate(rows.tolist()):
+            token = int(chosen[k])
+            tokens[row].append(token)
+            stops = jobs[job_of_row[row]].params.stop
+            if token in model.eos_ids:
+                finish[row] = FinishReason.EOS
+            elif stops:
+                text = model.formatter.decode(tokens[row])
+                cut = _find_stop(text, stops)
+                if cut >= 0:
+                    finish[row], texts[row] = FinishReason.STOP_STRING, text[:cut]
+            if finish[row] is None and len(tokens[row]) >= budget[row]:
+                finish[row] = FinishReason.LENGTH
+            done[k] = finish[row] is not None
+        if done.all():
+            break
+        if done.any():
+            keep = np.flatnonzero(~done)
+            rows, chosen, position, mask = rows[keep], chosen[keep], position[keep], mask[keep]
+            cache = [c[keep] for c in cache]
+        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+        logits, cache = model.forward(chosen[:, None], mask, position[:, None], cache)
+        position = position + 1
+
+    results = []
+    start = 0
+    for j, job in enumerate(jobs):
+        completions = []
+        for row in range(start, start + job.n):
+            reason = finish[row]
+            assert reason is not None
+            body = tokens[row][:-1] if reason is FinishReason.EOS else tokens[row]
+            final = texts[row]
+            if final is None:
+                final = model.formatter.decode(body)
+            completions.append(Candidate(final, tokens[row], reason))
+        results.append(GenerateResult(completions, model.version, int(lengths[j])))
+        start += job.n
+    return results
+
+
+def generate_jobs(
+    model: LoadedPolicy, jobs: Sequence[GenerateJob], max_new_tokens: int
+) -> list[GenerateResult | PlauditError]:
+    """Generate every job with ``model``; a job whose prompt is refused gets its error, the
+    others their results (in order). ``max_new_tokens`` caps the version's default."""
+    out: list[GenerateResult | PlauditError | None] = [None] * len(jobs)
+    ready: list[int] = []
+    prompts: list[list[int]] = []
+    for i, job in enumerate(jobs):
+        try:
+            prompts.append(model.encode(job))
+        except PlauditError as exc:
+            out[i] = exc
+            continue
+        ready.append(i)
+    if ready:
+        budgets = [
+            model.token_budget(jobs[i], len(p), max_new_tokens)
+            for i, p in zip(ready, prompts, strict=True)
+        ]
+        results = generate(model, [jobs[i] for i in ready], prompts, budgets)
+        for i, result in zip(ready, results, strict=True):
+            out[i] = result
+    return [r for r in out if r is not None]
