@@ -45,7 +45,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy services trainer tests bench protos/generate.py
+	$(BIN)/mypy plaudit tests bench protos/generate.py
 	cd protos && ../$(BIN)/buf lint
 
 protos: setup

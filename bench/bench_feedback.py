@@ -35,18 +35,19 @@ from typing import Any
 import grpc
 import numpy as np
 import sqlalchemy as sa
+
+from plaudit.demo import HH_PAIRS
+from plaudit.services.common.preference_files import read_pairs
+from plaudit.services.common.process import start_service
+from plaudit.services.feedback.db import normalize_url
+from plaudit.services.feedback.domain import Comparison
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.reward.client import wait_until_serving
 from plaudit.v1 import feedback_pb2 as pb
 from plaudit.v1 import feedback_pb2_grpc
 
-from services.common.preference_files import read_pairs
-from services.common.process import start_service
-from services.feedback.db import normalize_url
-from services.feedback.domain import Comparison
-from services.feedback.store import FeedbackStore
-from services.reward.client import wait_until_serving
-
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
+DEFAULT_DATA = HH_PAIRS
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 TARGETS = {"sqlite": 10_000, "postgresql": 5_000}
 

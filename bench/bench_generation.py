@@ -28,10 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from services.common.registry import ModelRegistry
-from services.generation.engine import GenerationEngine
-from services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams
-from trainer.policy_export import export_policy, load_policy_checkpoint
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.generation.engine import GenerationEngine
+from plaudit.services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams
+from plaudit.trainer.policy_export import export_policy, load_policy_checkpoint
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",

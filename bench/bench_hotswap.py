@@ -29,17 +29,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grpc
 import numpy as np
+
+from plaudit.cli import main as plaudit
+from plaudit.demo import HH_PAIRS
+from plaudit.services.common.preference_files import read_pairs
+from plaudit.services.common.process import start_service
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.reward.client import wait_until_serving
+from plaudit.trainer.export import ExportConfig, export_reward
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
-from services.cli import main as plaudit
-from services.common.preference_files import read_pairs
-from services.common.process import start_service
-from services.common.registry import ModelRegistry
-from services.reward.client import wait_until_serving
-from trainer.export import ExportConfig, export_reward
-
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
+DEFAULT_DATA = HH_PAIRS
 
 
 def ensure_two_versions(registry_dir: Path) -> tuple[str, str]:

@@ -6,7 +6,8 @@ One run:
 1. exports a reward model into a scratch registry (``--reward-checkpoint``, default all-MiniLM-L6-v2
    with a fresh scalar head, as ``plaudit export reward`` does; give a trained reward checkpoint
    for meaningful win rates) and serves it with ``plaudit serve reward`` in a child process;
-2. trains SmolLM2 with :func:`trainer.policy.train_policy` (``--method dpo``, LoRA by default)
+2. trains SmolLM2 with :func:`~plaudit.trainer.policy.train_policy` (``--method dpo``, LoRA by
+   default)
    on the first ``--pairs`` pairs of ``--data``, holding out ``--eval-fraction`` of the prompts by
    hash (no registry: nothing is exported);
 3. reports, before and after training: held-out implicit-reward accuracy and DPO loss (before:
@@ -31,9 +32,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from plaudit.demo import HH_PAIRS
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
+DEFAULT_DATA = HH_PAIRS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,13 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from services.common.process import start_service
-    from services.common.registry import ModelRegistry
-    from services.reward.client import wait_until_serving
-    from trainer.export import ExportConfig, export_reward
-    from trainer.policy import train_policy
-    from trainer.policy_config import DPOConfig
-    from trainer.reward import PairSource
+    from plaudit.services.common.process import start_service
+    from plaudit.services.common.registry import ModelRegistry
+    from plaudit.services.reward.client import wait_until_serving
+    from plaudit.trainer.export import ExportConfig, export_reward
+    from plaudit.trainer.policy import train_policy
+    from plaudit.trainer.policy_config import DPOConfig
+    from plaudit.trainer.reward import PairSource
 
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()

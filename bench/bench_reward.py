@@ -65,27 +65,27 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import transformers
-from plaudit.v1 import reward_pb2
 from tqdm import tqdm
 
-from services.common.process import ServiceProcess, metric_value, start_service
-from services.common.registry import ModelRegistry
-from services.common.settings import settings_from_args
-from services.common.textfmt import RewardTextEncoder, length_groups
-from services.demo import DEFAULT_DATA
-from services.reward.client import RewardClient, wait_until_serving
-from services.reward.engine import RewardEngine, ScoreJob, estimate_tokens
-from services.reward.settings import RewardSettings
-from services.runtime.reward_model import LoadedRewardModel
-from trainer.backbones import resolve_backbone
-from trainer.data import read_pairs
-from trainer.export import (
+from plaudit.demo import DEFAULT_DATA
+from plaudit.services.common.process import ServiceProcess, metric_value, start_service
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.common.settings import settings_from_args
+from plaudit.services.common.textfmt import RewardTextEncoder, length_groups
+from plaudit.services.reward.client import RewardClient, wait_until_serving
+from plaudit.services.reward.engine import RewardEngine, ScoreJob, estimate_tokens
+from plaudit.services.reward.settings import RewardSettings
+from plaudit.services.runtime.reward_model import LoadedRewardModel
+from plaudit.trainer.backbones import resolve_backbone
+from plaudit.trainer.data import read_pairs
+from plaudit.trainer.export import (
     ExportConfig,
     export_reward,
     load_reward_model,
     pairwise_agreement,
     torch_rewards,
 )
+from plaudit.v1 import reward_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -3,7 +3,8 @@
 One run trains the same backbone twice on the same pairs, on CPU, and scores both results the
 same way:
 
-* ``ours``  :func:`trainer.reward.train_reward` as ``plaudit train reward`` runs it (no registry,
+* ``ours``  :func:`~plaudit.trainer.reward.train_reward` as ``plaudit train reward`` runs it (no
+  registry,
   so no export): serving tokenization (:class:`RewardTextEncoder`: ``[CLS] prompt [SEP]
   completion [SEP]`` with segment ids, over-long pairs cut from the start so the end is kept),
   length-grouped micro-batches, best held-out weights kept.
@@ -19,7 +20,8 @@ same way:
   keeps them (bf16 autocast and gradient checkpointing, as ``RewardConfig()`` ships).
 
 Split: the first ``--pairs`` records of ``--data``; the held-out side is chosen by prompt hash
-(:func:`trainer.objective.split_by_prompt`, ``--eval-fraction`` of the prompts), the same pairs
+(:func:`plaudit.trainer.objective.split_by_prompt`, ``--eval-fraction`` of the prompts), the same
+pairs
 for both trainers.
 
 Metrics, per trainer:
@@ -31,7 +33,7 @@ Metrics, per trainer:
   over-long ones). Real tok/s counts unpadded tokens; ``pad eff`` = real / padded tokens fed.
 * wall s: end to end, load + tokenize + train + evaluation(s) + (ours) checkpoint save and plot.
 * held-out accuracy, **our eval** (the issue's number): every held-out pair scored by each final
-  model through the same code (:func:`trainer.reward.evaluate`: ``RewardTextEncoder``
+  model through the same code (:func:`plaudit.trainer.reward.evaluate`: ``RewardTextEncoder``
   tokenization, all held-out pairs, over-long ones truncated keeping the end). This is TRL's
   model on a tokenization it was not trained on (segment ids, one ``[SEP]`` at the end), so the
   run also reports **TRL tokenization**: both models scored on TRL's own token ids, on the
@@ -79,20 +81,21 @@ import numpy as np
 import torch
 import transformers
 
-from services.common.preference_files import PreferencePair
-from services.common.textfmt import RewardTextEncoder, length_groups
-from trainer.backbones import resolve_backbone
-from trainer.batches import encode_pairs, length_grouped_batches
-from trainer.config import RewardTrainingConfig
-from trainer.data import load_file_pairs
-from trainer.distributed import DistEnv, available_cores
-from trainer.export import ScalarReward, load_reward_model, text_format_for
-from trainer.objective import preference_accuracy, split_by_prompt
-from trainer.reward import PairSource, evaluate, serving_encoder, train_reward
+from plaudit.demo import HH_PAIRS
+from plaudit.services.common.preference_files import PreferencePair
+from plaudit.services.common.textfmt import RewardTextEncoder, length_groups
+from plaudit.trainer.backbones import resolve_backbone
+from plaudit.trainer.batches import encode_pairs, length_grouped_batches
+from plaudit.trainer.config import RewardTrainingConfig
+from plaudit.trainer.data import load_file_pairs
+from plaudit.trainer.distributed import DistEnv, available_cores
+from plaudit.trainer.export import ScalarReward, load_reward_model, text_format_for
+from plaudit.trainer.objective import preference_accuracy, split_by_prompt
+from plaudit.trainer.reward import PairSource, evaluate, serving_encoder, train_reward
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
+DEFAULT_DATA = HH_PAIRS
 THROUGHPUT_TARGET = 1.5  # ours / TRL training pairs/s that the issue asks for
 SCORE_GROUP_TOKENS = 16384  # padded tokens per scoring batch (no gradients)
 

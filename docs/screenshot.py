@@ -22,11 +22,11 @@ from playwright.sync_api import sync_playwright
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.common.textfmt import split_hh_dialogue  # noqa: E402
-from services.feedback.server import FeedbackServer  # noqa: E402
-from services.feedback.settings import FeedbackSettings  # noqa: E402
+from plaudit.services.common.textfmt import split_hh_dialogue  # noqa: E402
+from plaudit.services.feedback.server import FeedbackServer  # noqa: E402
+from plaudit.services.feedback.settings import FeedbackSettings  # noqa: E402
 
-HH_PAIRS = REPO.parent / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
+HH_PAIRS = REPO / "plaudit" / "data" / "hh-harmless" / "pairs.jsonl"
 CHROMIUM = os.environ.get("PLAUDIT_CHROMIUM", "/usr/bin/chromium")
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from services.feedback.db import normalize_url
+from plaudit.services.feedback.db import normalize_url
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Services started by tests (in-process or as subprocesses) run without API keys unless a test
@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 
 def minilm_dir() -> Path:
-    from trainer.backbones import resolve_backbone
+    from plaudit.trainer.backbones import resolve_backbone
 
     return resolve_backbone("minilm").path
 
@@ -61,8 +61,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """A registry with one promoted fp32 version of the tiny model (max 64 tokens)."""
-    from services.common.registry import ModelRegistry
-    from trainer.export import ExportConfig, export_reward
+    from plaudit.services.common.registry import ModelRegistry
+    from plaudit.trainer.export import ExportConfig, export_reward
 
     root = tmp_path_factory.mktemp("registry")
     export_reward(
@@ -79,7 +79,7 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct's tokenizer (chat template included), read from the GGUF once."""
     from transformers import AutoTokenizer
 
-    from trainer.backbones import resolve_backbone
+    from plaudit.trainer.backbones import resolve_backbone
 
     backbone = resolve_backbone("smollm2")
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
@@ -126,8 +126,8 @@ def tiny_policy_registry(
     tmp_path_factory: pytest.TempPathFactory, tiny_policy_checkpoint: Path
 ) -> Path:
     """A registry with one promoted version of the tiny policy (context 256, 16 new tokens)."""
-    from services.common.registry import ModelRegistry
-    from trainer.policy_export import export_policy_checkpoint
+    from plaudit.services.common.registry import ModelRegistry
+    from plaudit.trainer.policy_export import export_policy_checkpoint
 
     root = tmp_path_factory.mktemp("policy-registry")
     export_policy_checkpoint(
@@ -159,12 +159,12 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self, wait: bool = True) -> ServerThread:
-        from services.feedback.server import FeedbackServer
-        from services.feedback.settings import FeedbackSettings
-        from services.generation.server import GenerationServer
-        from services.generation.settings import GenerationSettings
-        from services.reward.server import RewardServer
-        from services.reward.settings import RewardSettings
+        from plaudit.services.feedback.server import FeedbackServer
+        from plaudit.services.feedback.settings import FeedbackSettings
+        from plaudit.services.generation.server import GenerationServer
+        from plaudit.services.generation.settings import GenerationSettings
+        from plaudit.services.reward.server import RewardServer
+        from plaudit.services.reward.settings import RewardSettings
 
         async def make() -> Any:
             common = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", **self.settings}
@@ -220,7 +220,7 @@ def reward_server(tiny_registry: Path) -> Iterator[ServerThread]:
 # Runs the CLI with torch and transformers made unimportable: serving must not need them.
 NO_TORCH_PRELUDE = (
     "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-    "from services.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from plaudit.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -233,7 +233,7 @@ def s3_bucket() -> Iterator[str]:
 
     from moto.server import ThreadedMotoServer
 
-    from services.common.process import free_port
+    from plaudit.services.common.process import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from services.common.batching import BatchingConfig, DynamicBatcher
-from services.common.errors import (
+from plaudit.services.common.batching import BatchingConfig, DynamicBatcher
+from plaudit.services.common.errors import (
     DeadlineExceededError,
     ResourceExhaustedError,
     UnavailableError,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main
-from services.common.registry import ModelRegistry
+from plaudit.cli import main
+from plaudit.services.common.registry import ModelRegistry
 from tests.conftest import ServerThread
 
 

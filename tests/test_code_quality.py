@@ -24,7 +24,12 @@ def test_ruff_lint_and_format() -> None:
 def test_mypy() -> None:
     paths = [
         p
-        for p in ("services", "trainer", "tests", "bench", "protos/generate.py")
+        for p in (
+            "plaudit",
+            "tests",
+            "bench",
+            "protos/generate.py",
+        )  # plaudit/ links services/, trainer/
         if (REPO / p).exists()
     ]
     result = run(str(BIN / "mypy"), *paths)

@@ -21,12 +21,12 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
+
+from plaudit.services.common.process import free_port
+from plaudit.services.feedback.db import normalize_url
+from plaudit.services.reward.client import wait_until_serving
 from plaudit.v1 import feedback_pb2 as pb
 from plaudit.v1 import feedback_pb2_grpc
-
-from services.common.process import free_port
-from services.feedback.db import normalize_url
-from services.reward.client import wait_until_serving
 from tests.conftest import REPO
 
 CHUNK = 5  # --stream-commit-events: a stream commits every 5 events while it is arriving
@@ -40,7 +40,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 def start_feedback(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "services.cli", "serve", "feedback", "--database-url", url,
+        sys.executable, "-m", "plaudit.cli", "serve", "feedback", "--database-url", url,
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--http-port", "0",
         "--stream-commit-events", str(CHUNK), "--auth-disabled", "--log-level", "WARNING",
         "--log-format", "text",

@@ -25,10 +25,10 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from plaudit.services.feedback.db import normalize_url
 from plaudit.v1 import feedback_pb2 as pb
 from plaudit.v1 import feedback_pb2_grpc
-
-from services.feedback.db import normalize_url
 from tests.conftest import POSTGRES_URL, ServerThread
 
 Outage = Literal["refused", "silent"]

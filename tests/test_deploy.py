@@ -23,23 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import plaudit.v1
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from services import cli
-from services.cli import TrainRewardSettings, build_parser
-from services.common.hotswap import SwapMetrics
-from services.common.metrics import GrpcMetrics
-from services.common.settings import PlauditSettings, settings_from_args
-from services.feedback.metrics import FeedbackMetrics
-from services.feedback.settings import FeedbackSettings
-from services.generation.metrics import GenerationMetrics
-from services.generation.settings import GenerationSettings
-from services.reward.metrics import RewardMetrics
-from services.reward.settings import RewardSettings
+import plaudit.v1
+from plaudit import cli
+from plaudit.cli import TrainRewardSettings, build_parser
+from plaudit.services.common.hotswap import SwapMetrics
+from plaudit.services.common.metrics import GrpcMetrics
+from plaudit.services.common.settings import PlauditSettings, settings_from_args
+from plaudit.services.feedback.metrics import FeedbackMetrics
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.generation.metrics import GenerationMetrics
+from plaudit.services.generation.settings import GenerationSettings
+from plaudit.services.reward.metrics import RewardMetrics
+from plaudit.services.reward.settings import RewardSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -427,7 +427,7 @@ def _torchrun(
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
     assert svc["spec"]["selector"].items() <= pod_labels(job).items()
     assert int(ns.master_port) in {p["containerPort"] for p in c["ports"]}
-    assert ns.module and ns.training_script == "services.cli"
+    assert ns.module and ns.training_script == "plaudit.cli"
     return _parse(list(ns.training_script_args), env, monkeypatch)
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services import cli
-from services.common.settings import PlauditSettings
-from services.feedback.settings import FeedbackSettings
-from services.reward.settings import RewardSettings
+from plaudit import cli
+from plaudit.services.common.settings import PlauditSettings
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.reward.settings import RewardSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

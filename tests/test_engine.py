@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.common.errors import FailedPreconditionError, UnavailableError
-from services.common.onnx_runtime import CPU, select_providers
-from services.common.registry import ModelRegistry
-from services.reward.engine import RewardEngine, ScoreJob
-from services.runtime.reward_model import LoadedRewardModel
-from trainer.data import read_pairs, reference_pairs_path
-from trainer.export import ExportConfig, export_reward, pairwise_agreement
+from plaudit.services.common.errors import FailedPreconditionError, UnavailableError
+from plaudit.services.common.onnx_runtime import CPU, select_providers
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.reward.engine import RewardEngine, ScoreJob
+from plaudit.services.runtime.reward_model import LoadedRewardModel
+from plaudit.trainer.data import read_pairs, reference_pairs_path
+from plaudit.trainer.export import ExportConfig, export_reward, pairwise_agreement
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke.", "hi", "Explain gravity briefly."]
 COMPLETIONS = ["Paris.", "Why did the chicken cross the road?", "hello there", "Mass attracts."]

@@ -8,9 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from services.cli import main
+from plaudit.cli import main
+from plaudit.demo import HH_PAIRS
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
+HH = HH_PAIRS
 
 
 def write_lines(path: Path, records: list[object]) -> Path:

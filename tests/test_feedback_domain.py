@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.errors import InvalidArgumentError
-from services.feedback.domain import (
+from plaudit.services.common.errors import InvalidArgumentError
+from plaudit.services.feedback.domain import (
     Comparison,
     Correction,
     FeedbackEvent,

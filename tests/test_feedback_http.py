@@ -16,16 +16,16 @@ import grpc
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+
+from plaudit.services.common.errors import PlauditError, UnavailableError
+from plaudit.services.feedback.domain import NewTask
+from plaudit.services.feedback.http import FeedbackHttpApi, make_app
+from plaudit.services.feedback.metrics import FeedbackMetrics
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.feedback.tasks import TaskPicker, smallest_gap
+from plaudit.services.reward.client import RewardClient
 from plaudit.v1 import feedback_pb2 as pb
 from plaudit.v1 import feedback_pb2_grpc
-
-from services.common.errors import PlauditError, UnavailableError
-from services.feedback.domain import NewTask
-from services.feedback.http import FeedbackHttpApi, make_app
-from services.feedback.metrics import FeedbackMetrics
-from services.feedback.store import FeedbackStore
-from services.feedback.tasks import TaskPicker, smallest_gap
-from services.reward.client import RewardClient
 from tests.conftest import ServerThread
 
 Reply = tuple[int, Any, dict[str, str]]
@@ -478,7 +478,7 @@ def test_authenticator_guards_the_api_only_and_errors_map_in_one_place() -> None
     async def scenario() -> None:
         from prometheus_client import CollectorRegistry
 
-        from services.common.batching import BatchingConfig, DynamicBatcher
+        from plaudit.services.common.batching import BatchingConfig, DynamicBatcher
 
         metrics = FeedbackMetrics(CollectorRegistry())
         batcher: DynamicBatcher[Any, Any] = DynamicBatcher(lambda xs: xs, BatchingConfig())

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.feedback.domain import Judgement, make_judgement
-from services.feedback.quality import (
+from plaudit.services.feedback.domain import Judgement, make_judgement
+from plaudit.services.feedback.quality import (
     agreement_report,
     annotator_outlier_tests,
     binomial_sf,

@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+
 from plaudit.v1 import feedback_pb2 as pb
 from plaudit.v1 import feedback_pb2_grpc
-
 from tests.conftest import ServerThread
 
 Stub = feedback_pb2_grpc.FeedbackServiceStub

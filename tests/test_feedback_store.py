@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from services.common.errors import (
+from plaudit.services.common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -28,8 +28,8 @@ from services.common.errors import (
     PlauditError,
     UnavailableError,
 )
-from services.feedback.db import normalize_url
-from services.feedback.domain import (
+from plaudit.services.feedback.db import normalize_url
+from plaudit.services.feedback.domain import (
     Comparison,
     Correction,
     FeedbackEvent,
@@ -38,10 +38,10 @@ from services.feedback.domain import (
     SubmitResult,
     decode_cursor,
 )
-from services.feedback.export import FeedbackReader
-from services.feedback.migrate import VERSION_TABLE, current_revision, head_revision
-from services.feedback.store import FeedbackStore
-from services.feedback.tables import Base
+from plaudit.services.feedback.export import FeedbackReader
+from plaudit.services.feedback.migrate import VERSION_TABLE, current_revision, head_revision
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.feedback.tables import Base
 
 
 @pytest.fixture
@@ -539,11 +539,11 @@ def test_the_reader_exports_and_counts_but_cannot_write(
 
 
 def test_the_trainer_reads_feedback_without_the_store(database_url: str) -> None:
-    """trainer.data goes through the read-only export API, never the store's write side."""
+    """plaudit.trainer.data goes through the read-only export API, never the store's write side."""
     code = (
-        "import sys; from trainer.data import load_feedback_pairs; "
+        "import sys; from plaudit.trainer.data import load_feedback_pairs; "
         f"data = load_feedback_pairs({database_url!r}); assert data.pairs == [], data; "
-        "assert 'services.feedback.store' not in sys.modules, 'store imported'"
+        "assert 'plaudit.services.feedback.store' not in sys.modules, 'store imported'"
     )
     with FeedbackStore(database_url):
         pass

@@ -28,10 +28,10 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from plaudit.services.feedback.db import normalize_url
 from plaudit.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
 from plaudit.v1 import feedback_pb2 as pb
-
-from services.feedback.db import normalize_url
 from tests.conftest import POSTGRES_URL, ServerThread
 
 TEXT_LIMIT = 2048  # max_text_bytes of both servers

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from services.common.preference_files import read_prompts
-from services.common.process import free_port
-from services.common.registry import ModelRegistry
-from services.feedback.domain import NewTask
-from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore
-from services.feedback.tasks import GenerationTaskSource, TaskPicker
+from plaudit.services.common.preference_files import read_prompts
+from plaudit.services.common.process import free_port
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.feedback.domain import NewTask
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.feedback.tasks import GenerationTaskSource, TaskPicker
 from tests.conftest import ServerThread, write_jsonl
 from tests.test_feedback_http import call, next_task
 

@@ -17,16 +17,16 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from plaudit.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
-from services.common.process import free_port
-from services.common.registry import ModelRegistry
-from services.generation.client import GenerationClient, generate_request
-from services.generation.engine import GenerationEngine
-from services.reward.client import RewardClient, wait_until_serving
-from services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams
+from plaudit.services.common.process import free_port
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.generation.client import GenerationClient, generate_request
+from plaudit.services.generation.engine import GenerationEngine
+from plaudit.services.reward.client import RewardClient, wait_until_serving
+from plaudit.services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams
+from plaudit.trainer.policy_export import export_policy_checkpoint
+from plaudit.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.conftest import NO_TORCH_PRELUDE, REPO, ServerThread, build_tiny_policy
-from trainer.policy_export import export_policy_checkpoint
 
 SERVICE = "plaudit.v1.GenerationService"
 QUESTION = "What is the capital of France?"
@@ -336,7 +336,7 @@ def test_the_service_runs_without_torch(tiny_policy_registry: Path) -> None:
 def test_the_cli_generates(generation_server: ServerThread) -> None:
     result = subprocess.run(
         [
-            sys.executable, "-m", "services.cli", "generate", "--addr", generation_server.address,
+            sys.executable, "-m", "plaudit.cli", "generate", "--addr", generation_server.address,
             "--prompt", QUESTION, "--n", "2", "--temperature", "0", "--max-new-tokens", "4",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=60,

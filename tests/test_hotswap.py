@@ -13,14 +13,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from plaudit.v1 import admin_pb2, admin_pb2_grpc, reward_pb2, reward_pb2_grpc
 
-from services.cli import main
-from services.common.hotswap import ModelWatcher
-from services.common.registry import ModelManifest, ModelRegistry
-from services.runtime.reward_model import LoadedRewardModel
+from plaudit.cli import main
+from plaudit.services.common.hotswap import ModelWatcher
+from plaudit.services.common.registry import ModelManifest, ModelRegistry
+from plaudit.services.runtime.reward_model import LoadedRewardModel
+from plaudit.trainer.export import ExportConfig, export_reward
+from plaudit.v1 import admin_pb2, admin_pb2_grpc, reward_pb2, reward_pb2_grpc
 from tests.conftest import ServerThread, build_tiny_checkpoint
-from trainer.export import ExportConfig, export_reward
 
 
 # -- the watcher alone -------------------------------------------------------------------------

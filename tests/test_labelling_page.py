@@ -16,11 +16,11 @@ from typing import Any
 
 import grpc
 import pytest
-from plaudit.v1 import feedback_pb2 as pb
-from plaudit.v1 import feedback_pb2_grpc
 from playwright.sync_api import Browser, Locator, Page, Request, expect, sync_playwright
 
-from services.feedback.store import FeedbackStore
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.v1 import feedback_pb2 as pb
+from plaudit.v1 import feedback_pb2_grpc
 from tests.conftest import ServerThread
 
 CHROMIUM = os.environ.get("PLAUDIT_CHROMIUM", "/usr/bin/chromium")
@@ -237,7 +237,7 @@ def test_a_database_outage_is_shown_clearly(page: Page) -> None:
 
 def test_a_service_with_api_keys_asks_for_one_and_sends_it(page: Page, tmp_path: Any) -> None:
     """Without a key the page says so and asks; the key entered is kept and sent as a header."""
-    from services.common.security.keys import hash_key, new_api_key
+    from plaudit.services.common.security.keys import hash_key, new_api_key
 
     key = new_api_key()
     entry = {"name": "labellers", "sha256": hash_key(key), "roles": ["submit_feedback"]}

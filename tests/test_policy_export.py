@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.common.registry import ModelRegistry
-from services.generation.engine import GenerationEngine
-from services.runtime.policy_model import (
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.generation.engine import GenerationEngine
+from plaudit.services.runtime.policy_model import (
     FinishReason,
     GenerateJob,
     LoadedPolicy,
@@ -23,9 +23,9 @@ from services.runtime.policy_model import (
     _nucleus,
     sample_tokens,
 )
+from plaudit.trainer import policy_export
+from plaudit.trainer.policy_export import PolicyParityError, export_policy, export_policy_checkpoint
 from tests.conftest import build_tiny_policy
-from trainer import policy_export
-from trainer.policy_export import PolicyParityError, export_policy, export_policy_checkpoint
 
 PROMPTS = [
     "What is the capital of France?",
@@ -257,7 +257,7 @@ def test_int8_graph_is_kept_only_behind_its_gate(tmp_path: Path, hf_policy: Any)
 def test_the_cli_exports_and_promotes(
     tmp_path: Path, tiny_policy_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from services.cli import main
+    from plaudit.cli import main
 
     root = tmp_path / "registry"
     argv = ["export", "policy", "--checkpoint", str(tiny_policy_checkpoint)]

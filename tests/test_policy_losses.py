@@ -13,11 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import toy_pairs, write_jsonl
-from trainer.policy import train_policy
-from trainer.policy_config import DPOConfig
-from trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
-from trainer.policy_objective import (
+from plaudit.trainer.policy import train_policy
+from plaudit.trainer.policy_config import DPOConfig
+from plaudit.trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
+from plaudit.trainer.policy_objective import (
     best_of_n,
     dpo_loss,
     dpo_metrics,
@@ -28,13 +27,14 @@ from trainer.policy_objective import (
     sft_loss,
     win_rate,
 )
-from trainer.policy_sampling import (
+from plaudit.trainer.policy_sampling import (
     SamplingParams,
     completion_token_logprobs,
     forward_logprobs,
     generate_rows,
 )
-from trainer.reward import PairSource
+from plaudit.trainer.reward import PairSource
+from tests.conftest import toy_pairs, write_jsonl
 
 
 # -- DPO ----------------------------------------------------------------------------------------

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.cli import TrainPolicySettings, main
-from services.common.registry import ModelRegistry
-from services.feedback.domain import Comparison, Correction
-from services.feedback.store import FeedbackStore
-from services.runtime.policy_model import LoadedPolicy
+from plaudit.cli import TrainPolicySettings, main
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.feedback.domain import Comparison, Correction
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.runtime.policy_model import LoadedPolicy
+from plaudit.trainer.policy import PolicyPublishOptions, promotion_record, train_policy
+from plaudit.trainer.policy_config import DPOConfig, RejectionSamplingConfig, RLConfig
+from plaudit.trainer.policy_export import export_policy_checkpoint
+from plaudit.trainer.reward import PairSource
 from tests.conftest import ServerThread, toy_pairs, write_jsonl
-from trainer.policy import PolicyPublishOptions, promotion_record, train_policy
-from trainer.policy_config import DPOConfig, RejectionSamplingConfig, RLConfig
-from trainer.policy_export import export_policy_checkpoint
-from trainer.reward import PairSource
 
 SMALL = {
     "max_length": 40,
@@ -128,7 +128,7 @@ def test_rejection_sampling_uses_the_reward_service_and_corrections(
 
 
 def _held_out(prompt: str, fraction: float) -> bool:
-    from trainer.objective import prompt_bucket
+    from plaudit.trainer.objective import prompt_bucket
 
     return prompt_bucket(prompt) < fraction
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
-from services.common.registry import ModelRegistry
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.trainer.data import read_pairs, reference_pairs_path
+from plaudit.trainer.export import ExportConfig, export_reward
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
 from tests.conftest import ServerThread, minilm_dir
-from trainer.data import read_pairs, reference_pairs_path
-from trainer.export import ExportConfig, export_reward
 
 pytestmark = pytest.mark.real_model
 

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from services.common.hotswap import ModelWatcher
-from services.common.registry import (
+from plaudit.services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from plaudit.services.common.hotswap import ModelWatcher
+from plaudit.services.common.registry import (
     PICKLE_SUFFIXES,
     ModelManifest,
     ModelRegistry,
@@ -303,7 +307,7 @@ def test_a_crashed_download_is_cleaned_up(remote_reg: ModelRegistry, tmp_path: P
 
 
 def test_settings_take_a_path_or_a_url(tmp_path: Path) -> None:
-    from services.reward.settings import RewardSettings
+    from plaudit.services.reward.settings import RewardSettings
 
     local = RewardSettings(registry=tmp_path / "reg", auth_disabled=True)
     assert local.model_registry("reward").is_local
@@ -317,8 +321,8 @@ def test_trainer_loads_checkpoints_as_safetensors_only(tmp_path: Path) -> None:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from trainer.backbones import resolve_backbone
-    from trainer.export import load_reward_model
+    from plaudit.trainer.backbones import resolve_backbone
+    from plaudit.trainer.export import load_reward_model
 
     config = BertConfig(  # type: ignore[call-arg]
         vocab_size=64,

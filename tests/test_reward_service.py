@@ -20,10 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
-from services.common.registry import ModelRegistry
-from services.runtime.reward_model import LoadedRewardModel
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.runtime.reward_model import LoadedRewardModel
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
 from tests.conftest import ServerThread
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke.", "hi", "Explain gravity briefly."]

@@ -24,22 +24,20 @@ import pytest
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from plaudit.v1 import admin_pb2, feedback_pb2, feedback_pb2_grpc, generation_pb2, reward_pb2
-from plaudit.v1 import feedback_pb2 as pb
 from pydantic import ValidationError
 
-import services.common.security.keys as security
-from services.cli import main
-from services.common.admin import notify_reload
-from services.common.errors import (
+import plaudit.services.common.security.keys as security
+from plaudit.cli import main
+from plaudit.services.common.admin import notify_reload
+from plaudit.services.common.errors import (
     FailedPreconditionError,
     PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from services.common.security.client import ClientCredentials
-from services.common.security.guard import AccessGuard, ServerSecurity
-from services.common.security.keys import (
+from plaudit.services.common.security.client import ClientCredentials
+from plaudit.services.common.security.guard import AccessGuard, ServerSecurity
+from plaudit.services.common.security.keys import (
     ROLES,
     ApiKeyEntry,
     KeyStore,
@@ -47,17 +45,19 @@ from services.common.security.keys import (
     new_api_key,
     parse_bearer,
 )
-from services.common.security.limits import InFlightLimit, RateLimiter
-from services.common.settings import add_settings_arguments, settings_from_args
-from services.feedback import access as feedback
-from services.feedback.domain import LabellingTask
-from services.feedback.http import FeedbackHttpApi
-from services.feedback.settings import FeedbackSettings
-from services.feedback.tasks import RewardMarginScorer
-from services.generation import access as generation
-from services.reward import access as reward
-from services.reward.client import RewardClient
-from services.reward.settings import RewardSettings
+from plaudit.services.common.security.limits import InFlightLimit, RateLimiter
+from plaudit.services.common.settings import add_settings_arguments, settings_from_args
+from plaudit.services.feedback import access as feedback
+from plaudit.services.feedback.domain import LabellingTask
+from plaudit.services.feedback.http import FeedbackHttpApi
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.feedback.tasks import RewardMarginScorer
+from plaudit.services.generation import access as generation
+from plaudit.services.reward import access as reward
+from plaudit.services.reward.client import RewardClient
+from plaudit.services.reward.settings import RewardSettings
+from plaudit.v1 import admin_pb2, feedback_pb2, feedback_pb2_grpc, generation_pb2, reward_pb2
+from plaudit.v1 import feedback_pb2 as pb
 from tests.certs import TlsFiles, make_tls_files
 from tests.conftest import REPO, ServerThread
 
@@ -278,7 +278,7 @@ def test_authentication_is_off_only_when_asked_and_then_says_so(
         ServerSecurity.from_settings(
             RewardSettings(auth_disabled=True, api_keys=ENTRIES), call_roles=REWARD_CALLS
         )
-    with caplog.at_level(logging.WARNING, logger="services.common.security.guard"):
+    with caplog.at_level(logging.WARNING, logger="plaudit.services.common.security.guard"):
         open_ = ServerSecurity.from_settings(
             RewardSettings(auth_disabled=True), call_roles=REWARD_CALLS
         )
@@ -289,7 +289,7 @@ def test_authentication_is_off_only_when_asked_and_then_says_so(
 def test_a_service_without_keys_refuses_to_start(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLAUDIT_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "serve", "feedback", "--host", "127.0.0.1",
+        [sys.executable, "-m", "plaudit.cli", "serve", "feedback", "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--http-port", "0",
          "--database-url", f"sqlite:///{tmp_path}/f.db"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,

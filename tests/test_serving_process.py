@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
-from services.common.process import free_port
-from services.reward.client import wait_until_serving
+from plaudit.services.common.process import free_port
+from plaudit.services.reward.client import wait_until_serving
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
 from tests.conftest import NO_TORCH_PRELUDE, REPO
 
 

@@ -7,8 +7,8 @@ import argparse
 import pytest
 from pydantic import ValidationError
 
-from services.common.settings import add_settings_arguments, settings_from_args
-from services.reward.settings import RewardSettings
+from plaudit.services.common.settings import add_settings_arguments, settings_from_args
+from plaudit.services.reward.settings import RewardSettings
 
 
 def parse(argv: list[str]) -> RewardSettings:

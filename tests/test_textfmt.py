@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from services.common.textfmt import (
+from plaudit.services.common.textfmt import (
     RewardTextEncoder,
     TextFormat,
     dialogue_to_messages,

@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from services.cli import TrainRewardSettings, build_parser, main
-from services.common.registry import ModelRegistry
-from services.common.settings import settings_from_args
-from services.feedback.domain import Comparison
-from services.feedback.store import FeedbackStore
-from services.runtime.reward_model import LoadedRewardModel
-from tests.conftest import minilm_dir, toy_pairs, write_jsonl
-from trainer.backbones import resolve_backbone
-from trainer.config import RewardTrainingConfig
-from trainer.data import load_feedback_pairs, read_pairs, reference_pairs_path
-from trainer.export import (
+from plaudit.cli import TrainRewardSettings, build_parser, main
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.common.settings import settings_from_args
+from plaudit.services.feedback.domain import Comparison
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.runtime.reward_model import LoadedRewardModel
+from plaudit.trainer.backbones import resolve_backbone
+from plaudit.trainer.config import RewardTrainingConfig
+from plaudit.trainer.data import load_feedback_pairs, read_pairs, reference_pairs_path
+from plaudit.trainer.export import (
     TRAINING_RECORD,
     ExportConfig,
     UntrainedHeadError,
@@ -30,14 +29,15 @@ from trainer.export import (
     text_format_for,
     torch_rewards,
 )
-from trainer.objective import split_by_prompt
-from trainer.reward import (
+from plaudit.trainer.objective import split_by_prompt
+from plaudit.trainer.reward import (
     PairSource,
     PublishOptions,
     RewardTrainingResult,
     serving_encoder,
     train_reward,
 )
+from tests.conftest import minilm_dir, toy_pairs, write_jsonl
 
 
 def tiny_config(checkpoint: Path, **overrides: object) -> RewardTrainingConfig:

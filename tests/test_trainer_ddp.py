@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.common.registry import ModelRegistry
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.trainer.config import RewardTrainingConfig
+from plaudit.trainer.reward import PairSource, train_reward
 from tests.conftest import REPO, toy_pairs, write_jsonl
-from trainer.config import RewardTrainingConfig
-from trainer.reward import PairSource, train_reward
 
 
 def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
@@ -37,7 +37,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(
     proc = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "services.cli", "train", "reward", *flags,
+            "-m", "plaudit.cli", "train", "reward", *flags,
             "--grad-accum", "1",  # 2 ranks x 1 micro-batch per step
             "--data", str(data),
             "--registry", str(tmp_path / "registry"),

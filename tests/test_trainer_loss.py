@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.common.preference_files import PreferencePair
-from trainer.batches import length_grouped_batches, shard_batches
-from trainer.loop import lr_factor
-from trainer.objective import (
+from plaudit.services.common.preference_files import PreferencePair
+from plaudit.trainer.batches import length_grouped_batches, shard_batches
+from plaudit.trainer.loop import lr_factor
+from plaudit.trainer.objective import (
     bradley_terry_loss,
     calibration_error,
     pairwise_metrics,

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import grpc
-from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 
-from services.common.process import free_port
-from services.common.registry import ModelRegistry
-from services.reward.client import RewardClient, wait_until_serving
+from plaudit.services.common.process import free_port
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.reward.client import RewardClient, wait_until_serving
+from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 from tests.conftest import REPO, toy_pairs
 
 
@@ -23,7 +23,7 @@ def test_up_bootstraps_retrains_on_feedback_and_swaps(
     ports = {name: free_port() for name in ("reward", "rm", "feedback", "fm")}
     home = tmp_path / "home"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--home", str(home), "--no-generation",
+        [sys.executable, "-m", "plaudit.cli", "up", "--home", str(home), "--no-generation",
          "--bootstrap-checkpoint", str(tiny_checkpoint), "--train-backbone", str(tiny_checkpoint),
          "--retrain-min-pairs", "30", "--check-interval-s", "0.5", "--log-format", "text",
          "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),

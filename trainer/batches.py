@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tokenizers import Encoding
 
-from services.common.preference_files import PreferencePair
-from services.common.textfmt import RewardTextEncoder, length_groups
+from plaudit.services.common.preference_files import PreferencePair
+from plaudit.services.common.textfmt import RewardTextEncoder, length_groups
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from services.common.preference_files import (
+from plaudit.services.common.preference_files import (
     PreferencePair,
     RankedCompletions,
     messages_to_dialogue,
@@ -20,7 +20,7 @@ from services.common.preference_files import (
     parse_record,
     read_pairs,
 )
-from services.common.registry import sha256_file
+from plaudit.services.common.registry import sha256_file
 
 __all__ = [
     "PreferencePair",
@@ -134,7 +134,7 @@ def load_feedback_pairs(
     copy. ``cursor`` is the last one read (``after_cursor`` when nothing is new): record it, and
     the next run can continue after it.
     """
-    from services.feedback.export import FeedbackReader  # sqlalchemy: only when asked for
+    from plaudit.services.feedback.export import FeedbackReader  # sqlalchemy: only when asked for
 
     latest: dict[str, PreferencePair] = {}
     cursor = after_cursor
@@ -168,7 +168,7 @@ def load_feedback_sft(
 ) -> tuple[list[SupervisedExample], int]:
     """The store's corrections after ``after_cursor`` as supervised examples (the corrected
     text is the completion), and the last cursor read (``after_cursor`` when none)."""
-    from services.feedback.export import FeedbackReader  # sqlalchemy: only when asked for
+    from plaudit.services.feedback.export import FeedbackReader  # sqlalchemy: only when asked for
 
     examples = []
     cursor = after_cursor

@@ -20,18 +20,29 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from services.common.onnx_runtime import create_session
-from services.common.registry import (
+from plaudit.services.common.onnx_runtime import create_session
+from plaudit.services.common.registry import (
     ModelManifest,
     ModelRegistry,
     Normalization,
     QuantizationReport,
     new_version_id,
 )
-from services.common.textfmt import EncodedBatch, RewardTextEncoder, TextFormat, length_groups
-from services.runtime.contract import FP32_FILE, INT8_FILE, OPSET, TOKENIZER_FILE, quantize_int8
-from trainer.backbones import Backbone, resolve_backbone
-from trainer.data import PreferencePair, read_pairs, reference_pairs_path
+from plaudit.services.common.textfmt import (
+    EncodedBatch,
+    RewardTextEncoder,
+    TextFormat,
+    length_groups,
+)
+from plaudit.services.runtime.contract import (
+    FP32_FILE,
+    INT8_FILE,
+    OPSET,
+    TOKENIZER_FILE,
+    quantize_int8,
+)
+from plaudit.trainer.backbones import Backbone, resolve_backbone
+from plaudit.trainer.data import PreferencePair, read_pairs, reference_pairs_path
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 the loop does the rest (gradient accumulation, clipping, AdamW, warmup and decay, logging,
 evaluation, early stopping with the best weights kept, the progress bar).
 
-Methods: the Bradley-Terry reward objective (:mod:`trainer.reward`); DPO and the rejection-sampling
+Methods: the Bradley-Terry reward objective (:mod:`plaudit.trainer.reward`); DPO and the
+rejection-sampling
 fine-tune (epochs of length-grouped batches, :func:`epoch_steps`); RLOO, whose steps are rollouts
-sampled when the loop asks for the next one (:mod:`trainer.policy`). Under ``torchrun`` each
+sampled when the loop asks for the next one (:mod:`plaudit.trainer.policy`). Under ``torchrun`` each
 process runs the loop on its shard of every global batch; DDP averages the gradients on a step's
 last micro-batch, and the logged loss and throughput are reduced over processes, so all processes
 log the same numbers and make the same decisions.
@@ -27,10 +28,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from services.common.errors import FailedPreconditionError
-from trainer.batches import length_grouped_batches, shard_batches
-from trainer.distributed import DistEnv, all_reduce_sum
-from trainer.report import RunReporter
+from plaudit.services.common.errors import FailedPreconditionError
+from plaudit.trainer.batches import length_grouped_batches, shard_batches
+from plaudit.trainer.distributed import DistEnv, all_reduce_sum
+from plaudit.trainer.report import RunReporter
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ loads the base causal LM (optionally with LoRA adapters), trains it with the cho
 then evaluates it on held-out prompts: mean reward under the reward service, win rate against
 the baseline (the promoted policy, or the base model when none is) and KL to the reference. The
 merged weights are saved in the run folder and, given a registry, exported with
-:func:`trainer.policy_export.export_policy`; the gate's decision and numbers go into the
+:func:`plaudit.trainer.policy_export.export_policy`; the gate's decision and numbers go into the
 manifest either way, and the version is promoted only when asked to and the gate passes.
 
 One process only (no ``torchrun``): the methods sample, and sampling is not sharded here.
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.registry import ModelManifest, ModelRegistry, new_version_id
-from services.common.security.client import INSECURE, ClientCredentials
-from trainer.backbones import Backbone, resolve_backbone
-from trainer.data import PreferencePair, SupervisedExample, TrainingData
-from trainer.distributed import DistEnv, init_distributed, shutdown
-from trainer.loop import (
+from plaudit.services.common.errors import FailedPreconditionError, InvalidArgumentError
+from plaudit.services.common.registry import ModelManifest, ModelRegistry, new_version_id
+from plaudit.services.common.security.client import INSECURE, ClientCredentials
+from plaudit.trainer.backbones import Backbone, resolve_backbone
+from plaudit.trainer.data import PreferencePair, SupervisedExample, TrainingData
+from plaudit.trainer.distributed import DistEnv, init_distributed, shutdown
+from plaudit.trainer.loop import (
     LoopResult,
     LoopSettings,
     MicroLoss,
@@ -44,10 +44,10 @@ from trainer.loop import (
     tail_mean,
     train_loop,
 )
-from trainer.objective import prompt_bucket, split_by_prompt
-from trainer.policy_config import DPOConfig, PolicyConfig, RejectionSamplingConfig, RLConfig
-from trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
-from trainer.policy_objective import (
+from plaudit.trainer.objective import prompt_bucket, split_by_prompt
+from plaudit.trainer.policy_config import DPOConfig, PolicyConfig, RejectionSamplingConfig, RLConfig
+from plaudit.trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
+from plaudit.trainer.policy_objective import (
     best_of_n,
     dpo_loss,
     dpo_metrics,
@@ -56,7 +56,7 @@ from trainer.policy_objective import (
     rloo_advantages,
     sft_loss,
 )
-from trainer.policy_sampling import (
+from plaudit.trainer.policy_sampling import (
     Reference,
     RewardServiceScorer,
     Sampler,
@@ -69,8 +69,8 @@ from trainer.policy_sampling import (
     generate_rows,
     torch_sampler,
 )
-from trainer.report import RunReporter
-from trainer.reward import (
+from plaudit.trainer.report import RunReporter
+from plaudit.trainer.reward import (
     CHECKPOINT_DIR,
     DEFAULT_RUNS_DIR,
     PairSource,
@@ -454,8 +454,8 @@ def baseline_sampler(
                 return sampler(prompts)
 
         return base, f"base model {run.cfg.base}"
-    from services.runtime.policy_model import GenerateJob, LoadedPolicy, generate_jobs
-    from services.runtime.policy_model import SamplingParams as ServedParams
+    from plaudit.services.runtime.policy_model import GenerateJob, LoadedPolicy, generate_jobs
+    from plaudit.services.runtime.policy_model import SamplingParams as ServedParams
 
     try:
         policy = LoadedPolicy.load(registry, parent, provider="cpu")
@@ -678,7 +678,7 @@ def _train(
     save_checkpoint(merged, tokenizer, checkpoint, record)
     manifest = None
     if registry is not None:
-        from trainer.policy_export import export_policy
+        from plaudit.trainer.policy_export import export_policy
 
         manifest = export_policy(
             merged,

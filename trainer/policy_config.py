@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from trainer.config import Device, TrainingConfig
+from plaudit.trainer.config import Device, TrainingConfig
 
 PolicyMethod = Literal["dpo", "rejection-sampling", "rl"]
 

@@ -1,6 +1,7 @@
 """Policy inputs: prompts rendered as serving renders them, completions appended as tokens.
 
-A prompt is turned into token ids by :class:`services.common.textfmt.PromptFormatter` (the chat
+A prompt is turned into token ids by :class:`plaudit.services.common.textfmt.PromptFormatter` (the
+chat
 template with its generation prompt for chat models, the text as it is otherwise), built from the
 tokenizer.json the published version ships, so training sees what the generation service feeds the
 model. A completion is its own tokens plus the end-of-sequence token, the way a generated
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from services.common.textfmt import PromptFormatter
-from trainer.policy_export import prompt_format_for
+from plaudit.services.common.textfmt import PromptFormatter
+from plaudit.trainer.policy_export import prompt_format_for
 
 
 @dataclass(frozen=True)

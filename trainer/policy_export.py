@@ -13,7 +13,8 @@ past_value_0, ..., past_key_{L-1}, past_value_{L-1}) -> (logits, present_key_0, 
 
 Inside the wrapper the legacy (key, value) tuples become a transformers ``DynamicCache`` and
 back. Before publishing, ONNX Runtime is checked against PyTorch through the serving code
-(:mod:`services.runtime.policy_model`): the prefill logits, a few teacher-forced decode steps on the
+(:mod:`plaudit.services.runtime.policy_model`): the prefill logits, a few teacher-forced decode
+steps on the
 exported cache, and a left-padded batch of prompts of different lengths; any difference over
 ``atol`` x max(1, max |logit|) refuses the export.
 
@@ -39,15 +40,15 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from services.common.registry import (
+from plaudit.services.common.registry import (
     GenerationConfig,
     ModelManifest,
     ModelRegistry,
     QuantizationReport,
     new_version_id,
 )
-from services.common.textfmt import TextFormat
-from services.runtime.contract import (
+from plaudit.services.common.textfmt import TextFormat
+from plaudit.services.runtime.contract import (
     FP32_FILE,
     INT8_FILE,
     LOGITS,
@@ -58,9 +59,14 @@ from services.runtime.contract import (
     present_names,
     quantize_int8,
 )
-from services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams, generate_jobs
-from trainer.backbones import resolve_backbone
-from trainer.export import special_tokens
+from plaudit.services.runtime.policy_model import (
+    GenerateJob,
+    LoadedPolicy,
+    SamplingParams,
+    generate_jobs,
+)
+from plaudit.trainer.backbones import resolve_backbone
+from plaudit.trainer.export import special_tokens
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.objective import preference_accuracy
+from plaudit.trainer.objective import preference_accuracy
 
 
 def token_logprobs(

@@ -15,9 +15,9 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from services.common.security.client import INSECURE, ClientCredentials
-from trainer.policy_data import PolicyTokenizer, TokenBatch, TokenRow, collate_rows
-from trainer.policy_objective import token_logprobs, win_rate
+from plaudit.services.common.security.client import INSECURE, ClientCredentials
+from plaudit.trainer.policy_data import PolicyTokenizer, TokenBatch, TokenRow, collate_rows
+from plaudit.trainer.policy_objective import token_logprobs, win_rate
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Scorer(Protocol):
 
 
 class RewardServiceScorer:
-    """Scores through the reward service (:class:`services.reward.client.RewardClient`); the
+    """Scores through the reward service (:class:`plaudit.services.reward.client.RewardClient`); the
     rewards are the service's default, standardised by the version's reference statistics."""
 
     def __init__(
@@ -49,7 +49,7 @@ class RewardServiceScorer:
         timeout_s: float = 120.0,
         credentials: ClientCredentials = INSECURE,
     ) -> None:
-        from services.reward.client import RewardClient, wait_until_serving
+        from plaudit.services.reward.client import RewardClient, wait_until_serving
 
         wait_until_serving(address, wait_s, credentials=credentials)
         self.address = address
@@ -91,7 +91,7 @@ def completion_token_logprobs(
 
     The output projection and softmax (a 49k vocabulary for SmolLM2) run on the completion
     positions only, not on prompt and padding; models whose head does more than a projection
-    take the full-logits path (:func:`trainer.policy_objective.token_logprobs`).
+    take the full-logits path (:func:`plaudit.trainer.policy_objective.token_logprobs`).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: injected
     target = batch.completion_mask[:, 1:].bool()  # token t is predicted at position t - 1

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from services.common.registry import ModelRegistry
-from trainer.objective import preference_accuracy
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.trainer.objective import preference_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ class AccuracyGate:
     held-out set, so a retrain on more data is not refused for a one-pair difference; set it to
     0 to demand no loss at all. Without a promoted version the candidate is promoted; when the
     promoted version cannot be loaded or scored it is not (a person should look). Called by
-    :func:`trainer.export.export_reward` with the candidate's rewards, before publishing, so the
+    :func:`plaudit.trainer.export.export_reward` with the candidate's rewards, before publishing,
+    so the
     record lands in the new version's manifest.
     """
 
@@ -69,7 +70,7 @@ class AccuracyGate:
     def current_accuracy(self, version: str, texts: list[tuple[str, str]]) -> float:
         """The promoted version's accuracy on ``texts`` as it is served (hash-verified graph,
         its own tokenization and default precision)."""
-        from services.runtime.reward_model import LoadedRewardModel  # onnxruntime, no torch
+        from plaudit.services.runtime.reward_model import LoadedRewardModel  # onnxruntime, no torch
 
         loaded = LoadedRewardModel.load(self.registry, version, provider="cpu")
         rewards, _, _ = loaded.score_raw([p for p, _ in texts], [c for _, c in texts])

@@ -2,14 +2,16 @@
 
 ``train_reward`` reads pairs (JSONL files or the feedback store), holds out a tenth of the prompts,
 trains a one-label sequence classifier with the Bradley-Terry loss in the shared training loop
-(:mod:`trainer.loop`), saves the best checkpoint into the run folder, exports it with
-:func:`trainer.export.export_reward` (ONNX parity against PyTorch on the held-out pairs,
+(:mod:`plaudit.trainer.loop`), saves the best checkpoint into the run folder, exports it with
+:func:`plaudit.trainer.export.export_reward` (ONNX parity against PyTorch on the held-out pairs,
 normalisation measured on them) and publishes it with its metrics, data cursor and resolved
-training config; with ``promote`` the accuracy gate (:mod:`trainer.promotion`) decides whether
+training config; with ``promote`` the accuracy gate (:mod:`plaudit.trainer.promotion`) decides
+whether
 it replaces the promoted version.
 
-Run it alone or as ``torchrun --nproc-per-node N -m services.cli train reward ...``: rank 0 reads
-the data and does everything after training; all ranks train (see :mod:`trainer.distributed`).
+Run it alone or as ``torchrun --nproc-per-node N -m plaudit.cli train reward ...``: rank 0 reads
+the data and does everything after training; all ranks train (see
+:mod:`plaudit.trainer.distributed`).
 """
 
 from __future__ import annotations
@@ -30,15 +32,27 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.registry import ModelManifest, ModelRegistry, new_version_id
-from services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
-from trainer.backbones import resolve_backbone
-from trainer.batches import EncodedPairs, collate, encode_pairs
-from trainer.config import RewardTrainingConfig
-from trainer.data import TrainingData, load_feedback_pairs, load_feedback_sft, load_file_pairs
-from trainer.distributed import DistEnv, all_gather, barrier, broadcast, init_distributed, shutdown
-from trainer.export import (
+from plaudit.services.common.errors import FailedPreconditionError, InvalidArgumentError
+from plaudit.services.common.registry import ModelManifest, ModelRegistry, new_version_id
+from plaudit.services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
+from plaudit.trainer.backbones import resolve_backbone
+from plaudit.trainer.batches import EncodedPairs, collate, encode_pairs
+from plaudit.trainer.config import RewardTrainingConfig
+from plaudit.trainer.data import (
+    TrainingData,
+    load_feedback_pairs,
+    load_feedback_sft,
+    load_file_pairs,
+)
+from plaudit.trainer.distributed import (
+    DistEnv,
+    all_gather,
+    barrier,
+    broadcast,
+    init_distributed,
+    shutdown,
+)
+from plaudit.trainer.export import (
     TRAINING_RECORD,
     ExportConfig,
     ScalarReward,
@@ -46,15 +60,15 @@ from trainer.export import (
     load_reward_model,
     text_format_for,
 )
-from trainer.loop import LoopResult, LoopSettings, disable_dropout, epoch_steps, train_loop
-from trainer.objective import (
+from plaudit.trainer.loop import LoopResult, LoopSettings, disable_dropout, epoch_steps, train_loop
+from plaudit.trainer.objective import (
     bradley_terry_loss,
     pairwise_metrics,
     reward_centering_loss,
     split_by_prompt,
 )
-from trainer.promotion import DEFAULT_TOLERANCE, AccuracyGate
-from trainer.report import RunReporter
+from plaudit.trainer.promotion import DEFAULT_TOLERANCE, AccuracyGate
+from plaudit.trainer.report import RunReporter
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from plaudit.v1 import admin_pb2, admin_pb2_grpc
 
-from services.common.hotswap import ModelWatcher
-from services.common.security.client import INSECURE, ClientCredentials
-from services.common.security.guard import CallRoles
+from plaudit.services.common.hotswap import ModelWatcher
+from plaudit.services.common.security.client import INSECURE, ClientCredentials
+from plaudit.services.common.security.guard import CallRoles
+from plaudit.v1 import admin_pb2, admin_pb2_grpc
 
 CALL_ROLES: CallRoles = {"/plaudit.v1.AdminService/ReloadModel": "admin"}
 """Only ``admin`` reloads; a model-serving process adds this to its own service's table."""

@@ -23,7 +23,11 @@ from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from services.common.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from plaudit.services.common.errors import (
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ retried only when the pointer changes again (a new promotion, a rollback, or the
 promoted anew); a storage or network error (``OSError``: a cut-off download, a full disk) is
 retried at the next poll.
 
-The mechanism is model-agnostic: :class:`services.common.server.ModelServer` (the reward and
+The mechanism is model-agnostic: :class:`plaudit.services.common.server.ModelServer` (the reward and
 generation services) drives it.
 """
 
@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.registry import ModelRegistry
+from plaudit.services.common.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,11 @@
 :class:`ServiceInterceptor` wraps every method but health and reflection (:data:`OPEN_PREFIXES`).
 A request that does not parse as the method's message (corrupt wire format, invalid UTF-8 in a
 string field) is INVALID_ARGUMENT, never reaching the servicer. The call is then admitted by the
-server's :class:`~services.common.security.guard.AccessGuard` (API key, role from the service's
+server's :class:`~plaudit.services.common.security.guard.AccessGuard` (API key, role from the
+service's
 own table, rate limit) and served within the in-flight limit. Servicers raise
-:class:`~services.common.errors.PlauditError`; the call is aborted with the error's status code
+:class:`~plaudit.services.common.errors.PlauditError`; the call is aborted with the error's status
+code
 and message, logged once and counted. Any other exception is an INTERNAL error, logged with its
 traceback; the client never sees the traceback.
 """
@@ -21,9 +23,9 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import InvalidArgumentError, PlauditError
-from services.common.metrics import GrpcMetrics
-from services.common.security.guard import AccessGuard
+from plaudit.services.common.errors import InvalidArgumentError, PlauditError
+from plaudit.services.common.metrics import GrpcMetrics
+from plaudit.services.common.security.guard import AccessGuard
 
 log = logging.getLogger("plaudit.rpc")
 

@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from services.common.batching import BatchMetrics
+from plaudit.services.common.batching import BatchMetrics
 
 log = logging.getLogger(__name__)
 

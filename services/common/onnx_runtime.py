@@ -16,8 +16,8 @@ from typing import Any, Literal, Self
 
 import onnxruntime as ort
 
-from services.common.errors import FailedPreconditionError
-from services.common.registry import ModelManifest, ModelRegistry
+from plaudit.services.common.errors import FailedPreconditionError
+from plaudit.services.common.registry import ModelManifest, ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.textfmt import split_hh_dialogue
+from plaudit.services.common.textfmt import split_hh_dialogue
 
 
 @dataclass(frozen=True)

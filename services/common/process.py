@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 
-CLI = [sys.executable, "-m", "services.cli"]
+CLI = [sys.executable, "-m", "plaudit.cli"]
 
 
 def free_port() -> int:
@@ -62,7 +62,8 @@ def start_service(
 
     The child listens on 127.0.0.1 only; ``auth_disabled`` passes ``--auth-disabled`` (say
     False to have it read its API keys from the environment, PLAUDIT_API_KEYS...).
-    Wait with :func:`services.reward.client.wait_until_serving` on ``.address`` before calling.
+    Wait with :func:`plaudit.services.reward.client.wait_until_serving` on ``.address`` before
+    calling.
     """
     port, metrics_port = port or free_port(), metrics_port or free_port()
     command = [

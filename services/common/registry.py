@@ -49,8 +49,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, field_validator
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from services.common.settings import PlauditSettings
+from plaudit.services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from plaudit.services.common.settings import PlauditSettings
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Health (``grpc.health.v1``) starts NOT_SERVING for every service and is flipped by the owner
 when it can really answer; server reflection lists every service; one interceptor (API keys,
-roles, rate and in-flight limits, see :mod:`services.common.security`; errors and metrics) wraps
+roles, rate and in-flight limits, see :mod:`plaudit.services.common.security`; errors and metrics)
+wraps
 every other method; TLS or mutual TLS is served when configured; ``/metrics`` is served on its
 own port. :func:`wait_for_termination` turns SIGTERM/SIGINT into a graceful stop: health goes
 NOT_SERVING, new calls are refused, in-flight calls finish (up to the grace period), then the
@@ -21,19 +22,19 @@ from typing import Generic, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from plaudit.v1 import admin_pb2, admin_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from services.common.admin import AdminServicer
-from services.common.batching import BatchingConfig, DynamicBatcher
-from services.common.errors import UnavailableError
-from services.common.hotswap import ModelWatcher, SwapMetrics
-from services.common.interceptors import ServiceInterceptor
-from services.common.metrics import GrpcMetrics, MetricsHttpServer, ModelMetrics
-from services.common.onnx_runtime import OnnxModel
-from services.common.registry import ModelRegistry
-from services.common.security.guard import ServerSecurity
-from services.common.settings import ModelServingSettings
+from plaudit.services.common.admin import AdminServicer
+from plaudit.services.common.batching import BatchingConfig, DynamicBatcher
+from plaudit.services.common.errors import UnavailableError
+from plaudit.services.common.hotswap import ModelWatcher, SwapMetrics
+from plaudit.services.common.interceptors import ServiceInterceptor
+from plaudit.services.common.metrics import GrpcMetrics, MetricsHttpServer, ModelMetrics
+from plaudit.services.common.onnx_runtime import OnnxModel
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.common.security.guard import ServerSecurity
+from plaudit.services.common.settings import ModelServingSettings
+from plaudit.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 

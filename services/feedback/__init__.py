@@ -1,8 +1,12 @@
 """Feedback service, storage and domain layer: human preference feedback in, training data out.
 
-* :mod:`~services.feedback.domain` - the feedback kinds, their validation and derived judgements
-* :mod:`~services.feedback.quality` - consensus weights, agreement (kappa), outlier annotators
-* :mod:`~services.feedback.store` - :class:`~services.feedback.store.FeedbackStore` (SQLite or
+* :mod:`~plaudit.services.feedback.domain` - the feedback kinds, their validation and derived
+judgements
+* :mod:`~plaudit.services.feedback.quality` - consensus weights, agreement (kappa), outlier
+annotators
+* :mod:`~plaudit.services.feedback.store` - :class:`~plaudit.services.feedback.store.FeedbackStore`
+(SQLite or
   PostgreSQL): idempotent durable writes and resumable exports
-* :mod:`~services.feedback.tables`, :mod:`~services.feedback.migrate` - schema and migrations
+* :mod:`~plaudit.services.feedback.tables`, :mod:`~plaudit.services.feedback.migrate` - schema and
+migrations
 """

@@ -1,7 +1,7 @@
 """The feedback service's calls, gRPC and HTTP, and the role each needs (any other call is
 refused to every key)."""
 
-from services.common.security.guard import CallRoles
+from plaudit.services.common.security.guard import CallRoles
 
 CALL_ROLES: CallRoles = {
     "/plaudit.v1.FeedbackService/SubmitComparison": "submit_feedback",
@@ -12,7 +12,7 @@ CALL_ROLES: CallRoles = {
     "/plaudit.v1.FeedbackService/ExportPreferences": "read_feedback",
     "/plaudit.v1.FeedbackService/GetStats": "read_feedback",
 }
-ROUTE_ROLES: CallRoles = {  # the JSON API (services.feedback.http): METHOD /route
+ROUTE_ROLES: CallRoles = {  # the JSON API (plaudit.services.feedback.http): METHOD /route
     "POST /api/v1/comparisons": "submit_feedback",
     "POST /api/v1/rankings": "submit_feedback",
     "POST /api/v1/ratings": "submit_feedback",

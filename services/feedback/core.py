@@ -2,10 +2,11 @@
 
 gRPC requests, HTTP JSON bodies (read through the proto's JSON mapping into the same request
 messages) and, through the store, imported files all become domain events here; the store
-validates them (:func:`~services.feedback.domain.validate_event`, the one set of checks) and
+validates them (:func:`~plaudit.services.feedback.domain.validate_event`, the one set of checks) and
 :class:`FeedbackCore` commits them through the group-commit batcher, counting every outcome
-once. Refusals are domain errors (:mod:`services.common.errors`); gRPC maps them to statuses in
-its interceptor, HTTP in :func:`services.feedback.http.error_response`. Statistics have one
+once. Refusals are domain errors (:mod:`plaudit.services.common.errors`); gRPC maps them to
+statuses in
+its interceptor, HTTP in :func:`plaudit.services.feedback.http.error_response`. Statistics have one
 rendering, :func:`stats_json`, for GetStats, ``/api/v1/stats`` and the CLI.
 """
 
@@ -18,14 +19,19 @@ from typing import Any, TypeAlias
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from plaudit.v1 import feedback_pb2
 
-from services.common.batching import DynamicBatcher
-from services.common.errors import InvalidArgumentError, PlauditError
-from services.feedback.domain import EVENT_CLASSES, FeedbackEvent, FeedbackKind, SubmitResult
-from services.feedback.export import Stats
-from services.feedback.metrics import FeedbackMetrics
-from services.feedback.store import FeedbackStore
+from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.errors import InvalidArgumentError, PlauditError
+from plaudit.services.feedback.domain import (
+    EVENT_CLASSES,
+    FeedbackEvent,
+    FeedbackKind,
+    SubmitResult,
+)
+from plaudit.services.feedback.export import Stats
+from plaudit.services.feedback.metrics import FeedbackMetrics
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.v1 import feedback_pb2
 
 Outcome: TypeAlias = SubmitResult | PlauditError
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
 
-from services.common.errors import PlauditError, UnavailableError
+from plaudit.services.common.errors import PlauditError, UnavailableError
 
 log = logging.getLogger(__name__)
 

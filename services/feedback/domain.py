@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 
 import orjson
 
-from services.common.errors import InvalidArgumentError
+from plaudit.services.common.errors import InvalidArgumentError
 
 FeedbackKind = Literal["comparison", "ranking", "rating", "correction"]
 FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("comparison", "ranking", "rating", "correction")
@@ -581,7 +581,7 @@ def derive_judgements(
 class DerivedPair:
     """One training pair: the consensus of every vote on one unordered pair of completions.
 
-    ``weight`` is the majority share of the votes (see :mod:`services.feedback.quality`);
+    ``weight`` is the majority share of the votes (see :mod:`plaudit.services.feedback.quality`);
     ``agree``/``disagree`` count the annotators on each side. ``annotator_id``, ``source_kind``
     and ``feedback_id`` name the latest vote on the majority side. ``pair_key`` identifies the
     (prompt, unordered pair) so a reader can replace a pair that is exported again with new

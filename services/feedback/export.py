@@ -2,7 +2,8 @@
 
 :class:`FeedbackReader` opens the database for reading only (no migrations, no write lock, no
 writes: SQLite connections are ``query_only``, PostgreSQL transactions read-only); the trainer
-and ``plaudit up`` read through it, and :class:`~services.feedback.store.FeedbackStore` extends
+and ``plaudit up`` read through it, and :class:`~plaudit.services.feedback.store.FeedbackStore`
+extends
 it with writes.
 
 Export cursors. Because ids commit in order, a reader that has seen id N has seen every id below
@@ -11,17 +12,20 @@ watermark (the largest committed id) and reads pages of ids up to it; rows commi
 are read by the next call. A cursor is ``feedback_id << 20 | index`` of an item among those one
 row implies, so a reader can stop anywhere (even inside a ranking) and resume exactly after it.
 
-Pairs. Every judgement a row implies (see :func:`~services.feedback.domain.derive_judgements`)
+Pairs. Every judgement a row implies (see
+:func:`~plaudit.services.feedback.domain.derive_judgements`)
 is grouped with the other votes on the same (prompt, unordered pair); the group is exported once,
 at the position of its latest judgement, as the consensus of all votes up to the watermark (see
-:mod:`services.feedback.quality`). Reading from cursor 0 therefore yields every pair exactly once
+:mod:`plaudit.services.feedback.quality`). Reading from cursor 0 therefore yields every pair
+exactly once
 with its current weight; an incremental reader sees a pair again (same ``pair_key``) when a new
 vote arrives for it, with the updated weight and direction. Agreement statistics and outlier
 tests are computed over all rows up to the watermark and cached until new rows commit; with
 ``exclude_outliers`` each call uses the outliers of its own watermark, so an incremental reader
 should re-read from 0 when the outlier set changes (``outlier_annotators()`` tells).
 
-Any database failure is raised as :class:`~services.common.errors.UnavailableError`. Readers are
+Any database failure is raised as :class:`~plaudit.services.common.errors.UnavailableError`.
+Readers are
 thread-safe; their methods block.
 """
 
@@ -36,15 +40,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL as SqlUrl
 from sqlalchemy.engine import Connection
 
-from services.common.errors import InvalidArgumentError, NotFoundError
-from services.feedback.db import (
+from plaudit.services.common.errors import InvalidArgumentError, NotFoundError
+from plaudit.services.feedback.db import (
     DEFAULT_FEEDBACK_URL,
     POSTGRES_CONNECT_TIMEOUT_S,
     create_feedback_engine,
     database_errors,
     normalize_url,
 )
-from services.feedback.domain import (
+from plaudit.services.feedback.domain import (
     Correction,
     DerivedPair,
     Rating,
@@ -57,7 +61,7 @@ from services.feedback.domain import (
     event_from_payload,
     text_hash,
 )
-from services.feedback.quality import (
+from plaudit.services.feedback.quality import (
     AgreementReport,
     PairConsensus,
     agreement_report,
@@ -65,7 +69,7 @@ from services.feedback.quality import (
     group_key,
     pair_key,
 )
-from services.feedback.tables import FeedbackRow
+from plaudit.services.feedback.tables import FeedbackRow
 
 _FEEDBACK = cast(sa.Table, FeedbackRow.__table__)
 _EVENT_COLUMNS = (

@@ -12,20 +12,21 @@ Routes (JSON in and out; ``docs/labelling.md`` has examples):
 * ``POST /api/v1/tasks`` - queue tasks: ``{"tasks": [{"prompt", "completions", "key"?,
   "metadata"?, "source"?}]}``; all or nothing.
 * ``GET /api/v1/tasks/next?annotator_id=A`` - the next task for A (see
-  :mod:`services.feedback.tasks`), ``{"task": null, ...}`` when there is none.
+  :mod:`plaudit.services.feedback.tasks`), ``{"task": null, ...}`` when there is none.
 * ``GET /api/v1/tasks/{id}``, ``POST /api/v1/tasks/{id}/skip`` (``{"annotator_id"}``).
 * ``GET /api/v1/stats`` - what gRPC ``GetStats`` reports, plus the task queue's counts.
 
 Submissions are read through the proto's JSON mapping into the gRPC request of their kind and go
-through the same :class:`~services.feedback.core.FeedbackCore` as gRPC (same validation, same
+through the same :class:`~plaudit.services.feedback.core.FeedbackCore` as gRPC (same validation,
+same
 group-commit batcher), so idempotency and durability are the same. Errors are the domain's
 :class:`PlauditError` s, mapped to HTTP in one place (:func:`error_response`):
 ``{"error": {"code": "INVALID_ARGUMENT", "field": "chosen", "message": "chosen: must not be
 empty or whitespace only"}}`` with 400, and likewise 404, 409, 429, 503. Every ``/api/``
 request first passes the authenticator: :func:`api_key_authenticator` (the
 ``Authorization: Bearer <key>`` header, checked by the gRPC server's own
-:class:`~services.common.security.guard.AccessGuard`: same keys and rate limits, roles from
-:data:`~services.feedback.access.ROUTE_ROLES`), or :func:`allow_all` with ``auth_disabled``.
+:class:`~plaudit.services.common.security.guard.AccessGuard`: same keys and rate limits, roles from
+:data:`~plaudit.services.feedback.access.ROUTE_ROLES`), or :func:`allow_all` with ``auth_disabled``.
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ from typing import Any
 
 from aiohttp import web
 
-from services.common.batching import DynamicBatcher
-from services.common.errors import HTTP_STATUS, InvalidArgumentError, PlauditError
-from services.common.security.guard import AccessGuard
-from services.common.security.keys import Principal
-from services.feedback.access import ROUTE_ROLES
-from services.feedback.core import REQUEST_OF_KIND, FeedbackCore, event_from_json, stats_json
-from services.feedback.domain import (
+from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.errors import HTTP_STATUS, InvalidArgumentError, PlauditError
+from plaudit.services.common.security.guard import AccessGuard
+from plaudit.services.common.security.keys import Principal
+from plaudit.services.feedback.access import ROUTE_ROLES
+from plaudit.services.feedback.core import (
+    REQUEST_OF_KIND,
+    FeedbackCore,
+    event_from_json,
+    stats_json,
+)
+from plaudit.services.feedback.domain import (
     Comparison,
     FeedbackEvent,
     FeedbackKind,
@@ -56,11 +62,11 @@ from services.feedback.domain import (
     Ranking,
     SubmitResult,
 )
-from services.feedback.metrics import FeedbackMetrics
-from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore
-from services.feedback.task_store import TaskStats
-from services.feedback.tasks import TaskPick, TaskPicker
+from plaudit.services.feedback.metrics import FeedbackMetrics
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.feedback.task_store import TaskStats
+from plaudit.services.feedback.tasks import TaskPick, TaskPicker
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,7 @@ def error_json(status: int, code: str, message: str, field: str | None = None) -
 
 def error_response(exc: PlauditError) -> web.Response:
     """The HTTP answer to a domain error: its status from
-    :data:`~services.common.errors.HTTP_STATUS`, JSON body."""
+    :data:`~plaudit.services.common.errors.HTTP_STATUS`, JSON body."""
     field = exc.field if isinstance(exc, InvalidArgumentError) else None
     return error_json(HTTP_STATUS.get(exc.code, 500), exc.code.name, exc.message, field)
 
@@ -121,7 +127,8 @@ async def allow_all(request: web.Request) -> None:
 
 def api_key_authenticator(guard: AccessGuard) -> Authenticator:
     """Admit requests through ``guard`` (the gRPC server's keys and rate buckets), deciding the
-    routes of :data:`~services.feedback.access.ROUTE_ROLES`: ``Authorization: Bearer <key>``, the
+    routes of :data:`~plaudit.services.feedback.access.ROUTE_ROLES`: ``Authorization: Bearer
+    <key>``, the
     role it names for ``METHOD /route``, the key's rate limit. A path that matches no route only
     needs a valid key (then it is 404)."""
     guard = guard.for_calls(ROUTE_ROLES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.batching import BatchMetrics
+from plaudit.services.common.batching import BatchMetrics
 
 
 class FeedbackMetrics:

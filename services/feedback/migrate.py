@@ -7,7 +7,7 @@ starting at once on an empty database migrate it exactly once.
 To write a new migration against a development database::
 
     from alembic import command
-    from services.feedback.migrate import alembic_config
+    from plaudit.services.feedback.migrate import alembic_config
     command.revision(alembic_config("sqlite:///dev.db"), "add x", autogenerate=True)
 """
 
@@ -22,7 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from services.feedback.db import normalize_url, write_transaction
+from plaudit.services.feedback.db import normalize_url, write_transaction
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 VERSION_TABLE = "feedback_alembic_version"

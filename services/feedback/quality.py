@@ -36,7 +36,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.feedback.domain import Judgement
+from plaudit.services.feedback.domain import Judgement
 
 GroupKey = tuple[str, str, str]
 """(prompt, first, second) with ``first < second``."""

@@ -1,7 +1,7 @@
 """The feedback service process: store, group-commit batcher, servicer, health that tells the truth.
 
 Beside gRPC it serves the labelling page and a JSON API over HTTP (``http_port``) on the same
-event loop, through the same store and batcher (see :mod:`services.feedback.http`).
+event loop, through the same store and batcher (see :mod:`plaudit.services.feedback.http`).
 
 Health is NOT_SERVING until the database answers and its schema is migrated; a probe keeps it
 honest afterwards (a database outage flips it to NOT_SERVING and back when the database returns),
@@ -15,21 +15,20 @@ import contextlib
 import functools
 import logging
 
+from plaudit.services.common.batching import BatchingConfig, DynamicBatcher
+from plaudit.services.common.errors import PlauditError, UnavailableError
+from plaudit.services.common.security.guard import ServerSecurity
+from plaudit.services.common.server import GrpcService, wait_for_termination
+from plaudit.services.feedback.access import CALL_ROLES
+from plaudit.services.feedback.core import Outcome, commit_events
+from plaudit.services.feedback.domain import FeedbackEvent, FeedbackLimits
+from plaudit.services.feedback.http import allow_all, api_key_authenticator, feedback_http_server
+from plaudit.services.feedback.metrics import FeedbackMetrics
+from plaudit.services.feedback.servicer import FeedbackServicer
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.feedback.tasks import TaskPicker
 from plaudit.v1 import feedback_pb2_grpc
-
-from services.common.batching import BatchingConfig, DynamicBatcher
-from services.common.errors import PlauditError, UnavailableError
-from services.common.security.guard import ServerSecurity
-from services.common.server import GrpcService, wait_for_termination
-from services.feedback.access import CALL_ROLES
-from services.feedback.core import Outcome, commit_events
-from services.feedback.domain import FeedbackEvent, FeedbackLimits
-from services.feedback.http import allow_all, api_key_authenticator, feedback_http_server
-from services.feedback.metrics import FeedbackMetrics
-from services.feedback.servicer import FeedbackServicer
-from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore
-from services.feedback.tasks import TaskPicker
 
 log = logging.getLogger(__name__)
 

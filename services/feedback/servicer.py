@@ -17,15 +17,15 @@ from dataclasses import asdict
 from typing import Any
 
 import grpc
-from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 
-from services.common.batching import DynamicBatcher
-from services.common.errors import InvalidArgumentError, PlauditError
-from services.feedback.core import FeedbackCore, Outcome, event_from_proto, stats_to_proto
-from services.feedback.domain import DerivedPair, FeedbackEvent
-from services.feedback.metrics import FeedbackMetrics
-from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore
+from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.errors import InvalidArgumentError, PlauditError
+from plaudit.services.feedback.core import FeedbackCore, Outcome, event_from_proto, stats_to_proto
+from plaudit.services.feedback.domain import DerivedPair, FeedbackEvent
+from plaudit.services.feedback.metrics import FeedbackMetrics
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 
 
 def parse_cursor(cursor: str) -> int:

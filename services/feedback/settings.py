@@ -6,9 +6,9 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from services.common.security.client import ClientSecuritySettings
-from services.common.security.guard import ServerSecuritySettings
-from services.feedback.db import DEFAULT_FEEDBACK_URL
+from plaudit.services.common.security.client import ClientSecuritySettings
+from plaudit.services.common.security.guard import ServerSecuritySettings
+from plaudit.services.feedback.db import DEFAULT_FEEDBACK_URL
 
 
 class FeedbackSettings(ServerSecuritySettings, ClientSecuritySettings):

@@ -7,17 +7,19 @@ consecutive ids taken from the sequence row, advances it and commits. Writers ar
 from the lock to the commit, so:
 
 * ids are assigned and become visible in the same order (no gaps: a rolled-back writer rolls
-  back its ids too), which is what export cursors rely on (see :mod:`services.feedback.export`);
+  back its ids too), which is what export cursors rely on (see
+  :mod:`plaudit.services.feedback.export`);
 * a key seen again (a retry, a repeat within one batch, or a concurrent writer racing with it)
   resolves to the first event's id, and stores nothing new. Should a unique violation still
   happen (a writer that bypasses the lock), the transaction is retried and the key resolves then;
 * the same key with different content (its sha256 ``content_hash`` differs) is refused with
   ALREADY_EXISTS naming ``idempotency_key``.
 
-Any database failure is raised as :class:`~services.common.errors.UnavailableError`. The store is
+Any database failure is raised as :class:`~plaudit.services.common.errors.UnavailableError`. The
+store is
 thread-safe; its methods block (the async servicer calls them in a worker thread). The queue of
 labelling tasks lives in the same database: :attr:`FeedbackStore.tasks`
-(:mod:`services.feedback.task_store`).
+(:mod:`plaudit.services.feedback.task_store`).
 """
 
 from __future__ import annotations
@@ -33,20 +35,20 @@ from alembic.util.exc import CommandError
 from sqlalchemy.engine import URL as SqlUrl
 from sqlalchemy.engine import Connection
 
-from services.common.errors import (
+from plaudit.services.common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     PlauditError,
 )
-from services.feedback.db import (
+from plaudit.services.feedback.db import (
     DEFAULT_FEEDBACK_URL,
     POSTGRES_CONNECT_TIMEOUT_S,
     database_errors,
     is_sqlite,
     write_with_retry,
 )
-from services.feedback.domain import (
+from plaudit.services.feedback.domain import (
     DEFAULT_LIMITS,
     FeedbackEvent,
     FeedbackLimits,
@@ -56,10 +58,10 @@ from services.feedback.domain import (
     text_hash,
     validate_event,
 )
-from services.feedback.export import KEY_CHUNK, FeedbackReader, chunks
-from services.feedback.migrate import upgrade_to_head
-from services.feedback.tables import SEQUENCE_NAME, FeedbackRow, FeedbackSequence
-from services.feedback.task_store import TaskStore
+from plaudit.services.feedback.export import KEY_CHUNK, FeedbackReader, chunks
+from plaudit.services.feedback.migrate import upgrade_to_head
+from plaudit.services.feedback.tables import SEQUENCE_NAME, FeedbackRow, FeedbackSequence
+from plaudit.services.feedback.task_store import TaskStore
 
 _FEEDBACK = cast(sa.Table, FeedbackRow.__table__)
 _SEQUENCE = cast(sa.Table, FeedbackSequence.__table__)

@@ -4,11 +4,11 @@
 (``payload``). Ids are not drawn from a database sequence: a writer takes the next ids from the
 single-row ``feedback_sequence`` table, whose row lock it holds until commit, so ids are assigned
 and committed in the same order. That makes ``id`` a safe export cursor: once a reader sees id N,
-no row with a smaller id can appear later (see :mod:`services.feedback.store`).
+no row with a smaller id can appear later (see :mod:`plaudit.services.feedback.store`).
 
 ``labelling_task`` is the queue of prompts with candidate completions that the labelling page
 serves; ``labelling_assignment`` records, per task and annotator, a lease (``assigned``), a label
-(``labelled``, with the feedback id) or a skip (see :mod:`services.feedback.task_store`).
+(``labelled``, with the feedback id) or a skip (see :mod:`plaudit.services.feedback.task_store`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from services.feedback.domain import FEEDBACK_KINDS
+from plaudit.services.feedback.domain import FEEDBACK_KINDS
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

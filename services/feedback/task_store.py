@@ -13,7 +13,8 @@ setting applies to queued tasks too). Per task and annotator, ``labelling_assign
 
 Claims and labels lock the task row (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN
 IMMEDIATE`` on SQLite) so the count of leases and labels is checked and changed atomically.
-Every database failure is raised as :class:`~services.common.errors.UnavailableError`. Methods
+Every database failure is raised as :class:`~plaudit.services.common.errors.UnavailableError`.
+Methods
 block; the async callers run them in worker threads.
 """
 
@@ -27,10 +28,10 @@ from typing import Any, TypeVar, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from services.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from services.feedback.db import database_errors, write_with_retry
-from services.feedback.domain import FeedbackLimits, LabellingTask, NewTask, validate_task
-from services.feedback.tables import LabellingTaskRow, TaskAssignmentRow
+from plaudit.services.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from plaudit.services.feedback.db import database_errors, write_with_retry
+from plaudit.services.feedback.domain import FeedbackLimits, LabellingTask, NewTask, validate_task
+from plaudit.services.feedback.tables import LabellingTaskRow, TaskAssignmentRow
 
 _TASK = cast(sa.Table, LabellingTaskRow.__table__)
 _ASSIGN = cast(sa.Table, TaskAssignmentRow.__table__)

@@ -31,17 +31,22 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import grpc
-from plaudit.v1 import generation_pb2, generation_pb2_grpc
 
-from services.common.errors import AlreadyExistsError, InvalidArgumentError
-from services.common.preference_files import read_prompts
-from services.common.security.client import INSECURE, ClientCredentials
-from services.feedback.domain import LabellingTask, NewTask, validate_identifier, validate_task
-from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore
-from services.feedback.task_store import TaskStats
-from services.generation.client import generate_request
-from services.reward.client import AsyncRewardClient
+from plaudit.services.common.errors import AlreadyExistsError, InvalidArgumentError
+from plaudit.services.common.preference_files import read_prompts
+from plaudit.services.common.security.client import INSECURE, ClientCredentials
+from plaudit.services.feedback.domain import (
+    LabellingTask,
+    NewTask,
+    validate_identifier,
+    validate_task,
+)
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.feedback.task_store import TaskStats
+from plaudit.services.generation.client import generate_request
+from plaudit.services.reward.client import AsyncRewardClient
+from plaudit.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import IO, Any, Literal
 
 from tqdm import tqdm
 
-from services.common.errors import PlauditError
-from services.common.preference_files import RankedCompletions, parse_record
-from services.feedback.core import event_from_json
-from services.feedback.domain import DerivedPair, FeedbackEvent
-from services.feedback.store import FeedbackStore
+from plaudit.services.common.errors import PlauditError
+from plaudit.services.common.preference_files import RankedCompletions, parse_record
+from plaudit.services.feedback.core import event_from_json
+from plaudit.services.feedback.domain import DerivedPair, FeedbackEvent
+from plaudit.services.feedback.store import FeedbackStore
 
 IMPORT_CHUNK = 500
 
@@ -36,7 +36,7 @@ class ImportSummary:
 
 def line_to_event(record: Any, default_annotator: str) -> FeedbackEvent:
     """One parsed JSON line as a feedback event with a content-derived idempotency key, built
-    like an HTTP submission (:func:`~services.feedback.core.event_from_json`)."""
+    like an HTTP submission (:func:`~plaudit.services.feedback.core.event_from_json`)."""
     parsed = parse_record(record)
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:40]
     fields: dict[str, Any] = {

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from plaudit.services.common.security.client import INSECURE, ClientCredentials
 from plaudit.v1 import generation_pb2, generation_pb2_grpc
-
-from services.common.security.client import INSECURE, ClientCredentials
 
 
 def generate_request(

@@ -1,4 +1,4 @@
-"""The generation engine: the live policy (:mod:`services.runtime.policy_model`) generating
+"""The generation engine: the live policy (:mod:`plaudit.services.runtime.policy_model`) generating
 flushed batches."""
 
 from __future__ import annotations
@@ -6,9 +6,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from services.common.errors import PlauditError
-from services.common.server import LiveModel
-from services.runtime.policy_model import GenerateJob, GenerateResult, LoadedPolicy, generate_jobs
+from plaudit.services.common.errors import PlauditError
+from plaudit.services.common.server import LiveModel
+from plaudit.services.runtime.policy_model import (
+    GenerateJob,
+    GenerateResult,
+    LoadedPolicy,
+    generate_jobs,
+)
 
 
 class GenerationEngine(LiveModel[LoadedPolicy]):
@@ -23,7 +28,7 @@ class GenerationEngine(LiveModel[LoadedPolicy]):
 
     def process(self, jobs: Sequence[GenerateJob]) -> list[GenerateResult | PlauditError]:
         """Generate every job of a flush with one model snapshot (see
-        :func:`services.runtime.policy_model.generate_jobs`)."""
+        :func:`plaudit.services.runtime.policy_model.generate_jobs`)."""
         return generate_jobs(self.require_model(), jobs, self.max_new_tokens)
 
 

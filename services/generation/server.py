@@ -1,23 +1,23 @@
-"""Wiring of the generation service: :class:`services.common.server.ModelServer` with the
+"""Wiring of the generation service: :class:`plaudit.services.common.server.ModelServer` with the
 generation engine and servicer, and the reward service as an optional reranker."""
 
 from __future__ import annotations
 
 import grpc
-from plaudit.v1 import generation_pb2, generation_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from services.common.batching import BatchingConfig
-from services.common.errors import PlauditError
-from services.common.security.guard import ServerSecurity
-from services.common.server import ModelServer
-from services.generation.access import CALL_ROLES
-from services.generation.engine import GenerationEngine
-from services.generation.metrics import GenerationMetrics
-from services.generation.servicer import GenerationServicer
-from services.generation.settings import GenerationSettings
-from services.reward.client import AsyncRewardClient
-from services.runtime.policy_model import GenerateJob, GenerateResult, LoadedPolicy
+from plaudit.services.common.batching import BatchingConfig
+from plaudit.services.common.errors import PlauditError
+from plaudit.services.common.security.guard import ServerSecurity
+from plaudit.services.common.server import ModelServer
+from plaudit.services.generation.access import CALL_ROLES
+from plaudit.services.generation.engine import GenerationEngine
+from plaudit.services.generation.metrics import GenerationMetrics
+from plaudit.services.generation.servicer import GenerationServicer
+from plaudit.services.generation.settings import GenerationSettings
+from plaudit.services.reward.client import AsyncRewardClient
+from plaudit.services.runtime.policy_model import GenerateJob, GenerateResult, LoadedPolicy
+from plaudit.v1 import generation_pb2, generation_pb2_grpc
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 

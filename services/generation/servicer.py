@@ -10,16 +10,25 @@ from __future__ import annotations
 import math
 
 import grpc
-from plaudit.v1 import generation_pb2, generation_pb2_grpc
 
-from services.common.batching import DynamicBatcher
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, PlauditError
-from services.common.textfmt import messages_to_dialogue
-from services.generation.engine import GenerationEngine, estimate_cost
-from services.generation.metrics import GenerationMetrics
-from services.generation.settings import GenerationSettings
-from services.reward.client import AsyncRewardClient, domain_error
-from services.runtime.policy_model import FinishReason, GenerateJob, GenerateResult, SamplingParams
+from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PlauditError,
+)
+from plaudit.services.common.textfmt import messages_to_dialogue
+from plaudit.services.generation.engine import GenerationEngine, estimate_cost
+from plaudit.services.generation.metrics import GenerationMetrics
+from plaudit.services.generation.settings import GenerationSettings
+from plaudit.services.reward.client import AsyncRewardClient, domain_error
+from plaudit.services.runtime.policy_model import (
+    FinishReason,
+    GenerateJob,
+    GenerateResult,
+    SamplingParams,
+)
+from plaudit.v1 import generation_pb2, generation_pb2_grpc
 
 ROLES = ("system", "user", "assistant")
 _FINISH = {

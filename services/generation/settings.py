@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from services.common.registry import RegistryLocationSettings
-from services.common.security.client import ClientSecuritySettings
-from services.common.security.guard import ServerSecuritySettings
-from services.common.settings import ModelServingSettings, port_field
+from plaudit.services.common.registry import RegistryLocationSettings
+from plaudit.services.common.security.client import ClientSecuritySettings
+from plaudit.services.common.security.guard import ServerSecuritySettings
+from plaudit.services.common.settings import ModelServingSettings, port_field
 
 
 class GenerationSettings(

@@ -10,15 +10,15 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
-from services.common.errors import (
+from plaudit.services.common.errors import (
     FailedPreconditionError,
     PlauditError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from services.common.security.client import INSECURE, ClientCredentials
+from plaudit.services.common.security.client import INSECURE, ClientCredentials
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 

@@ -1,4 +1,4 @@
-"""The reward engine: the live version (:mod:`services.runtime.reward_model`) scoring batches.
+"""The reward engine: the live version (:mod:`~plaudit.services.runtime.reward_model`) scoring.
 
 Batches arrive from the dynamic batcher as whole requests (:class:`ScoreJob`). All items of a
 flush are tokenized together, sorted by length and cut into groups whose padded size stays under
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import FailedPreconditionError
-from services.common.server import LiveModel
-from services.runtime.reward_model import LoadedRewardModel
+from plaudit.services.common.errors import FailedPreconditionError
+from plaudit.services.common.server import LiveModel
+from plaudit.services.runtime.reward_model import LoadedRewardModel
 
 
 @dataclass(frozen=True)

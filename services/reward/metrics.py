@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
-from services.common.metrics import ModelMetrics
+from plaudit.services.common.metrics import ModelMetrics
 
 
 class RewardMetrics(ModelMetrics):

@@ -1,21 +1,21 @@
-"""Wiring of the reward service: :class:`services.common.server.ModelServer` with the reward
+"""Wiring of the reward service: :class:`plaudit.services.common.server.ModelServer` with the reward
 engine and servicer."""
 
 from __future__ import annotations
 
 import grpc
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from services.common.batching import BatchingConfig
-from services.common.security.guard import ServerSecurity
-from services.common.server import ModelServer
-from services.reward.access import CALL_ROLES
-from services.reward.engine import RewardEngine, ScoreJob, ScoreResult
-from services.reward.metrics import RewardMetrics
-from services.reward.servicer import RewardServicer
-from services.reward.settings import RewardSettings
-from services.runtime.reward_model import LoadedRewardModel
+from plaudit.services.common.batching import BatchingConfig
+from plaudit.services.common.security.guard import ServerSecurity
+from plaudit.services.common.server import ModelServer
+from plaudit.services.reward.access import CALL_ROLES
+from plaudit.services.reward.engine import RewardEngine, ScoreJob, ScoreResult
+from plaudit.services.reward.metrics import RewardMetrics
+from plaudit.services.reward.servicer import RewardServicer
+from plaudit.services.reward.settings import RewardSettings
+from plaudit.services.runtime.reward_model import LoadedRewardModel
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 

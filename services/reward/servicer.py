@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
-from services.common.batching import DynamicBatcher
-from services.common.errors import InvalidArgumentError, UnavailableError
-from services.reward.engine import RewardEngine, ScoreJob, ScoreResult, estimate_tokens
-from services.reward.metrics import RewardMetrics
-from services.reward.settings import RewardSettings
+from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.errors import InvalidArgumentError, UnavailableError
+from plaudit.services.reward.engine import RewardEngine, ScoreJob, ScoreResult, estimate_tokens
+from plaudit.services.reward.metrics import RewardMetrics
+from plaudit.services.reward.settings import RewardSettings
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 _STANDARDIZE: dict[int, bool | None] = {
     reward_pb2.NORMALIZATION_UNSPECIFIED: None,

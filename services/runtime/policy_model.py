@@ -29,15 +29,15 @@ import jinja2
 import numpy as np
 import onnxruntime as ort
 
-from services.common.errors import (
+from plaudit.services.common.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     PlauditError,
 )
-from services.common.onnx_runtime import OnnxModel
-from services.common.registry import GenerationConfig, ModelManifest
-from services.common.textfmt import PromptFormatter, TextFormat
-from services.runtime.contract import (
+from plaudit.services.common.onnx_runtime import OnnxModel
+from plaudit.services.common.registry import GenerationConfig, ModelManifest
+from plaudit.services.common.textfmt import PromptFormatter, TextFormat
+from plaudit.services.runtime.contract import (
     LOGITS,
     POLICY_INPUTS,
     TOKENIZER_FILE,

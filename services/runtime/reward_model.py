@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from services.common.onnx_runtime import CPU, OnnxModel
-from services.common.registry import ModelManifest
-from services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
-from services.runtime.contract import TOKENIZER_FILE
+from plaudit.services.common.onnx_runtime import CPU, OnnxModel
+from plaudit.services.common.registry import ModelManifest
+from plaudit.services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
+from plaudit.services.runtime.contract import TOKENIZER_FILE
 
 # Padded tokens per ONNX Runtime call. On CPU small calls stay cache-resident: on the shared HH
 # pairs 256 scores 66 items/s vs 54 at 1024 and 39 at 2048 (bench/bench_reward.py, 2 cores).

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from pydantic import Field, SecretStr, model_validator
 
-from services.common.settings import PlauditSettings
+from plaudit.services.common.settings import PlauditSettings
 
 
 class ClientSecuritySettings(PlauditSettings):

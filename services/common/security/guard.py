@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import Field
 
-from services.common.errors import FailedPreconditionError, PermissionDeniedError
-from services.common.security.keys import (
+from plaudit.services.common.errors import FailedPreconditionError, PermissionDeniedError
+from plaudit.services.common.security.keys import (
     ANONYMOUS,
     ApiKeyEntries,
     KeyStore,
@@ -21,8 +21,8 @@ from services.common.security.keys import (
     load_keys_file,
     parse_bearer,
 )
-from services.common.security.limits import InFlightLimit, RateLimiter
-from services.common.security.tls import ServerTlsSettings, TlsFiles
+from plaudit.services.common.security.limits import InFlightLimit, RateLimiter
+from plaudit.services.common.security.tls import ServerTlsSettings, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class AccessGuard:
 
 
 class ServerSecuritySettings(ServerTlsSettings):
-    """Authentication, limits and TLS of a service's server (:mod:`services.common.security`)."""
+    """Authentication, limits and TLS of a server (:mod:`~plaudit.services.common.security`)."""
 
     auth_disabled: bool = Field(
         False, description="serve without authentication: anyone may call everything (WARNING)"
@@ -98,7 +98,7 @@ class ServerSecuritySettings(ServerTlsSettings):
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    """What :class:`~services.common.server.GrpcService` enforces, built from settings."""
+    """What :class:`~plaudit.services.common.server.GrpcService` enforces, built from settings."""
 
     guard: AccessGuard
     tls: TlsFiles | None = None

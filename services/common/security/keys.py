@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from services.common.errors import UnauthenticatedError
+from plaudit.services.common.errors import UnauthenticatedError
 
 Role = Literal["score", "generate", "submit_feedback", "read_feedback", "admin"]
 """Roles are independent: none implies another (``admin`` is only AdminService)."""

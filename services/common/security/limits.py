@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from services.common.errors import ResourceExhaustedError
+from plaudit.services.common.errors import ResourceExhaustedError
 
 
 class RateLimiter:

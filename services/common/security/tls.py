@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from pydantic import Field, model_validator
 
-from services.common.settings import PlauditSettings
+from plaudit.services.common.settings import PlauditSettings
 
 
 @dataclass(frozen=True)

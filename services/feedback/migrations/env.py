@@ -9,8 +9,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from services.feedback.migrate import VERSION_TABLE
-from services.feedback.tables import Base
+from plaudit.services.feedback.migrate import VERSION_TABLE
+from plaudit.services.feedback.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -45,7 +45,7 @@ def run_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    from services.feedback.db import create_feedback_engine
+    from plaudit.services.feedback.db import create_feedback_engine
 
     engine = create_feedback_engine(config.get_main_option("sqlalchemy.url") or "")
     try:

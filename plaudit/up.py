@@ -26,13 +26,13 @@ from typing import Any
 
 from pydantic import Field
 
-from services.common.admin import notify_reload
-from services.common.process import CLI, ServiceProcess, start_service
-from services.common.registry import ModelRegistry
-from services.common.security.client import ClientSecuritySettings
-from services.common.server import wait_for_termination
-from services.feedback.export import FeedbackReader
-from services.reward.client import wait_until_serving
+from plaudit.services.common.admin import notify_reload
+from plaudit.services.common.process import CLI, ServiceProcess, start_service
+from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.common.security.client import ClientSecuritySettings
+from plaudit.services.common.server import wait_for_termination
+from plaudit.services.feedback.export import FeedbackReader
+from plaudit.services.reward.client import wait_until_serving
 
 log = logging.getLogger(__name__)
 

@@ -18,23 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 from pydantic import Field
 
-from services.common.preference_files import PreferencePair, read_pairs
-from services.common.process import CLI
-from services.common.registry import ModelManifest, ModelRegistry
-from services.common.security.client import ClientCredentials, ClientSecuritySettings
-from services.reward.client import RewardClient, wait_until_serving
+from plaudit.services.common.preference_files import PreferencePair, read_pairs
+from plaudit.services.common.process import CLI
+from plaudit.services.common.registry import ModelManifest, ModelRegistry
+from plaudit.services.common.security.client import ClientCredentials, ClientSecuritySettings
+from plaudit.services.reward.client import RewardClient, wait_until_serving
+from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 
-DEFAULT_DATA = Path("../shared/data/hh-harmless/pairs.jsonl")
+# 1,800 HH-RLHF harmless pairs shipped with Plaudit (MIT, Anthropic; see data/hh-harmless/).
+HH_PAIRS = Path(__file__).resolve().parent / "data" / "hh-harmless" / "pairs.jsonl"
 PROBES = 3
 
 
 class DemoSettings(ClientSecuritySettings):
     """What to feed and where; ``api_key`` (roles submit_feedback, score) for secured services."""
 
-    data: Path = Field(DEFAULT_DATA, description="HH-RLHF or prompt/chosen/rejected JSONL")
+    data: Path = Field(HH_PAIRS, description="HH-RLHF or prompt/chosen/rejected JSONL")
     home: Path = Field(Path(".plaudit"), description="plaudit up's folder (registry, database)")
     feedback_addr: str = Field("127.0.0.1:50052", description="feedback service address")
     reward_addr: str = Field("127.0.0.1:50051", description="reward service address")

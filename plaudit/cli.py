@@ -1,7 +1,7 @@
 """The ``plaudit`` command line.
 
 Each command imports only what it needs: ``serve`` never imports torch or the trainer; ``export``
-and ``train`` do. ``train reward`` also runs under ``torchrun --nproc-per-node N -m services.cli``.
+and ``train`` do. ``train reward`` also runs under ``torchrun --nproc-per-node N -m plaudit.cli``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.common.logging import configure_logging
-from services.common.registry import RegistryLocationSettings
-from services.common.security.client import ClientCredentials, ClientSecuritySettings
-from services.common.security.keys import ROLES
-from services.common.settings import PlauditSettings, add_settings_arguments, settings_from_args
-from trainer.config import RewardTrainingConfig  # pydantic models: no torch import
-from trainer.policy_config import CONFIGS as POLICY_CONFIGS
-from trainer.policy_config import (
+from plaudit.services.common.logging import configure_logging
+from plaudit.services.common.registry import RegistryLocationSettings
+from plaudit.services.common.security.client import ClientCredentials, ClientSecuritySettings
+from plaudit.services.common.security.keys import ROLES
+from plaudit.services.common.settings import (
+    PlauditSettings,
+    add_settings_arguments,
+    settings_from_args,
+)
+from plaudit.trainer.config import RewardTrainingConfig  # pydantic models: no torch import
+from plaudit.trainer.policy_config import CONFIGS as POLICY_CONFIGS
+from plaudit.trainer.policy_config import (
     DPOFields,
     PolicyConfig,
     PolicyMethod,
@@ -36,7 +40,7 @@ from trainer.policy_config import (
 )
 
 if typing.TYPE_CHECKING:
-    from trainer.reward import PairSource
+    from plaudit.trainer.reward import PairSource
 
 _POLICY_FIELDS = {name for cls in POLICY_CONFIGS.values() for name in cls.model_fields}
 
@@ -206,9 +210,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_feedback(args: argparse.Namespace) -> int:
-    from services.feedback.core import stats_json
-    from services.feedback.store import FeedbackStore
-    from services.feedback.transfer import export_pairs, import_file
+    from plaudit.services.feedback.core import stats_json
+    from plaudit.services.feedback.store import FeedbackStore
+    from plaudit.services.feedback.transfer import export_pairs, import_file
 
     settings = settings_from_args(FeedbackFileSettings, args)
     configure_logging(settings.log_level, "text")
@@ -245,7 +249,7 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
     settings = settings_from_args(ExportSettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from trainer.export import ExportConfig, export_reward
+    from plaudit.trainer.export import ExportConfig, export_reward
 
     cfg = ExportConfig(
         checkpoint=settings.checkpoint,
@@ -277,7 +281,7 @@ def _cmd_export_policy(args: argparse.Namespace) -> int:
     settings = settings_from_args(ExportPolicySettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from trainer.policy_export import export_policy_checkpoint
+    from plaudit.trainer.policy_export import export_policy_checkpoint
 
     manifest = export_policy_checkpoint(
         settings.checkpoint,
@@ -302,9 +306,8 @@ def _cmd_export_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from plaudit.services.generation.client import GenerationClient
     from plaudit.v1 import generation_pb2
-
-    from services.generation.client import GenerationClient
 
     settings = settings_from_args(GenerateClientSettings, args)
     fields = settings.model_dump(
@@ -329,7 +332,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _pair_source(settings: TrainRunSettings) -> PairSource:
-    from trainer.reward import PairSource
+    from plaudit.trainer.reward import PairSource
 
     return PairSource(
         files=tuple(settings.data),
@@ -344,7 +347,7 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     settings = settings_from_args(TrainRewardSettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from trainer.reward import PublishOptions, train_reward
+    from plaudit.trainer.reward import PublishOptions, train_reward
 
     fields = set(RewardTrainingConfig.model_fields)
     result = train_reward(
@@ -369,7 +372,7 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
     settings = settings_from_args(TrainPolicySettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from trainer.policy import PolicyPublishOptions, train_policy
+    from plaudit.trainer.policy import PolicyPublishOptions, train_policy
 
     result = train_policy(
         settings.policy_config(),
@@ -414,7 +417,7 @@ def _notify(addresses: str, out: typing.TextIO, credentials: ClientCredentials) 
     """Tell serving processes to pick up the promotion now; 1 if any could not make it live."""
     import grpc
 
-    from services.common.admin import notify_reload
+    from plaudit.services.common.admin import notify_reload
 
     failed = 0
     for address in filter(None, (a.strip() for a in addresses.split(","))):
@@ -433,7 +436,7 @@ def _notify(addresses: str, out: typing.TextIO, credentials: ClientCredentials) 
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from services.reward.client import RewardClient
+    from plaudit.services.reward.client import RewardClient
 
     settings = settings_from_args(ClientSettings, args)
     with RewardClient(settings.addr, settings.credentials) as client:
@@ -444,7 +447,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     """``plaudit keys new``: a random API key and the entry a server's configuration needs."""
-    from services.common.security.keys import ApiKeyEntry, hash_key, new_api_key
+    from plaudit.services.common.security.keys import ApiKeyEntry, hash_key, new_api_key
 
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     key = new_api_key()
@@ -458,7 +461,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from services.up import UpSettings, main
+    from plaudit.up import UpSettings, main
 
     settings = settings_from_args(UpSettings, args)
     configure_logging(settings.log_level, settings.log_format)
@@ -466,7 +469,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from services.demo import DemoSettings, run_demo
+    from plaudit.demo import DemoSettings, run_demo
 
     settings = settings_from_args(DemoSettings, args)
     configure_logging(settings.log_level, "text")
@@ -482,9 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a service").add_subparsers(
         dest="service", required=True
     )
-    from services.feedback.settings import FeedbackSettings
-    from services.generation.settings import GenerationSettings
-    from services.reward.settings import RewardSettings
+    from plaudit.services.feedback.settings import FeedbackSettings
+    from plaudit.services.generation.settings import GenerationSettings
+    from plaudit.services.reward.settings import RewardSettings
 
     services: list[tuple[str, type[PlauditSettings], str]] = [
         ("reward", RewardSettings, "serve the promoted reward model over gRPC"),
@@ -552,13 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roles", required=True, help=f"comma-separated roles: {', '.join(ROLES)}")
     p.set_defaults(func=_cmd_keys)
 
-    from services.up import UpSettings
+    from plaudit.up import UpSettings
 
     p = commands.add_parser("up", help="run the whole loop on this machine (embedded defaults)")
     add_settings_arguments(p, UpSettings)
     p.set_defaults(func=_cmd_up)
 
-    from services.demo import DemoSettings
+    from plaudit.demo import DemoSettings
 
     p = commands.add_parser(
         "demo", help="feed the HH pairs through a running `plaudit up` and watch it retrain"
@@ -580,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from pydantic import ValidationError
 
-        from services.common.errors import PlauditError
+        from plaudit.services.common.errors import PlauditError
 
         if isinstance(exc, PlauditError | ValidationError | FileNotFoundError):
             sys.stderr.write(f"plaudit: error: {exc}\n")
