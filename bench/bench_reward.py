@@ -67,7 +67,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from plaudit.demo import DEFAULT_DATA
+from plaudit.demo import HH_PAIRS as DEFAULT_DATA
 from plaudit.services.common.process import ServiceProcess, metric_value, start_service
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.services.common.settings import settings_from_args

@@ -4,8 +4,7 @@ One run trains the same backbone twice on the same pairs, on CPU, and scores bot
 same way:
 
 * ``ours``  :func:`~plaudit.trainer.reward.train_reward` as ``plaudit train reward`` runs it (no
-  registry,
-  so no export): serving tokenization (:class:`RewardTextEncoder`: ``[CLS] prompt [SEP]
+  registry, so no export): serving tokenization (:class:`RewardTextEncoder`: ``[CLS] prompt [SEP]
   completion [SEP]`` with segment ids, over-long pairs cut from the start so the end is kept),
   length-grouped micro-batches, best held-out weights kept.
 * ``trl``   ``trl.RewardTrainer`` given the same model object type, initial weights (the same
@@ -21,8 +20,7 @@ same way:
 
 Split: the first ``--pairs`` records of ``--data``; the held-out side is chosen by prompt hash
 (:func:`plaudit.trainer.objective.split_by_prompt`, ``--eval-fraction`` of the prompts), the same
-pairs
-for both trainers.
+pairs for both trainers.
 
 Metrics, per trainer:
 

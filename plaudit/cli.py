@@ -204,7 +204,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     """``plaudit serve <service>``: settings from flags/env, then the service's ``serve``."""
     settings = settings_from_args(args.settings_cls, args)
     configure_logging(settings.log_level, settings.log_format)
-    serve = importlib.import_module(f"services.{args.service}.server").serve
+    serve = importlib.import_module(f"plaudit.services.{args.service}.server").serve
     asyncio.run(serve(settings))
     return 0
 
@@ -238,9 +238,21 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
             )
             sys.stderr.write(f"exported {count} pairs; resume with --after-cursor {last}\n")
             return 0
-        stats = store.stats()  # GetStats' fields, plus the short names this command had
-        outliers = sorted(stats.agreement.outlier_annotators)
-        report = {**stats_json(stats), "by_kind": stats.by_kind, "outliers": outliers}
+        stats = store.stats()  # GetStats' fields, then this command's own names as they were
+        agreement = stats.agreement
+        report = {
+            **stats_json(stats),
+            "records": stats.total,
+            "by_kind": stats.by_kind,
+            "annotators": len(stats.by_annotator),
+            "judgements": stats.judgements,
+            "pairs_derived": stats.pairs_derived,
+            "raw_agreement": agreement.raw_agreement,
+            "kappa": agreement.kappa,
+            "kappa_method": agreement.kappa_method,
+            "contradictions": agreement.contradicted_groups,
+            "outliers": sorted(agreement.outlier_annotators),
+        }
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return 0
 

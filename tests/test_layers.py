@@ -101,8 +101,8 @@ def test_rules_on_literal_imports() -> None:
     assert violation("plaudit.trainer.data", "plaudit.services.feedback.store")
     assert violation("plaudit.trainer.loop", "plaudit.cli")
     assert violation("plaudit.services.reward.server", "plaudit.up")
-    assert violation("plaudit.services.reward.server", "plaudit.services.common.errors")
-    assert violation("plaudit.cli", "plaudit.trainer.reward")
+    assert violation("plaudit.services.reward.server", "services.common.errors")
+    assert violation("plaudit.cli", "trainer.reward")
     assert violation("plaudit.services.feedback.tasks", "plaudit.services.reward.client") is None
     assert violation("plaudit.trainer.policy", "plaudit.services.reward.client") is None
     assert violation("plaudit.trainer.data", "plaudit.services.feedback.export") is None

@@ -36,8 +36,8 @@ __all__ = [
 
 
 def reference_pairs_path() -> Path:
-    """The bundled reference pairs (see trainer/data/README.md)."""
-    return Path(str(resources.files("trainer") / "data" / "parity_pairs.jsonl"))
+    """The bundled reference pairs (see trainer/reference/README.md)."""
+    return Path(str(resources.files("plaudit.trainer") / "reference" / "parity_pairs.jsonl"))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from plaudit.services.common.textfmt import PromptFormatter
+from plaudit.services.runtime.contract import TOKENIZER_FILE
 from plaudit.trainer.policy_export import prompt_format_for
 
 
@@ -83,7 +84,7 @@ class PolicyTokenizer:
         self.max_prompt_length = min(max_prompt_length, self.max_length - 1)
         with tempfile.TemporaryDirectory(prefix="plaudit-tok-") as tmp:
             tokenizer.save_pretrained(tmp)  # the tokenizer.json the version will ship
-            self.formatter = PromptFormatter.from_files(Path(tmp) / "tokenizer.json", self.format)
+            self.formatter = PromptFormatter.from_files(Path(tmp) / TOKENIZER_FILE, self.format)
         eos = tokenizer.eos_token_id
         self.eos_id: int | None = int(eos) if eos is not None else None
         self.pad_id = int(self.format.pad_token_id)

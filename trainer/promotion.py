@@ -27,8 +27,7 @@ class AccuracyGate:
     0 to demand no loss at all. Without a promoted version the candidate is promoted; when the
     promoted version cannot be loaded or scored it is not (a person should look). Called by
     :func:`plaudit.trainer.export.export_reward` with the candidate's rewards, before publishing,
-    so the
-    record lands in the new version's manifest.
+    so the record lands in the new version's manifest.
     """
 
     registry: ModelRegistry

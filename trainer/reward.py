@@ -6,8 +6,7 @@ trains a one-label sequence classifier with the Bradley-Terry loss in the shared
 :func:`plaudit.trainer.export.export_reward` (ONNX parity against PyTorch on the held-out pairs,
 normalisation measured on them) and publishes it with its metrics, data cursor and resolved
 training config; with ``promote`` the accuracy gate (:mod:`plaudit.trainer.promotion`) decides
-whether
-it replaces the promoted version.
+whether it replaces the promoted version.
 
 Run it alone or as ``torchrun --nproc-per-node N -m plaudit.cli train reward ...``: rank 0 reads
 the data and does everything after training; all ranks train (see
@@ -35,6 +34,7 @@ from transformers import PreTrainedModel
 from plaudit.services.common.errors import FailedPreconditionError, InvalidArgumentError
 from plaudit.services.common.registry import ModelManifest, ModelRegistry, new_version_id
 from plaudit.services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
+from plaudit.services.runtime.contract import TOKENIZER_FILE
 from plaudit.trainer.backbones import resolve_backbone
 from plaudit.trainer.batches import EncodedPairs, collate, encode_pairs
 from plaudit.trainer.config import RewardTrainingConfig
@@ -169,7 +169,7 @@ def serving_encoder(tokenizer: Any, fmt: TextFormat) -> RewardTextEncoder:
     """The encoder serving will build: from the tokenizer.json the registry version will hold."""
     with tempfile.TemporaryDirectory(prefix="plaudit-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
-        return RewardTextEncoder.from_files(Path(tmp) / "tokenizer.json", fmt)
+        return RewardTextEncoder.from_files(Path(tmp) / TOKENIZER_FILE, fmt)
 
 
 def load_training_data(

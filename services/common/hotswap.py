@@ -14,8 +14,8 @@ retried only when the pointer changes again (a new promotion, a rollback, or the
 promoted anew); a storage or network error (``OSError``: a cut-off download, a full disk) is
 retried at the next poll.
 
-The mechanism is model-agnostic: :class:`plaudit.services.common.server.ModelServer` (the reward and
-generation services) drives it.
+The mechanism is model-agnostic: :class:`~plaudit.services.common.model_server.ModelServer` (the
+reward and generation services) drives it.
 """
 
 from __future__ import annotations

@@ -4,11 +4,9 @@
 A request that does not parse as the method's message (corrupt wire format, invalid UTF-8 in a
 string field) is INVALID_ARGUMENT, never reaching the servicer. The call is then admitted by the
 server's :class:`~plaudit.services.common.security.guard.AccessGuard` (API key, role from the
-service's
-own table, rate limit) and served within the in-flight limit. Servicers raise
+service's own table, rate limit) and served within the in-flight limit. Servicers raise
 :class:`~plaudit.services.common.errors.PlauditError`; the call is aborted with the error's status
-code
-and message, logged once and counted. Any other exception is an INTERNAL error, logged with its
+code and message, logged once and counted. Any other exception is an INTERNAL error, logged with its
 traceback; the client never sees the traceback.
 """
 

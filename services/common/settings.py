@@ -38,12 +38,18 @@ def port_field(default: int, description: str = "gRPC port (0 picks a free one)"
     return Field(default, ge=0, le=65535, description=description)
 
 
-class ModelServingSettings(PlauditSettings):
-    """Where a model server (reward, generation) listens and how it runs its ONNX graphs."""
+class ListenSettings(PlauditSettings):
+    """Where a service listens; each service redeclares ``port`` and ``metrics_port`` with
+    :func:`port_field` and its own defaults."""
 
     host: str = Field("0.0.0.0", description="gRPC bind address")
     port: int = port_field(0)
     metrics_port: int = port_field(0, "Prometheus /metrics port")
+
+
+class ModelServingSettings(ListenSettings):
+    """Where a model server (reward, generation) listens and how it runs its ONNX graphs."""
+
     execution_provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime provider; auto = CUDA only when a device can start"
     )

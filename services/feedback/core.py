@@ -27,6 +27,7 @@ from plaudit.services.feedback.domain import (
     FeedbackEvent,
     FeedbackKind,
     SubmitResult,
+    validate_event,
 )
 from plaudit.services.feedback.export import Stats
 from plaudit.services.feedback.metrics import FeedbackMetrics
@@ -185,10 +186,11 @@ class FeedbackCore:
         timeout: float | None = None,
         check: Callable[[FeedbackEvent], Awaitable[None]] | None = None,
     ) -> SubmitResult:
-        """Commit one event (after ``check``, e.g. that it belongs to its task); raises the
-        domain error that refused it."""
+        """Commit one event (validated first, then ``check``, e.g. that it belongs to its task);
+        raises the domain error that refused it. The store validates again in its transaction."""
         try:
             if check is not None:
+                validate_event(event, self.store().limits)  # a bad field before any task lookup
                 await check(event)
         except InvalidArgumentError as exc:
             self.count(event.kind, exc)

@@ -111,6 +111,11 @@ def _sqlite_engine(url: URL, read_only: bool) -> Engine:
             "in-memory SQLite is not supported (one database per connection); "
             "use a file, e.g. sqlite:///.plaudit/feedback.db"
         )
+    if read_only and not url.query.get("uri") and not Path(database).is_file():
+        raise UnavailableError(  # SQLite would create an empty file: a reader never writes
+            f"no feedback database at {database}: start `plaudit serve feedback` on it, or "
+            "`plaudit feedback import` some feedback first"
+        )
     if not url.query.get("uri") and not read_only:
         folder = Path(database).parent
         try:

@@ -3,8 +3,7 @@
 :class:`FeedbackReader` opens the database for reading only (no migrations, no write lock, no
 writes: SQLite connections are ``query_only``, PostgreSQL transactions read-only); the trainer
 and ``plaudit up`` read through it, and :class:`~plaudit.services.feedback.store.FeedbackStore`
-extends
-it with writes.
+extends it with writes.
 
 Export cursors. Because ids commit in order, a reader that has seen id N has seen every id below
 it: PostgreSQL sequences, which can commit out of order, are not used. Each export call fixes a
@@ -25,8 +24,7 @@ tests are computed over all rows up to the watermark and cached until new rows c
 should re-read from 0 when the outlier set changes (``outlier_annotators()`` tells).
 
 Any database failure is raised as :class:`~plaudit.services.common.errors.UnavailableError`.
-Readers are
-thread-safe; their methods block.
+Readers are thread-safe; their methods block.
 """
 
 from __future__ import annotations

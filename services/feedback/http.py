@@ -18,8 +18,7 @@ Routes (JSON in and out; ``docs/labelling.md`` has examples):
 
 Submissions are read through the proto's JSON mapping into the gRPC request of their kind and go
 through the same :class:`~plaudit.services.feedback.core.FeedbackCore` as gRPC (same validation,
-same
-group-commit batcher), so idempotency and durability are the same. Errors are the domain's
+same group-commit batcher), so idempotency and durability are the same. Errors are the domain's
 :class:`PlauditError` s, mapped to HTTP in one place (:func:`error_response`):
 ``{"error": {"code": "INVALID_ARGUMENT", "field": "chosen", "message": "chosen: must not be
 empty or whitespace only"}}`` with 400, and likewise 404, 409, 429, 503. Every ``/api/``

@@ -8,10 +8,11 @@ from pydantic import Field, model_validator
 
 from plaudit.services.common.security.client import ClientSecuritySettings
 from plaudit.services.common.security.guard import ServerSecuritySettings
+from plaudit.services.common.settings import ListenSettings, port_field
 from plaudit.services.feedback.db import DEFAULT_FEEDBACK_URL
 
 
-class FeedbackSettings(ServerSecuritySettings, ClientSecuritySettings):
+class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySettings):
     """The server's settings; the client ones (``api_key``, ``tls_ca_file``...) are for its calls
     to the reward service (``reward_addr``)."""
 
@@ -22,9 +23,8 @@ class FeedbackSettings(ServerSecuritySettings, ClientSecuritySettings):
     database_connect_timeout_s: int = Field(
         2, ge=1, description="PostgreSQL connect timeout: how fast calls fail while it is down"
     )
-    host: str = Field("0.0.0.0", description="gRPC bind address")
-    port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one)")
-    metrics_port: int = Field(9092, ge=0, le=65535, description="Prometheus /metrics port")
+    port: int = port_field(50052)
+    metrics_port: int = port_field(9092, "Prometheus /metrics port")
     max_text_bytes: int = Field(65536, ge=1, description="UTF-8 bytes of one prompt or completion")
     max_events_per_batch: int = Field(10_000, ge=1, description="events in one SubmitBatch stream")
     stream_commit_events: int = Field(

@@ -14,8 +14,7 @@ setting applies to queued tasks too). Per task and annotator, ``labelling_assign
 Claims and labels lock the task row (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN
 IMMEDIATE`` on SQLite) so the count of leases and labels is checked and changed atomically.
 Every database failure is raised as :class:`~plaudit.services.common.errors.UnavailableError`.
-Methods
-block; the async callers run them in worker threads.
+Methods block; the async callers run them in worker threads.
 """
 
 from __future__ import annotations

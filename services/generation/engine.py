@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from plaudit.services.common.errors import PlauditError
-from plaudit.services.common.server import LiveModel
+from plaudit.services.common.model_server import LiveModel
 from plaudit.services.runtime.policy_model import (
     GenerateJob,
     GenerateResult,

@@ -1,5 +1,5 @@
-"""Wiring of the generation service: :class:`plaudit.services.common.server.ModelServer` with the
-generation engine and servicer, and the reward service as an optional reranker."""
+"""Wiring of the generation service: :class:`~plaudit.services.common.model_server.ModelServer`
+with the generation engine and servicer, and the reward service as an optional reranker."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry
 
 from plaudit.services.common.batching import BatchingConfig
 from plaudit.services.common.errors import PlauditError
+from plaudit.services.common.model_server import ModelServer
 from plaudit.services.common.security.guard import ServerSecurity
-from plaudit.services.common.server import ModelServer
 from plaudit.services.generation.access import CALL_ROLES
 from plaudit.services.generation.engine import GenerationEngine
 from plaudit.services.generation.metrics import GenerationMetrics

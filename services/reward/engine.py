@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from plaudit.services.common.errors import FailedPreconditionError
-from plaudit.services.common.server import LiveModel
+from plaudit.services.common.model_server import LiveModel
 from plaudit.services.runtime.reward_model import LoadedRewardModel
 
 

@@ -1,5 +1,5 @@
-"""Wiring of the reward service: :class:`plaudit.services.common.server.ModelServer` with the reward
-engine and servicer."""
+"""Wiring of the reward service: :class:`~plaudit.services.common.model_server.ModelServer` with
+the reward engine and servicer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from plaudit.services.common.batching import BatchingConfig
+from plaudit.services.common.model_server import ModelServer
 from plaudit.services.common.security.guard import ServerSecurity
-from plaudit.services.common.server import ModelServer
 from plaudit.services.reward.access import CALL_ROLES
 from plaudit.services.reward.engine import RewardEngine, ScoreJob, ScoreResult
 from plaudit.services.reward.metrics import RewardMetrics

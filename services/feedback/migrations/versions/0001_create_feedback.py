@@ -1,7 +1,6 @@
 """Create the feedback and feedback_sequence tables.
 
-Revision ID: 0001
-Revises:
+Revision ID: 0001 Revises:
 Create Date: 2025-11-23
 """
 

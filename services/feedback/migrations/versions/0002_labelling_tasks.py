@@ -3,8 +3,7 @@
 New tables only, so nothing needs SQLite's batch (copy-and-move) mode; later changes to these
 tables go through ``op.batch_alter_table`` like every other migration.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0002 Revises: 0001
 Create Date: 2025-12-01
 """
 
