@@ -12,7 +12,9 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Literal
@@ -20,7 +22,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from plaudit.services.common.logging import configure_logging
-from plaudit.services.common.registry import RegistryLocationSettings
+from plaudit.services.common.registry import ModelRegistry, RegistryLocationSettings
 from plaudit.services.common.security.client import ClientCredentials, ClientSecuritySettings
 from plaudit.services.common.security.keys import ROLES
 from plaudit.services.common.settings import (
@@ -140,7 +142,11 @@ class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig):
     """``plaudit train reward``: the training config's fields plus the run's and the gate's."""
 
     promotion_tolerance: float = Field(
-        0.01, ge=0, le=1, description="accuracy the new version may lose against the promoted"
+        0.0,
+        ge=0,
+        le=1,
+        description="held-out accuracy the new version may lose against the "
+        "promoted one (0: it must beat it)",
     )
     quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
 
@@ -210,12 +216,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_feedback(args: argparse.Namespace) -> int:
-    from plaudit.services.feedback.core import stats_json
     from plaudit.services.feedback.store import FeedbackStore
     from plaudit.services.feedback.transfer import export_pairs, import_file
 
     settings = settings_from_args(FeedbackFileSettings, args)
-    configure_logging(settings.log_level, "text")
+    configure_logging(settings.log_level, settings.log_format)
+    if args.action == "stats":
+        return _feedback_stats(settings.database_url, as_json=args.json)
     with FeedbackStore(settings.database_url) as store:
         if args.action == "import":
             if not args.file:
@@ -237,24 +244,40 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
                 exclude_outliers=settings.exclude_outliers,
             )
             sys.stderr.write(f"exported {count} pairs; resume with --after-cursor {last}\n")
-            return 0
-        stats = store.stats()  # GetStats' fields, then this command's own names as they were
-        agreement = stats.agreement
-        report = {
-            **stats_json(stats),
-            "records": stats.total,
-            "by_kind": stats.by_kind,
-            "annotators": len(stats.by_annotator),
-            "judgements": stats.judgements,
-            "pairs_derived": stats.pairs_derived,
-            "raw_agreement": agreement.raw_agreement,
-            "kappa": agreement.kappa,
-            "kappa_method": agreement.kappa_method,
-            "contradictions": agreement.contradicted_groups,
-            "outliers": sorted(agreement.outlier_annotators),
-        }
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _feedback_stats(database_url: str, *, as_json: bool) -> int:
+    """``plaudit feedback stats``: tables for people, the JSON of before with ``--json``.
+
+    Reads through the read-only reader: a missing SQLite file is an error that says what to
+    run, never a new empty database."""
+    from plaudit.services.feedback.core import stats_json
+    from plaudit.services.feedback.export import FeedbackReader
+    from plaudit.tables import feedback_tables, render
+
+    with FeedbackReader(database_url) as reader:
+        stats = reader.stats()
+    report = stats_json(stats)
+    if not as_json:
+        render(sys.stdout, *feedback_tables(report))
         return 0
+    agreement = stats.agreement
+    report = {  # GetStats' fields, then this command's own names as they were
+        **report,
+        "records": stats.total,
+        "by_kind": stats.by_kind,
+        "annotators": len(stats.by_annotator),
+        "judgements": stats.judgements,
+        "pairs_derived": stats.pairs_derived,
+        "raw_agreement": agreement.raw_agreement,
+        "kappa": agreement.kappa,
+        "kappa_method": agreement.kappa_method,
+        "contradictions": agreement.contradicted_groups,
+        "outliers": sorted(agreement.outlier_annotators),
+    }
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 def _cmd_export_reward(args: argparse.Namespace) -> int:
@@ -405,23 +428,55 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     registry = settings.model_registry(settings.kind)
     out = sys.stdout
-    if args.action == "list":
-        promoted = registry.promoted()
-        for m in registry.list_versions():
-            mark = "*" if m.version == promoted else " "
-            out.write(
-                f"{mark} {m.version}  {m.created_at:%Y-%m-%d %H:%M:%S}  {m.backbone}  "
-                f"{m.default_precision}  {json.dumps(m.metrics)}\n"
-            )
-    elif args.action == "show":
-        out.write(registry.manifest(args.version).model_dump_json(indent=2) + "\n")
-    elif args.action == "promote":
+    if args.action in ("list", "show"):
+        return _registry_read(registry, args.action, args.version, as_json=args.json)
+    if args.action == "promote":
         registry.promote(args.version, reason="cli")
         out.write(f"promoted {args.version}\n")
     elif args.action == "rollback":
         out.write(f"promoted {registry.rollback()}\n")
     if args.action in ("promote", "rollback") and settings.notify:
         return _notify(settings.notify, out, settings.credentials)
+    return 0
+
+
+def _registry_read(
+    registry: ModelRegistry, action: str, version: str | None, *, as_json: bool
+) -> int:
+    """``registry list`` and ``registry show``: tables for people, JSON with ``--json``."""
+    from plaudit.services.common.errors import NotFoundError
+    from plaudit.tables import manifest_table, registry_table, render, version_row
+
+    promoted = registry.promoted()
+    if action == "show":
+        assert version is not None
+        try:
+            manifest = registry.manifest(version)
+        except NotFoundError as exc:
+            raise NotFoundError(f"{exc}: `plaudit registry list` shows the versions") from None
+        if as_json:
+            sys.stdout.write(manifest.model_dump_json(indent=2) + "\n")
+        else:
+            render(sys.stdout, manifest_table(manifest, promoted))
+        return 0
+    manifests = registry.list_versions()
+    if not manifests and registry.is_local and not Path(registry.root).is_dir():
+        raise FileNotFoundError(
+            f"no registry at {registry.root}: `plaudit up` creates one and bootstraps a reward "
+            "model; `plaudit export reward --promote --registry DIR` publishes one"
+        )
+    if as_json:
+        rows = [version_row(m, promoted) for m in manifests]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    render(sys.stdout, registry_table(manifests, promoted, kind=registry.kind))
+    if not manifests:
+        hint = (
+            "`plaudit export reward --promote` publishes one (`plaudit up` bootstraps one)"
+            if registry.kind == "reward"
+            else "`plaudit export policy --promote` publishes one (`plaudit up` bootstraps one)"
+        )
+        sys.stderr.write(f"no {registry.kind} models in {registry.root}: {hint}\n")
     return 0
 
 
@@ -472,6 +527,31 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    """``plaudit status``: the running system on one screen (``--json`` for scripts); exit 1
+    when the reward or feedback service does not answer."""
+    from plaudit.status import StatusSettings, collect, is_down, status_tables
+    from plaudit.tables import render
+
+    settings = settings_from_args(StatusSettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    report = collect(settings)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        render(sys.stdout, *status_tables(report))
+    if is_down(report):
+        sys.stderr.write(
+            f"plaudit: nothing answers at {settings.address('reward')} or "
+            f"{settings.address('feedback')}: start the system with `plaudit up` (or give "
+            "--addr and the ports it runs on)\n"
+            if all(s["health"] == "not running" for s in report["services"].values())
+            else "plaudit: a service is not running (see above)\n"
+        )
+        return 1
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from plaudit.up import UpSettings, main
 
@@ -514,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("feedback", help="import, export and inspect stored feedback")
     p.add_argument("action", choices=["import", "export", "stats"])
     p.add_argument("file", nargs="?", help="JSONL file to import (HH, TRL or rankings)")
+    p.add_argument("--json", action="store_true", help="stats: JSON for scripts, not tables")
     add_settings_arguments(p, FeedbackFileSettings)
     p.set_defaults(func=_cmd_feedback)
 
@@ -547,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("registry", help="inspect and steer the model registry")
     p.add_argument("action", choices=["list", "show", "promote", "rollback"])
     p.add_argument("version", nargs="?", help="version id (show, promote)")
+    p.add_argument("--json", action="store_true", help="list, show: JSON for scripts")
     add_settings_arguments(p, RegistrySettings)
     p.set_defaults(func=_cmd_registry)
 
@@ -573,6 +655,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(p, UpSettings)
     p.set_defaults(func=_cmd_up)
 
+    from plaudit.status import StatusSettings
+
+    p = commands.add_parser(
+        "status", help="the running system on one screen (what `plaudit up` started by default)"
+    )
+    p.add_argument("--json", action="store_true", help="JSON for scripts, not tables")
+    add_settings_arguments(p, StatusSettings)
+    p.set_defaults(func=_cmd_status)
+
     from plaudit.demo import DemoSettings
 
     p = commands.add_parser(
@@ -583,11 +674,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM to a training or export (``plaudit up`` stopping, a pod evicted) unwinds it like
+    Ctrl-C: ``finally`` blocks run, so a publish under way removes its staging folder."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "registry" and args.action in ("show", "promote") and not args.version:
         parser.error(f"registry {args.action} needs a version")
+    interruptible = args.command in ("train", "export")  # see _interrupt_on_sigterm
+    interruptible &= threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if interruptible else None
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -600,7 +700,20 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, PlauditError | ValidationError | FileNotFoundError):
             sys.stderr.write(f"plaudit: error: {exc}\n")
             return 2
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):  # a client command: say what the service answered
+            code = exc.code()
+            hint = ""
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                hint = " (is it running? `plaudit up` starts the services, `plaudit status`"
+                hint += " shows them)"
+            sys.stderr.write(f"plaudit: error: {code.name}: {exc.details()}{hint}\n")
+            return 2
         raise
+    finally:
+        if previous is not None:  # a caller in this process gets its own handler back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

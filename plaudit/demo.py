@@ -1,11 +1,13 @@
 """``plaudit demo``: drive the closed loop the way its users would.
 
 Connects to a running ``plaudit up`` (or starts one, with embedded defaults, when nothing answers
-on the feedback and reward ports), then feeds the shared HH-RLHF preference pairs through the
-feedback API in waves. After each wave the scheduler in ``plaudit up`` retrains the reward model
-on everything stored and promotes it through the accuracy gate; the demo shows each retraining
-and each swap as it happens -- the version serving, its held-out accuracy, and how the rewards of
-a few fixed probe pairs change -- and ends with a summary table.
+on the feedback and reward ports), then feeds the HH-RLHF preference pairs that ship with Plaudit
+(``plaudit/data/hh-harmless``; ``--data`` takes any pairs file) through the feedback API in waves.
+After each wave the scheduler in ``plaudit up`` retrains the reward model on everything stored
+and the gate decides (beat the live model on the same held-out pairs, significantly above
+chance); the demo shows each retraining and each swap as it happens -- candidate and live
+held-out accuracy side by side with n, why a refused candidate was refused, the version serving,
+and how the rewards of a few fixed probe pairs change -- and ends with a summary table.
 """
 
 from __future__ import annotations
@@ -63,10 +65,61 @@ class WaveRow:
     wave: int
     stored: int
     version: str
-    accuracy: float | None
+    accuracy: float | None  # the candidate's held-out accuracy (the gate's measurement)
+    live_accuracy: float | None  # the live model's, on the same held-out pairs
+    n: int | None  # held-out pairs
     promoted: bool
+    reason: str  # the gate's reason, rounded figures
     probe_prob: float
     seconds: float
+
+    @classmethod
+    def from_manifest(
+        cls, wave: int, stored: int, manifest: ModelManifest, probe_prob: float, seconds: float
+    ) -> WaveRow:
+        gate = manifest.promotion or {}
+        accuracy = gate.get("candidate_accuracy", manifest.metrics.get("eval/accuracy"))
+        n = gate.get("eval_pairs", manifest.metrics.get("eval/pairs"))
+        return cls(
+            wave, stored, manifest.version, accuracy, gate.get("current_accuracy"),
+            None if n is None else int(n), bool(gate.get("promoted")),
+            str(gate.get("reason") or "no gate decision"), probe_prob, seconds,
+        )  # fmt: skip
+
+    @property
+    def verdict(self) -> str:
+        return "promoted" if self.promoted else "refused"
+
+
+def _fraction(value: float | None) -> str:
+    """0.631, or n/a: never 0.4594594594594595."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def load_pairs(path: Path) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """The demo's data: (probe pairs, the pool the waves are cut from); pairs with an empty side
+    are left out. The default file ships inside the package, so a fresh clone has it."""
+    pairs = [p for p in read_pairs(path) if p.chosen.strip() and p.rejected.strip()]
+    if len(pairs) <= PROBES:
+        raise ValueError(f"{path}: {len(pairs)} usable pairs, the demo needs more than {PROBES}")
+    return pairs[-PROBES:], pairs[:-PROBES]
+
+
+def summary_lines(rows: list[WaveRow]) -> list[str]:
+    """The summary table, then one line per refused candidate saying why."""
+    lines = [
+        f"{'wave':>4} {'pairs':>6} {'version':<32} {'candidate':>9} {'live':>6} {'n':>5} "
+        f"{'gate':>8} {'probe P':>8} {'time s':>7}"
+    ]
+    for r in rows:
+        n = "n/a" if r.n is None else str(r.n)
+        lines.append(
+            f"{r.wave:>4} {r.stored:>6} {r.version:<32} {_fraction(r.accuracy):>9} "
+            f"{_fraction(r.live_accuracy):>6} {n:>5} {r.verdict:>8} {r.probe_prob:>8.3f} "
+            f"{r.seconds:>7.0f}"
+        )
+    lines += [f"wave {r.wave} refused: {r.reason}" for r in rows if not r.promoted]
+    return lines
 
 
 def _probe(client: RewardClient, probes: list[PreferencePair]) -> tuple[list[float], str]:
@@ -110,8 +163,8 @@ def _wait_for_new_version(registry: ModelRegistry, known: int, timeout: float) -
 
 
 def run_demo(settings: DemoSettings) -> int:
-    pairs = [p for p in read_pairs(settings.data) if p.chosen.strip() and p.rejected.strip()]
-    probes, pool = pairs[-PROBES:], pairs[:-PROBES]
+    probes, pool = load_pairs(settings.data)
+    _say(f"{len(pool) + len(probes)} preference pairs from {settings.data}")
     up: subprocess.Popen[bytes] | None = None
     credentials = settings.credentials
     if not (
@@ -154,36 +207,24 @@ def run_demo(settings: DemoSettings) -> int:
                     f"({rejected} refused), {stored} in all; waiting for the retraining ..."
                 )
                 manifest = _wait_for_new_version(registry, known, settings.wave_timeout_s)
-                promoted = bool((manifest.promotion or {}).get("promoted"))
-                if promoted:  # the scheduler notifies the reward service; wait for the swap
+                row = WaveRow.from_manifest(wave + 1, stored, manifest, 0.0, 0.0)
+                if row.promoted:  # the scheduler notifies the reward service; wait for the swap
                     deadline = time.monotonic() + 120
                     while reward.model().version != manifest.version:
                         if time.monotonic() > deadline:
                             raise TimeoutError(f"{manifest.version} never went live")
                         time.sleep(0.5)
                 probs, version = _probe(reward, probes)
-                accuracy = manifest.metrics.get("eval/accuracy")
-                mean_prob = sum(probs) / len(probs)
-                elapsed = time.monotonic() - started
-                rows.append(
-                    WaveRow(
-                        wave + 1, stored, manifest.version, accuracy, promoted, mean_prob, elapsed
-                    )
-                )
-                verdict = "promoted, now serving" if promoted else "refused by the gate"
-                shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+                row.probe_prob = sum(probs) / len(probs)
+                row.seconds = time.monotonic() - started
+                rows.append(row)
+                verdict = "promoted, now serving" if row.promoted else "refused by the gate"
                 probe_text = " ".join(f"{p:.3f}" for p in probs)
-                _say(
-                    f"      {manifest.version}: held-out accuracy {shown}, {verdict}; "
-                    f"serving {version}; probe P(chosen): {probe_text}"
-                )
-        _say("[3/3] summary")
-        _say(f"{'wave':>4} {'pairs':>6} {'version':<32} {'accuracy':>8} {'promoted':>8} "
-             f"{'probe P':>8} {'time s':>7}")  # fmt: skip
-        for r in rows:
-            acc = "n/a" if r.accuracy is None or math.isnan(r.accuracy) else f"{r.accuracy:.3f}"
-            _say(f"{r.wave:>4} {r.stored:>6} {r.version:<32} {acc:>8} {r.promoted!s:>8} "
-                 f"{r.probe_prob:>8.3f} {r.seconds:>7.0f}")  # fmt: skip
+                _say(f"      {manifest.version}: {verdict}: {row.reason}")
+                _say(f"      serving {version}; probe P(chosen): {probe_text}")
+        _say("[3/3] summary: reward model candidate vs live held-out accuracy, n pairs")
+        for line in summary_lines(rows):
+            _say(line)
         return 0
     finally:
         if up is not None:

@@ -3,11 +3,19 @@
 Starts the feedback, reward and (when a policy is promoted or can be bootstrapped) generation
 services as child processes on their default ports, with SQLite and a local registry under
 ``--home``, and runs the retraining scheduler: when at least ``--retrain-min-pairs`` new preference
-pairs have arrived since the promoted reward model's data cursor (checked every
-``--check-interval-s``), it runs ``plaudit train reward --promote`` on everything stored, in its
-own process (the trainer needs torch; this process does not), then tells the reward service to
-pick up the result. Serving hot-swaps it without a restart; a candidate that loses on the held-out
-set is published but not promoted.
+pairs have arrived after both the promoted reward model's data cursor and the last training's
+(checked every ``--check-interval-s``), it runs ``plaudit train reward --promote`` on everything
+stored, in its own process (the trainer needs torch; this process does not), then tells the
+reward service to pick up the result. Serving hot-swaps it without a restart; a candidate the
+gate refuses (it must beat the live model on the same held-out pairs and be significantly above
+chance) is published but not promoted.
+
+The scheduler remembers what it last tried (``<home>/scheduler.json``: the data cursor it trained
+up to and the outcome), so a refused or failed training is not repeated on the same data: the next
+one waits for ``--retrain-min-pairs`` more pairs after that cursor, across restarts too.
+SIGTERM/SIGINT stop a running training child (SIGTERM, then SIGKILL after a few seconds) before
+the services; the registry publishes through a hidden staging folder renamed into place, so a
+killed child leaves no half-published version.
 
 On the first start with an empty registry a reward model is bootstrapped (the MiniLM backbone
 with a fresh scalar head), so scoring works from the start.
@@ -16,11 +24,13 @@ with a fresh scalar head), so scoring works from the start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import subprocess
+import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,13 @@ from plaudit.services.feedback.export import FeedbackReader
 from plaudit.services.reward.client import wait_until_serving
 
 log = logging.getLogger(__name__)
+
+
+def print_status(settings: UpSettings) -> None:
+    """The ``plaudit status`` screen of what this process started, on stdout."""
+    from plaudit.status import print_status as show  # plaudit.status imports this module
+
+    show(settings)
 
 
 class UpSettings(ClientSecuritySettings):
@@ -61,6 +78,12 @@ class UpSettings(ClientSecuritySettings):
     train_backbone: str = Field("minilm", description="backbone each retraining starts from")
     train_epochs: int = Field(1, ge=1, description="epochs per retraining")
     train_max_steps: int = Field(0, ge=0, description="optimizer steps per retraining (0: all)")
+    promotion_tolerance: float = Field(
+        0.0, ge=0, le=1, description="held-out accuracy a retrained model may lose to the live one"
+    )
+    promotion_significance: float = Field(
+        0.05, gt=0, le=1, description="gate floor: one-sided binomial level against accuracy 0.5"
+    )
     auth_disabled: bool = Field(
         True,
         description="run the services (on 127.0.0.1) without authentication; with "
@@ -80,20 +103,68 @@ class UpSettings(ClientSecuritySettings):
     def reward_address(self) -> str:
         return f"127.0.0.1:{self.reward_port}"
 
+    @property
+    def scheduler_state(self) -> Path:
+        return self.home / "scheduler.json"
 
-def _run_cli(args: list[str], what: str) -> dict[str, Any]:
-    """Run a ``plaudit`` command in a child process; its last stdout line is a JSON summary."""
+
+STOP_GRACE_S = 5.0  # a training child gets this long after SIGTERM before SIGKILL
+
+
+async def stop_child(proc: asyncio.subprocess.Process, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM ``proc``, wait up to ``grace_s``, then SIGKILL; returns once it has exited."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def run_cli(args: list[str], what: str) -> dict[str, Any]:
+    """Run a ``plaudit`` command in a child process; its last stdout line is a JSON summary.
+
+    Cancelling the call stops the child (:func:`stop_child`) before the cancellation goes on,
+    so no child outlives the caller's wish to stop. A failing child raises RuntimeError.
+    """
     started = time.monotonic()
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    log.info("%s started (pid %d)", what, proc.pid)
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        log.warning("stopping %s (pid %d)", what, proc.pid)
+        await stop_child(proc)
+        raise
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        stderr = err.decode(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"{what} failed ({proc.returncode}): {stderr}")
+    lines = [line for line in out.decode().splitlines() if line.startswith("{")]
     summary: dict[str, Any] = json.loads(lines[-1]) if lines else {}
     summary["wall_s"] = round(time.monotonic() - started, 1)
     return summary
 
 
-def bootstrap(settings: UpSettings) -> None:
+def gate_line(promotion: dict[str, Any] | None) -> str:
+    """The gate's decision in one line: candidate and live accuracy side by side, n, p-value,
+    and why it was refused (the record's own reason when it has one)."""
+    if not promotion:
+        return "no promotion decision"
+    if promotion.get("reason"):
+        return str(promotion["reason"])
+    cand, live = promotion.get("candidate_accuracy"), promotion.get("current_accuracy")
+    shown = "n/a" if live is None else f"{live:.3f}"
+    verdict = "promoted" if promotion.get("promoted") else "refused"
+    return f"candidate {cand:.3f} vs live {shown} on {promotion.get('eval_pairs')} pairs: {verdict}"
+
+
+async def bootstrap(settings: UpSettings) -> None:
     """Give an empty registry a reward model (and a policy), saying how long it takes."""
     registry = settings.registry
     if ModelRegistry(registry, "reward").promoted() is None:
@@ -101,7 +172,7 @@ def bootstrap(settings: UpSettings) -> None:
             "empty registry: bootstrapping a reward model from %s (about a minute on 2 cores)",
             settings.bootstrap_checkpoint,
         )
-        summary = _run_cli(
+        summary = await run_cli(
             ["export", "reward", "--checkpoint", settings.bootstrap_checkpoint,
              "--registry", str(registry), "--promote", "--log-level", "WARNING"],
             "reward bootstrap",
@@ -113,7 +184,7 @@ def bootstrap(settings: UpSettings) -> None:
             settings.bootstrap_policy,
         )
         try:
-            summary = _run_cli(
+            summary = await run_cli(
                 ["export", "policy", "--checkpoint", settings.bootstrap_policy,
                  "--registry", str(registry), "--promote", "--log-level", "WARNING"],
                 "policy bootstrap",
@@ -124,69 +195,191 @@ def bootstrap(settings: UpSettings) -> None:
 
 
 class Scheduler:
-    """Retrains the reward model when enough new feedback has arrived."""
+    """Retrains the reward model when enough new feedback has arrived.
+
+    Invariant: a training starts only when at least ``retrain_min_pairs`` pairs lie after both the
+    promoted version's data cursor and the cursor of the last training tried (whatever became of
+    it), which is kept in ``settings.scheduler_state`` so that a restart remembers it.
+    """
+
+    KIND = "reward"
 
     def __init__(self, settings: UpSettings, store: FeedbackReader) -> None:
         self.settings = settings
         self.store = store
         self.registry = ModelRegistry(settings.registry, "reward")
         self.trainings: list[dict[str, Any]] = []
+        self.last_tried: dict[str, Any] | None = self._load_state()
+
+    # -- memory ----------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, Any] | None:
+        path = self.settings.scheduler_state
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable scheduler state %s: %s", path, exc)
+            return None
+        tried = state.get(self.KIND) if isinstance(state, dict) else None
+        if not isinstance(tried, dict) or tried.get("database") != self.settings.feedback_url:
+            return None  # another database's cursor means nothing here
+        return tried
+
+    def _remember(self, cursor: int, outcome: str, **details: Any) -> None:
+        """Record the last training tried, atomically (write aside, then rename)."""
+        self.last_tried = {
+            "database": self.settings.feedback_url,
+            "cursor": cursor,
+            "outcome": outcome,
+            "at": datetime.now(UTC).isoformat(),
+            **details,
+        }
+        path = self.settings.scheduler_state
+        try:
+            state = json.loads(path.read_text())
+            state = state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            state = {}
+        state[self.KIND] = self.last_tried
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def cursor(self) -> int:
+        """The cursor new pairs are counted after: the later of the promoted version's data
+        cursor and the last tried training's."""
+        version = self.registry.promoted()
+        promoted = 0
+        if version is not None:
+            promoted = int(self.registry.manifest(version).data_cursor or 0)
+        tried = int(self.last_tried["cursor"]) if self.last_tried else 0
+        return max(promoted, tried)
+
+    def pending(self) -> tuple[int, int]:
+        """How many pairs lie after :meth:`cursor`, and the last one's cursor."""
+        count, last = 0, self.cursor()
+        for pair in self.store.export_pairs(last):
+            count += 1
+            last = max(last, pair.cursor)
+        return count, last
 
     def new_pairs(self) -> int:
-        """Pairs exported after the promoted version's data cursor."""
-        version = self.registry.promoted()
-        cursor = 0
-        if version is not None:
-            cursor = int(self.registry.manifest(version).data_cursor or 0)
-        return sum(1 for _ in self.store.export_pairs(cursor))
+        """Pairs exported after :meth:`cursor`."""
+        return self.pending()[0]
 
-    def retrain(self) -> dict[str, Any]:
+    # -- training --------------------------------------------------------------------------
+    def training_args(self) -> list[str]:
         args = [
             "train", "reward", "--registry", str(self.settings.registry),
             "--database-url", self.settings.feedback_url,
             "--backbone", self.settings.train_backbone, "--epochs",
             str(self.settings.train_epochs), "--promote", "--no-progress",
+            "--promotion-tolerance", str(self.settings.promotion_tolerance),
+            "--promotion-significance", str(self.settings.promotion_significance),
             "--log-level", "WARNING",
         ]  # fmt: skip
         if self.settings.train_max_steps:
             args += ["--max-steps", str(self.settings.train_max_steps)]
-        summary = _run_cli(args, "reward training")
+        return args
+
+    async def retrain(self, seen_cursor: int) -> dict[str, Any]:
+        """One training on everything stored; remembered whatever its outcome (a cancelled one
+        is not: it stopped, it did not try)."""
+        try:
+            summary = await run_cli(self.training_args(), "reward training")
+        except RuntimeError as exc:
+            self._remember(seen_cursor, "failed", error=str(exc)[-500:])
+            raise
+        promotion = summary.get("promotion") or {}
+        cursor = summary.get("data_cursor")
+        self._remember(
+            int(cursor) if cursor is not None else seen_cursor,
+            "promoted" if summary.get("promoted") else "refused",
+            version=summary.get("version"),
+            reason=promotion.get("reason"),
+        )
         self.trainings.append(summary)
+        return summary
+
+    async def check(self) -> dict[str, Any] | None:
+        """One look: retrain (and notify serving) when enough new pairs wait; the summary of the
+        training, or None when none ran."""
+        try:
+            count, last = await asyncio.to_thread(self.pending)
+        except Exception as exc:  # the database may be briefly unavailable: try again later
+            log.warning("scheduler could not count new pairs: %s", exc)
+            return None
+        if count < self.settings.retrain_min_pairs:
+            return None
+        log.info("%d new preference pairs: retraining the reward model", count)
+        try:
+            summary = await self.retrain(last)
+        except RuntimeError as exc:
+            log.error(
+                "retraining failed (waiting for %d more pairs before the next try): %s",
+                self.settings.retrain_min_pairs, exc,
+            )  # fmt: skip
+            return None
+        promoted = bool(summary.get("promoted"))
+        log.info(
+            "trained %s in %.0f s (%s train pairs): %s",
+            summary.get("version"), summary["wall_s"], summary.get("train_pairs"),
+            gate_line(summary.get("promotion")),
+        )  # fmt: skip
+        if promoted:
+            reply = await asyncio.to_thread(
+                notify_reload, self.settings.reward_address, credentials=self.settings.credentials
+            )
+            log.info("reward service now serves %s", reply.live_version)
+        else:
+            log.info(
+                "the next reward training waits for %d new pairs after cursor %s",
+                self.settings.retrain_min_pairs, self.last_tried and self.last_tried["cursor"],
+            )  # fmt: skip
+        await asyncio.to_thread(print_status, self.settings)
         return summary
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.check_interval_s)
-            try:
-                pending = await asyncio.to_thread(self.new_pairs)
-            except Exception as exc:  # the database may be briefly unavailable: try again later
-                log.warning("scheduler could not count new pairs: %s", exc)
-                continue
-            if pending < self.settings.retrain_min_pairs:
-                continue
-            log.info("%d new preference pairs: retraining the reward model", pending)
-            try:
-                summary = await asyncio.to_thread(self.retrain)
-            except RuntimeError as exc:
-                log.error("retraining failed: %s", exc)
-                continue
-            log.info(
-                "trained %s in %.0f s: held-out accuracy %s, promoted %s",
-                summary.get("version"), summary["wall_s"],
-                summary.get("metrics", {}).get("eval/accuracy"), summary.get("promoted"),
-            )  # fmt: skip
-            if summary.get("promoted"):
-                reply = await asyncio.to_thread(
-                    notify_reload,
-                    self.settings.reward_address,
-                    credentials=self.settings.credentials,
-                )
-                log.info("reward service now serves %s", reply.live_version)
+            await self.check()
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for it (a training child it runs is stopped on the way)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def _serving(child: ServiceProcess, settings: UpSettings, timeout: float = 300.0) -> None:
+    """Wait until ``child`` reports SERVING, in short blocking probes (a stop is never held up
+    by a waiting thread); raises when it exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.to_thread(
+                wait_until_serving, child.address, 2.0, credentials=settings.credentials
+            )
+            return
+        except TimeoutError:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"the {child.service} service exited while starting") from None
+            if time.monotonic() > deadline:
+                raise
 
 
 async def run_up(settings: UpSettings) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(bootstrap, settings)
+    stopped = asyncio.ensure_future(wait_for_termination())
+    await asyncio.sleep(0)  # the signal handlers are in place from here on
+    booting = asyncio.ensure_future(bootstrap(settings))
+    await asyncio.wait([stopped, booting], return_when=asyncio.FIRST_COMPLETED)
+    if stopped.done():
+        await _stop(booting)
+        return 0
+    booting.result()  # a failed reward bootstrap stops here
     children: list[ServiceProcess] = []
     no_auth = settings.auth_disabled
     try:
@@ -215,10 +408,15 @@ async def run_up(settings: UpSettings) -> int:
                     auth_disabled=no_auth,
                 )
             )  # fmt: skip
-        for child in children:
-            await asyncio.to_thread(
-                wait_until_serving, child.address, 300.0, credentials=settings.credentials
-            )
+        watched = [asyncio.ensure_future(asyncio.to_thread(c.process.wait)) for c in children]
+        serving: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*(_serving(c, settings) for c in children))
+        )
+        await asyncio.wait([stopped, serving], return_when=asyncio.FIRST_COMPLETED)
+        if stopped.done():
+            await _stop(serving)
+            return 0
+        serving.result()
         log.info(
             "plaudit is up: %s; labelling page %s",
             ", ".join(f"{c.service} {c.address} (metrics :{c.metrics_port})" for c in children),
@@ -226,12 +424,11 @@ async def run_up(settings: UpSettings) -> int:
             if settings.feedback_http_port
             else "on a free port (see the feedback service's log)",
         )
+        await asyncio.to_thread(print_status, settings)
         store = FeedbackReader(settings.feedback_url)  # read-only: the service migrated it
         scheduler = asyncio.ensure_future(Scheduler(settings, store).run())
-        stopped = asyncio.ensure_future(wait_for_termination())
-        watched = [asyncio.ensure_future(asyncio.to_thread(c.process.wait)) for c in children]
         done, _ = await asyncio.wait([stopped, *watched], return_when=asyncio.FIRST_COMPLETED)
-        scheduler.cancel()
+        await _stop(scheduler)  # stops a running training child first
         store.close()
         if stopped not in done:
             log.error("a service exited unexpectedly; stopping the others")

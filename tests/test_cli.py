@@ -36,13 +36,14 @@ def test_export_registry_promote_and_rollback(
     second = json.loads(capsys.readouterr().out)
     assert ModelRegistry(reg).promoted() == first["version"]
 
-    assert main(["registry", "list", *common]) == 0
-    listing = capsys.readouterr().out.splitlines()
-    assert len(listing) == 2
-    assert listing[0].startswith(f"* {first['version']}")
-    assert listing[1].startswith(f"  {second['version']}")
+    assert main(["registry", "list", "--json", *common]) == 0  # tables: tests/test_terminal.py
+    listing = json.loads(capsys.readouterr().out)
+    assert [(row["version"], row["promoted"]) for row in listing] == [
+        (first["version"], True),
+        (second["version"], False),
+    ]
 
-    assert main(["registry", "show", second["version"], *common]) == 0
+    assert main(["registry", "show", second["version"], "--json", *common]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == second["version"] and shown["parent"] == first["version"]
 

@@ -72,7 +72,7 @@ def test_import_every_format_is_idempotent_and_reports_bad_lines(
     table = pq.read_table(parquet)
     assert table.num_rows == 6 and table.column("chosen").to_pylist()[1] == "4"
 
-    assert main(["feedback", "stats", *db]) == 0
+    assert main(["feedback", "stats", "--json", *db]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["records"] == 4 and stats["by_kind"] == {"comparison": 3, "ranking": 1}
 

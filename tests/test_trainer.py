@@ -165,10 +165,18 @@ def test_gate_promoted_the_better_model_with_its_numbers(trained: Trained) -> No
     promotion = trained.result.manifest.promotion  # type: ignore[union-attr]
     assert promotion is not None and promotion["promoted"] is True
     assert promotion["current_version"] == trained.baseline
-    assert promotion["tolerance"] == 0.01
+    assert promotion["tolerance"] == 0.0  # issue 15: the default demands a strict win
     assert promotion["eval_pairs"] == trained.result.eval_pairs
     assert promotion["candidate_accuracy"] == pytest.approx(trained.result.metrics["eval/accuracy"])
     assert promotion["candidate_accuracy"] > promotion["current_accuracy"] + 0.2
+    assert promotion["beats_live"] is True and promotion["above_chance"] is True
+    assert promotion["p_value"] <= promotion["significance"] == 0.05
+    n, correct = promotion["eval_pairs"], promotion["candidate_correct"]
+    assert correct <= round(promotion["candidate_accuracy"] * n)  # ties count against it
+    candidate, live = promotion["candidate_accuracy"], promotion["current_accuracy"]
+    assert promotion["reason"].startswith(
+        f"candidate {candidate:.3f} vs live {live:.3f} on the same {n} held-out pairs"
+    )
     history = trained.registry.promotion_history()
     assert history[-1]["version"] == trained.result.manifest.version  # type: ignore[union-attr]
     assert history[-1]["reason"] == promotion["reason"]
@@ -192,7 +200,9 @@ def test_gate_refuses_a_worse_model_and_records_why(
     assert promotion["current_version"] == live
     assert promotion["current_accuracy"] == pytest.approx(trained.result.metrics["eval/accuracy"])
     assert promotion["candidate_accuracy"] < promotion["current_accuracy"] - 0.01
-    assert "<" in promotion["reason"]
+    assert promotion["beats_live"] is False
+    assert f"does not beat live {live}" in promotion["reason"]  # issue 15: says why, with figures
+    assert f"vs live {promotion['current_accuracy']:.3f} on the same" in promotion["reason"]
     assert trained.registry.promoted() == live  # unchanged
     stored = trained.registry.manifest(worse.manifest.version).promotion
     assert stored == promotion  # the refusal is on record in the published version
@@ -212,6 +222,29 @@ def _submit(store: FeedbackStore, start: int, n: int) -> None:
     ]
     results = store.submit_many(events)
     assert not [r for r in results if isinstance(r, Exception)]
+
+
+def test_gate_floor_refuses_a_better_model_that_is_not_significant_enough(
+    trained: Trained, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The recipe of the promoted model at a level no held-out set this small can reach, with a
+    tolerance that lets it beat the live model whatever it scores: the floor alone refuses it."""
+    live = trained.registry.promoted()
+    result = train_reward(
+        tiny_config(tiny_checkpoint, promotion_significance=1e-30),
+        PairSource(files=(trained.data,)),
+        trained.registry,
+        publish=PublishOptions(promote=True, promotion_tolerance=1.0),
+        output_dir=tmp_path / "run",
+    )
+    assert result is not None and result.manifest is not None
+    promotion = result.manifest.promotion
+    assert promotion is not None and promotion["promoted"] is False
+    assert promotion["beats_live"] is True  # tolerance 1: any accuracy beats the live one
+    assert promotion["above_chance"] is False and promotion["significance"] == 1e-30
+    assert promotion["p_value"] > 1e-30
+    assert "not significantly above chance" in promotion["reason"]
+    assert trained.registry.promoted() == live
 
 
 def test_training_from_the_feedback_store_records_and_continues_from_the_cursor(
@@ -297,7 +330,8 @@ def test_cli_settings_need_exactly_one_data_source(
     args = build_parser().parse_args(["train", "reward"])
     settings = settings_from_args(TrainRewardSettings, args)
     assert settings.data == [Path("a.jsonl"), Path("b.jsonl")]
-    assert settings.promotion_tolerance == 0.01
+    assert settings.promotion_tolerance == 0.0  # issue 15: a candidate must beat the live model
+    assert settings.promotion_significance == 0.05
     defaults = RewardTrainingConfig()
     assert settings.learning_rate == defaults.learning_rate and settings.epochs == defaults.epochs
 

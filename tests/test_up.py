@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from plaudit.services.common.process import free_port
 from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.feedback.domain import Comparison
+from plaudit.services.feedback.export import FeedbackReader
+from plaudit.services.feedback.store import FeedbackStore
 from plaudit.services.reward.client import RewardClient, wait_until_serving
+from plaudit.up import Scheduler, UpSettings, gate_line, stop_child
 from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 from tests.conftest import REPO, toy_pairs
 
@@ -70,7 +81,229 @@ def test_up_bootstraps_retrains_on_feedback_and_swaps(
         assert proc.returncode == 0, output
         assert "bootstrapping a reward model" in output
         assert "retraining the reward model" in output
+        assert "waiting for retraining" in output  # the status screen, printed once up
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# -- the scheduler's memory -----------------------------------------------------------------------
+def _store_pairs(url: str, start: int, n: int) -> None:
+    events = [
+        Comparison(
+            prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"],
+            annotator_id="tester", idempotency_key=f"k{start + i}",
+        )
+        for i, p in enumerate(toy_pairs(n, seed=start, start=start))
+    ]  # fmt: skip
+    with FeedbackStore(url) as store:
+        assert not [r for r in store.submit_many(events) if isinstance(r, Exception)]
+
+
+def test_a_refused_candidate_is_not_retrained_on_the_same_data_even_after_a_restart(
+    tiny_registry: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Issue 15: a refused candidate left the promoted cursor where it was, so every check
+    retrained on the same pairs. The scheduler now remembers the cursor it tried."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_registry, home / "registry")
+    settings = UpSettings(
+        home=home, retrain_min_pairs=30, train_backbone=str(tiny_checkpoint),
+        promotion_significance=1e-12,  # out of reach for a few held-out pairs: always refused
+    )  # fmt: skip
+    _store_pairs(settings.feedback_url, 0, 40)
+    registry = ModelRegistry(settings.registry, "reward")
+    live = registry.promoted()
+    with FeedbackReader(settings.feedback_url) as store:
+        scheduler = Scheduler(settings, store)
+        assert scheduler.last_tried is None and scheduler.new_pairs() == 40
+        summary = asyncio.run(scheduler.check())
+        assert summary is not None and summary["promoted"] is False
+        assert "not significantly above chance" in gate_line(summary["promotion"])
+        assert registry.promoted() == live and len(registry.list_versions()) == 2
+        state = json.loads(settings.scheduler_state.read_text())["reward"]
+        assert state["outcome"] == "refused" and state["version"] == summary["version"]
+        assert state["cursor"] == int(summary["data_cursor"]) > 0
+        assert "not significantly above chance" in state["reason"]
+        assert scheduler.new_pairs() == 0
+        assert asyncio.run(scheduler.check()) is None  # nothing new: no second training
+    with FeedbackReader(settings.feedback_url) as store:
+        restarted = Scheduler(settings, store)  # a restart reads the memory back
+        assert restarted.last_tried == state and restarted.new_pairs() == 0
+        assert asyncio.run(restarted.check()) is None
+        _store_pairs(settings.feedback_url, 40, 29)
+        assert asyncio.run(restarted.check()) is None  # 29 < 30 more
+        assert len(registry.list_versions()) == 2
+        _store_pairs(settings.feedback_url, 69, 1)
+        again = asyncio.run(restarted.check())  # 30 more: it tries again, on all 70
+        assert again is not None and again["train_pairs"] + again["eval_pairs"] == 70
+        assert len(registry.list_versions()) == 3
+        assert restarted.last_tried is not None
+        assert restarted.last_tried["cursor"] == int(again["data_cursor"]) > state["cursor"]
+        settings.scheduler_state.unlink()  # without the memory, the same 70 pairs look new
+        assert Scheduler(settings, store).new_pairs() == 70
+
+
+def test_memory_of_another_database_is_ignored(tmp_path: Path) -> None:
+    settings = UpSettings(home=tmp_path)
+    settings.scheduler_state.write_text(
+        json.dumps({"reward": {"database": "sqlite:///elsewhere.db", "cursor": 99}})
+    )
+    _store_pairs(settings.feedback_url, 0, 3)
+    with FeedbackReader(settings.feedback_url) as store:
+        scheduler = Scheduler(settings, store)
+        assert scheduler.last_tried is None and scheduler.new_pairs() == 3
+
+
+# -- stopping -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_stop_child_terminates_then_kills(ignores_sigterm: bool) -> None:
+    code = "import signal, sys, time\n"
+    if ignores_sigterm:
+        code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    code += "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(600)\n"
+
+    async def scenario() -> tuple[int | None, float]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        assert await proc.stdout.readline() == b"ready\n"  # the SIGTERM disposition is set
+        started = time.monotonic()
+        await stop_child(proc, grace_s=1.0)
+        return proc.returncode, time.monotonic() - started
+
+    returncode, took = asyncio.run(scenario())
+    if ignores_sigterm:
+        assert returncode == -signal.SIGKILL and 1.0 <= took < 10
+    else:
+        assert returncode == -signal.SIGTERM and took < 1.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by a parent that is gone) counts as stopped
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def test_sigterm_stops_a_running_training_and_exits_within_seconds(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Issue 15: SIGTERM stopped the services but ``plaudit up`` waited minutes for the training
+    child. A training that would run for hours is stopped and ``up`` exits within seconds,
+    leaving no half-published version (at most a hidden staging folder, which listing skips)."""
+    ports = {name: free_port() for name in ("reward", "rm", "feedback", "fm")}
+    home = tmp_path / "home"
+    env = {**os.environ, "PLAUDIT_EARLY_STOPPING_PATIENCE": "0"}  # train every epoch
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plaudit.cli", "up", "--home", str(home), "--no-generation",
+         "--bootstrap-checkpoint", str(tiny_checkpoint), "--train-backbone", str(tiny_checkpoint),
+         "--train-epochs", "100000", "--retrain-min-pairs", "30", "--check-interval-s", "0.5",
+         "--log-format", "text", "--log-level", "INFO",
+         "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),
+         "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"]),
+         "--feedback-http-port", "0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    started = threading.Event()
+    pid: list[int] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"reward training started \(pid (\d+)\)", line)
+            if found:
+                pid.append(int(found.group(1)))
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until_serving(f"127.0.0.1:{ports['feedback']}", timeout=120)
+        _store_pairs(f"sqlite:///{(home / 'feedback.db').resolve()}", 0, 40)
+        assert started.wait(120), "".join(lines)
+        time.sleep(3)  # well into the training
+        assert _alive(pid[0]), "".join(lines)
+        stop_sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - stop_sent
+        reader.join(timeout=10)
+        output = "".join(lines)
+        assert proc.returncode == 0, output
+        assert took < 20, f"plaudit up took {took:.1f}s to stop"
+        assert not _alive(pid[0]), "the training child outlived plaudit up"
+        assert "stopping reward training" in output
+        registry = ModelRegistry(home / "registry", "reward")
+        assert len(registry.list_versions()) == 1  # the bootstrap only: nothing half-published
+        assert not list(Path(registry.versions_dir).glob(".staging-*"))
+        assert not (home / "scheduler.json").exists()  # a stopped training was not "tried"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_unwinds_a_training_like_ctrl_c(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """``plaudit train`` turns SIGTERM into KeyboardInterrupt: ``finally`` blocks run (a publish
+    under way removes its staging folder) and it exits 130, not killed by the signal."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(40)))
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plaudit.cli", "train", "reward", "--data", str(data),
+         "--backbone", str(tiny_checkpoint), "--epochs", "100000",
+         "--early-stopping-patience", "0", "--output-dir", str(run), "--no-progress",
+         "--registry", str(tmp_path / "registry"), "--promote"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not run.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the training never started"
+            time.sleep(0.2)
+        time.sleep(2)
+        assert proc.poll() is None, proc.communicate()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - sent < 10
+        versions = tmp_path / "registry" / "reward" / "versions"
+        assert not versions.exists() or not any(versions.iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_stale_staging_folder_or_manifestless_version_does_not_break_listing(
+    tiny_registry: Path, tmp_path: Path
+) -> None:
+    """What a killed publisher can leave behind (a local staging folder, or on an object store
+    files without their manifest) is invisible: listing, the scheduler's cursor and promotion
+    read only complete versions."""
+    root = tmp_path / "registry"
+    shutil.copytree(tiny_registry, root)
+    registry = ModelRegistry(root, "reward")
+    versions = Path(registry.versions_dir)
+    staging = versions / ".staging-killed"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"half a model")
+    (versions / "v-half").mkdir()
+    (versions / "v-half" / "model.onnx").write_bytes(b"no manifest")
+    listed = registry.list_versions()
+    assert [m.version for m in listed] == [registry.promoted()]
+    settings = UpSettings(home=tmp_path)
+    _store_pairs(settings.feedback_url, 0, 2)
+    with FeedbackReader(settings.feedback_url) as store:
+        assert Scheduler(settings, store).new_pairs() == 2

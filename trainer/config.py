@@ -74,3 +74,10 @@ class RewardTrainingConfig(TrainingConfig):
     num_threads: int = Field(
         0, ge=0, description="torch threads per process (0: cores / local processes)"
     )
+    promotion_significance: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="gate floor: held-out accuracy must beat 0.5 at this level (one-sided "
+        "binomial test)",
+    )

@@ -1,9 +1,11 @@
-"""The promotion gate: a new reward model replaces the promoted one only if it is not worse on
-the same held-out pairs, both scored by the ONNX graphs they are (or would be) served with."""
+"""The promotion gate: a new reward model replaces the promoted one only when it beats it on the
+same held-out pairs, both scored by the ONNX graphs they are (or would be) served with, and when
+its held-out accuracy is significantly above chance."""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,55 +17,138 @@ from plaudit.trainer.objective import preference_accuracy
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = 0.01
+DEFAULT_TOLERANCE = 0.0
+DEFAULT_SIGNIFICANCE = 0.05
+_EPS = 1e-12  # accuracies are ratios of counts: compare them without float noise
+
+
+def exact_binomial_p_value(successes: int, trials: int) -> float:
+    """One-sided p-value ``P(X >= successes)`` for ``X ~ Binomial(trials, 1/2)``, exactly:
+    integer binomial coefficients, one division at the end (1.0 for no trials)."""
+    if trials <= 0:
+        return 1.0
+    if not 0 <= successes <= trials:
+        raise ValueError(f"{successes} successes out of {trials} trials")
+    return float(sum(math.comb(trials, i) for i in range(successes, trials + 1)) / 2**trials)
+
+
+def binomial_p_value(successes: int, trials: int) -> float:
+    """:func:`exact_binomial_p_value`, by scipy's ``binomtest`` when scipy is installed: how
+    likely a coin-flipping model is to get at least this many pairs right."""
+    try:
+        from scipy.stats import binomtest
+    except ImportError:
+        return exact_binomial_p_value(successes, trials)
+    if trials <= 0:
+        return 1.0
+    if not 0 <= successes <= trials:
+        raise ValueError(f"{successes} successes out of {trials} trials")
+    return float(binomtest(successes, trials, 0.5, alternative="greater").pvalue)
+
+
+def gate_decision(
+    *,
+    candidate_accuracy: float,
+    correct: int,
+    n: int,
+    live_version: str | None,
+    live_accuracy: float | None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    significance: float = DEFAULT_SIGNIFICANCE,
+    live_error: str = "",
+) -> dict[str, Any]:
+    """The decision on literal numbers; ``correct`` of ``n`` held-out pairs ranked right by the
+    candidate (a tie counts as wrong here, so the test never overstates the evidence).
+
+    Promoted iff both hold:
+    - it beats the live model: ``candidate_accuracy > live_accuracy - tolerance`` (tolerance 0:
+      strictly better; a tie is refused, the candidate brings no evidence it is better), or
+      nothing is live;
+    - it clears the floor: one-sided binomial ``p <= significance`` against accuracy 0.5.
+    ``live_version`` set with ``live_accuracy`` None means the live model could not be scored:
+    refused (a person should look).
+    """
+    p_value = binomial_p_value(correct, n)
+    above_chance = n > 0 and p_value <= significance
+    cand = f"{candidate_accuracy:.3f}"
+    if live_version is None:
+        beats: bool | None = True
+        versus = f"candidate {cand}, nothing live, on {n} held-out pairs"
+    elif live_accuracy is None:
+        beats = None
+        versus = f"candidate {cand} vs live {live_version} (could not be scored), n={n}"
+    else:
+        beats = candidate_accuracy - live_accuracy + tolerance > _EPS
+        versus = f"candidate {cand} vs live {live_accuracy:.3f} on the same {n} held-out pairs"
+    chance = f"p={p_value:.3g} against chance (level {significance:g})"
+    why = []
+    if beats is False:
+        loses = f" (loses {tolerance:g} or more)" if tolerance else ""
+        why.append(f"does not beat live {live_version}{loses}")
+    if beats is None:
+        why.append(
+            f"live {live_version} could not be scored" + (f": {live_error}" * bool(live_error))
+        )
+    if not above_chance:
+        why.append("not significantly above chance")
+    promoted = not why
+    reason = f"{versus}; {chance}: " + ("promoted" if promoted else "refused, " + "; ".join(why))
+    return {
+        "promoted": promoted,
+        "candidate_accuracy": candidate_accuracy,
+        "candidate_correct": correct,
+        "current_version": live_version,
+        "current_accuracy": live_accuracy,
+        "eval_pairs": n,
+        "beats_live": beats,
+        "p_value": p_value,
+        "above_chance": above_chance,
+        "significance": significance,
+        "tolerance": tolerance,
+        "reason": reason,
+    }
 
 
 @dataclass
 class AccuracyGate:
-    """Promote when ``candidate_accuracy >= current_accuracy - tolerance``.
+    """Promote when the candidate beats the promoted version on the same held-out pairs (losing
+    less than ``tolerance`` is allowed; default 0: it must be strictly better) and its held-out
+    accuracy is significantly above 0.5 (one-sided binomial test at ``significance``).
 
-    The tolerance (default 0.01, one point of held-out accuracy) absorbs the noise of a small
-    held-out set, so a retrain on more data is not refused for a one-pair difference; set it to
-    0 to demand no loss at all. Without a promoted version the candidate is promoted; when the
-    promoted version cannot be loaded or scored it is not (a person should look). Called by
+    Without a promoted version only the floor applies; when the promoted version cannot be
+    loaded or scored the candidate is not promoted (a person should look). Called by
     :func:`plaudit.trainer.export.export_reward` with the candidate's rewards, before publishing,
-    so the record lands in the new version's manifest.
+    so the record (see :func:`gate_decision`) lands in the new version's manifest.
     """
 
     registry: ModelRegistry
     tolerance: float = DEFAULT_TOLERANCE
+    significance: float = DEFAULT_SIGNIFICANCE
 
     def __call__(self, texts: list[tuple[str, str]], candidate: np.ndarray) -> dict[str, Any]:
-        candidate_acc = preference_accuracy(candidate[0::2], candidate[1::2])
+        chosen, rejected = candidate[0::2], candidate[1::2]
+        candidate_acc = preference_accuracy(chosen, rejected)
+        correct = int(np.sum(np.asarray(chosen, np.float64) > np.asarray(rejected, np.float64)))
         current = self.registry.promoted()
-        record: dict[str, Any] = {
-            "promoted": False,
-            "candidate_accuracy": candidate_acc,
-            "current_version": current,
-            "current_accuracy": None,
-            "tolerance": self.tolerance,
-            "eval_pairs": len(texts) // 2,
-            "decided_at": datetime.now(UTC).isoformat(),
-        }
-        if current is None:
-            record.update(promoted=True, reason="no version was promoted")
-            return record
-        try:
-            current_acc = self.current_accuracy(current, texts)
-        except Exception as exc:
-            log.exception("could not score the promoted version", extra={"version": current})
-            record["reason"] = f"could not score the promoted version {current}: {exc}"
-            return record
-        promoted = candidate_acc >= current_acc - self.tolerance
-        record.update(
-            promoted=promoted,
-            current_accuracy=current_acc,
-            reason=(
-                f"held-out accuracy {candidate_acc:.4f} {'>=' if promoted else '<'} "
-                f"{current_acc:.4f} ({current}) - tolerance {self.tolerance}"
-            ),
+        current_acc, error = None, ""
+        if current is not None:
+            try:
+                current_acc = self.current_accuracy(current, texts)
+            except Exception as exc:
+                log.exception("could not score the promoted version", extra={"version": current})
+                error = str(exc)
+        record = gate_decision(
+            candidate_accuracy=candidate_acc,
+            correct=correct,
+            n=len(texts) // 2,
+            live_version=current,
+            live_accuracy=current_acc,
+            tolerance=self.tolerance,
+            significance=self.significance,
+            live_error=error,
         )
-        log.info("promotion decision", extra=record)
+        record["decided_at"] = datetime.now(UTC).isoformat()
+        log.info("promotion decision: %s", record["reason"], extra=record)
         return record
 
     def current_accuracy(self, version: str, texts: list[tuple[str, str]]) -> float:

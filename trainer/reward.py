@@ -442,7 +442,7 @@ def _train(
                     text_format=fmt.to_dict(),
                 ),
                 registry,
-                gate=AccuracyGate(registry, publish.promotion_tolerance)
+                gate=AccuracyGate(registry, publish.promotion_tolerance, cfg.promotion_significance)
                 if publish.promote
                 else None,
             )

@@ -180,7 +180,13 @@ class ModelWatcher(Generic[M]):
         while True:
             outcome = await self.check()
             if outcome.promoted_version is None and self.live_version is None:
-                log.info("no promoted model yet; waiting", extra={"registry": self.registry.root})
+                kind = self.registry.kind
+                log.warning(
+                    "no promoted %s model yet; waiting (`plaudit export %s --promote "
+                    "--registry %s` publishes one; `plaudit up` bootstraps one)",
+                    kind, kind, self.registry.root,
+                    extra={"registry": self.registry.root, "once": f"no-{kind}-model"},
+                )  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()

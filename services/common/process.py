@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
 from dataclasses import dataclass
+
+from plaudit.services.common.logging import active_format
+
+log = logging.getLogger(__name__)
 
 CLI = [sys.executable, "-m", "plaudit.cli"]
 
@@ -66,9 +71,16 @@ def start_service(
     calling.
     """
     port, metrics_port = port or free_port(), metrics_port or free_port()
+    if auth_disabled:  # said here once instead of by every child (see common.logging)
+        log.warning(
+            "authentication is DISABLED for the services started here: they listen on "
+            "127.0.0.1 only; anyone on this machine may call them",
+            extra={"once": "auth-disabled"},
+        )
     command = [
         *CLI, "serve", service, "--host", "127.0.0.1", "--port", str(port),
-        "--metrics-port", str(metrics_port), "--log-format", "text", "--log-level", log_level,
+        "--metrics-port", str(metrics_port), "--log-format", active_format(),
+        "--log-level", log_level,
         *(["--auth-disabled"] if auth_disabled else []), *args,
     ]  # fmt: skip
     return ServiceProcess(subprocess.Popen(command), port, metrics_port, service)

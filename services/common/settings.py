@@ -25,7 +25,9 @@ class PlauditSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PLAUDIT_", extra="forbid", validate_default=True)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: text on a terminal, JSON lines otherwise"
+    )
 
     @classmethod
     def default_help(cls, name: str) -> str:

@@ -92,18 +92,22 @@ def event_from_json(kind: FeedbackKind, body: object) -> tuple[FeedbackEvent, in
     unknown = sorted(set(body) - set(fields) - {"task_id"})
     if unknown:
         raise InvalidArgumentError(unknown[0], f"is not a field of a {kind}")
-    for name, value in body.items():
-        if name == "task_id":
-            continue
+    values = {name: value for name, value in body.items() if name != "task_id"}
+    for name, value in values.items():
         if isinstance(value, bool):  # the JSON mapping would read true as 1.0
             raise InvalidArgumentError(name, f"must be {_expected(fields[name])}, got bool")
-        try:
-            json_format.ParseDict({name: value}, request)
-        except (json_format.ParseError, OverflowError, TypeError, ValueError) as exc:
-            detail = re.sub(r"^Failed to parse \w+ field: |\.$| at \S+$", "", str(exc).strip())
-            raise InvalidArgumentError(
-                name, f"must be {_expected(fields[name])} ({detail.rstrip('.')})"
-            ) from None
+    try:  # the whole body at once; field by field only to name the field that failed
+        json_format.ParseDict(values, request)
+    except (json_format.ParseError, OverflowError, TypeError, ValueError):
+        for name, value in values.items():
+            try:
+                json_format.ParseDict({name: value}, REQUEST_OF_KIND[kind]())
+            except (json_format.ParseError, OverflowError, TypeError, ValueError) as exc:
+                detail = re.sub(r"^Failed to parse \w+ field: |\.$| at \S+$", "", str(exc).strip())
+                raise InvalidArgumentError(
+                    name, f"must be {_expected(fields[name])} ({detail.rstrip('.')})"
+                ) from None
+        raise
     if kind == "rating" and body.get("score") is None:
         raise InvalidArgumentError("score", "is required (a number within the scale)")
     event = event_from_proto(request)

@@ -132,7 +132,8 @@ class ServerSecurity:
         if settings.auth_disabled:
             log.warning(
                 "authentication is DISABLED: anyone who can reach this server may call every "
-                "method (configure API keys for anything but local use)"
+                "method (configure API keys for anything but local use)",
+                extra={"once": "auth-disabled"},  # said once per process tree
             )
         try:
             keys = None if settings.auth_disabled else KeyStore(entries)
