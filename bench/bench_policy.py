@@ -1,4 +1,4 @@
-"""Policy training on the real SmolLM2-135M-Instruct, on CPU: DPO on shared HH-RLHF pairs, judged
+"""Policy training on the real SmolLM2-135M-Instruct, on CPU: DPO on shipped HH-RLHF pairs, judged
 by a served reward model (issue #6 part B).
 
 One run:

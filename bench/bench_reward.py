@@ -429,8 +429,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         type=Path,
-        default=REPO / DEFAULT_DATA,
-        help="HH-RLHF or prompt/chosen/rejected JSONL (default: shared HH pairs)",
+        default=DEFAULT_DATA,
+        help="HH-RLHF or prompt/chosen/rejected JSONL (default: shipped HH pairs)",
     )
     parser.add_argument(
         "--registry",
