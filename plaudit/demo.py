@@ -42,7 +42,11 @@ class DemoSettings(ClientSecuritySettings):
     feedback_addr: str = Field("127.0.0.1:50052", description="feedback service address")
     reward_addr: str = Field("127.0.0.1:50051", description="reward service address")
     waves: int = Field(3, ge=1, description="waves of feedback")
-    wave_size: int = Field(400, ge=1, description="preference pairs per wave")
+    wave_size: int = Field(
+        0,
+        ge=0,
+        description="preference pairs per wave; 0 = all the pairs, split evenly over the waves",
+    )
     start: bool = Field(True, description="start `plaudit up` when nothing answers")
     wave_timeout_s: float = Field(1800, gt=0, description="longest wait for a retraining")
 
@@ -165,6 +169,7 @@ def _wait_for_new_version(registry: ModelRegistry, known: int, timeout: float) -
 def run_demo(settings: DemoSettings) -> int:
     probes, pool = load_pairs(settings.data)
     _say(f"{len(pool) + len(probes)} preference pairs from {settings.data}")
+    wave_size = settings.wave_size or -(-len(pool) // settings.waves)
     up: subprocess.Popen[bytes] | None = None
     credentials = settings.credentials
     if not (
@@ -177,7 +182,7 @@ def run_demo(settings: DemoSettings) -> int:
         _say("[1/3] starting `plaudit up` (feedback + reward services, SQLite, local registry)")
         up = subprocess.Popen(
             [*CLI, "up", "--home", str(settings.home), "--no-generation",
-             "--retrain-min-pairs", str(max(1, settings.wave_size // 2)),
+             "--retrain-min-pairs", str(max(1, wave_size // 2)),
              "--check-interval-s", "3", "--log-format", "text"],
         )  # fmt: skip
     try:
@@ -195,12 +200,12 @@ def run_demo(settings: DemoSettings) -> int:
                  + " ".join(f"{p:.3f}" for p in probs))  # fmt: skip
             stored = 0
             for wave in range(settings.waves):
-                batch = pool[wave * settings.wave_size : (wave + 1) * settings.wave_size]
+                batch = pool[wave * wave_size : (wave + 1) * wave_size]
                 if not batch:
                     break
                 started = time.monotonic()
                 known = len(registry.list_versions())
-                accepted, rejected = _submit_wave(feedback, batch, wave * settings.wave_size)
+                accepted, rejected = _submit_wave(feedback, batch, wave * wave_size)
                 stored += accepted
                 _say(
                     f"[wave {wave + 1}/{settings.waves}] {accepted} comparisons stored "
