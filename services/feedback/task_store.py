@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from plaudit.services.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from plaudit.services.feedback.db import database_errors, write_with_retry
 from plaudit.services.feedback.domain import FeedbackLimits, LabellingTask, NewTask, validate_task
+from plaudit.services.feedback.export import KEY_CHUNK, chunks
 from plaudit.services.feedback.tables import LabellingTaskRow, TaskAssignmentRow
 
 _TASK = cast(sa.Table, LabellingTaskRow.__table__)
@@ -43,7 +44,6 @@ _TASK_COLUMNS = (
     _TASK.c.source,
     _TASK.c.labels,
 )
-_KEY_CHUNK = 500
 
 T = TypeVar("T")
 
@@ -131,10 +131,10 @@ class TaskStore:
         def work(conn: Connection) -> dict[str, tuple[int, bool]]:
             keys = list(first)
             found: dict[str, tuple[int, bool]] = {}
-            for start in range(0, len(keys), _KEY_CHUNK):
+            for chunk in chunks(keys, KEY_CHUNK):
                 query = sa.select(
                     _TASK.c.id, _TASK.c.task_key, _TASK.c.prompt, _TASK.c.completions
-                ).where(_TASK.c.task_key.in_(keys[start : start + _KEY_CHUNK]))
+                ).where(_TASK.c.task_key.in_(chunk))
                 for row in conn.execute(query):
                     index = first[row.task_key]
                     task = tasks[index]
@@ -158,9 +158,9 @@ class TaskStore:
             if rows:
                 conn.execute(sa.insert(_TASK), rows)
                 created = [str(r["task_key"]) for r in rows]
-                for start in range(0, len(created), _KEY_CHUNK):
+                for chunk in chunks(created, KEY_CHUNK):
                     query = sa.select(_TASK.c.id, _TASK.c.task_key).where(
-                        _TASK.c.task_key.in_(created[start : start + _KEY_CHUNK])
+                        _TASK.c.task_key.in_(chunk)
                     )
                     for new in conn.execute(query):
                         found[new.task_key] = (int(new.id), True)
