@@ -30,7 +30,7 @@ from plaudit.services.common.settings import (
     add_settings_arguments,
     settings_from_args,
 )
-from plaudit.trainer.config import RewardTrainingConfig  # pydantic models: no torch import
+from plaudit.trainer.config import DEFAULT_RUNS_DIR, RewardTrainingConfig  # pydantic: no torch
 from plaudit.trainer.policy_config import CONFIGS as POLICY_CONFIGS
 from plaudit.trainer.policy_config import (
     DPOFields,
@@ -124,7 +124,8 @@ class TrainRunSettings(RegistryLocationSettings):
         False, description="read feedback after the parent version's data cursor"
     )
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
-    output_dir: Path | None = Field(None, description="run folder (default .plaudit/runs/<run-id>)")
+    output_dir: Path | None = Field(None, description="run folder (default: <runs-dir>/<run-id>)")
+    runs_dir: Path = Field(DEFAULT_RUNS_DIR, description="where run folders go, one per run")
     promote: bool = Field(False, description="promote if the gate passes (accuracy / win rate)")
     parent: str | None = Field(None, description="parent and baseline (default: the promoted one)")
     progress: bool = Field(True, description="progress bars on stderr (rank 0)")
@@ -168,6 +169,11 @@ class TrainPolicySettings(
 
     method: PolicyMethod = Field(
         "dpo", description="dpo (pairs), rejection-sampling or rl (RLOO; prompts + reward service)"
+    )
+    only_after_new_reward: bool = Field(
+        False,
+        description="exit 0 without training when the newest policy was already judged by the "
+        "reward model serving at --reward-addr (scheduled jobs: train after a new one)",
     )
 
     @classmethod
@@ -396,6 +402,7 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
             parent=settings.parent,
         ),
         output_dir=settings.output_dir,
+        runs_dir=settings.runs_dir,
         progress=settings.progress,
     )
     if result is not None:  # rank 0 (the only process, or under torchrun)
@@ -407,14 +414,23 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
     settings = settings_from_args(TrainPolicySettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from plaudit.trainer.policy import PolicyPublishOptions, train_policy
+    from plaudit.trainer.policy import PolicyPublishOptions, already_trained_under, train_policy
 
+    cfg = settings.policy_config()
+    registry = settings.model_registry("policy")
+    if settings.only_after_new_reward and cfg.reward_addr:
+        skip = already_trained_under(registry, cfg.reward_addr, settings.credentials)
+        if skip:
+            log.info("nothing to do: %s", skip)
+            sys.stdout.write(json.dumps({"skipped": True, "reason": skip}) + "\n")
+            return 0
     result = train_policy(
-        settings.policy_config(),
+        cfg,
         _pair_source(settings),
-        settings.model_registry("policy"),
+        registry,
         publish=PolicyPublishOptions(promote=settings.promote, parent=settings.parent),
         output_dir=settings.output_dir,
+        runs_dir=settings.runs_dir,
         progress=settings.progress,
         credentials=settings.credentials,
     )

@@ -96,7 +96,15 @@ def gate_summary(manifest: ModelManifest, *, name_live: bool = True) -> tuple[st
     if manifest.kind == "policy":
         win, threshold = gate.get("win_rate"), gate.get("min_win_rate")
         decision = "passed" if gate.get("passed") else "refused"
-        if win is None:
+        if "lc_win_rate" in gate:  # the gate with length control and a KL bound (issue 15)
+            kl = gate.get("kl")
+            why = (
+                f"win {fraction(win)}, length-controlled {fraction(gate.get('lc_win_rate'))}, "
+                f"KL {DASH if kl is None else format(kl, '.2f')} vs {gate.get('baseline')}"
+            )
+            if not gate.get("passed"):
+                why = str(gate.get("reason", "")).rpartition("refused, ")[2] or why
+        elif win is None:
             why = f"win rate not measured against {gate.get('baseline')}"
         else:
             sign = ">" if gate.get("passed") else "<="

@@ -2,13 +2,21 @@
 
 Starts the feedback, reward and (when a policy is promoted or can be bootstrapped) generation
 services as child processes on their default ports, with SQLite and a local registry under
-``--home``, and runs the retraining scheduler: when at least ``--retrain-min-pairs`` new preference
-pairs have arrived after both the promoted reward model's data cursor and the last training's
-(checked every ``--check-interval-s``), it runs ``plaudit train reward --promote`` on everything
-stored, in its own process (the trainer needs torch; this process does not), then tells the
-reward service to pick up the result. Serving hot-swaps it without a restart; a candidate the
-gate refuses (it must beat the live model on the same held-out pairs and be significantly above
-chance) is published but not promoted.
+``--home``, and runs the retraining scheduler, for both halves of the loop, one training at a
+time, each in its own process (the trainer needs torch; this process does not):
+
+* reward model: when at least ``--retrain-min-pairs`` new preference pairs have arrived after
+  both the promoted reward model's data cursor and the last training's (checked every
+  ``--check-interval-s``), ``plaudit train reward --promote`` on everything stored;
+* policy: after a reward model trained on feedback is promoted (and ``--policy-min-pairs`` new
+  pairs have arrived since the last policy training), ``plaudit train policy --base live
+  --promote`` against the live reward model, with ``--policy-method`` and ``--policy-budget``.
+
+A promoted version is hot-swapped by the service that serves it (the scheduler notifies it). A
+candidate the gate refuses is published but not promoted: a reward model must beat the live one
+on the same held-out pairs and be significantly above chance; a policy must beat the live policy
+on the same held-out prompts, judged by the live reward model, in plain and length-controlled win
+rate, within ``--policy-max-kl`` of it.
 
 The scheduler remembers what it last tried (``<home>/scheduler.json``: the data cursor it trained
 up to and the outcome), so a refused or failed training is not repeated on the same data: the next
@@ -38,11 +46,17 @@ from pydantic import Field
 
 from plaudit.services.common.admin import notify_reload
 from plaudit.services.common.process import CLI, ServiceProcess, start_service
-from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.common.registry import ModelKind, ModelRegistry
 from plaudit.services.common.security.client import ClientSecuritySettings
 from plaudit.services.common.server import wait_for_termination
 from plaudit.services.feedback.export import FeedbackReader
 from plaudit.services.reward.client import wait_until_serving
+from plaudit.trainer.policy_config import (  # pydantic models: no torch import
+    DEFAULT_MAX_KL,
+    DEFAULT_MIN_LC_WIN_RATE,
+    DEFAULT_MIN_WIN_RATE,
+    PolicyMethod,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +98,35 @@ class UpSettings(ClientSecuritySettings):
     promotion_significance: float = Field(
         0.05, gt=0, le=1, description="gate floor: one-sided binomial level against accuracy 0.5"
     )
+    policy_retrain: bool = Field(
+        True, description="retrain the policy after a reward model is promoted (needs generation)"
+    )
+    policy_method: PolicyMethod = Field(
+        "rejection-sampling", description="policy training method (see docs/benchmarks.md)"
+    )
+    policy_min_pairs: int = Field(
+        1, ge=0, description="new preference pairs since the last policy training it also needs"
+    )
+    policy_budget: int = Field(
+        64,
+        ge=0,
+        description="per policy training: prompts sampled (rejection-sampling), optimizer steps "
+        "(rl, dpo); 0: the method's default",
+    )
+    policy_max_new_tokens: int = Field(64, ge=1, description="tokens per policy sample")
+    policy_eval_prompts: int = Field(64, ge=1, description="held-out prompts the policy gate uses")
+    policy_min_win_rate: float = Field(
+        DEFAULT_MIN_WIN_RATE,
+        ge=0,
+        le=1,
+        description="policy gate: win rate vs the live policy",
+    )
+    policy_min_lc_win_rate: float = Field(
+        DEFAULT_MIN_LC_WIN_RATE, ge=0, le=1, description="policy gate: length-controlled win rate"
+    )
+    policy_max_kl: float = Field(
+        DEFAULT_MAX_KL, gt=0, description="policy gate: KL to the live policy, nats per sequence"
+    )
     auth_disabled: bool = Field(
         True,
         description="run the services (on 127.0.0.1) without authentication; with "
@@ -102,6 +145,14 @@ class UpSettings(ClientSecuritySettings):
     @property
     def reward_address(self) -> str:
         return f"127.0.0.1:{self.reward_port}"
+
+    @property
+    def generation_address(self) -> str:
+        return f"127.0.0.1:{self.generation_port}"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
 
     @property
     def scheduler_state(self) -> Path:
@@ -194,20 +245,24 @@ async def bootstrap(settings: UpSettings) -> None:
             log.error("no policy: generation stays off (%s)", exc)
 
 
-class Scheduler:
-    """Retrains the reward model when enough new feedback has arrived.
+class Retraining:
+    """One kind of model's retraining: when it is due, the ``plaudit train`` command that does
+    it (in a child process), and its memory.
 
-    Invariant: a training starts only when at least ``retrain_min_pairs`` pairs lie after both the
-    promoted version's data cursor and the cursor of the last training tried (whatever became of
-    it), which is kept in ``settings.scheduler_state`` so that a restart remembers it.
+    Memory: the last training tried (data cursor, outcome, ...) is kept under ``KIND`` in
+    ``settings.scheduler_state`` (written aside, then renamed), so a restart remembers it and a
+    refused or failed training is not repeated on the same data. A cancelled training is not
+    remembered: it stopped, it did not try.
     """
 
-    KIND = "reward"
+    KIND: ModelKind = "reward"  # the registry's kind and the memory's key
+    WHAT: str = ""  # for log lines: "reward training"
+    SERVICE: str = ""  # the service that serves it
 
     def __init__(self, settings: UpSettings, store: FeedbackReader) -> None:
         self.settings = settings
         self.store = store
-        self.registry = ModelRegistry(settings.registry, "reward")
+        self.registry = ModelRegistry(settings.registry, self.KIND)
         self.trainings: list[dict[str, Any]] = []
         self.last_tried: dict[str, Any] | None = self._load_state()
 
@@ -268,10 +323,93 @@ class Scheduler:
         """Pairs exported after :meth:`cursor`."""
         return self.pending()[0]
 
-    # -- training --------------------------------------------------------------------------
+    # -- what each kind says -----------------------------------------------------------------
+    def due(self) -> tuple[str, int] | None:
+        """Why a training is due now and the data cursor it will have seen, or None."""
+        raise NotImplementedError
+
+    def training_args(self) -> list[str]:
+        raise NotImplementedError
+
+    def remembered(self) -> dict[str, Any]:
+        """What else the memory keeps about a training that ran."""
+        return {}
+
+    @property
+    def serving_address(self) -> str:
+        """The service to notify when a version is promoted."""
+        raise NotImplementedError
+
+    # -- one training ------------------------------------------------------------------------
+    async def retrain(self, seen_cursor: int) -> dict[str, Any]:
+        """One training, in its own process; remembered whatever its outcome."""
+        extra = self.remembered()
+        try:
+            summary = await run_cli(self.training_args(), self.WHAT)
+        except RuntimeError as exc:
+            self._remember(seen_cursor, "failed", error=str(exc)[-500:], **extra)
+            raise
+        promotion = summary.get("promotion") or {}
+        cursor = summary.get("data_cursor")
+        self._remember(
+            int(cursor) if cursor is not None else seen_cursor,
+            "promoted" if summary.get("promoted") else "refused",
+            version=summary.get("version"),
+            reason=promotion.get("reason"),
+            **extra,
+        )
+        self.trainings.append(summary)
+        return summary
+
+    async def check(self) -> dict[str, Any] | None:
+        """One look: train (and notify serving) when due; the training's summary, or None."""
+        try:
+            due = await asyncio.to_thread(self.due)
+        except Exception as exc:  # the database may be briefly unavailable: try again later
+            log.warning("scheduler could not look at new feedback: %s", exc)
+            return None
+        if due is None:
+            return None
+        why, seen = due
+        log.info("%s: starting the %s", why, self.WHAT)
+        try:
+            summary = await self.retrain(seen)
+        except RuntimeError as exc:
+            log.error("%s failed (not retried on the same data): %s", self.WHAT, exc)
+            return None
+        log.info(
+            "%s: %s in %.0f s: %s",
+            self.WHAT, summary.get("version"), summary["wall_s"],
+            gate_line(summary.get("promotion")),
+        )  # fmt: skip
+        if summary.get("promoted"):
+            reply = await asyncio.to_thread(
+                notify_reload, self.serving_address, credentials=self.settings.credentials
+            )
+            log.info("the %s service now serves %s", self.SERVICE, reply.live_version)
+        return summary
+
+
+class RewardRetraining(Retraining):
+    """Retrains the reward model when ``retrain_min_pairs`` new pairs lie after both the
+    promoted version's data cursor and the last training tried."""
+
+    KIND, WHAT, SERVICE = "reward", "reward training", "reward"
+
+    def due(self) -> tuple[str, int] | None:
+        count, last = self.pending()
+        if count < self.settings.retrain_min_pairs:
+            return None
+        return f"{count} new preference pairs", last
+
+    @property
+    def serving_address(self) -> str:
+        return self.settings.reward_address
+
     def training_args(self) -> list[str]:
         args = [
             "train", "reward", "--registry", str(self.settings.registry),
+            "--runs-dir", str(self.settings.runs_dir),
             "--database-url", self.settings.feedback_url,
             "--backbone", self.settings.train_backbone, "--epochs",
             str(self.settings.train_epochs), "--promote", "--no-progress",
@@ -283,62 +421,102 @@ class Scheduler:
             args += ["--max-steps", str(self.settings.train_max_steps)]
         return args
 
-    async def retrain(self, seen_cursor: int) -> dict[str, Any]:
-        """One training on everything stored; remembered whatever its outcome (a cancelled one
-        is not: it stopped, it did not try)."""
-        try:
-            summary = await run_cli(self.training_args(), "reward training")
-        except RuntimeError as exc:
-            self._remember(seen_cursor, "failed", error=str(exc)[-500:])
-            raise
-        promotion = summary.get("promotion") or {}
-        cursor = summary.get("data_cursor")
-        self._remember(
-            int(cursor) if cursor is not None else seen_cursor,
-            "promoted" if summary.get("promoted") else "refused",
-            version=summary.get("version"),
-            reason=promotion.get("reason"),
-        )
-        self.trainings.append(summary)
-        return summary
 
-    async def check(self) -> dict[str, Any] | None:
-        """One look: retrain (and notify serving) when enough new pairs wait; the summary of the
-        training, or None when none ran."""
-        try:
-            count, last = await asyncio.to_thread(self.pending)
-        except Exception as exc:  # the database may be briefly unavailable: try again later
-            log.warning("scheduler could not count new pairs: %s", exc)
+class PolicyRetraining(Retraining):
+    """Retrains the policy against the live reward model after one trained on feedback was
+    promoted: due when the live reward model is not the one the last policy training (tried
+    here, or published to the registry) was judged by, and ``policy_min_pairs`` new pairs lie
+    after that training's cursor. It starts from the live policy (``--base live``), so the gate
+    bounds the KL to it, and compares with it on the same held-out prompts."""
+
+    KIND, WHAT, SERVICE = "policy", "policy training", "generation"
+
+    def live_reward(self) -> str | None:
+        """The promoted reward model, when it was trained on feedback (a bootstrapped head
+        knows nothing to train a policy against)."""
+        rewards = ModelRegistry(self.settings.registry, "reward")
+        version = rewards.promoted()
+        if version is None or not rewards.manifest(version).data_cursor:
             return None
-        if count < self.settings.retrain_min_pairs:
+        return version
+
+    def judged_by(self) -> set[str]:
+        """The reward models the last policy training was judged by (memory, then registry)."""
+        judges = set()
+        if self.last_tried and self.last_tried.get("reward_version"):
+            judges.add(str(self.last_tried["reward_version"]))
+        versions = self.registry.list_versions()
+        if versions and versions[-1].promotion:
+            judges.update(versions[-1].promotion.get("reward_model") or [])
+        return judges
+
+    def due(self) -> tuple[str, int] | None:
+        if self.registry.promoted() is None:
+            return None  # nothing to start from (the bootstrap failed): generation is off
+        live = self.live_reward()
+        if live is None or live in self.judged_by():
             return None
-        log.info("%d new preference pairs: retraining the reward model", count)
-        try:
-            summary = await self.retrain(last)
-        except RuntimeError as exc:
-            log.error(
-                "retraining failed (waiting for %d more pairs before the next try): %s",
-                self.settings.retrain_min_pairs, exc,
-            )  # fmt: skip
+        count, last = self.pending()
+        if count < self.settings.policy_min_pairs:
             return None
-        promoted = bool(summary.get("promoted"))
-        log.info(
-            "trained %s in %.0f s (%s train pairs): %s",
-            summary.get("version"), summary["wall_s"], summary.get("train_pairs"),
-            gate_line(summary.get("promotion")),
-        )  # fmt: skip
-        if promoted:
-            reply = await asyncio.to_thread(
-                notify_reload, self.settings.reward_address, credentials=self.settings.credentials
-            )
-            log.info("reward service now serves %s", reply.live_version)
-        else:
-            log.info(
-                "the next reward training waits for %d new pairs after cursor %s",
-                self.settings.retrain_min_pairs, self.last_tried and self.last_tried["cursor"],
-            )  # fmt: skip
-        await asyncio.to_thread(print_status, self.settings)
-        return summary
+        return f"reward model {live} is new ({count} new preference pairs)", last
+
+    def remembered(self) -> dict[str, Any]:
+        return {"reward_version": self.live_reward()}
+
+    @property
+    def serving_address(self) -> str:
+        return self.settings.generation_address
+
+    def training_args(self) -> list[str]:
+        s = self.settings
+        args = [
+            "train", "policy", "--method", s.policy_method, "--base", "live",
+            "--registry", str(s.registry), "--runs-dir", str(s.runs_dir),
+            "--database-url", s.feedback_url, "--reward-addr", s.reward_address,
+            "--eval-prompts", str(s.policy_eval_prompts),
+            "--eval-max-new-tokens", str(s.policy_max_new_tokens),
+            "--promotion-min-win-rate", str(s.policy_min_win_rate),
+            "--promotion-min-lc-win-rate", str(s.policy_min_lc_win_rate),
+            "--promotion-max-kl", str(s.policy_max_kl),
+            "--promote", "--no-progress", "--log-level", "WARNING",
+        ]  # fmt: skip
+        if s.policy_method != "dpo":
+            args += ["--max-new-tokens", str(s.policy_max_new_tokens)]
+        if s.policy_budget:
+            flag = {"rejection-sampling": "--max-prompts", "rl": "--steps", "dpo": "--max-steps"}
+            args += [flag[s.policy_method], str(s.policy_budget)]
+        return args
+
+
+class Scheduler:
+    """The one retraining scheduler of ``plaudit up``: every ``check_interval_s`` it looks at
+    the reward model first, then the policy (which waits for a new reward model), one training
+    at a time, each in its own process."""
+
+    def __init__(self, settings: UpSettings, store: FeedbackReader, policy: bool = True) -> None:
+        self.settings = settings
+        self.reward = RewardRetraining(settings, store)
+        self.policy = PolicyRetraining(settings, store) if policy else None
+
+    async def check(self) -> list[dict[str, Any]]:
+        """One look at each kind; the summaries of the trainings that ran."""
+        ran = []
+        for kind in (self.reward, self.policy):
+            if kind is None:
+                continue
+            summary = await kind.check()
+            if summary is not None:
+                ran.append(summary)
+                if kind is self.reward and not summary.get("promoted"):
+                    log.info(
+                        "the next reward training waits for %d new pairs after cursor %s",
+                        self.settings.retrain_min_pairs,
+                        kind.last_tried and kind.last_tried["cursor"],
+                    )
+        if ran:
+            await asyncio.to_thread(print_status, self.settings)
+        return ran
 
     async def run(self) -> None:
         while True:
@@ -426,7 +604,10 @@ async def run_up(settings: UpSettings) -> int:
         )
         await asyncio.to_thread(print_status, settings)
         store = FeedbackReader(settings.feedback_url)  # read-only: the service migrated it
-        scheduler = asyncio.ensure_future(Scheduler(settings, store).run())
+        serves_policy = any(c.service == "generation" for c in children)
+        scheduler = asyncio.ensure_future(
+            Scheduler(settings, store, policy=serves_policy and settings.policy_retrain).run()
+        )
         done, _ = await asyncio.wait([stopped, *watched], return_when=asyncio.FIRST_COMPLETED)
         await _stop(scheduler)  # stops a running training child first
         store.close()

@@ -14,10 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from plaudit.demo import HH_PAIRS, PROBES, WaveRow, load_pairs, summary_lines
+from plaudit.demo import (
+    HH_PAIRS,
+    PROBES,
+    PolicyRow,
+    WaveRow,
+    load_pairs,
+    policy_summary_lines,
+    summary_lines,
+)
 from plaudit.services.common.process import free_port
 from plaudit.services.common.registry import ModelManifest
-from plaudit.trainer.promotion import gate_decision
+from plaudit.trainer.promotion import gate_decision, policy_gate_decision
 from tests.conftest import REPO
 
 LONG_FLOAT = re.compile(r"\d\.\d{5,}")
@@ -136,3 +144,29 @@ def test_a_version_without_a_gate_record_falls_back_to_its_metrics() -> None:
         0.4594594594594595, None, 74, False,
     )  # fmt: skip
     assert summary_lines([row])[1].split()[3:6] == ["0.459", "n/a", "74"]
+
+
+def test_the_policy_table_shows_candidate_and_live_policy_side_by_side() -> None:
+    passed = policy_gate_decision(
+        win_rate=0.625, lc_win_rate=0.6012345, kl=1.23456, wins=28, n=48, baseline="parent p-0"
+    )
+    longer = policy_gate_decision(
+        win_rate=0.7, lc_win_rate=0.49, kl=0.5, wins=33, n=48, baseline="parent p-1"
+    )
+    manifests = [
+        _manifest(f"p-{i + 1}", {**gate, "promoted": gate["passed"], "candidate_reward": 0.25,
+                                 "baseline_reward": -0.125})
+        for i, gate in enumerate([passed, longer])
+    ]  # fmt: skip
+    rows = [PolicyRow.from_manifest(i + 1, m, 90.0) for i, m in enumerate(manifests)]
+    lines = policy_summary_lines(rows)
+    assert not LONG_FLOAT.search("\n".join(lines))
+    assert lines[0].split() == [
+        "wave", "version", "win", "LC", "win", "KL", "reward", "live", "n", "gate", "time", "s"
+    ]  # fmt: skip
+    assert lines[1].split() == [
+        "1", "p-1", "0.625", "0.601", "1.23", "+0.250", "-0.125", "48", "promoted", "90"
+    ]  # fmt: skip
+    assert lines[2].split()[:4] == ["2", "p-2", "0.700", "0.490"] and "refused" in lines[2]
+    assert lines[3].startswith("policy p-2 refused: win rate 0.700 (length-controlled 0.490)")
+    assert "length-controlled win rate 0.490 <= 0.5" in lines[3] and len(lines) == 4

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 import plaudit.v1
 from plaudit import cli
-from plaudit.cli import TrainRewardSettings, build_parser
+from plaudit.cli import TrainPolicySettings, TrainRewardSettings, build_parser
 from plaudit.services.common.hotswap import SwapMetrics
 from plaudit.services.common.metrics import GrpcMetrics
 from plaudit.services.common.settings import PlauditSettings, settings_from_args
@@ -356,10 +356,13 @@ def _parse(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
         monkeypatch.setenv(key, value)
     ns = build_parser().parse_args(args)
     # `plaudit serve <service>` carries its settings class; the trainer has its own command
-    classes: dict[Any, type[PlauditSettings]] = {cli._cmd_train_reward: TrainRewardSettings}
+    classes: dict[Any, type[PlauditSettings]] = {
+        cli._cmd_train_reward: TrainRewardSettings,
+        cli._cmd_train_policy: TrainPolicySettings,
+    }
     settings_cls = getattr(ns, "settings_cls", None) or classes[ns.func]
     assert settings_cls in (RewardSettings, FeedbackSettings, GenerationSettings,
-                            TrainRewardSettings), settings_cls  # fmt: skip
+                            TrainRewardSettings, TrainPolicySettings), settings_cls  # fmt: skip
     unknown = {k for k in env if k.startswith("PLAUDIT_")} - {
         f"PLAUDIT_{f.upper()}" for f in settings_cls.model_fields
     }
@@ -385,8 +388,8 @@ def test_commands_and_settings_are_valid(
             if "://" in settings.registry:  # object storage: a writable cache of versions
                 assert overlay == "prod-s3" and settings.registry.startswith("s3://"), name
                 assert mounts(c).get(str(settings.registry_cache)) is True, name
-            else:  # the shared volume: only the trainer writes it
-                writable = isinstance(settings, TrainRewardSettings)
+            else:  # the shared volume: only the trainers write it
+                writable = isinstance(settings, TrainRewardSettings | TrainPolicySettings)
                 assert mounts(c).get(settings.registry) is writable, f"{name}: {settings.registry}"
         url = getattr(settings, "database_url", None) or ""
         if url.startswith("sqlite:///"):
@@ -429,6 +432,99 @@ def _torchrun(
     assert int(ns.master_port) in {p["containerPort"] for p in c["ports"]}
     assert ns.module and ns.training_script == "plaudit.cli"
     return _parse(list(ns.training_script_args), env, monkeypatch)
+
+
+# -- the trainers ----------------------------------------------------------------------------
+REWARD_TRAINER = "plaudit-train-reward"
+POLICY_TRAINER = "plaudit-train-policy"
+GPU_OVERLAYS = {"prod", "prod-s3"}  # components/gpu
+
+
+def daily_at(cron: Doc) -> int:
+    """Minutes after midnight of a daily CronJob schedule."""
+    minute, hour, *rest = cron["spec"]["schedule"].split()
+    assert rest == ["*", "*", "*"], f"{cron['metadata']['name']}: a daily schedule"
+    return int(hour) * 60 + int(minute)
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    for i, arg in enumerate(args):
+        if arg == flag:
+            return args[i + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"no {flag} in {args}")
+
+
+def test_policy_trainer_trains_after_a_new_reward_model(docs: list[Doc], overlay: str) -> None:
+    cron = named(docs, "CronJob", POLICY_TRAINER)
+    reward = named(docs, "CronJob", REWARD_TRAINER)
+    (c,) = pod_spec(cron)["containers"]
+    (reward_c,) = pod_spec(reward)["containers"]
+    args = list(c["args"])
+    env = container_env(docs, cron, c)
+    assert args[:2] == ["train", "policy"]
+    assert flag_value(args, "--method") == "rejection-sampling"
+    assert flag_value(args, "--base") == "live", "start from the live policy's checkpoint"
+    assert {"--only-after-new-reward", "--promote"} <= set(args)
+
+    # after the reward trainer, one at a time, and suspended in the same overlays
+    assert cron["spec"]["timeZone"] == reward["spec"]["timeZone"]
+    assert daily_at(cron) >= daily_at(reward) + 60, "runs after the nightly reward training"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"].get("suspend", False) == reward["spec"].get("suspend", False)
+
+    # the reward service through its Service, authenticated like the other reward clients
+    svc = named(docs, "Service", "plaudit-reward")
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    addr = (
+        flag_value(args, "--reward-addr") if "--reward-addr" in args else env["PLAUDIT_REWARD_ADDR"]
+    )
+    assert addr == f"plaudit-reward:{port}"
+    sources = {v["name"]: v["valueFrom"] for v in c["env"] if "valueFrom" in v}
+    reward_sources = {v["name"]: v["valueFrom"] for v in reward_c["env"] if "valueFrom" in v}
+    assert sources["PLAUDIT_DATABASE_URL"] == reward_sources["PLAUDIT_DATABASE_URL"]
+    assert sources["PLAUDIT_API_KEY"]["secretKeyRef"] == {
+        "name": "plaudit-api-keys",
+        "key": "PLAUDIT_API_KEY",
+        "optional": True,  # dev runs the services without keys
+    }
+
+    # the reward trainer's pod: identity, security, the registry volume and mounts
+    spec, reward_spec = pod_spec(cron), pod_spec(reward)
+    for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext"):
+        assert spec[key] == reward_spec[key], key
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes == {v["name"]: v for v in reward_spec["volumes"]}
+    assert mounts(c) == mounts(reward_c)
+    registry, runs = env["PLAUDIT_REGISTRY"], Path(env["PLAUDIT_RUNS_DIR"])
+    if overlay == "prod-s3":  # no shared volume: runs on the pod's /tmp, --base live falls back
+        assert registry.startswith("s3://") and "persistentVolumeClaim" not in volumes["registry"]
+        assert runs.is_relative_to("/tmp")
+    else:  # the run folders on the shared registry volume, beside the kinds' namespaces
+        assert volumes["registry"]["persistentVolumeClaim"]["claimName"] == "plaudit-registry"
+        assert mounts(c)[registry] is True
+        assert runs.relative_to(registry).parts[0] not in {"reward", "policy"}
+    assert any(runs.is_relative_to(m) and w for m, w in mounts(c).items()), runs
+
+    resources = c["resources"]
+    if overlay != "dev":  # a 135M-parameter policy: 4 cores, 16 GiB
+        assert cpus(resources["limits"]["cpu"]) == 4
+        assert resources["requests"]["memory"] == resources["limits"]["memory"] == "16Gi"
+
+
+def test_gpu_component_patches_both_trainers(docs: list[Doc], overlay: str) -> None:
+    gpu = overlay in GPU_OVERLAYS
+    for name in (REWARD_TRAINER, POLICY_TRAINER):
+        cron = named(docs, "CronJob", name)
+        spec = pod_spec(cron)
+        (c,) = spec["containers"]
+        env = container_env(docs, cron, c)
+        assert (c["resources"]["limits"].get("nvidia.com/gpu") == 1) is gpu, name
+        assert ("trainer-cuda" in c["image"]) is gpu, name
+        assert env["PLAUDIT_DEVICE"] == ("cuda" if gpu else "auto"), name
+        tolerations = {t["key"] for t in spec.get("tolerations", [])}
+        assert ("nvidia.com/gpu" in tolerations) is gpu, name
 
 
 # -- monitoring ------------------------------------------------------------------------------
@@ -505,6 +601,22 @@ def test_prometheus_rule_structure() -> None:
         if "server_errors" in r.get("record", "")
     )
     assert set(re.findall(r"[A-Z_]{4,}", errors["expr"])) >= SERVER_ERROR_CODES
+
+
+def test_training_stale_alert_covers_every_training_cronjob() -> None:
+    (rule,) = [
+        r
+        for g in prometheus_rule()["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "PlauditTrainingStale"
+    ]
+    (pattern,) = re.findall(r'cronjob=~?"([^"]+)"', rule["expr"])
+    cronjobs = {d["metadata"]["name"] for d in of_kind(render("prod"), "CronJob")}
+    assert cronjobs == {REWARD_TRAINER, POLICY_TRAINER}
+    for name in cronjobs:
+        assert re.fullmatch(pattern, name), name
+    assert re.search(r"by \([^)]*\bcronjob\b", rule["expr"]), "one alert per CronJob"
+    assert "$labels.cronjob" in rule["annotations"]["summary"]
 
 
 def test_service_monitor_scrapes_every_service() -> None:

@@ -1,19 +1,23 @@
-"""The reward-model promotion gate on literal numbers: beat the live model on the same held-out
-pairs, and clear a one-sided binomial floor against chance (issue 15's cases among them)."""
+"""The promotion gates on literal numbers (issue 15's cases among them): a reward model must beat
+the live model on the same held-out pairs and clear a one-sided binomial floor against chance; a
+policy must beat the live policy in plain and length-controlled win rate within a KL bound."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 
+from plaudit.trainer.policy_objective import length_controlled_win_rate, win_rate
 from plaudit.trainer.promotion import (
     DEFAULT_SIGNIFICANCE,
     DEFAULT_TOLERANCE,
     binomial_p_value,
     exact_binomial_p_value,
     gate_decision,
+    policy_gate_decision,
 )
 
 LONG_FLOAT = re.compile(r"\d\.\d{5,}")  # 0.4594594594594595 must never reach a person
@@ -121,3 +125,79 @@ def test_ties_count_against_the_candidate_in_the_floor() -> None:
         candidate_accuracy=0.5, correct=0, n=200, live_version=None, live_accuracy=None
     )
     assert record["p_value"] == 1.0 and record["promoted"] is False
+
+
+# -- the policy gate ------------------------------------------------------------------------------
+def _policy(**figures: Any) -> dict[str, Any]:
+    given: dict[str, Any] = {
+        "win_rate": 0.7, "lc_win_rate": 0.65, "kl": 2.0, "wins": 40, "n": 60,
+        "baseline": "live policy p-1",
+    }  # fmt: skip
+    return policy_gate_decision(**{**given, **figures})
+
+
+def test_a_policy_that_wins_at_equal_length_within_the_kl_bound_passes() -> None:
+    record = _policy()
+    assert record["passed"] and record["eval_prompts"] == 60
+    assert record["reason"].startswith(
+        "win rate 0.700 (length-controlled 0.650) vs live policy p-1 on the same 60 held-out "
+        "prompts, KL 2.00 nats; p="
+    )
+    assert record["reason"].endswith("; p=0.0067: passed")
+
+
+@pytest.mark.parametrize(
+    ("figures", "why"),
+    [
+        ({"win_rate": 0.5}, "win rate 0.500 <= 0.5"),  # a tie is no evidence
+        ({"lc_win_rate": 0.48}, "length-controlled win rate 0.480 <= 0.5"),  # longer, not better
+        ({"kl": 10.5}, "KL 10.50 > 10 nats"),
+        ({"win_rate": None}, "win rate not measured"),
+        ({"lc_win_rate": None}, "length-controlled win rate not measured"),
+        ({"kl": None}, "KL not measured"),
+        ({"significance": 0.05, "wins": 33}, "not significant (p=0.26 > 0.05)"),
+    ],
+)
+def test_the_policy_gate_refuses_and_says_why(figures: dict[str, Any], why: str) -> None:
+    record = _policy(**figures)
+    assert not record["passed"]
+    assert why in record["reason"] and "refused" in record["reason"]
+
+
+def test_policy_gate_thresholds_are_settings() -> None:
+    assert _policy(win_rate=0.6, min_win_rate=0.55)["passed"]
+    assert not _policy(win_rate=0.6, min_win_rate=0.6)["passed"]
+    assert _policy(kl=10.5, max_kl=11)["passed"]
+    assert _policy(significance=0.05, wins=45)["passed"]  # 45 of 60: p = 5e-5
+
+
+# -- length-controlled win rate --------------------------------------------------------------------
+def test_with_equal_lengths_the_length_controlled_win_rate_is_the_win_rate() -> None:
+    cand, base = np.array([1.0, 1.0, 1.0, 0.0, -1.0]), np.zeros(5)
+    same = np.full(5, 40.0)
+    assert win_rate(cand, base) == 0.7  # 3 wins, a tie (one half), a loss: 3.5 / 5
+    assert length_controlled_win_rate(cand, base, same, same) == pytest.approx(0.7, abs=0.01)
+
+
+def test_winning_only_by_length_is_not_a_win_at_equal_length() -> None:
+    """Wins that follow the length difference (longer wins) raise the plain win rate, not the
+    length-controlled one."""
+    rng = np.random.default_rng(0)
+    d = rng.normal(20, 30, 400)  # the candidate is usually longer
+    wins = rng.random(400) < 1 / (1 + np.exp(-3 * np.tanh(d / d.std())))
+    cand = wins.astype(np.float64)
+    base = np.full(400, 0.5)
+    lengths = 100 + d
+    assert win_rate(cand, base) > 0.65
+    assert length_controlled_win_rate(cand, base, lengths, np.full(400, 100.0)) == pytest.approx(
+        0.5, abs=0.05
+    )
+
+
+def test_a_clean_sweep_stays_finite_and_bad_shapes_are_refused() -> None:
+    ones = np.ones(5)
+    assert 0.95 < length_controlled_win_rate(ones, 0 * ones, ones, ones) < 1.0
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        length_controlled_win_rate(ones, np.ones(4), ones, ones)
+    with pytest.raises(ValueError, match="length differences"):
+        length_controlled_win_rate(ones, ones, np.ones(4), ones)

@@ -5,6 +5,7 @@ and the command line."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,13 +13,25 @@ import numpy as np
 import pytest
 
 from plaudit.cli import TrainPolicySettings, main
+from plaudit.services.common.errors import FailedPreconditionError
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.services.feedback.domain import Comparison, Correction
 from plaudit.services.feedback.store import FeedbackStore
 from plaudit.services.runtime.policy_model import LoadedPolicy
-from plaudit.trainer.policy import PolicyPublishOptions, promotion_record, train_policy
+from plaudit.trainer.policy import (
+    PolicyPublishOptions,
+    StartingPoint,
+    already_trained_under,
+    promotion_record,
+    starting_point,
+    train_policy,
+)
 from plaudit.trainer.policy_config import DPOConfig, RejectionSamplingConfig, RLConfig
-from plaudit.trainer.policy_export import export_policy_checkpoint
+from plaudit.trainer.policy_export import (
+    export_policy,
+    export_policy_checkpoint,
+    load_policy_checkpoint,
+)
 from plaudit.trainer.reward import PairSource
 from tests.conftest import ServerThread, toy_pairs, write_jsonl
 
@@ -63,7 +76,10 @@ def test_dpo_publishes_a_policy_with_its_metrics_and_gate_decision(
     assert promotion is not None and promotion["requested"] is True
     assert promotion["baseline"] == f"base model {tiny_policy_checkpoint}"
     assert promotion["min_win_rate"] == 0.5
-    assert promotion["passed"] == (promotion["win_rate"] > 0.5) == promotion["promoted"]
+    assert promotion["passed"] == promotion["promoted"]
+    assert promotion["passed"] == (
+        promotion["win_rate"] > 0.5 and promotion["lc_win_rate"] > 0.5 and promotion["kl"] <= 10
+    )
     assert registry.promoted() == (manifest.version if promotion["promoted"] else None)
     assert promotion["reward_model"] == [ModelRegistry(tiny_registry).promoted()]
     assert manifest.notes["training"]["method"] == "dpo"
@@ -210,12 +226,19 @@ def test_the_gate_refuses_a_worse_policy(tiny_policy_checkpoint: Path, tmp_path:
 
 
 def test_gate_thresholds() -> None:
-    cfg = RLConfig(promotion_min_win_rate=0.55)
-    metrics = {"eval/win_rate": 0.55, "eval/prompts": 20.0}
+    cfg = RLConfig(promotion_min_win_rate=0.55, promotion_max_kl=3.0)
+    metrics = {
+        "eval/win_rate": 0.55, "eval/lc_win_rate": 0.6, "eval/kl": 1.0, "eval/wins": 11.0,
+        "eval/prompts": 20.0,
+    }  # fmt: skip
     refused = promotion_record(metrics, cfg, "base", requested=True)
-    assert not refused["passed"] and "<= 0.55" in refused["reason"]
+    assert not refused["passed"] and "win rate 0.550 <= 0.55" in refused["reason"]
     passed = promotion_record({**metrics, "eval/win_rate": 0.6}, cfg, "base", requested=False)
     assert passed["passed"] and not passed["promoted"] and "not asked" in passed["reason"]
+    assert passed["kl_reference"] == "base" and passed["max_kl"] == 3.0
+    too_far = promotion_record({**metrics, "eval/win_rate": 0.6, "eval/kl": 3.5}, cfg, "base",
+                               requested=True)  # fmt: skip
+    assert not too_far["promoted"] and "KL 3.50 > 3 nats" in too_far["reason"]
     unmeasured = promotion_record({}, cfg, "base", requested=True)
     assert not unmeasured["promoted"] and "not measured" in unmeasured["reason"]
 
@@ -233,3 +256,64 @@ def test_settings_pick_the_methods_defaults_and_refuse_foreign_flags(tmp_path: P
         TrainPolicySettings(method="dpo")
     with pytest.raises(ValueError, match="invalid dpo settings: max_prompt_length"):
         TrainPolicySettings(data=data, max_length=64, max_prompt_length=64)
+
+
+# -- where a scheduled training starts, and whether it is needed -----------------------------------
+def test_base_live_starts_from_the_promoted_policy(
+    tiny_policy_checkpoint: Path, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(tmp_path / "registry", "policy")
+    tiny = str(tiny_policy_checkpoint)
+    with pytest.raises(FailedPreconditionError, match="--base live"):
+        starting_point("live", registry, None)
+    assert starting_point("smollm2", registry, None) == StartingPoint(
+        "smollm2", None, "base model smollm2"
+    )
+    exported = export_policy_checkpoint(tiny, registry, promote=True, max_length=64).version
+    # a plain export is its backbone's weights: starting there starts from the live policy
+    assert starting_point("live", registry, exported) == StartingPoint(
+        tiny, tiny, f"live policy {exported}"
+    )
+    model, tokenizer, _ = load_policy_checkpoint(tiny)
+    run = tmp_path / "run" / "checkpoint"
+    model.save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    trained = export_policy(
+        model, tokenizer, registry, notes={"checkpoint": str(run)}, backbone=tiny, max_length=64
+    ).version
+    assert starting_point("live", registry, trained) == StartingPoint(
+        str(run), tiny, f"live policy {trained}"
+    )
+    shutil.rmtree(run)  # the run folder is gone: the backbone, and the KL is said to be to it
+    gone = starting_point("live", registry, trained)
+    assert gone.load == tiny and gone.reference.endswith(f"({trained}'s checkpoint is gone)")
+
+
+def test_only_after_new_reward_skips_what_the_serving_reward_model_already_judged(
+    tiny_policy_checkpoint: Path,
+    tiny_registry: Path,
+    reward_server: ServerThread,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = ModelRegistry(tmp_path / "registry", "policy")
+    assert already_trained_under(registry, reward_server.address) is None  # nothing trained yet
+    live_reward = ModelRegistry(tiny_registry).promoted()
+    model, tokenizer, _ = load_policy_checkpoint(str(tiny_policy_checkpoint))
+    export_policy(model, tokenizer, registry, promotion={"reward_model": ["reward-old"]},
+                  max_length=64)  # fmt: skip
+    assert already_trained_under(registry, reward_server.address) is None  # a new reward model
+    judged = export_policy(
+        model, tokenizer, registry, promotion={"reward_model": [live_reward]}, max_length=64
+    ).version
+    why = already_trained_under(registry, reward_server.address)
+    assert why == f"policy {judged} was already trained against reward model {live_reward}"
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_pairs(8))
+    capsys.readouterr()
+    assert main([
+        "train", "policy", "--method", "rl", "--data", str(data), "--base", "live",
+        "--registry", str(tmp_path / "registry"), "--reward-addr", reward_server.address,
+        "--only-after-new-reward", "--log-level", "WARNING",
+    ]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == {"skipped": True, "reason": why}
+    assert len(registry.list_versions()) == 2  # nothing trained, nothing published

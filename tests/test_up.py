@@ -22,8 +22,9 @@ from plaudit.services.common.registry import ModelRegistry
 from plaudit.services.feedback.domain import Comparison
 from plaudit.services.feedback.export import FeedbackReader
 from plaudit.services.feedback.store import FeedbackStore
+from plaudit.services.generation.client import GenerationClient
 from plaudit.services.reward.client import RewardClient, wait_until_serving
-from plaudit.up import Scheduler, UpSettings, gate_line, stop_child
+from plaudit.up import RewardRetraining, UpSettings, gate_line, stop_child
 from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 from tests.conftest import REPO, toy_pairs
 
@@ -116,7 +117,7 @@ def test_a_refused_candidate_is_not_retrained_on_the_same_data_even_after_a_rest
     registry = ModelRegistry(settings.registry, "reward")
     live = registry.promoted()
     with FeedbackReader(settings.feedback_url) as store:
-        scheduler = Scheduler(settings, store)
+        scheduler = RewardRetraining(settings, store)
         assert scheduler.last_tried is None and scheduler.new_pairs() == 40
         summary = asyncio.run(scheduler.check())
         assert summary is not None and summary["promoted"] is False
@@ -129,7 +130,7 @@ def test_a_refused_candidate_is_not_retrained_on_the_same_data_even_after_a_rest
         assert scheduler.new_pairs() == 0
         assert asyncio.run(scheduler.check()) is None  # nothing new: no second training
     with FeedbackReader(settings.feedback_url) as store:
-        restarted = Scheduler(settings, store)  # a restart reads the memory back
+        restarted = RewardRetraining(settings, store)  # a restart reads the memory back
         assert restarted.last_tried == state and restarted.new_pairs() == 0
         assert asyncio.run(restarted.check()) is None
         _store_pairs(settings.feedback_url, 40, 29)
@@ -142,7 +143,7 @@ def test_a_refused_candidate_is_not_retrained_on_the_same_data_even_after_a_rest
         assert restarted.last_tried is not None
         assert restarted.last_tried["cursor"] == int(again["data_cursor"]) > state["cursor"]
         settings.scheduler_state.unlink()  # without the memory, the same 70 pairs look new
-        assert Scheduler(settings, store).new_pairs() == 70
+        assert RewardRetraining(settings, store).new_pairs() == 70
 
 
 def test_memory_of_another_database_is_ignored(tmp_path: Path) -> None:
@@ -152,7 +153,7 @@ def test_memory_of_another_database_is_ignored(tmp_path: Path) -> None:
     )
     _store_pairs(settings.feedback_url, 0, 3)
     with FeedbackReader(settings.feedback_url) as store:
-        scheduler = Scheduler(settings, store)
+        scheduler = RewardRetraining(settings, store)
         assert scheduler.last_tried is None and scheduler.new_pairs() == 3
 
 
@@ -306,4 +307,96 @@ def test_a_stale_staging_folder_or_manifestless_version_does_not_break_listing(
     settings = UpSettings(home=tmp_path)
     _store_pairs(settings.feedback_url, 0, 2)
     with FeedbackReader(settings.feedback_url) as store:
-        assert Scheduler(settings, store).new_pairs() == 2
+        assert RewardRetraining(settings, store).new_pairs() == 2
+
+
+# -- the policy half -------------------------------------------------------------------------------
+def test_up_retrains_gates_and_hot_swaps_the_policy_after_a_reward_promotion(
+    tiny_registry: Path,
+    tiny_policy_registry: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
+    """Issue 15, done when: feedback arrives, the reward model is retrained and promoted, then
+    the policy is retrained from the live one against the live reward model, gated, promoted
+    and hot-swapped by the generation service, without a person; nothing runs twice."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_registry, home / "registry")
+    shutil.copytree(tiny_policy_registry / "policy", home / "registry" / "policy")
+    policies = ModelRegistry(home / "registry", "policy")
+    live_policy = policies.promoted()
+    assert live_policy is not None
+    ports = {name: free_port() for name in ("reward", "rm", "feedback", "fm", "gen", "gm")}
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plaudit.cli", "up", "--home", str(home),
+         "--train-backbone", str(tiny_checkpoint), "--retrain-min-pairs", "150",
+         "--check-interval-s", "0.5", "--log-format", "text",
+         # the reward gate lets anything through; the policy gate keeps its rules, loosened
+         "--promotion-tolerance", "1", "--promotion-significance", "1",
+         "--policy-budget", "8", "--policy-max-new-tokens", "8", "--policy-eval-prompts", "24",
+         "--policy-min-win-rate", "0", "--policy-min-lc-win-rate", "0",
+         "--policy-max-kl", "1e9",
+         "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),
+         "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"]),
+         "--generation-port", str(ports["gen"]), "--generation-metrics-port", str(ports["gm"]),
+         "--feedback-http-port", "0"],
+        cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        generation_addr = f"127.0.0.1:{ports['gen']}"
+        for port in ("feedback", "reward", "gen"):
+            wait_until_serving(f"127.0.0.1:{ports[port]}", timeout=120)
+        with GenerationClient(generation_addr) as generation:
+            assert generation.generate("Hi", max_new_tokens=2).model_version == live_policy
+            _submit(f"127.0.0.1:{ports['feedback']}", toy_pairs(160))
+            deadline = time.monotonic() + 400
+            while len(policies.list_versions()) < 2:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+            trained = policies.list_versions()[-1]
+            gate = trained.promotion
+            assert gate is not None and gate["promoted"], (gate, log.read_text()[-3000:])
+            rewards = ModelRegistry(home / "registry", "reward")
+            assert (
+                gate["reward_model"]
+                == [rewards.promoted()]
+                != [ModelRegistry(tiny_registry).promoted()]
+            )
+            assert trained.parent == live_policy and gate["baseline"] == f"parent {live_policy}"
+            assert gate["kl_reference"] == f"live policy {live_policy}"
+            assert gate["eval_prompts"] > 0 and gate["lc_win_rate"] is not None
+            while generation.generate("Hi", max_new_tokens=2).model_version != trained.version:
+                assert time.monotonic() < deadline, "the new policy never went live"
+                time.sleep(0.2)
+        memory = json.loads((home / "scheduler.json").read_text())
+        assert memory["policy"]["outcome"] == "promoted"
+        assert memory["policy"]["reward_version"] == rewards.promoted()
+        time.sleep(2)  # several more checks: nothing new, so no second training of either kind
+        assert len(policies.list_versions()) == 2 and len(rewards.list_versions()) == 2
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        output = log.read_text()
+        assert proc.returncode == 0, output[-3000:]
+        assert "starting the policy training" in output
+        assert "the generation service now serves" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _submit(address: str, pairs: list[dict[str, str]]) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        events = (
+            feedback_pb2.SubmitBatchRequest(
+                comparison=feedback_pb2.SubmitComparisonRequest(
+                    prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"],
+                    annotator_id="tester", idempotency_key=f"p{i}",
+                )
+            )
+            for i, p in enumerate(pairs)
+        )  # fmt: skip
+        assert stub.SubmitBatch(events, timeout=60).accepted == len(pairs)

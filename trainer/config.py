@@ -7,10 +7,13 @@ environment variable.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
+
+DEFAULT_RUNS_DIR = Path(".plaudit/runs")  # one folder per run: checkpoint, metrics, plots
 
 Schedule = Literal["cosine", "linear", "constant"]
 StoppingMetric = Literal["accuracy", "loss"]

@@ -32,6 +32,7 @@ from plaudit.services.common.errors import FailedPreconditionError, InvalidArgum
 from plaudit.services.common.registry import ModelManifest, ModelRegistry, new_version_id
 from plaudit.services.common.security.client import INSECURE, ClientCredentials
 from plaudit.trainer.backbones import Backbone, resolve_backbone
+from plaudit.trainer.config import DEFAULT_RUNS_DIR
 from plaudit.trainer.data import PreferencePair, SupervisedExample, TrainingData
 from plaudit.trainer.distributed import DistEnv, init_distributed, shutdown
 from plaudit.trainer.loop import (
@@ -72,7 +73,6 @@ from plaudit.trainer.policy_sampling import (
 from plaudit.trainer.report import RunReporter
 from plaudit.trainer.reward import (
     CHECKPOINT_DIR,
-    DEFAULT_RUNS_DIR,
     PairSource,
     load_training_data,
     save_checkpoint,
@@ -133,6 +133,48 @@ def split_prompts(prompts: Sequence[str], eval_fraction: float) -> tuple[list[st
 
 
 # -- model --------------------------------------------------------------------------------------
+LIVE = "live"  # cfg.base: start from the promoted policy
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """Where a policy training starts: what to load, the backbone the result descends from
+    (recorded in its manifest, so a later ``live`` start can fall back to it), and the model
+    the KL is measured from."""
+
+    load: str
+    backbone: str | None  # None: the loaded checkpoint's own name
+    reference: str
+
+
+def starting_point(base: str, registry: ModelRegistry | None, parent: str | None) -> StartingPoint:
+    """Resolve ``cfg.base``. ``live`` is the parent (the promoted policy by default): its
+    training checkpoint when it is on this disk, or its backbone when it has none (a plain
+    export: the same weights). When a trained parent's checkpoint is gone, its backbone is the
+    fallback, said in a warning and in the reference's name (the KL is then to the base model).
+    """
+    if base != LIVE:
+        return StartingPoint(base, None, f"base model {base}")
+    if registry is None or parent is None:
+        raise FailedPreconditionError(
+            "--base live starts from the promoted policy: give --registry with a promoted "
+            "policy (`plaudit export policy --promote`), or --base smollm2"
+        )
+    manifest = registry.manifest(parent)
+    checkpoint = manifest.notes.get("checkpoint")
+    live = f"live policy {parent}"
+    if checkpoint and (Path(checkpoint) / "config.json").is_file():
+        return StartingPoint(str(checkpoint), manifest.backbone, live)
+    if not checkpoint:
+        return StartingPoint(manifest.backbone, manifest.backbone, live)
+    log.warning(
+        "the live policy's training checkpoint is not here: starting from its backbone",
+        extra={"version": parent, "checkpoint": checkpoint, "backbone": manifest.backbone},
+    )
+    gone = f"base model {manifest.backbone} ({parent}'s checkpoint is gone)"
+    return StartingPoint(manifest.backbone, manifest.backbone, gone)
+
+
 def load_policy_model(base: str) -> tuple[PreTrainedModel, Any, Backbone]:
     """The base causal LM in fp32 (GGUF dequantised) with a pad token, its tokenizer and where
     it came from."""
@@ -494,35 +536,60 @@ def promotion_record(
     *,
     requested: bool,
     reward_versions: Sequence[str] = (),
+    kl_reference: str = "",
 ) -> dict[str, Any]:
-    """The gate: pass when the held-out win rate against the baseline exceeds
-    ``promotion_min_win_rate``; promote when it passes and promotion was asked for."""
-    win = metrics.get("eval/win_rate")
-    threshold = cfg.promotion_min_win_rate
-    passed = win is not None and win > threshold
-    if win is None:
-        reason = f"win rate against {baseline} not measured (no reward service or baseline)"
-    else:
-        reason = f"win rate {win:.4f} {'>' if passed else '<='} {threshold} against {baseline}"
+    """The gate (:func:`plaudit.trainer.promotion.policy_gate_decision` on the held-out
+    metrics and ``cfg``'s thresholds); promote when it passes and promotion was asked for."""
+    from plaudit.trainer.promotion import policy_gate_decision
+
+    decision = policy_gate_decision(
+        win_rate=metrics.get("eval/win_rate"),
+        lc_win_rate=metrics.get("eval/lc_win_rate"),
+        kl=metrics.get("eval/kl"),
+        wins=int(metrics.get("eval/wins", 0)),
+        n=int(metrics.get("eval/prompts", 0)),
+        baseline=baseline,
+        min_win_rate=cfg.promotion_min_win_rate,
+        min_lc_win_rate=cfg.promotion_min_lc_win_rate,
+        max_kl=cfg.promotion_max_kl,
+        significance=cfg.promotion_significance,
+    )
+    passed = decision["passed"]
+    reason = decision["reason"]
     if passed and not requested:
         reason += "; not promoted: promotion was not asked for"
     record = {
+        **decision,
         "promoted": passed and requested,
-        "passed": passed,
         "requested": requested,
-        "win_rate": win,
-        "min_win_rate": threshold,
-        "baseline": baseline,
         "candidate_reward": metrics.get("eval/reward"),
         "baseline_reward": metrics.get("eval/baseline_reward"),
-        "kl": metrics.get("eval/kl"),
-        "eval_prompts": int(metrics.get("eval/prompts", 0)),
+        "kl_reference": kl_reference or baseline,
         "reward_model": sorted(reward_versions),
         "reason": reason,
         "decided_at": datetime.now(UTC).isoformat(),
     }
-    log.info("promotion decision", extra=record)
+    log.info("promotion decision: %s", reason, extra=record)
     return record
+
+
+def already_trained_under(
+    registry: ModelRegistry, reward_addr: str, credentials: ClientCredentials = INSECURE
+) -> str | None:
+    """Why a policy training now would repeat the last one: the newest policy version (promoted
+    or refused) was judged by the reward model serving at ``reward_addr``. None when it was
+    not, or when there is no trained policy yet."""
+    from plaudit.services.reward.client import RewardClient
+
+    versions = registry.list_versions()
+    gate = (versions[-1].promotion or {}) if versions else {}
+    if not gate.get("reward_model"):
+        return None
+    with RewardClient(reward_addr, credentials) as client:
+        live = client.model().version
+    if live in gate["reward_model"]:
+        return f"policy {versions[-1].version} was already trained against reward model {live}"
+    return None
 
 
 # -- the whole run ------------------------------------------------------------------------------
@@ -536,8 +603,10 @@ def train_policy(
     progress: bool = False,
     scorer: Scorer | None = None,
     credentials: ClientCredentials = INSECURE,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
 ) -> PolicyTrainingResult:
-    """Train, evaluate, save and (given a ``policy`` registry) publish behind the gate.
+    """Train, evaluate, save and (given a ``policy`` registry) publish behind the gate; the run
+    folder is ``output_dir``, or a new one under ``runs_dir``.
 
     ``scorer`` replaces the reward service at ``cfg.reward_addr`` (tests, benchmarks);
     ``credentials`` (API key, TLS) are used to call that reward service.
@@ -557,6 +626,7 @@ def train_policy(
             registry,
             publish or PolicyPublishOptions(),
             output_dir,
+            runs_dir,
             progress,
             scorer,
             credentials,
@@ -572,6 +642,7 @@ def _train(
     registry: ModelRegistry | None,
     publish: PolicyPublishOptions,
     output_dir: Path | None,
+    runs_dir: Path,
     progress: bool,
     scorer: Scorer | None,
     credentials: ClientCredentials,
@@ -581,7 +652,7 @@ def _train(
     if parent is None and registry is not None:
         parent = registry.promoted()
     run_id = new_version_id("run")
-    run_dir = output_dir or DEFAULT_RUNS_DIR / run_id
+    run_dir = output_dir or runs_dir / run_id
     prompts_train, prompts_held = split_prompts(all_prompts(data), cfg.eval_fraction)
     pairs_train, pairs_held = split_by_prompt(data.pairs, cfg.eval_fraction)
     supervised_train, _ = split_by_prompt(data.supervised, cfg.eval_fraction)
@@ -598,8 +669,10 @@ def _train(
             "reward_addr", "promotion needs a reward service for the win rate"
         )
 
+    start = starting_point(cfg.base, registry, parent)
     seed_everything(cfg.seed)
-    model, tokenizer, backbone = load_policy_model(cfg.base)
+    model, tokenizer, backbone = load_policy_model(start.load)
+    root = start.backbone or backbone.name
     disable_dropout(model)  # deterministic log-probs (LoRA's own dropout is kept)
     tokens = PolicyTokenizer(tokenizer, model, cfg.max_length, cfg.max_prompt_length)
     torch.nn.Module.to(model, env.device)
@@ -613,7 +686,7 @@ def _train(
         "policy training",
         extra={
             "method": cfg.method,
-            "base": backbone.name,
+            "base": root,
             "train_pairs": len(pairs_train),
             "train_prompts": len(prompts_train),
             "held_out_prompts": len(prompts_held),
@@ -659,6 +732,7 @@ def _train(
         baseline_name,
         requested=publish.promote,
         reward_versions=sorted(getattr(scorer, "versions", ())),
+        kl_reference=start.reference,
     )
 
     merged: PreTrainedModel = policy.merge_and_unload() if cfg.lora_r else policy
@@ -669,7 +743,7 @@ def _train(
     record = {
         "run_id": run_id,
         "config": cfg.to_dict(),
-        "base": backbone.name,
+        "base": root,
         "data": data.source,
         "data_cursor": cursor,
         "metrics": metrics,
@@ -691,13 +765,13 @@ def _train(
                 "training_data": data.source,
                 "run_id": run_id,
                 "checkpoint": str(checkpoint.resolve()),
-                "base": backbone.name,
+                "base": root,
             },
             data_cursor=cursor,
             promotion=promotion,
             promote=bool(promotion["promoted"]),
             max_length=cfg.max_length,
-            backbone=backbone.name,
+            backbone=root,
         )
     result = PolicyTrainingResult(
         run_dir=run_dir,

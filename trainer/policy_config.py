@@ -22,6 +22,8 @@ from plaudit.trainer.config import Device, TrainingConfig
 PolicyMethod = Literal["dpo", "rejection-sampling", "rl"]
 
 DEFAULT_MIN_WIN_RATE = 0.5
+DEFAULT_MIN_LC_WIN_RATE = 0.5
+DEFAULT_MAX_KL = 10.0  # nats per sequence from the starting policy
 
 
 class SharedPolicyConfig(TrainingConfig):
@@ -33,7 +35,11 @@ class SharedPolicyConfig(TrainingConfig):
     them are sampled for the win rate against the baseline and the KL to the reference.
     """
 
-    base: str = Field("smollm2", description="smollm2 or a HF causal-LM folder (e.g. a run)")
+    base: str = Field(
+        "smollm2",
+        description="smollm2, a HF causal-LM folder (e.g. a run), or live: the promoted "
+        "policy's training checkpoint (its backbone when that is gone), so the KL is to it",
+    )
     max_length: int = Field(512, ge=8, description="prompt + completion tokens")
     max_prompt_length: int = Field(
         256, ge=1, description="prompt tokens, below max_length (truncation keeps the end)"
@@ -62,6 +68,24 @@ class SharedPolicyConfig(TrainingConfig):
         ge=0,
         le=1,
         description="promote only when the held-out win rate against the baseline exceeds this",
+    )
+    promotion_min_lc_win_rate: float = Field(
+        DEFAULT_MIN_LC_WIN_RATE,
+        ge=0,
+        le=1,
+        description="... and the length-controlled win rate (at equal length) exceeds this",
+    )
+    promotion_max_kl: float = Field(
+        DEFAULT_MAX_KL,
+        gt=0,
+        description="... and the KL to the starting policy, nats per sequence, is at most this",
+    )
+    promotion_significance: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="... and the wins are significant at this level (one-sided binomial; "
+        "1: not required)",
     )
     seed: int = Field(0, description="seed for shuffles, sampling and LoRA init")
     device: Device = Field("auto", description="training device")

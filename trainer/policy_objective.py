@@ -118,3 +118,50 @@ def best_of_n(scores: Sequence[float] | np.ndarray) -> int:
 def win_rate(candidate: np.ndarray, baseline: np.ndarray) -> float:
     """Share of prompts where the candidate's completion scores higher; a tie counts one half."""
     return preference_accuracy(candidate, baseline)
+
+
+def length_controlled_win_rate(
+    candidate: np.ndarray,
+    baseline: np.ndarray,
+    candidate_lengths: np.ndarray,
+    baseline_lengths: np.ndarray,
+    *,
+    l2: float = 1e-2,
+    iterations: int = 50,
+) -> float:
+    """The win rate at equal length (AlpacaEval 2's length control, Dubois et al. 2024, for one
+    pair of models): fit ``P(candidate wins) = sigmoid(theta + phi * tanh(d / sd(d)))``, with
+    ``d`` the completion length difference (candidate minus baseline), by L2-regularised
+    logistic regression (Newton steps; a tie is a soft label of one half), and report
+    ``sigmoid(theta)``, the predicted win rate where the lengths agree.
+
+    A policy that wins only by writing longer answers scores near 0.5 here however high its
+    plain :func:`win_rate`; with equal lengths everywhere it equals the plain win rate (up to
+    the regularisation, which only keeps a clean sweep finite).
+    """
+    cand = np.asarray(candidate, dtype=np.float64)
+    base = np.asarray(baseline, dtype=np.float64)
+    if cand.shape != base.shape or not cand.size:
+        raise ValueError(f"need equal, non-empty reward arrays, got {cand.shape} and {base.shape}")
+    lengths = np.asarray(candidate_lengths, dtype=np.float64)
+    base_lengths = np.asarray(baseline_lengths, dtype=np.float64)
+    if lengths.shape != cand.shape or base_lengths.shape != cand.shape:
+        raise ValueError(
+            f"length differences need lengths shaped like the rewards {cand.shape}, "
+            f"got {lengths.shape} and {base_lengths.shape}"
+        )
+    d = lengths - base_lengths
+    labels = np.where(cand > base, 1.0, np.where(cand < base, 0.0, 0.5))
+    scale = d.std()
+    x = np.tanh(d / scale) if scale > 0 else np.zeros_like(d)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    theta = np.zeros(2)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(design @ theta)))
+        grad = design.T @ (p - labels) + l2 * theta
+        hessian = (design.T * (p * (1 - p))) @ design + l2 * np.eye(2)
+        step = np.linalg.solve(hessian, grad)
+        theta -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(1.0 / (1.0 + np.exp(-theta[0])))

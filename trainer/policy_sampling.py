@@ -17,7 +17,11 @@ from transformers import GenerationConfig
 
 from plaudit.services.common.security.client import INSECURE, ClientCredentials
 from plaudit.trainer.policy_data import PolicyTokenizer, TokenBatch, TokenRow, collate_rows
-from plaudit.trainer.policy_objective import token_logprobs, win_rate
+from plaudit.trainer.policy_objective import (
+    length_controlled_win_rate,
+    token_logprobs,
+    win_rate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +269,11 @@ def evaluate_policy(
       sampling temperature): a Monte-Carlo estimate of KL(pi || ref);
     * ``eval/reward``: mean reward of the samples under the reward service;
     * ``eval/win_rate``: share of prompts where the policy's sample outscores the baseline's
-      (a tie counts one half), ``eval/baseline_reward`` the baseline's mean reward.
+      (a tie counts one half), ``eval/wins`` the outright wins, ``eval/baseline_reward`` the
+      baseline's mean reward;
+    * ``eval/lc_win_rate``: the win rate at equal length
+      (:func:`plaudit.trainer.policy_objective.length_controlled_win_rate`, lengths in
+      characters), beside ``eval/completion_chars`` and ``eval/baseline_completion_chars``.
     """
     if not prompts:
         return {}
@@ -294,6 +302,18 @@ def evaluate_policy(
             log.exception("could not sample the baseline")
             return metrics
         baseline_rewards = scorer(prompts, baseline_texts)
-        metrics["eval/baseline_reward"] = float(np.mean(baseline_rewards))
-        metrics["eval/win_rate"] = win_rate(rewards, baseline_rewards)
+        chars = np.array([len(t) for t in texts], dtype=np.float64)
+        baseline_chars = np.array([len(t) for t in baseline_texts], dtype=np.float64)
+        metrics.update(
+            {
+                "eval/baseline_reward": float(np.mean(baseline_rewards)),
+                "eval/win_rate": win_rate(rewards, baseline_rewards),
+                "eval/wins": float(np.sum(rewards > baseline_rewards)),
+                "eval/lc_win_rate": length_controlled_win_rate(
+                    rewards, baseline_rewards, chars, baseline_chars
+                ),
+                "eval/completion_chars": float(chars.mean()),
+                "eval/baseline_completion_chars": float(baseline_chars.mean()),
+            }
+        )
     return metrics

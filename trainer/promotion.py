@@ -1,6 +1,12 @@
-"""The promotion gate: a new reward model replaces the promoted one only when it beats it on the
-same held-out pairs, both scored by the ONNX graphs they are (or would be) served with, and when
-its held-out accuracy is significantly above chance."""
+"""The promotion gates, one decision function per kind of model, on literal numbers.
+
+* Reward model (:func:`gate_decision`): it must beat the promoted one on the same held-out pairs,
+  both scored by the ONNX graphs they are (or would be) served with, and its held-out accuracy
+  must be significantly above chance.
+* Policy (:func:`policy_gate_decision`): on the same held-out prompts, judged by the live reward
+  model, it must beat the live policy in plain and in length-controlled win rate, and stay within
+  a KL bound of the policy it started from.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,11 @@ import numpy as np
 
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.trainer.objective import preference_accuracy
+from plaudit.trainer.policy_config import (
+    DEFAULT_MAX_KL,
+    DEFAULT_MIN_LC_WIN_RATE,
+    DEFAULT_MIN_WIN_RATE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +170,71 @@ class AccuracyGate:
         loaded = LoadedRewardModel.load(self.registry, version, provider="cpu")
         rewards, _, _ = loaded.score_raw([p for p, _ in texts], [c for _, c in texts])
         return preference_accuracy(rewards[0::2], rewards[1::2])
+
+
+def policy_gate_decision(
+    *,
+    win_rate: float | None,
+    lc_win_rate: float | None,
+    kl: float | None,
+    wins: int,
+    n: int,
+    baseline: str,
+    min_win_rate: float = DEFAULT_MIN_WIN_RATE,
+    min_lc_win_rate: float = DEFAULT_MIN_LC_WIN_RATE,
+    max_kl: float = DEFAULT_MAX_KL,
+    significance: float = 1.0,
+) -> dict[str, Any]:
+    """The policy gate on literal numbers: the candidate against ``baseline`` (the live policy,
+    or the base model when none is) on the same ``n`` held-out prompts, one sample each, judged
+    by the live reward model; ``wins`` of them won outright (ties not counted).
+
+    Passes iff all hold:
+    - ``win_rate > min_win_rate`` (a tie counts one half in the rate);
+    - ``lc_win_rate > min_lc_win_rate``: the win rate at equal length, so a policy that only
+      writes longer answers does not pass;
+    - ``kl <= max_kl``: nats per sequence from the policy it started from;
+    - one-sided binomial ``p <= significance`` for ``wins`` of ``n`` against 1/2 (1.0: not
+      required; the p-value is in the record either way).
+    A figure that could not be measured (None) refuses.
+    """
+    p_value = binomial_p_value(wins, n)
+    why = []
+    if win_rate is None:
+        why.append("win rate not measured (no reward model or baseline)")
+    elif not win_rate - min_win_rate > _EPS:
+        why.append(f"win rate {win_rate:.3f} <= {min_win_rate:g}")
+    if lc_win_rate is None:
+        why.append("length-controlled win rate not measured")
+    elif not lc_win_rate - min_lc_win_rate > _EPS:
+        why.append(f"length-controlled win rate {lc_win_rate:.3f} <= {min_lc_win_rate:g}")
+    if kl is None:
+        why.append("KL not measured")
+    elif kl > max_kl:
+        why.append(f"KL {kl:.2f} > {max_kl:g} nats")
+    if significance < 1.0 and not (n > 0 and p_value <= significance):
+        why.append(f"not significant (p={p_value:.2g} > {significance:g})")
+
+    def fmt(value: float | None, spec: str = ".3f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    figures = (
+        f"win rate {fmt(win_rate)} (length-controlled {fmt(lc_win_rate)}) vs {baseline} "
+        f"on the same {n} held-out prompts, KL {fmt(kl, '.2f')} nats; p={p_value:.2g}"
+    )
+    passed = not why
+    return {
+        "passed": passed,
+        "win_rate": win_rate,
+        "lc_win_rate": lc_win_rate,
+        "kl": kl,
+        "wins": wins,
+        "eval_prompts": n,
+        "baseline": baseline,
+        "p_value": p_value,
+        "min_win_rate": min_win_rate,
+        "min_lc_win_rate": min_lc_win_rate,
+        "max_kl": max_kl,
+        "significance": significance,
+        "reason": f"{figures}: " + ("passed" if passed else "refused, " + "; ".join(why)),
+    }

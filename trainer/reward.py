@@ -37,7 +37,7 @@ from plaudit.services.common.textfmt import RewardTextEncoder, TextFormat, lengt
 from plaudit.services.runtime.contract import TOKENIZER_FILE
 from plaudit.trainer.backbones import resolve_backbone
 from plaudit.trainer.batches import EncodedPairs, collate, encode_pairs
-from plaudit.trainer.config import RewardTrainingConfig
+from plaudit.trainer.config import DEFAULT_RUNS_DIR, RewardTrainingConfig
 from plaudit.trainer.data import (
     TrainingData,
     load_feedback_pairs,
@@ -72,7 +72,6 @@ from plaudit.trainer.report import RunReporter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUNS_DIR = Path(".plaudit/runs")
 CHECKPOINT_DIR = "checkpoint"
 EVAL_GROUP_TOKENS = 16384  # padded tokens per held-out scoring batch
 
@@ -195,7 +194,11 @@ def load_training_data(
 
 
 def _prepare(
-    source: PairSource, registry: ModelRegistry | None, publish: PublishOptions, out: Path | None
+    source: PairSource,
+    registry: ModelRegistry | None,
+    publish: PublishOptions,
+    out: Path | None,
+    runs_dir: Path,
 ) -> dict[str, Any]:
     """Rank 0's reading of the data, sent to every rank (so all train on the same snapshot)."""
     data, parent = load_training_data(source, registry, publish.parent)
@@ -204,7 +207,7 @@ def _prepare(
         "data": data,
         "parent": parent,
         "run_id": run_id,
-        "run_dir": out or DEFAULT_RUNS_DIR / run_id,
+        "run_dir": out or runs_dir / run_id,
     }
 
 
@@ -340,11 +343,15 @@ def train_reward(
     publish: PublishOptions | None = None,
     output_dir: Path | None = None,
     progress: bool = False,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
 ) -> RewardTrainingResult | None:
-    """Train, save, and (given a registry) export and publish; None on ranks other than 0."""
+    """Train, save, and (given a registry) export and publish; None on ranks other than 0.
+    The run folder is ``output_dir``, or a new one under ``runs_dir``."""
     env = init_distributed(cfg.device, cfg.num_threads)
     try:
-        return _train(env, cfg, source, registry, publish or PublishOptions(), output_dir, progress)
+        return _train(
+            env, cfg, source, registry, publish or PublishOptions(), output_dir, progress, runs_dir
+        )
     finally:
         shutdown(env)
 
@@ -357,11 +364,12 @@ def _train(
     publish: PublishOptions,
     output_dir: Path | None,
     progress: bool,
+    runs_dir: Path,
 ) -> RewardTrainingResult | None:
     outcome: dict[str, Any] | Exception | None = None
     if env.is_main:
         try:
-            outcome = _prepare(source, registry, publish, output_dir)
+            outcome = _prepare(source, registry, publish, output_dir, runs_dir)
         except Exception as exc:  # every rank raises it, rather than waiting for rank 0
             outcome = exc
     outcome = broadcast(env, outcome)
