@@ -31,10 +31,8 @@ request first passes the authenticator: :func:`api_key_authenticator` (the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -42,9 +40,15 @@ from typing import Any
 from aiohttp import web
 
 from plaudit.services.common.batching import DynamicBatcher
-from plaudit.services.common.errors import HTTP_STATUS, InvalidArgumentError, PlauditError
+from plaudit.services.common.errors import InvalidArgumentError, PlauditError
+from plaudit.services.common.http import (
+    Authenticator,
+    HttpServer,
+    json_app,
+    read_json,
+)
+from plaudit.services.common.http import api_key_authenticator as common_api_key_authenticator
 from plaudit.services.common.security.guard import AccessGuard
-from plaudit.services.common.security.keys import Principal
 from plaudit.services.feedback.access import ROUTE_ROLES
 from plaudit.services.feedback.core import (
     REQUEST_OF_KIND,
@@ -69,79 +73,15 @@ from plaudit.services.feedback.tasks import TaskPick, TaskPicker
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 STATIC_DIR = Path(__file__).resolve().with_name("static")
-MAX_BODY_BYTES = 32 * 1024 * 1024
-
-_CODE_OF_HTTP = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    405: "UNIMPLEMENTED",
-    409: "ALREADY_EXISTS",
-    413: "RESOURCE_EXHAUSTED",
-    415: "INVALID_ARGUMENT",
-    429: "RESOURCE_EXHAUSTED",
-    503: "UNAVAILABLE",
-}
-_RETRY_AFTER_S = {429: "1", 503: "2"}
 
 _TASK_FIELDS = frozenset({"prompt", "completions", "key", "metadata", "source"})
 
 
-# -- errors: the one place domain errors become HTTP ----------------------------------------------
-def error_json(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    response = web.json_response(
-        {"error": {"code": code, "field": field, "message": message}}, status=status
-    )
-    if status in _RETRY_AFTER_S:
-        response.headers["Retry-After"] = _RETRY_AFTER_S[status]
-    return response
-
-
-def error_response(exc: PlauditError) -> web.Response:
-    """The HTTP answer to a domain error: its status from
-    :data:`~plaudit.services.common.errors.HTTP_STATUS`, JSON body."""
-    field = exc.field if isinstance(exc, InvalidArgumentError) else None
-    return error_json(HTTP_STATUS.get(exc.code, 500), exc.code.name, exc.message, field)
-
-
-# -- authentication -------------------------------------------------------------------------------
-Authenticator = Callable[[web.Request], Awaitable[None]]
-PRINCIPAL = web.RequestKey("principal", Principal)
-"""Who is calling, recorded by the authenticator for the handlers."""
-
-
-async def allow_all(request: web.Request) -> None:
-    """The authenticator of a service started with ``auth_disabled``: every request passes.
-
-    :func:`make_app` runs the authenticator before every ``/api/`` handler (the page, its
-    static files and ``/healthz`` stay public). An authenticator refuses by raising a
-    :class:`PlauditError` whose code is ``UNAUTHENTICATED`` (401) or ``PERMISSION_DENIED``
-    (403), and may record who is calling in ``request[PRINCIPAL]`` for the handlers.
-    """
-
-
 def api_key_authenticator(guard: AccessGuard) -> Authenticator:
-    """Admit requests through ``guard`` (the gRPC server's keys and rate buckets), deciding the
-    routes of :data:`~plaudit.services.feedback.access.ROUTE_ROLES`: ``Authorization: Bearer
-    <key>``, the
-    role it names for ``METHOD /route``, the key's rate limit. A path that matches no route only
-    needs a valid key (then it is 404)."""
-    guard = guard.for_calls(ROUTE_ROLES)
-
-    async def authenticate(request: web.Request) -> None:
-        authorization = request.headers.get("Authorization")
-        resource = request.match_info.route.resource
-        if resource is None:
-            request[PRINCIPAL] = guard.identify(authorization)
-            return
-        method = "GET" if request.method == "HEAD" else request.method
-        request[PRINCIPAL] = guard.check(f"{method} {resource.canonical}", authorization)
-
-    return authenticate
+    """The shared API-key authenticator deciding this API's routes
+    (:data:`~plaudit.services.feedback.access.ROUTE_ROLES`)."""
+    return common_api_key_authenticator(guard, ROUTE_ROLES)
 
 
 # -- JSON -> domain ---------------------------------------------------------------------------
@@ -222,24 +162,6 @@ def queue_json(stats: TaskStats) -> dict[str, Any]:
     }
 
 
-async def _read_json(request: web.Request) -> Any:
-    if request.content_type != "application/json":
-        raise InvalidArgumentError("body", "must be JSON, sent as Content-Type: application/json")
-    raw = await request.read()
-    try:
-        text = raw.decode("utf-8")  # JSON is UTF-8 (RFC 8259), whatever charset is claimed
-    except UnicodeDecodeError as exc:
-        raise InvalidArgumentError("body", f"is not valid UTF-8 (byte {exc.start})") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(
-            "body", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-        ) from exc
-    except RecursionError as exc:
-        raise InvalidArgumentError("body", "is nested too deeply") from exc
-
-
 # -- the application ----------------------------------------------------------------------------
 class FeedbackHttpApi:
     """Request handlers; the store, batcher and picker are the gRPC servicer's own."""
@@ -289,7 +211,7 @@ class FeedbackHttpApi:
         self, kind: FeedbackKind
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
-            return await self._submit(kind, await _read_json(request))
+            return await self._submit(kind, await read_json(request))
 
         return handler
 
@@ -317,7 +239,7 @@ class FeedbackHttpApi:
         return await asyncio.to_thread(tasks.get, task_id)
 
     async def import_tasks(self, request: web.Request) -> web.Response:
-        new = tasks_from_json(await _read_json(request), self._max_tasks)
+        new = tasks_from_json(await read_json(request), self._max_tasks)
         tasks = self._store().tasks
         imported = await asyncio.to_thread(tasks.import_tasks, new)
         created = sum(1 for t in imported if t.created)
@@ -352,7 +274,7 @@ class FeedbackHttpApi:
         return web.json_response(task_json(task, self._picker.labels_per_task))
 
     async def skip_task(self, request: web.Request) -> web.Response:
-        body = _check_fields(await _read_json(request), frozenset({"annotator_id"}), "a skip")
+        body = _check_fields(await read_json(request), frozenset({"annotator_id"}), "a skip")
         task_id = int(request.match_info["task_id"])
         await self._picker.skip(task_id, body.get("annotator_id", ""))
         return web.json_response({"skipped": True})
@@ -364,107 +286,29 @@ class FeedbackHttpApi:
         return web.json_response({**stats_json(stats), "tasks": queue_json(queue)})
 
 
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+}
+
+
 def make_app(
     api: FeedbackHttpApi, metrics: FeedbackMetrics, authenticate: Authenticator
 ) -> web.Application:
-    """The aiohttp application: routes, error mapping, authentication hook, headers, metrics."""
-
-    @web.middleware
-    async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        status = 500
-        try:
-            response = await _guarded(request, handler)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            metrics.http_requests.labels(route, str(status)).inc()
-            metrics.http_duration.labels(route).observe(time.perf_counter() - started)
-
-    async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
-        api_call = request.path.startswith("/api/")
-        try:
-            if api_call:
-                await authenticate(request)
-            return await handler(request)
-        except PlauditError as exc:
-            return error_response(exc)
-        except web.HTTPException as exc:
-            if not api_call or exc.status < 400:
-                raise
-            code = _CODE_OF_HTTP.get(exc.status, "UNKNOWN")
-            return error_json(exc.status, code, exc.reason)
-        except Exception:
-            log.exception("http handler failed", extra={"path": request.path})
-            return error_json(500, "INTERNAL", "internal error; see the service log")
-
-    async def headers(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if request.path.startswith("/api/"):
-            response.headers.setdefault("Cache-Control", "no-store")
-        else:
-            response.headers.setdefault("Cache-Control", "no-cache")
-            response.headers.setdefault(
-                "Content-Security-Policy",
-                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-            )
-
-    app = web.Application(middlewares=[handle], client_max_size=MAX_BODY_BYTES)
-    app.add_routes(api.routes())
-    app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
-    app.on_response_prepare.append(headers)
-    return app
+    """The aiohttp application (:func:`~plaudit.services.common.http.json_app`): the routes,
+    the page's static files, the authenticator on ``/api/``."""
+    return json_app(
+        api.routes(),
+        requests=metrics.http_requests,
+        duration=metrics.http_duration,
+        authenticate=authenticate,
+        protected=lambda path: path.startswith("/api/"),
+        public_headers=PAGE_HEADERS,
+        static=("/static/", STATIC_DIR),
+    )
 
 
-class FeedbackHttpServer:
-    """Serves :func:`make_app` on ``host:port`` (0 picks a free port) on the running loop, over
-    TLS when given an ``ssl_context``."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        *,
-        host: str,
-        port: int,
-        grace_s: float,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self._app = app
-        self._ssl_context = ssl_context
-        self._host = host
-        self._requested_port = port
-        self._grace_s = grace_s
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        runner = web.AppRunner(
-            self._app, access_log=None, handle_signals=False, shutdown_timeout=self._grace_s
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._requested_port, ssl_context=self._ssl_context)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
-        log.info("http server started", extra={"port": self.port})
-
-    async def stop(self) -> None:
-        """Stop accepting, give in-flight requests up to ``grace_s`` seconds, close."""
-        if self._runner is None:
-            return
-        await self._runner.cleanup()
-        self._runner = None
-        log.info("http server stopped", extra={"port": self.port})
+FeedbackHttpServer = HttpServer
 
 
 def feedback_http_server(

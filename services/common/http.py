@@ -1,0 +1,242 @@
+"""HTTP beside gRPC, shared by every service that has an HTTP front end (aiohttp).
+
+One of each, for all of them:
+
+* :func:`error_response` / :func:`error_json`: the one place domain errors become HTTP. A
+  :class:`~plaudit.services.common.errors.PlauditError` answers with its status from
+  :data:`~plaudit.services.common.errors.HTTP_STATUS` and ``{"error": {"code", "field",
+  "message"}}``; 429 and 503 carry ``Retry-After``.
+* :func:`api_key_authenticator` / :func:`allow_all`: ``Authorization: Bearer <key>`` checked by
+  the gRPC server's own :class:`~plaudit.services.common.security.guard.AccessGuard` (same keys,
+  roles per ``METHOD /route``, same rate buckets), run by :func:`json_app` *before* the handler
+  reads a byte of the body, so an unauthenticated caller costs a header lookup.
+* :func:`read_json`: the body as JSON, or INVALID_ARGUMENT naming ``body``.
+* :func:`json_app`: the application with that error mapping, the authenticator on protected
+  paths, security headers and request metrics; :class:`HttpServer` serves it.
+
+Invariant: a handler never answers 500 for anything a client sent; an unexpected exception is
+logged and answered with a JSON 500 that names no internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from plaudit.services.common.errors import HTTP_STATUS, InvalidArgumentError, PlauditError
+from plaudit.services.common.security.guard import AccessGuard, CallRoles
+from plaudit.services.common.security.keys import Principal
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Authenticator = Callable[[web.Request], Awaitable[None]]
+PRINCIPAL = web.RequestKey("principal", Principal)
+"""Who is calling, recorded by the authenticator for the handlers."""
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+CODE_OF_HTTP = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    409: "ALREADY_EXISTS",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+}
+_RETRY_AFTER_S = {429: "1", 503: "2"}
+
+
+# -- errors: the one place domain errors become HTTP ----------------------------------------------
+def error_json(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    response = web.json_response(
+        {"error": {"code": code, "field": field, "message": message}}, status=status
+    )
+    if status in _RETRY_AFTER_S:
+        response.headers["Retry-After"] = _RETRY_AFTER_S[status]
+    return response
+
+
+def error_response(exc: PlauditError) -> web.Response:
+    """The HTTP answer to a domain error: its status from
+    :data:`~plaudit.services.common.errors.HTTP_STATUS`, JSON body."""
+    field = exc.field if isinstance(exc, InvalidArgumentError) else None
+    return error_json(HTTP_STATUS.get(exc.code, 500), exc.code.name, exc.message, field)
+
+
+# -- authentication -------------------------------------------------------------------------------
+async def allow_all(request: web.Request) -> None:
+    """The authenticator of a service started with ``auth_disabled``: every request passes.
+
+    An authenticator refuses by raising a :class:`PlauditError` whose code is
+    ``UNAUTHENTICATED`` (401) or ``PERMISSION_DENIED`` (403), and may record who is calling in
+    ``request[PRINCIPAL]`` for the handlers.
+    """
+
+
+def api_key_authenticator(guard: AccessGuard, route_roles: CallRoles) -> Authenticator:
+    """Admit requests through ``guard`` (the gRPC server's keys and rate buckets), deciding the
+    routes of ``route_roles`` (``"METHOD /route"`` -> roles): ``Authorization: Bearer <key>``,
+    the role it names for the route, the key's rate limit. A path that matches no route only
+    needs a valid key (then it is 404)."""
+    guard = guard.for_calls(route_roles)
+
+    async def authenticate(request: web.Request) -> None:
+        authorization = request.headers.get("Authorization")
+        resource = request.match_info.route.resource
+        if resource is None:
+            request[PRINCIPAL] = guard.identify(authorization)
+            return
+        method = "GET" if request.method == "HEAD" else request.method
+        request[PRINCIPAL] = guard.check(f"{method} {resource.canonical}", authorization)
+
+    return authenticate
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON; INVALID_ARGUMENT on ``body`` when it is not JSON (content type,
+    UTF-8, syntax, nesting). The body size is bounded by the application's ``client_max_size``
+    (413 beyond it)."""
+    if request.content_type != "application/json":
+        raise InvalidArgumentError("body", "must be JSON, sent as Content-Type: application/json")
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")  # JSON is UTF-8 (RFC 8259), whatever charset is claimed
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError("body", f"is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(
+            "body", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from exc
+    except RecursionError as exc:
+        raise InvalidArgumentError("body", "is nested too deeply") from exc
+
+
+# -- the application ------------------------------------------------------------------------------
+def json_app(
+    routes: Iterable[web.AbstractRouteDef],
+    *,
+    requests: Counter,
+    duration: Histogram,
+    authenticate: Authenticator,
+    protected: Callable[[str], bool],
+    public_headers: dict[str, str] | None = None,
+    static: tuple[str, Path] | None = None,
+    client_max_size: int = MAX_BODY_BYTES,
+) -> web.Application:
+    """An aiohttp application: ``routes``; ``authenticate`` before every handler whose path is
+    ``protected``; errors as JSON on protected paths (see :func:`error_response`); request
+    counts (``requests``, labels route and status) and latencies (``duration``, label route);
+    ``nosniff`` and ``no-referrer`` everywhere, ``no-store`` on protected paths and
+    ``public_headers`` (e.g. a CSP for a page) on the others; ``static`` serves a folder."""
+
+    @web.middleware
+    async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        try:
+            response = await _guarded(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            requests.labels(route, str(status)).inc()
+            duration.labels(route).observe(time.perf_counter() - started)
+
+    async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+        api_call = protected(request.path)
+        try:
+            if api_call:
+                await authenticate(request)
+            return await handler(request)
+        except PlauditError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if not api_call or exc.status < 400:
+                raise
+            code = CODE_OF_HTTP.get(exc.status, "UNKNOWN")
+            return error_json(exc.status, code, exc.reason)
+        except Exception:
+            log.exception("http handler failed", extra={"path": request.path})
+            return error_json(500, "INTERNAL", "internal error; see the service log")
+
+    async def headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if protected(request.path):
+            response.headers.setdefault("Cache-Control", "no-store")
+        else:
+            for name, value in (public_headers or {}).items():
+                response.headers.setdefault(name, value)
+
+    app = web.Application(middlewares=[handle], client_max_size=client_max_size)
+    app.add_routes(routes)
+    if static is not None:
+        app.router.add_static(static[0], static[1], follow_symlinks=False)
+    app.on_response_prepare.append(headers)
+    return app
+
+
+class HttpServer:
+    """Serves an application on ``host:port`` (0 picks a free port) on the running loop, over
+    TLS when given an ``ssl_context``; ``port`` is the bound one after :meth:`start`."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        host: str,
+        port: int,
+        grace_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._app = app
+        self._ssl_context = ssl_context
+        self._host = host
+        self._requested_port = port
+        self._grace_s = grace_s
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        runner = web.AppRunner(
+            self._app, access_log=None, handle_signals=False, shutdown_timeout=self._grace_s
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._requested_port, ssl_context=self._ssl_context)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("http server started", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        """Stop accepting, give in-flight requests up to ``grace_s`` seconds, close."""
+        if self._runner is None:
+            return
+        await self._runner.cleanup()
+        self._runner = None
+        log.info("http server stopped", extra={"port": self.port})
