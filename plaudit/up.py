@@ -73,6 +73,9 @@ class UpSettings(ClientSecuritySettings):
     database_url: str = Field("", description="feedback database (default: SQLite under home)")
     reward_port: int = Field(50051, ge=0, le=65535, description="reward service gRPC port")
     reward_metrics_port: int = Field(9091, ge=0, le=65535, description="reward /metrics port")
+    reward_http_port: int = Field(
+        8081, ge=0, le=65535, description="reward HTTP JSON port (0 picks a free port)"
+    )
     feedback_port: int = Field(50052, ge=0, le=65535, description="feedback service gRPC port")
     feedback_metrics_port: int = Field(9092, ge=0, le=65535, description="feedback /metrics")
     feedback_http_port: int = Field(
@@ -83,6 +86,9 @@ class UpSettings(ClientSecuritySettings):
     )
     generation_port: int = Field(50053, ge=0, le=65535, description="generation gRPC port")
     generation_metrics_port: int = Field(9093, ge=0, le=65535, description="generation /metrics")
+    generation_http_port: int = Field(
+        8082, ge=0, le=65535, description="generation OpenAI-style HTTP API (0 picks a free port)"
+    )
     bootstrap_checkpoint: str = Field("minilm", description="reward backbone for an empty registry")
     bootstrap_policy: str = Field("smollm2", description="policy for an empty registry")
     retrain_min_pairs: int = Field(
@@ -573,6 +579,7 @@ async def run_up(settings: UpSettings) -> int:
         children.append(
             start_service(
                 "reward", "--registry", str(settings.registry),
+                "--http-port", str(settings.reward_http_port),
                 port=settings.reward_port, metrics_port=settings.reward_metrics_port,
                 auth_disabled=no_auth,
             )
@@ -582,6 +589,7 @@ async def run_up(settings: UpSettings) -> int:
                 start_service(
                     "generation", "--registry", str(settings.registry),
                     "--reward-addr", settings.reward_address,
+                    "--http-port", str(settings.generation_http_port),
                     port=settings.generation_port, metrics_port=settings.generation_metrics_port,
                     auth_disabled=no_auth,
                 )

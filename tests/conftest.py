@@ -175,6 +175,7 @@ class ServerThread:
                 common.setdefault("http_port", 0)
                 server = FeedbackServer(FeedbackSettings(**common))
             elif self.kind == "generation":
+                common.setdefault("http_port", 0)
                 server = GenerationServer(GenerationSettings(**common))
             else:
                 server = RewardServer(RewardSettings(**common))

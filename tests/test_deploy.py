@@ -347,6 +347,34 @@ def test_services_expose_and_probe_the_ports_they_bind(
         assert grace + pause < pod_spec(doc)["terminationGracePeriodSeconds"], name
 
 
+def test_generation_serves_its_openai_api_through_the_service(docs: list[Doc]) -> None:
+    """The generation pod's HTTP port (the OpenAI-style API) is published by its Service, like
+    gRPC and metrics, at the port the process binds."""
+    deployment = named(docs, "Deployment", "plaudit-generation")
+    (container,) = pod_spec(deployment)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == GenerationSettings().http_port == 8082
+    service = {p["name"]: p for p in named(docs, "Service", "plaudit-generation")["spec"]["ports"]}
+    assert service["http"]["targetPort"] == "http" and service["http"]["port"] == 8082
+    assert service["http"]["appProtocol"] == "http"
+    env = container_env(docs, deployment, container)
+    assert env["PLAUDIT_HTTP_PORT"] == "8082"
+
+
+def test_reward_serves_its_http_api_through_the_service(docs: list[Doc]) -> None:
+    """The reward pod's HTTP port (native JSON, OpenRLHF, vLLM and TEI routes; off by default
+    outside Kubernetes) is set in its config and published by its Service like gRPC and metrics."""
+    deployment = named(docs, "Deployment", "plaudit-reward")
+    (container,) = pod_spec(deployment)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = container_env(docs, deployment, container)
+    assert RewardSettings().http_port is None and env["PLAUDIT_HTTP_PORT"] == "8081"
+    assert ports["http"] == 8081
+    service = {p["name"]: p for p in named(docs, "Service", "plaudit-reward")["spec"]["ports"]}
+    assert service["http"]["targetPort"] == "http" and service["http"]["port"] == 8081
+    assert service["http"]["appProtocol"] == "http"
+
+
 def _parse(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """Parse a plaudit command line and build its settings in ``env``, as the pod would."""
 

@@ -310,7 +310,8 @@ def test_the_service_runs_without_torch(tiny_policy_registry: Path) -> None:
         [
             sys.executable, "-c", NO_TORCH_PRELUDE, "serve", "generation",
             "--registry", str(tiny_policy_registry), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", str(free_port()), "--log-format", "json",
+            "--port", str(port), "--metrics-port", str(free_port()), "--http-port", "0",
+            "--log-format", "json",
         ],
         cwd=REPO,
         env={**os.environ, "PLAUDIT_GRACE_PERIOD_S": "10"},

@@ -41,7 +41,7 @@ def test_up_bootstraps_retrains_on_feedback_and_swaps(
          "--retrain-min-pairs", "30", "--check-interval-s", "0.5", "--log-format", "text",
          "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),
          "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"]),
-         "--feedback-http-port", "0"],
+         "--feedback-http-port", "0", "--reward-http-port", "0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -209,7 +209,7 @@ def test_sigterm_stops_a_running_training_and_exits_within_seconds(
          "--log-format", "text", "--log-level", "INFO",
          "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),
          "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"]),
-         "--feedback-http-port", "0"],
+         "--feedback-http-port", "0", "--reward-http-port", "0"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines: list[str] = []
@@ -341,7 +341,7 @@ def test_up_retrains_gates_and_hot_swaps_the_policy_after_a_reward_promotion(
          "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),
          "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"]),
          "--generation-port", str(ports["gen"]), "--generation-metrics-port", str(ports["gm"]),
-         "--feedback-http-port", "0"],
+         "--feedback-http-port", "0", "--reward-http-port", "0", "--generation-http-port", "0"],
         cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -11,6 +11,8 @@ One of each, for all of them:
   roles per ``METHOD /route``, same rate buckets), run by :func:`json_app` *before* the handler
   reads a byte of the body, so an unauthenticated caller costs a header lookup.
 * :func:`read_json`: the body as JSON, or INVALID_ARGUMENT naming ``body``.
+* :func:`message_from_json`: a JSON value read into a protobuf message through the proto JSON
+  mapping, or INVALID_ARGUMENT naming the offending field (``items[0].completion``).
 * :func:`json_app`: the application with that error mapping, the authenticator on protected
   paths, security headers and request metrics; :class:`HttpServer` serves it.
 
@@ -26,9 +28,12 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 
 from plaudit.services.common.errors import HTTP_STATUS, InvalidArgumentError, PlauditError
@@ -43,6 +48,7 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 """Who is calling, recorded by the authenticator for the handlers."""
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+M = TypeVar("M", bound=Message)
 
 CODE_OF_HTTP = {
     400: "INVALID_ARGUMENT",
@@ -128,6 +134,79 @@ async def read_json(request: web.Request) -> Any:
         raise InvalidArgumentError("body", "is nested too deeply") from exc
 
 
+def _json_type(field: Any) -> str:
+    if field.cpp_type == FieldDescriptor.CPPTYPE_STRING:
+        return "a string"
+    if field.cpp_type == FieldDescriptor.CPPTYPE_BOOL:
+        return "a boolean"
+    if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
+        names = ", ".join(v.name for v in field.enum_type.values)
+        return f"one of {names} (or its number)"
+    if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+        return "an object"
+    return "a number"
+
+
+def _check_value(field: Any, value: object, where: str) -> None:
+    kind = field.cpp_type
+    if kind == FieldDescriptor.CPPTYPE_MESSAGE:
+        if not field.message_type.full_name.startswith("google.protobuf."):
+            _check_object(value, field.message_type, where)
+        return
+    if kind == FieldDescriptor.CPPTYPE_STRING:
+        ok = isinstance(value, str)
+    elif kind == FieldDescriptor.CPPTYPE_BOOL:
+        ok = isinstance(value, bool)
+    elif kind == FieldDescriptor.CPPTYPE_ENUM:
+        ok = (isinstance(value, str) and value in field.enum_type.values_by_name) or (
+            isinstance(value, int) and not isinstance(value, bool)
+        )
+    else:  # numbers; the JSON mapping also takes them as strings ("1.5", "NaN")
+        ok = isinstance(value, int | float | str) and not isinstance(value, bool)
+    if not ok:
+        got = "null" if value is None else type(value).__name__
+        raise InvalidArgumentError(where, f"must be {_json_type(field)}, got {got}")
+
+
+def _check_object(value: object, descriptor: Any, prefix: str) -> None:
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(prefix or "body", "must be a JSON object")
+    by_json_name = {f.json_name: f for f in descriptor.fields}
+    for key, item in value.items():
+        field = descriptor.fields_by_name.get(key) or by_json_name.get(key)
+        where = f"{prefix}.{key}" if prefix else key
+        if field is None:
+            raise InvalidArgumentError(where, f"is not a field of {descriptor.name}")
+        if item is None:  # null: the field's default
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            continue  # maps: checked by the parser below
+        if field.is_repeated:
+            if not isinstance(item, list):
+                raise InvalidArgumentError(where, f"must be a list, got {type(item).__name__}")
+            for i, element in enumerate(item):
+                _check_value(field, element, f"{where}[{i}]")
+        else:
+            _check_value(field, item, where)
+
+
+def message_from_json(body: object, message_cls: type[M]) -> M:
+    """``body`` read into a ``message_cls`` through the proto JSON mapping (field names as in the
+    proto or in lowerCamelCase, enums by name or number, null for a default); INVALID_ARGUMENT
+    naming the first unknown or mistyped field (``items[0].completion``), ``body`` when the body
+    is not an object."""
+    _check_object(body, message_cls.DESCRIPTOR, "")
+    assert isinstance(body, dict)
+    message = message_cls()
+    try:
+        json_format.ParseDict(body, message)
+    except (json_format.ParseError, OverflowError, TypeError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0].rstrip(".")
+        name = message_cls.DESCRIPTOR.name
+        raise InvalidArgumentError("body", f"is not a {name} ({detail})") from None
+    return message
+
+
 # -- the application ------------------------------------------------------------------------------
 def json_app(
     routes: Iterable[web.AbstractRouteDef],
@@ -175,7 +254,7 @@ def json_app(
             if not api_call or exc.status < 400:
                 raise
             code = CODE_OF_HTTP.get(exc.status, "UNKNOWN")
-            return error_json(exc.status, code, exc.reason)
+            return error_json(exc.status, code, exc.reason, "body" if exc.status == 413 else None)
         except Exception:
             log.exception("http handler failed", extra={"path": request.path})
             return error_json(500, "INTERNAL", "internal error; see the service log")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from plaudit.services.common.metrics import ModelMetrics
+from plaudit.services.common.metrics import LATENCY_BUCKETS, ModelMetrics
 
 
 class GenerationMetrics(ModelMetrics):
@@ -25,5 +25,18 @@ class GenerationMetrics(ModelMetrics):
         self.reranked = Counter(
             "plaudit_generation_reranked_requests",
             "Requests whose completions were scored by the reward service.",
+            registry=registry,
+        )
+        self.http_requests = Counter(
+            "plaudit_generation_http_requests",
+            "HTTP requests (the OpenAI-style API) by route and status.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.http_duration = Histogram(
+            "plaudit_generation_http_request_duration_seconds",
+            "HTTP request handling time by route (a stream: until its last event).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )

@@ -15,6 +15,9 @@ class GenerationSettings(
 ):
     port: int = port_field(50053)
     metrics_port: int = port_field(9093, "Prometheus /metrics port")
+    http_port: int = port_field(
+        8082, "HTTP port: the OpenAI-style API /v1/... (0 picks a free one)"
+    )
     reward_addr: str = Field(
         "", description="reward service address for rerank requests ('' = rerank refused)"
     )

@@ -9,3 +9,15 @@ CALL_ROLES: CallRoles = {
     "/plaudit.v1.RewardService/GetModel": "score",
     **admin.CALL_ROLES,
 }
+ROUTE_ROLES: CallRoles = {  # the HTTP front end (plaudit.services.reward.http): METHOD /route
+    "POST /v1/score": "score",
+    "POST /v1/compare": "score",
+    "GET /v1/model": "score",
+    "POST /get_reward": "score",
+    "POST /classify": "score",
+    "POST /pooling": "score",
+    "POST /predict": "score",
+    "POST /rerank": "score",
+}
+PUBLIC_ROUTES = frozenset({"/healthz", "/openapi.json"})
+"""Paths anyone may read (health for probes, the API description)."""

@@ -1,12 +1,54 @@
 """The reward service's clients: :class:`RewardClient` (blocking: the CLI, the demo, the
-benchmark, the trainer) and :class:`AsyncRewardClient` (grpc.aio: generation rerank, feedback
-active learning). Both carry the caller's API key and TLS files (``credentials``); both raise the
-server's ``grpc.RpcError``, and :func:`domain_error` maps one to a Plaudit error."""
+benchmark, the trainer, TRL through :mod:`plaudit.services.reward.trl`) and
+:class:`AsyncRewardClient` (grpc.aio: generation rerank, feedback active learning).
+
+Both behave the same way:
+
+* **Deadline.** ``timeout`` (default ``timeout_s``) bounds the whole call: every chunk, every
+  retry and every backoff pause; each RPC gets what is left of it.
+* **Retries.** A call that fails with ``UNAVAILABLE`` (the server is not up yet, restarting, or
+  the connection dropped) is tried again, up to ``retry.max_attempts`` attempts in all, after an
+  exponential backoff with jitter, as long as the deadline leaves room for the pause. Nothing
+  else is retried: ``RESOURCE_EXHAUSTED`` (overloaded: retrying at once would make it worse),
+  ``DEADLINE_EXCEEDED``, ``INVALID_ARGUMENT``, ``UNAUTHENTICATED``, ... fail at once. Scoring
+  changes nothing on the server, so a retry can never count twice.
+* **Chunking.** :meth:`RewardClient.score` splits a batch into requests of at most
+  ``max_items_per_request`` items (the server's ``max_items_per_request``, 256 by default) and
+  reassembles the rewards **in input order**. The blocking client sends the chunks one after the
+  other, the asyncio one concurrently.
+* **All or nothing, one model version.** A call returns a reward for every item or raises; and
+  every reward of a call comes from the one model version it returns. If the server swaps
+  versions between two chunks, the chunks scored by the older version are scored again.
+* **Errors.** A failed call raises :class:`RewardRpcError`: a ``grpc.aio.AioRpcError`` (so also a
+  ``grpc.RpcError``) whose ``code()`` is the final gRPC status and whose ``details()`` say which
+  call failed, after how many attempts, and what the server said. :func:`domain_error` maps it to
+  a Plaudit error for a service that relays it.
+* **Security.** ``credentials`` (:class:`ClientCredentials`) carry the API key (role ``score``)
+  and the TLS files, if the server wants them.
+
+Usage::
+
+    from plaudit.services.common.security.client import ClientCredentials
+    from plaudit.services.reward.client import RetryPolicy, RewardClient
+
+    creds = ClientCredentials(api_key="...", ca_file=Path("ca.pem"))
+    with RewardClient("reward.internal:50051", creds, retry=RetryPolicy(max_attempts=6)) as rc:
+        rewards, version = rc.score(prompts, completions, timeout=30)
+
+    # asyncio (create it inside the loop that uses it):
+    client = AsyncRewardClient("127.0.0.1:50051", timeout_s=30)
+    rewards, version = await client.score(prompts, completions)
+    await client.close()
+"""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +63,61 @@ from plaudit.services.common.security.client import INSECURE, ClientCredentials
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+"""The statuses a call is retried on."""
+MAX_ITEMS_PER_REQUEST = 256
+"""The server's default ``max_items_per_request``: the clients' default chunk size."""
+_MAX_VERSION_ROUNDS = 3  # rescoring rounds after a model swap before a call gives up (ABORTED)
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a call that failed with a status in :data:`RETRIED_CODES` is tried again.
+
+    ``max_attempts`` counts the first try (1: never retry). Before retry ``k`` (1, 2, ...) the
+    client pauses ``d/2 + uniform(0, d/2)`` seconds with
+    ``d = min(max_backoff_s, initial_backoff_s * multiplier ** (k - 1))``; it gives up early when
+    the pause would outlast the call's deadline.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 3.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must be non-negative and multiplier at least 1")
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to pause before retry number ``retry`` (1 for the first retry)."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class RewardRpcError(grpc.aio.AioRpcError):
+    """A reward call that failed: ``code()`` is the final gRPC status, ``details()`` name the
+    call, the attempts made and the server's own message; ``attempts`` counts the tries."""
+
+    def __init__(
+        self, address: str, code: grpc.StatusCode, details: str, attempts: int = 0
+    ) -> None:
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+        self.address = address
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return f"reward service at {self.address}: {self.code().name}: {self.details()}"
+
+    __repr__ = __str__
 
 
 def score_request(
@@ -73,38 +170,190 @@ def wait_until_serving(
     raise TimeoutError(f"{address} did not report SERVING within {timeout:.0f}s")
 
 
+# -- what both clients share: planning chunks, deciding on retries, wording errors ---------------
+def _chunk_slices(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _check_pairs(prompts: Sequence[str], completions: Sequence[str]) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+
+
+def _what(part: slice, n: int) -> str:
+    return f"Score of items {part.start}..{part.stop - 1} (of {n})"
+
+
+class _Attempts:
+    """One RPC's attempts against one call deadline: decides whether to retry, words the error."""
+
+    def __init__(
+        self, address: str, what: str, deadline: float, budget: float, retry: RetryPolicy
+    ) -> None:
+        self.address, self.what, self.deadline, self.budget = address, what, deadline, budget
+        self.retry = retry
+        self.made = 0
+
+    def remaining(self) -> float:
+        """Seconds left for the next attempt; raises DEADLINE_EXCEEDED when none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise RewardRpcError(
+                self.address,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{self.what}: the call's {self.budget:g} s deadline passed "
+                f"after {self.made} attempt(s)",
+                self.made,
+            )
+        self.made += 1
+        return left
+
+    def pause_or_raise(self, exc: grpc.RpcError) -> float:
+        """The backoff before the next attempt, or raise the final error for ``exc``."""
+        code = exc.code()
+        if code in RETRIED_CODES and self.made < self.retry.max_attempts:
+            pause = self.retry.backoff(self.made)
+            if time.monotonic() + pause < self.deadline:
+                return pause
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            why = f"no answer within the call's {self.budget:g} s deadline"
+        else:
+            why = str(exc.details())
+        raise RewardRpcError(
+            self.address,
+            code,
+            f"{self.what}: {why} ({self.made} attempt(s), deadline {self.budget:g} s)",
+            self.made,
+        ) from exc
+
+
+def _assemble(
+    address: str, n: int, parts: list[slice], replies: list[tuple[list[float], str]]
+) -> list[float]:
+    """The chunks' rewards put back in input order."""
+    rewards: list[float] = [0.0] * n
+    for part, (got, _) in zip(parts, replies, strict=True):
+        if len(got) != part.stop - part.start:
+            raise RewardRpcError(
+                address,
+                grpc.StatusCode.INTERNAL,
+                f"{_what(part, n)}: {len(got)} rewards came back",
+            )
+        rewards[part] = got
+    return rewards
+
+
+def _version_churn(address: str) -> RewardRpcError:
+    return RewardRpcError(
+        address,
+        grpc.StatusCode.ABORTED,
+        f"the model version kept changing: {_MAX_VERSION_ROUNDS} rounds of rescoring chunks",
+    )
+
+
+def _stale(replies: list[tuple[list[float], str]], target: str) -> list[int]:
+    return [i for i, (_, version) in enumerate(replies) if version != target]
+
+
 class RewardClient:
     """Blocking client: ``score`` and ``compare`` return plain Python values.
 
     ``credentials`` carry the API key (role ``score``) and TLS files, if the server wants them.
+    ``timeout_s`` is the default deadline of a call, ``max_items_per_request`` the chunk size of
+    :meth:`score` (at most the server's limit), ``retry`` the retry policy (see the module doc).
+    Thread-safe: one client (one channel) can serve many threads.
     """
 
-    def __init__(self, address: str, credentials: ClientCredentials = INSECURE) -> None:
+    def __init__(
+        self,
+        address: str,
+        credentials: ClientCredentials = INSECURE,
+        *,
+        timeout_s: float = 60.0,
+        max_items_per_request: int = MAX_ITEMS_PER_REQUEST,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        if max_items_per_request < 1:
+            raise ValueError("max_items_per_request must be at least 1")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.max_items_per_request = max_items_per_request
+        self.retry = retry
         self.channel = credentials.channel(address)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+
+    def _call(
+        self, rpc: Callable[..., R], request: Any, what: str, deadline: float, budget: float
+    ) -> R:
+        attempts = _Attempts(self.address, what, deadline, budget, self.retry)
+        while True:
+            timeout = attempts.remaining()
+            try:
+                return rpc(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                time.sleep(attempts.pause_or_raise(exc))
+
+    def _deadline(self, timeout: float | None) -> tuple[float, float]:
+        budget = self.timeout_s if timeout is None else timeout
+        return time.monotonic() + budget, budget
 
     def score(
         self,
         prompts: Sequence[str],
         completions: Sequence[str],
-        timeout: float = 60.0,
+        timeout: float | None = None,
         normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
     ) -> tuple[list[float], str]:
-        """Rewards in order and the reward-model version that gave them."""
-        request = score_request(prompts, completions, normalization)
-        reply = self.stub.Score(request, timeout=timeout)
-        return list(reply.rewards), reply.model_version
+        """Rewards in input order and the one reward-model version that gave them all.
+
+        Sent as requests of at most ``max_items_per_request`` items, one after the other;
+        ``timeout`` (default ``timeout_s``) bounds the whole call. No items: ``([], "")``.
+        Raises :class:`RewardRpcError` (nothing is returned unless every item was scored).
+        """
+        _check_pairs(prompts, completions)
+        n = len(prompts)
+        parts = _chunk_slices(n, self.max_items_per_request)
+        deadline, budget = self._deadline(timeout)
+
+        finished: list[int] = []  # chunk indices in the order their answers arrived
+
+        def one(i: int) -> tuple[list[float], str]:
+            part = parts[i]
+            request = score_request(prompts[part], completions[part], normalization)
+            reply = self._call(self.stub.Score, request, _what(part, n), deadline, budget)
+            finished.append(i)
+            return list(reply.rewards), reply.model_version
+
+        replies = [one(i) for i in range(len(parts))]
+        if not replies:
+            return [], ""
+        for _ in range(_MAX_VERSION_ROUNDS):
+            target = replies[finished[-1]][1]  # the version that answered last: the newest one
+            stale = _stale(replies, target)
+            if not stale:
+                return _assemble(self.address, n, parts, replies), target
+            for i in stale:
+                replies[i] = one(i)
+        raise _version_churn(self.address)
 
     def compare(
-        self, prompt: str, a: str, b: str, timeout: float = 60.0
+        self,
+        prompt: str,
+        a: str,
+        b: str,
+        timeout: float | None = None,
+        normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
     ) -> reward_pb2.CompareResponse:
-        return self.stub.Compare(
-            reward_pb2.CompareRequest(prompt=prompt, completion_a=a, completion_b=b),
-            timeout=timeout,
+        """Both rewards and the probability that ``a`` is preferred (one model version)."""
+        request = reward_pb2.CompareRequest(
+            prompt=prompt, completion_a=a, completion_b=b, normalization=normalization
         )
+        return self._call(self.stub.Compare, request, "Compare", *self._deadline(timeout))
 
-    def model(self) -> reward_pb2.GetModelResponse:
-        return self.stub.GetModel(reward_pb2.GetModelRequest(), timeout=10)
+    def model(self, timeout: float | None = 10.0) -> reward_pb2.GetModelResponse:
+        """The model version serving now."""
+        request = reward_pb2.GetModelRequest()
+        return self._call(self.stub.GetModel, request, "GetModel", *self._deadline(timeout))
 
     def close(self) -> None:
         self.channel.close()
@@ -117,24 +366,107 @@ class RewardClient:
 
 
 class AsyncRewardClient:
-    """grpc.aio client (make it inside the loop that uses it); ``timeout_s`` caps every call."""
+    """grpc.aio client (make it inside the loop that uses it); ``timeout_s`` caps every call.
+
+    The same behaviour as :class:`RewardClient` (see the module doc); :meth:`score` sends its
+    chunks concurrently, at most ``max_concurrent_requests`` at a time.
+    """
 
     def __init__(
-        self, address: str, timeout_s: float = 60.0, *, credentials: ClientCredentials = INSECURE
+        self,
+        address: str,
+        timeout_s: float = 60.0,
+        *,
+        credentials: ClientCredentials = INSECURE,
+        max_items_per_request: int = MAX_ITEMS_PER_REQUEST,
+        max_concurrent_requests: int = 8,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
+        if max_items_per_request < 1 or max_concurrent_requests < 1:
+            raise ValueError("max_items_per_request and max_concurrent_requests must be >= 1")
         self.address = address
         self.timeout_s = timeout_s
+        self.max_items_per_request = max_items_per_request
+        self.max_concurrent_requests = max_concurrent_requests
+        self.retry = retry
         self._channel = credentials.aio_channel(address)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
 
+    async def _call(
+        self,
+        rpc: Callable[..., Awaitable[R]],
+        request: Any,
+        what: str,
+        deadline: float,
+        budget: float,
+    ) -> R:
+        attempts = _Attempts(self.address, what, deadline, budget, self.retry)
+        while True:
+            timeout = attempts.remaining()
+            try:
+                return await rpc(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                await asyncio.sleep(attempts.pause_or_raise(exc))
+
+    def _deadline(self, timeout: float | None) -> tuple[float, float]:
+        budget = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
+        return time.monotonic() + budget, budget
+
     async def score(
-        self, prompts: Sequence[str], completions: Sequence[str], timeout: float | None = None
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        timeout: float | None = None,
+        normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
     ) -> tuple[list[float], str]:
-        """Rewards in order (the version's default normalisation) and the reward-model version;
-        ``timeout`` (e.g. the caller's own deadline) can only shorten ``timeout_s``."""
-        limit = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
-        reply = await self._stub.Score(score_request(prompts, completions), timeout=limit)
-        return list(reply.rewards), reply.model_version
+        """Rewards in input order and the one reward-model version that gave them all.
+
+        ``timeout`` (e.g. the caller's own deadline) can only shorten ``timeout_s``; it bounds
+        the whole call. If one chunk fails the others are cancelled and the call raises
+        :class:`RewardRpcError`. No items: ``([], "")``.
+        """
+        _check_pairs(prompts, completions)
+        n = len(prompts)
+        parts = _chunk_slices(n, self.max_items_per_request)
+        deadline, budget = self._deadline(timeout)
+        gate = asyncio.Semaphore(self.max_concurrent_requests)
+        finished: list[int] = []  # chunk indices in the order their answers arrived
+
+        async def one(i: int) -> tuple[list[float], str]:
+            part = parts[i]
+            request = score_request(prompts[part], completions[part], normalization)
+            async with gate:
+                reply = await self._call(
+                    self._stub.Score, request, _what(part, n), deadline, budget
+                )
+            finished.append(i)
+            return list(reply.rewards), reply.model_version
+
+        async def run(indices: list[int]) -> list[tuple[list[float], str]]:
+            tasks = [asyncio.ensure_future(one(i)) for i in indices]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
+
+        replies = await run(list(range(len(parts))))
+        if not replies:
+            return [], ""
+        for _ in range(_MAX_VERSION_ROUNDS):
+            target = replies[finished[-1]][1]  # the version that answered last: the newest one
+            stale = _stale(replies, target)
+            if not stale:
+                return _assemble(self.address, n, parts, replies), target
+            for i, reply in zip(stale, await run(stale), strict=True):
+                replies[i] = reply
+        raise _version_churn(self.address)
+
+    async def model(self, timeout: float | None = 10.0) -> reward_pb2.GetModelResponse:
+        """The model version serving now."""
+        request = reward_pb2.GetModelRequest()
+        return await self._call(self._stub.GetModel, request, "GetModel", *self._deadline(timeout))
 
     async def close(self) -> None:
         await self._channel.close()

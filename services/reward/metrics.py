@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from plaudit.services.common.metrics import ModelMetrics
+from plaudit.services.common.metrics import LATENCY_BUCKETS, ModelMetrics
 
 
 class RewardMetrics(ModelMetrics):
@@ -15,4 +15,17 @@ class RewardMetrics(ModelMetrics):
         )
         self.tokens_scored = Counter(
             "plaudit_reward_tokens_scored", "Real (unpadded) tokens scored.", registry=registry
+        )
+        self.http_requests = Counter(
+            "plaudit_reward_http_requests",
+            "HTTP requests (native JSON and compatible routes) by route and status.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.http_duration = Histogram(
+            "plaudit_reward_http_request_duration_seconds",
+            "HTTP request handling time by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )

@@ -12,6 +12,13 @@ from plaudit.services.common.settings import ModelServingSettings, port_field
 class RewardSettings(ModelServingSettings, ServerSecuritySettings, RegistryLocationSettings):
     port: int = port_field(50051)
     metrics_port: int = port_field(9091, "Prometheus /metrics port")
+    http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="HTTP JSON port: native, OpenRLHF, vLLM and TEI routes (0 picks a free one; "
+        "unset: no HTTP)",
+    )
     max_batch_size: int = Field(64, ge=1, description="items per batch")
     max_batch_tokens: int = Field(16384, ge=1, description="estimated tokens per batch")
     max_queue_items: int = Field(4096, ge=1, description="items queued before RESOURCE_EXHAUSTED")
