@@ -1,4 +1,5 @@
-"""Reward scoring throughput: plain PyTorch vs the Plaudit engine vs the Plaudit gRPC service.
+"""Reward scoring throughput: plain PyTorch vs the Plaudit engine vs the Plaudit gRPC and HTTP
+service.
 
 One run scores the same items in every mode and checks that the answers agree:
 
@@ -15,6 +16,14 @@ One run scores the same items in every mode and checks that the answers agree:
 * ``c``  the service: ``plaudit serve reward`` in a child process (as ``plaudit demo`` starts
   it), driven over gRPC by 1, 16, ... concurrent clients (threads, one channel each), each
   request holding ``--request-items`` items. Client and server share this machine's cores.
+* ``h``  HTTP vs gRPC on the same service process (started with ``--http-port``): for each
+  concurrency in ``--http-clients`` (default 16), the same requests as ``c`` are sent as
+  ``POST /v1/score`` JSON (threads, one keep-alive ``http.client`` connection each) and over
+  gRPC (rows ``gN`` and ``hN``), ``--http-rounds`` times each in alternating order (g h, h g, ...)
+  so drift on a shared machine falls on both; a row's wall clock is the mean of its rounds. The
+  per-item cost is wall time per item (1 / items/s) and, beside it, the server process's CPU time
+  per item (``/proc``); the HTTP overhead is the HTTP cost over the gRPC cost - 1, against the
+  issue's bound of 15%.
 
 Items are the HH-RLHF pairs' (prompt, chosen) and (prompt, rejected), interleaved c0, r0, c1, ...
 
@@ -43,6 +52,7 @@ items the reference is the same PyTorch model run on the serving token ids.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -68,7 +78,12 @@ import transformers
 from tqdm import tqdm
 
 from plaudit.demo import HH_PAIRS as DEFAULT_DATA
-from plaudit.services.common.process import ServiceProcess, metric_value, start_service
+from plaudit.services.common.process import (
+    ServiceProcess,
+    free_port,
+    metric_value,
+    start_service,
+)
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.services.common.settings import settings_from_args
 from plaudit.services.common.textfmt import RewardTextEncoder, length_groups
@@ -90,6 +105,7 @@ from plaudit.v1 import reward_pb2
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TARGETS = {"b": 2.5, "c": 2.0}  # throughput vs (a) that the issue asks for
+HTTP_OVERHEAD_TARGET_PCT = 15.0  # HTTP per-item cost over gRPC's, at the same concurrency
 
 
 @dataclass
@@ -358,6 +374,195 @@ def run_grpc(server: ServiceProcess, items: Items, clients: int, request_items: 
     )
 
 
+# -- (h): HTTP vs gRPC on the same service -----------------------------------------------------
+def server_cpu_s(server: ServiceProcess) -> float | None:
+    """User + system CPU seconds of the server process so far (None where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_http(
+    server: ServiceProcess, http_port: int, items: Items, clients: int, request_items: int
+) -> ModeResult:
+    """``run_grpc``'s load as ``POST /v1/score`` (raw rewards), one keep-alive connection per
+    client thread."""
+    requests = chunks(range(len(items)), request_items)
+    scores = np.empty(len(items), dtype=np.float32)
+    local = threading.local()
+    opened: list[http.client.HTTPConnection] = []
+    lock = threading.Lock()
+    headers = {"Content-Type": "application/json"}
+
+    def connection() -> http.client.HTTPConnection:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=300)
+            with lock:
+                opened.append(local.conn)
+        return local.conn
+
+    def one(idx: list[int]) -> float:
+        conn = connection()
+        body = json.dumps(
+            {
+                "items": [
+                    {"prompt": items.prompts[i], "completion": items.completions[i]} for i in idx
+                ],
+                "normalization": "NORMALIZATION_RAW",
+            }
+        ).encode()
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/score", body, headers)
+        response = conn.getresponse()
+        payload = response.read()
+        elapsed = time.perf_counter() - t0
+        if response.status != 200:
+            raise RuntimeError(f"POST /v1/score: HTTP {response.status}: {payload[:500]!r}")
+        scores[idx] = json.loads(payload)["rewards"]
+        return elapsed
+
+    latencies: list[float] = []
+    try:
+        with ThreadPoolExecutor(clients, thread_name_prefix="http-client") as pool:
+            list(pool.map(one, requests[:clients]))  # warm-up (opens the connections), not timed
+            count0, sum0 = batcher_totals(server)
+            with bar(len(items), f"h{clients}") as progress:
+                start = time.perf_counter()
+                for idx, elapsed in zip(requests, pool.map(one, requests), strict=True):
+                    latencies.append(elapsed)
+                    progress.update(len(idx))
+                wall = time.perf_counter() - start
+            count1, sum1 = batcher_totals(server)
+    finally:
+        for conn in opened:
+            conn.close()
+    flushes = count1 - count0
+    per_flush = (sum1 - sum0) / flushes if flushes else float("nan")
+    noun = "client" if clients == 1 else "clients"
+    return ModeResult(
+        f"h{clients}",
+        f"HTTP /v1/score, {clients} {noun} x {request_items} items",
+        scores,
+        wall,
+        latencies,
+        float(request_items),
+        None,
+        {"server_flushes": flushes, "server_items_per_flush": per_flush},
+    )
+
+
+def wait_http_serving(port: int, timeout: float) -> None:
+    """Until ``GET /healthz`` answers 200 (the HTTP server starts beside gRPC)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    return
+            finally:
+                conn.close()
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the reward HTTP server on port {port} is not serving")
+        time.sleep(0.2)
+
+
+def merge_rounds(key: str, name: str, rounds: list[tuple[ModeResult, float | None]]) -> ModeResult:
+    """One row of several runs of the same load: the mean wall clock, every latency, the last
+    run's scores (the rounds are checked to agree first)."""
+    walls = [r.wall_s for r, _ in rounds]
+    cpus = [c for _, c in rounds if c is not None]
+    last = rounds[-1][0]
+    items = len(last.scores)
+    extra: dict[str, Any] = {
+        "rounds": len(rounds),
+        "round_wall_s": walls,
+        "ms_per_item": 1000 * float(np.mean(walls)) / items,
+        "server_cpu_ms_per_item": (
+            1000 * float(np.mean(cpus)) / items if len(cpus) == len(rounds) else None
+        ),
+        "server_items_per_flush": float(
+            np.mean([r.extra.get("server_items_per_flush", float("nan")) for r, _ in rounds])
+        ),
+    }
+    return ModeResult(
+        key,
+        name,
+        last.scores,
+        float(np.mean(walls)),
+        [t for r, _ in rounds for t in r.latencies_s],
+        last.items_per_call,
+        None,
+        extra,
+    )
+
+
+def run_http_vs_grpc(
+    server: ServiceProcess,
+    http_port: int,
+    items: Items,
+    clients: int,
+    request_items: int,
+    rounds: int,
+) -> tuple[ModeResult, ModeResult]:
+    """gRPC and HTTP at ``clients`` concurrent clients, alternating g h / h g for ``rounds``."""
+    runs: dict[str, list[tuple[ModeResult, float | None]]] = {"g": [], "h": []}
+    scores: dict[str, list[np.ndarray]] = {"g": [], "h": []}
+
+    def timed(proto: str) -> None:
+        cpu0 = server_cpu_s(server)
+        if proto == "g":
+            result = run_grpc(server, items, clients, request_items)
+        else:
+            result = run_http(server, http_port, items, clients, request_items)
+        cpu1 = server_cpu_s(server)
+        # the server's CPU over the run, warm-up included (a few requests; the same for both)
+        cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+        runs[proto].append((result, cpu))
+        scores[proto].append(result.scores.copy())
+
+    for r in range(rounds):
+        for proto in ("g", "h") if r % 2 == 0 else ("h", "g"):
+            timed(proto)
+    for proto, outs in scores.items():  # every round answered the same rewards
+        spread = max(float(np.max(np.abs(s - outs[0]))) for s in outs)
+        if spread > 1e-6:
+            raise RuntimeError(f"{proto}{clients}: rounds disagree by {spread:.2e}")
+    noun = "client" if clients == 1 else "clients"
+    grpc_row = merge_rounds(
+        f"g{clients}", f"gRPC Score, {clients} {noun} (paired with h{clients})", runs["g"]
+    )
+    http_row = merge_rounds(
+        f"h{clients}", f"HTTP /v1/score, {clients} {noun} x {request_items} items", runs["h"]
+    )
+    return grpc_row, http_row
+
+
+def http_overhead(grpc_row: dict[str, Any], http_row: dict[str, Any]) -> dict[str, Any]:
+    """The HTTP route's per-item cost against gRPC's at the same concurrency."""
+    g_cpu, h_cpu = grpc_row["server_cpu_ms_per_item"], http_row["server_cpu_ms_per_item"]
+    overhead = 100 * (http_row["ms_per_item"] / grpc_row["ms_per_item"] - 1)
+    return {
+        "clients": int(http_row["key"][1:]),
+        "grpc_items_per_s": grpc_row["items_per_s"],
+        "http_items_per_s": http_row["items_per_s"],
+        "grpc_ms_per_item": grpc_row["ms_per_item"],
+        "http_ms_per_item": http_row["ms_per_item"],
+        "overhead_pct": overhead,
+        "grpc_server_cpu_ms_per_item": g_cpu,
+        "http_server_cpu_ms_per_item": h_cpu,
+        "server_cpu_overhead_pct": 100 * (h_cpu / g_cpu - 1) if g_cpu and h_cpu else None,
+        "target_pct": HTTP_OVERHEAD_TARGET_PCT,
+        "met": overhead <= HTTP_OVERHEAD_TARGET_PCT,
+        "rounds": http_row["rounds"],
+    }
+
+
 # -- setup -------------------------------------------------------------------------------------
 def load_items(path: Path, pairs: int | None, encoder: RewardTextEncoder) -> Items:
     prompts: list[str] = []
@@ -457,6 +662,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--clients", default="1,16", help="gRPC concurrencies, comma-separated")
     parser.add_argument("--request-items", type=int, default=4, help="items per gRPC request")
+    parser.add_argument(
+        "--http-clients", default="16", help="concurrencies of h (HTTP vs gRPC), comma-separated"
+    )
+    parser.add_argument(
+        "--http-rounds",
+        type=int,
+        default=2,
+        help="runs of each protocol per h concurrency, alternating g h / h g (default 2)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="PyTorch batch size")
     parser.add_argument(
         "--precision",
@@ -464,7 +678,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="fp32",
         help="graph served by (b) and (c); (a) is always fp32 PyTorch",
     )
-    parser.add_argument("--modes", default="a,a',b,c", help="subset of a,a',b,c to run")
+    parser.add_argument("--modes", default="a,a',b,c,h", help="subset of a,a',b,c,h to run")
     parser.add_argument(
         "--atol",
         type=float,
@@ -479,12 +693,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    args.http_clients = [int(c) for c in str(args.http_clients).split(",") if c.strip()]
     args.modes = {m.strip() for m in str(args.modes).split(",") if m.strip()}
-    unknown = args.modes - {"a", "a'", "b", "c"}
+    unknown = args.modes - {"a", "a'", "b", "c", "h"}
     if unknown or "a" not in args.modes:
         parser.error(f"--modes must include a (the baseline); unknown: {sorted(unknown)}")
-    if min(args.clients, default=0) < 1 or args.request_items < 1 or args.threads < 1:
-        parser.error("--clients, --request-items and --threads must be positive")
+    if (
+        min(args.clients, default=0) < 1
+        or min(args.http_clients, default=0) < 1
+        or min(args.request_items, args.threads, args.http_rounds) < 1
+    ):
+        parser.error(
+            "--clients, --http-clients, --request-items, --threads and --http-rounds must be "
+            "positive"
+        )
     return args
 
 
@@ -597,7 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.set_model(loaded)
         modes.append(run_engine(engine, items, settings, args.request_items))
     server_exit: int | None = None
-    if "c" in args.modes:
+    if "c" in args.modes or "h" in args.modes:
+        http_port = free_port()
         server = start_service(
             "reward",
             "--registry",
@@ -608,6 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu",
             "--intra-op-threads",
             str(args.threads),
+            *(["--http-port", str(http_port)] if "h" in args.modes else []),
         )
         try:
             wait_until_serving(server.address, timeout=300)
@@ -617,8 +841,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise RuntimeError(
                     f"server runs {info.version} {info.precision}, expected {version}"
                 )
-            for clients in args.clients:
-                modes.append(run_grpc(server, items, clients, args.request_items))
+            if "c" in args.modes:
+                for clients in args.clients:
+                    modes.append(run_grpc(server, items, clients, args.request_items))
+            if "h" in args.modes:
+                wait_http_serving(http_port, timeout=60)
+                for clients in args.http_clients:
+                    modes += run_http_vs_grpc(
+                        server, http_port, items, clients, args.request_items, args.http_rounds
+                    )
         finally:
             server_exit = server.stop()
     peaks.append(sgemm_gflops(args.threads))
@@ -669,6 +900,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['max_abs_diff_vs_a']:.1e} ({'ok' if ok else 'over'} {args.atol:g}), "
             f"pair order agrees {r['pair_order_agreement_vs_a']:.1%}"
         )
+    by_key = {r["key"]: r for r in rows}
+    overheads = [
+        http_overhead(by_key[f"g{n}"], by_key[f"h{n}"])
+        for n in (args.http_clients if "h" in args.modes else [])
+    ]
+    for o in overheads:
+        cpu = (
+            f"; server CPU {o['grpc_server_cpu_ms_per_item']:.2f} -> "
+            f"{o['http_server_cpu_ms_per_item']:.2f} ms/item ({o['server_cpu_overhead_pct']:+.1f}%)"
+            if o["server_cpu_overhead_pct"] is not None
+            else ""
+        )
+        print(
+            f"  HTTP vs gRPC, {o['clients']} clients ({o['rounds']} rounds each): gRPC "
+            f"{o['grpc_items_per_s']:.1f} items/s = {o['grpc_ms_per_item']:.2f} ms/item, HTTP "
+            f"{o['http_items_per_s']:.1f} items/s = {o['http_ms_per_item']:.2f} ms/item: "
+            f"overhead {o['overhead_pct']:+.1f}% (target <= {o['target_pct']:g}%: "
+            f"{'met' if o['met'] else 'NOT met'}){cpu}"
+        )
     if server_exit not in (None, 0):
         print(f"server exited with code {server_exit}")
 
@@ -684,6 +934,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": args.threads,
             "clients": args.clients,
             "request_items": args.request_items,
+            "http_clients": args.http_clients if "h" in args.modes else [],
+            "http_rounds": args.http_rounds if "h" in args.modes else 0,
             "batch_size": args.batch_size,
             "precision": args.precision,
             "max_length": max_length,
@@ -718,6 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "server_exit_code": server_exit,
         "modes": rows,
+        "http_overhead": overheads,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"results: {out}")

@@ -13,12 +13,15 @@ import yaml
 
 from plaudit import cli
 from plaudit.services.common.settings import PlauditSettings
+from plaudit.services.feedback import access as feedback_access
 from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.services.generation import access as generation_access
+from plaudit.services.reward import http as reward_http
 from plaudit.services.reward.settings import RewardSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-GUIDES = ["architecture.md", "operations.md", "security.md"]
+GUIDES = ["architecture.md", "operations.md", "security.md", "http.md"]
 sys.path.insert(0, str(REPO / "protos"))
 
 from generate import describe, render_docs  # noqa: E402
@@ -48,6 +51,30 @@ def test_api_reference_covers_every_rpc_message_and_enum() -> None:
         for enum in file.enum_type:
             for value in enum.value:
                 assert f"| `{value.name}` | {value.number} |" in text
+
+
+def http_routes() -> dict[str, set[str]]:
+    """Every HTTP route in the code, ``METHOD /path``, by the section of docs/http.md naming it:
+    the reward route table (the one the OpenAPI document is built from) and the role tables of
+    the generation and feedback APIs, plus their public routes."""
+    return {
+        "Reward service": {f"{r.method} {r.path}" for r in reward_http.ROUTES},
+        "Generation service": set(generation_access.ROUTE_ROLES) | {"GET /healthz"},
+        "Feedback service": set(feedback_access.ROUTE_ROLES) | {"GET /", "GET /healthz"},
+    }
+
+
+def test_http_reference_lists_every_route_and_no_other() -> None:
+    text = (DOCS / "http.md").read_text()
+    sections = dict(re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", text, re.S | re.M))
+    for service, routes in http_routes().items():
+        assert service in sections, f"http.md has no '## {service}' section"
+        rows = set(
+            re.findall(r"^\| `((?:GET|POST|PUT|PATCH|DELETE) /[^`]*)` \|", sections[service], re.M)
+        )
+        assert rows == routes, (
+            f"http.md, {service}: missing {sorted(routes - rows)}, unknown {sorted(rows - routes)}"
+        )
 
 
 def bash_lines(name: str) -> list[str]:
