@@ -5,6 +5,11 @@ own ``grpc`` probes cover readiness; they cannot tell "alive but NOT_SERVING" (t
 service while its database is down) from "hung", which ``--allow-not-serving`` does.
 
     python healthcheck.py [--addr HOST:PORT] [--service NAME] [--timeout S] [--allow-not-serving]
+                          [--tls-ca-file PEM [--tls-server-name NAME]]
+
+With ``--tls-ca-file`` the check speaks TLS (a server started with ``PLAUDIT_TLS_CERT_FILE``),
+verifying the certificate against that CA under ``--tls-server-name`` (the name in the
+certificate; the address is 127.0.0.1). Kubernetes' own gRPC probes cannot speak TLS.
 
 The default address is 127.0.0.1 on ``PLAUDIT_PORT`` (the port the service itself reads), else
 50051. Exit codes: 0 healthy, 1 not serving or unknown service, 2 no answer.
@@ -23,9 +28,22 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def check(addr: str, service: str, timeout: float) -> int:
+def check(
+    addr: str,
+    service: str,
+    timeout: float,
+    tls_ca_file: str | None = None,
+    tls_server_name: str | None = None,
+) -> int:
     """The service's ServingStatus; raises grpc.RpcError when the server does not answer."""
-    with grpc.insecure_channel(addr) as channel:
+    if tls_ca_file:
+        with open(tls_ca_file, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        channel = grpc.secure_channel(addr, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(addr)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return int(reply.status)
@@ -42,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also succeed on NOT_SERVING: a liveness check (the process answers)",
     )
+    parser.add_argument("--tls-ca-file", help="PEM CA of the server's certificate: use TLS")
+    parser.add_argument("--tls-server-name", help="the name the server's certificate is for")
     args = parser.parse_args(argv)
     try:
-        status = check(args.addr, args.service, args.timeout)
+        status = check(
+            args.addr, args.service, args.timeout, args.tls_ca_file, args.tls_server_name
+        )
     except grpc.RpcError as exc:
         code = exc.code()
         sys.stderr.write(f"{args.addr}: {code.name}: {exc.details()}\n")

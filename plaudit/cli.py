@@ -439,7 +439,8 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
-
+    if args.action == "keygen":
+        return _registry_keygen(args.out)
     settings = settings_from_args(RegistrySettings, args)
     configure_logging(settings.log_level, settings.log_format)
     registry = settings.model_registry(settings.kind)
@@ -453,6 +454,33 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         out.write(f"promoted {registry.rollback()}\n")
     if args.action in ("promote", "rollback") and settings.notify:
         return _notify(settings.notify, out, settings.credentials)
+    return 0
+
+
+def _registry_keygen(out: Path | None) -> int:
+    """``registry keygen --out DIR``: an Ed25519 key pair for signed manifests."""
+    from plaudit.services.common.errors import FailedPreconditionError, InvalidArgumentError
+    from plaudit.services.common.registry import ManifestSigner
+
+    if out is None:
+        raise InvalidArgumentError("--out", "registry keygen needs a folder for the key pair")
+    private, public = out / "plaudit-signing.pem", out / "plaudit-signing.pub.pem"
+    for path in (private, public):
+        if path.exists():
+            raise FailedPreconditionError(f"{path} exists: keygen never overwrites a key")
+    out.mkdir(parents=True, exist_ok=True)
+    signer = ManifestSigner.generate()
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(signer.private_pem())
+    public.write_bytes(signer.public_pem())
+    sys.stdout.write(json.dumps({"private": str(private), "public": str(public),
+                                 "key_id": signer.key_id}) + "\n")  # fmt: skip
+    sys.stderr.write(
+        "Trainers and exports sign with the private key (PLAUDIT_SIGNING_KEY_FILE); serving "
+        "and promotion accept only signed versions once given the public one "
+        "(PLAUDIT_TRUSTED_KEYS_FILE).\n"
+    )
     return 0
 
 
@@ -642,9 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_policy)
 
     p = commands.add_parser("registry", help="inspect and steer the model registry")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "keygen"])
     p.add_argument("version", nargs="?", help="version id (show, promote)")
     p.add_argument("--json", action="store_true", help="list, show: JSON for scripts")
+    p.add_argument("--out", type=Path, help="keygen: folder for a new Ed25519 signing key pair")
     add_settings_arguments(p, RegistrySettings)
     p.set_defaults(func=_cmd_registry)
 

@@ -327,17 +327,29 @@ def test_services_expose_and_probe_the_ports_they_bind(
         assert ports == bound, f"{name}: container ports vs the ports the service binds"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe in c, f"{name}: {probe}"
+        tls = settings.tls_cert_file is not None  # type: ignore[attr-defined]
         for probe in ("startupProbe", "readinessProbe"):
+            if tls:  # the kubelet's gRPC probe cannot speak TLS: HTTPS /healthz instead
+                http_probe = c[probe]["httpGet"]
+                assert "grpc" not in c[probe], f"{name}: {probe}"
+                assert http_probe == {"path": "/healthz", "port": ports["http"], "scheme": "HTTPS"}
+                continue
             grpc_probe = c[probe]["grpc"]  # Kubernetes' native gRPC probe
             assert grpc_probe["port"] == ports["grpc"], f"{name}: {probe}"
             assert grpc_probe["service"] in HEALTH_SERVICES, f"{name}: {probe}"
         live = c["livenessProbe"]
         if "grpc" in live:
+            assert not tls, name
             assert live["grpc"]["port"] == ports["grpc"], name
+        elif "httpGet" in live:
+            assert tls and live["httpGet"]["scheme"] == "HTTPS", name
+            assert live["httpGet"]["port"] == ports["http"], name
         else:  # the image's healthcheck, accepting NOT_SERVING
             command = live["exec"]["command"]
             assert command[:2] == ["python", "/opt/plaudit/healthcheck.py"], name
             assert f"--addr=127.0.0.1:{ports['grpc']}" in command, name
+            ca = f"--tls-ca-file={env.get('PLAUDIT_TLS_CA_FILE')}"
+            assert (ca in command) == tls, f"{name}: the check speaks TLS when the server does"
         for svc in of_kind(docs, "Service"):
             if svc["spec"]["selector"].items() <= pod_labels(doc).items():
                 for port in svc["spec"]["ports"]:
@@ -462,6 +474,289 @@ def _torchrun(
     return _parse(list(ns.training_script_args), env, monkeypatch)
 
 
+# -- network exposure, keys and TLS (issue 17, item 7) ---------------------------------------
+Pod = tuple[str, dict[str, str]]  # (namespace, labels)
+CLIENT = {"plaudit.dev/client": "true"}
+PROMETHEUS: Pod = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+DATABASE_PORT = 5432
+RENDEZVOUS_PORT = 29500
+SERVING_PORTS = {  # component -> (grpc, http, metrics)
+    "reward": (50051, 8081, 9091),
+    "feedback": (50052, 8080, 9092),
+    "generation": (50053, 8082, 9093),
+}
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, op = labels.get(expr["key"]), expr["operator"]
+        if op == "In" and value not in expr["values"]:
+            return False
+        if op == "NotIn" and value in expr["values"]:
+            return False
+        if op == "Exists" and value is None:
+            return False
+        if op == "DoesNotExist" and value is not None:
+            return False
+    return True
+
+
+def _peer_matches(peer: Doc, policy_ns: str, pod: Pod | None) -> bool:
+    if pod is None or "ipBlock" in peer:  # outside the cluster: only ipBlocks could say
+        return False
+    namespace, labels = pod
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    if namespace == "monitoring":
+        ns_labels = {"kubernetes.io/metadata.name": "monitoring"}
+    if "namespaceSelector" in peer:
+        ns_ok = _selects(peer["namespaceSelector"], {**ns_labels, **_NS_LABELS.get(namespace, {})})
+    else:
+        ns_ok = namespace == policy_ns
+    return ns_ok and _selects(peer.get("podSelector", {}), labels)
+
+
+_NS_LABELS: dict[str, dict[str, str]] = {"clients": CLIENT}  # a namespace labelled as a client
+
+
+def _port_matches(rule: Doc, port: int, protocol: str) -> bool:
+    if not rule.get("ports"):
+        return True
+    for p in rule["ports"]:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        low = p["port"]
+        if low <= port <= p.get("endPort", low):
+            return True
+    return False
+
+
+def _allowed_one_way(
+    policies: list[Doc], direction: str, subject: Pod, other: Pod | None, port: int, protocol: str
+) -> bool:
+    """Whether the policies selecting ``subject`` let its ``direction`` traffic with ``other``
+    through (no policy selecting it for that direction: allowed)."""
+    namespace, labels = subject
+    relevant = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == namespace
+        and direction in p["spec"]["policyTypes"]
+        and _selects(p["spec"]["podSelector"], labels)
+    ]
+    if not relevant:
+        return True
+    key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for policy in relevant:
+        for rule in policy["spec"].get(key, []):
+            peers = rule.get(peers_key)
+            peer_ok = not peers or any(_peer_matches(pr, namespace, other) for pr in peers)
+            if peer_ok and _port_matches(rule, port, protocol):
+                return True
+    return False
+
+
+def reachable(docs: list[Doc], src: Pod, dst: Pod | None, port: int, protocol: str = "TCP") -> bool:
+    """Whether ``src`` may open a connection to ``dst`` (None: outside the cluster) on ``port``
+    under the rendered NetworkPolicies (egress of the source and ingress of the destination)."""
+    policies = of_kind(docs, "NetworkPolicy")
+    if not _allowed_one_way(policies, "Egress", src, dst, port, protocol):
+        return False
+    return dst is None or _allowed_one_way(policies, "Ingress", dst, src, port, protocol)
+
+
+def workload_pods(docs: list[Doc]) -> dict[str, Pod]:
+    """component -> the (namespace, labels) of its pods."""
+    return {
+        pod_labels(d)["app.kubernetes.io/component"]: (d["metadata"]["namespace"], pod_labels(d))
+        for d in of_kind(docs, *WORKLOADS)
+    }
+
+
+def test_network_policies_deny_everything_by_default(docs: list[Doc]) -> None:
+    policies = of_kind(docs, "NetworkPolicy")
+    deny = [
+        p
+        for p in policies
+        if set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert deny, "a default-deny policy"
+    for component, (_, labels) in workload_pods(docs).items():
+        assert any(_selects(p["spec"]["podSelector"], labels) for p in deny), component
+
+
+def test_every_allowed_path_names_its_ports(docs: list[Doc]) -> None:
+    pods = workload_pods(docs)
+    container_ports = {
+        pod_labels(d)["app.kubernetes.io/component"]: {
+            p["containerPort"] for c in pod_spec(d)["containers"] for p in c.get("ports", [])
+        }
+        for d in of_kind(docs, *WORKLOADS)
+    }
+    for policy in of_kind(docs, "NetworkPolicy"):
+        name = policy["metadata"]["name"]
+        for key in ("ingress", "egress"):
+            for rule in policy["spec"].get(key, []):
+                assert rule.get("ports"), f"{name}: a {key} rule without ports allows every port"
+                for port in rule["ports"]:
+                    assert isinstance(port["port"], int) and port.get("protocol"), name
+        for rule in policy["spec"].get("ingress", []):  # single ports are ports the pods bind
+            for port in rule["ports"]:
+                if "endPort" in port:
+                    continue
+                for component, (_, labels) in pods.items():
+                    if _selects(policy["spec"]["podSelector"], labels):
+                        assert port["port"] in container_ports[component], f"{name}: {port}"
+
+
+def test_network_policies_stop_the_lateral_attacks(docs: list[Doc]) -> None:
+    """Any pod of the namespace, or of another one, tries the bearer-key gRPC ports, the HTTP
+    APIs, /metrics and the trainer's torchrun rendezvous: every attempt is refused."""
+    pods = workload_pods(docs)
+    namespace = pods["reward"][0]
+    intruders: list[Pod] = [
+        (namespace, {"app": "compromised"}),
+        ("elsewhere", {"app": "compromised"}),
+        (namespace, {"app.kubernetes.io/name": "prometheus"}),  # a lookalike, wrong namespace
+    ]
+    for intruder in intruders:
+        for component, ports in SERVING_PORTS.items():
+            for port in ports:
+                assert not reachable(docs, intruder, pods[component], port), (
+                    intruder,
+                    component,
+                    port,
+                )
+        assert not reachable(docs, intruder, pods["trainer-multinode"], RENDEZVOUS_PORT)
+    # the serving pods cannot be used as a stepping stone either
+    for component in SERVING_PORTS:
+        assert not reachable(docs, pods[component], pods["trainer-multinode"], RENDEZVOUS_PORT)
+        assert not reachable(docs, pods[component], None, 22), component  # nor reach out
+    assert not reachable(docs, pods["reward"], pods["feedback"], 50052)
+    assert not reachable(docs, pods["generation"], pods["feedback"], 50052)
+    assert not reachable(docs, pods["reward"], None, DATABASE_PORT)
+    assert not reachable(docs, pods["trainer"], pods["trainer-multinode"], RENDEZVOUS_PORT)
+
+
+def test_network_policies_allow_the_paths_the_system_uses(docs: list[Doc]) -> None:
+    pods = workload_pods(docs)
+    namespace = pods["reward"][0]
+    clients: list[Pod] = [(namespace, CLIENT), ("clients", {"app": "ingress-nginx"})]
+    for client in clients:
+        for component, (grpc_port, http_port, _) in SERVING_PORTS.items():
+            assert reachable(docs, client, pods[component], grpc_port), (client, component)
+            assert reachable(docs, client, pods[component], http_port), (client, component)
+    for component, (_, _, metrics) in SERVING_PORTS.items():
+        assert reachable(docs, PROMETHEUS, pods[component], metrics), component
+        assert not reachable(docs, PROMETHEUS, pods[component], SERVING_PORTS[component][0])
+    # every configured peer address is open: PLAUDIT_REWARD_ADDR, PLAUDIT_GENERATION_ADDR
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    for doc, c in containers(docs):
+        env = container_env(docs, doc, c)
+        src = (doc["metadata"]["namespace"], pod_labels(doc))
+        for var in ("PLAUDIT_REWARD_ADDR", "PLAUDIT_GENERATION_ADDR"):
+            if not env.get(var):
+                continue
+            host, port = env[var].rsplit(":", 1)
+            target = services[host]["spec"]["selector"]
+            (dst,) = [p for p in pods.values() if target.items() <= p[1].items()]
+            assert reachable(docs, src, dst, int(port)), f"{doc['metadata']['name']}: {var}"
+    assert reachable(docs, pods["feedback"], pods["generation"], 50053)  # generated tasks
+    for component in ("feedback", "trainer", "trainer-multinode", "policy-trainer"):
+        assert reachable(docs, pods[component], None, DATABASE_PORT), component
+    assert reachable(docs, pods["trainer-multinode"], pods["trainer-multinode"], RENDEZVOUS_PORT)
+    for component, pod in pods.items():
+        dns: Pod = ("kube-system", {"k8s-app": "kube-dns"})
+        assert reachable(docs, pod, dns, 53, "UDP"), component
+
+
+def secret_names(doc: Doc, c: Doc) -> set[str]:
+    names = {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+    names |= {
+        v["valueFrom"]["secretKeyRef"]["name"]
+        for v in c.get("env", [])
+        if "secretKeyRef" in v.get("valueFrom", {})
+    }
+    mounted = {m["name"] for m in c.get("volumeMounts", [])}
+    names |= {
+        v["secret"]["secretName"]
+        for v in pod_spec(doc).get("volumes", [])
+        if "secret" in v and v["name"] in mounted
+    }
+    return names
+
+
+def test_each_workload_reads_only_its_own_keys(docs: list[Doc]) -> None:
+    """No Secret with every service's keys: a compromised pod holds its own keys only."""
+    shared = {"plaudit-database", "plaudit-object-store"}  # not API keys or certificates
+    for doc, c in containers(docs):
+        component = pod_labels(doc)["app.kubernetes.io/component"]
+        own = {f"plaudit-{component}-keys", f"plaudit-{component}-tls"}
+        names = {re.sub(r"-[a-z0-9]{10}$", "", n) for n in secret_names(doc, c)}  # generated
+        assert names <= own | shared, f"{doc['metadata']['name']}: {sorted(names - own - shared)}"
+        assert "plaudit-api-keys" not in names
+    for component in SERVING_PORTS:  # each server finds the keys it accepts
+        deployment = named(docs, "Deployment", f"plaudit-{component}")
+        (c,) = pod_spec(deployment)["containers"]
+        assert f"plaudit-{component}-keys" in secret_names(deployment, c), component
+
+
+def test_prod_serves_tls_with_rate_and_in_flight_limits(
+    docs: list[Doc], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if overlay == "dev":
+        pytest.skip("dev serves plaintext without keys (PLAUDIT_AUTH_DISABLED)")
+    for doc, c in containers(docs):
+        component = pod_labels(doc)["app.kubernetes.io/component"]
+        env = container_env(docs, doc, c)
+        tls_mounts = [
+            m["mountPath"]
+            for m in c.get("volumeMounts", [])
+            if any(
+                v["name"] == m["name"]
+                and v.get("secret", {}).get("secretName", "").endswith("-tls")
+                for v in pod_spec(doc)["volumes"]
+            )
+        ]
+        files = [v for k, v in env.items() if k.startswith("PLAUDIT_TLS_")]
+        for path in files:  # every TLS file is in the pod's own certificate Secret
+            assert any(Path(path).is_relative_to(m) for m in tls_mounts), (component, path)
+        if component in SERVING_PORTS:
+            for key in [k for k in os.environ if k.startswith("PLAUDIT_")]:
+                monkeypatch.delenv(key)
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            settings = SERVICE_SETTINGS[component]()
+            assert settings.tls_cert_file and settings.tls_key_file, component  # type: ignore[attr-defined]
+            assert settings.rate_limit_rps > 0 and settings.max_in_flight > 0, component  # type: ignore[attr-defined]
+        if env.get("PLAUDIT_REWARD_ADDR"):  # a client of TLS servers verifies them
+            assert env.get("PLAUDIT_TLS_CA_FILE"), f"{component}: talks to reward without TLS"
+
+
+def test_healthcheck_speaks_tls(tmp_path: Path) -> None:
+    from tests.certs import make_tls_files
+
+    files = make_tls_files(tmp_path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(files.server_key.read_bytes(), files.server_cert.read_bytes())]
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        addr = f"127.0.0.1:{port}"
+        tls = [f"--tls-ca-file={files.ca}", "--tls-server-name=localhost"]
+        assert healthcheck.main(["--addr", addr, *tls]) == 0
+        assert healthcheck.main(["--addr", addr, "--timeout", "1"]) == 2  # plaintext: no answer
+    finally:
+        server.stop(None)
+
+
 # -- the trainers ----------------------------------------------------------------------------
 REWARD_TRAINER = "plaudit-train-reward"
 POLICY_TRAINER = "plaudit-train-policy"
@@ -513,7 +808,7 @@ def test_policy_trainer_trains_after_a_new_reward_model(docs: list[Doc], overlay
     reward_sources = {v["name"]: v["valueFrom"] for v in reward_c["env"] if "valueFrom" in v}
     assert sources["PLAUDIT_DATABASE_URL"] == reward_sources["PLAUDIT_DATABASE_URL"]
     assert sources["PLAUDIT_API_KEY"]["secretKeyRef"] == {
-        "name": "plaudit-api-keys",
+        "name": "plaudit-policy-trainer-keys",
         "key": "PLAUDIT_API_KEY",
         "optional": True,  # dev runs the services without keys
     }
@@ -522,9 +817,11 @@ def test_policy_trainer_trains_after_a_new_reward_model(docs: list[Doc], overlay
     spec, reward_spec = pod_spec(cron), pod_spec(reward)
     for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext"):
         assert spec[key] == reward_spec[key], key
-    volumes = {v["name"]: v for v in spec["volumes"]}
+    # the same volumes, but for the certificate it checks the reward service's against (TLS)
+    volumes = {v["name"]: v for v in spec["volumes"] if v["name"] != "tls"}
     assert volumes == {v["name"]: v for v in reward_spec["volumes"]}
-    assert mounts(c) == mounts(reward_c)
+    tls_ca = Path(env.get("PLAUDIT_TLS_CA_FILE", "/none"))
+    assert {m: w for m, w in mounts(c).items() if not tls_ca.is_relative_to(m)} == mounts(reward_c)
     registry, runs = env["PLAUDIT_REGISTRY"], Path(env["PLAUDIT_RUNS_DIR"])
     if overlay == "prod-s3":  # no shared volume: runs on the pod's /tmp, --base live falls back
         assert registry.startswith("s3://") and "persistentVolumeClaim" not in volumes["registry"]

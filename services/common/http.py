@@ -10,11 +10,16 @@ One of each, for all of them:
   the gRPC server's own :class:`~plaudit.services.common.security.guard.AccessGuard` (same keys,
   roles per ``METHOD /route``, same rate buckets), run by :func:`json_app` *before* the handler
   reads a byte of the body, so an unauthenticated caller costs a header lookup.
-* :func:`read_json`: the body as JSON, or INVALID_ARGUMENT naming ``body``.
+* :func:`read_json`: the body as JSON, or INVALID_ARGUMENT naming ``body``; a body over its
+  route's limit (``body_limits`` of :func:`json_app`) is 413 naming ``body``, refused from its
+  ``Content-Length`` before a byte is read (a chunked one as soon as it passes the limit); a body
+  over :data:`INLINE_JSON_BYTES` is parsed in a worker thread, so the event loop (which serves
+  gRPC too) keeps answering.
 * :func:`message_from_json`: a JSON value read into a protobuf message through the proto JSON
   mapping, or INVALID_ARGUMENT naming the offending field (``items[0].completion``).
 * :func:`json_app`: the application with that error mapping, the authenticator on protected
-  paths, security headers and request metrics; :class:`HttpServer` serves it.
+  paths, the server's in-flight limit on them (shared with gRPC: 429 when full), per-route body
+  limits, security headers and request metrics; :class:`HttpServer` serves it.
 
 Invariant: a handler never answers 500 for anything a client sent; an unexpected exception is
 logged and answered with a JSON 500 that names no internals.
@@ -22,11 +27,12 @@ logged and answered with a JSON 500 that names no internals.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +45,7 @@ from prometheus_client import Counter, Histogram
 from plaudit.services.common.errors import HTTP_STATUS, InvalidArgumentError, PlauditError
 from plaudit.services.common.security.guard import AccessGuard, CallRoles
 from plaudit.services.common.security.keys import Principal
+from plaudit.services.common.security.limits import InFlightLimit, MessageLimits
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,15 @@ Authenticator = Callable[[web.Request], Awaitable[None]]
 PRINCIPAL = web.RequestKey("principal", Principal)
 """Who is calling, recorded by the authenticator for the handlers."""
 
+BODY_LIMIT = web.RequestKey("body_limit", int)
+"""The largest body the matched route takes, recorded by :func:`json_app` for :func:`read_json`."""
+
 MAX_BODY_BYTES = 32 * 1024 * 1024
+JSON_TEXT_FACTOR = 6
+"""JSON bytes of one UTF-8 byte of a string at worst (a control character as ``\\u0001``): a
+route's body limit is this times the text it carries."""
+INLINE_JSON_BYTES = 64 * 1024
+"""Bodies up to this size are parsed on the event loop; larger ones in a worker thread."""
 M = TypeVar("M", bound=Message)
 
 CODE_OF_HTTP = {
@@ -115,17 +130,38 @@ def api_key_authenticator(guard: AccessGuard, route_roles: CallRoles) -> Authent
 # -- JSON ------------------------------------------------------------------------------------------
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON; INVALID_ARGUMENT on ``body`` when it is not JSON (content type,
-    UTF-8, syntax, nesting). The body size is bounded by the application's ``client_max_size``
-    (413 beyond it)."""
+    UTF-8, syntax, nesting). A body over the route's limit (:data:`BODY_LIMIT`) is 413, from its
+    ``Content-Length`` before anything is read; a large body is parsed off the event loop."""
     if request.content_type != "application/json":
         raise InvalidArgumentError("body", "must be JSON, sent as Content-Type: application/json")
-    raw = await request.read()
+    limit = request.get(BODY_LIMIT, MAX_BODY_BYTES)
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
+    raw = bytearray()
+    while chunk := await request.content.read(INLINE_JSON_BYTES):  # chunked: stop at the limit
+        raw += chunk
+        if len(raw) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+    if len(raw) <= INLINE_JSON_BYTES:
+        return _parse_json(raw)
+    return await asyncio.to_thread(_parse_json, raw)
+
+
+def _same(value: dict[str, Any]) -> dict[str, Any]:
+    return value
+
+
+def _parse_json(raw: bytes | bytearray) -> Any:
+    """``raw`` as JSON. The object hook is Python code, run per JSON object: the parse reaches
+    the interpreter loop often, so a worker thread parsing a large body hands the GIL back to the
+    event loop every switch interval instead of holding it for the whole parse."""
     try:
         text = raw.decode("utf-8")  # JSON is UTF-8 (RFC 8259), whatever charset is claimed
     except UnicodeDecodeError as exc:
         raise InvalidArgumentError("body", f"is not valid UTF-8 (byte {exc.start})") from exc
     try:
-        return json.loads(text)
+        return json.loads(text, object_hook=_same)
     except json.JSONDecodeError as exc:
         raise InvalidArgumentError(
             "body", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
@@ -218,12 +254,19 @@ def json_app(
     public_headers: dict[str, str] | None = None,
     static: tuple[str, Path] | None = None,
     client_max_size: int = MAX_BODY_BYTES,
+    body_limits: MessageLimits | None = None,
+    in_flight: InFlightLimit | None = None,
 ) -> web.Application:
     """An aiohttp application: ``routes``; ``authenticate`` before every handler whose path is
-    ``protected``; errors as JSON on protected paths (see :func:`error_response`); request
+    ``protected``, then a slot of ``in_flight`` (the gRPC server's own: 429 when full);
+    errors as JSON on protected paths (see :func:`error_response`); request
     counts (``requests``, labels route and status) and latencies (``duration``, label route);
     ``nosniff`` and ``no-referrer`` everywhere, ``no-store`` on protected paths and
-    ``public_headers`` (e.g. a CSP for a page) on the others; ``static`` serves a folder."""
+    ``public_headers`` (e.g. a CSP for a page) on the others; ``static`` serves a folder.
+    A route's body is limited by ``body_limits`` (``"METHOD /route"`` -> bytes), a route it does
+    not name by ``client_max_size``."""
+    limits: Mapping[str, int] = body_limits or {}
+    slots = in_flight or InFlightLimit(0)
 
     @web.middleware
     async def handle(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -244,17 +287,25 @@ def json_app(
 
     async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
         api_call = protected(request.path)
+        resource = request.match_info.route.resource
+        if resource is not None:
+            call = f"{request.method} {resource.canonical}"
+            request[BODY_LIMIT] = limits.get(call, client_max_size)
         try:
-            if api_call:
-                await authenticate(request)
-            return await handler(request)
+            if not api_call:
+                return await handler(request)
+            await authenticate(request)
+            with slots.slot():
+                return await handler(request)
         except PlauditError as exc:
             return error_response(exc)
         except web.HTTPException as exc:
             if not api_call or exc.status < 400:
                 raise
             code = CODE_OF_HTTP.get(exc.status, "UNKNOWN")
-            return error_json(exc.status, code, exc.reason, "body" if exc.status == 413 else None)
+            if exc.status == 413:
+                return error_json(413, code, f"body: {exc.text}", "body")
+            return error_json(exc.status, code, exc.reason)
         except Exception:
             log.exception("http handler failed", extra={"path": request.path})
             return error_json(500, "INTERNAL", "internal error; see the service log")
@@ -268,7 +319,9 @@ def json_app(
             for name, value in (public_headers or {}).items():
                 response.headers.setdefault(name, value)
 
-    app = web.Application(middlewares=[handle], client_max_size=client_max_size)
+    app = web.Application(
+        middlewares=[handle], client_max_size=max([client_max_size, *limits.values()])
+    )
     app.add_routes(routes)
     if static is not None:
         app.router.add_static(static[0], static[1], follow_symlinks=False)

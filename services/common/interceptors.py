@@ -1,10 +1,15 @@
 """The one place where every RPC is admitted, measured, and its domain error becomes a status.
 
 :class:`ServiceInterceptor` wraps every method but health and reflection (:data:`OPEN_PREFIXES`).
-A request that does not parse as the method's message (corrupt wire format, invalid UTF-8 in a
-string field) is INVALID_ARGUMENT, never reaching the servicer. The call is then admitted by the
-server's :class:`~plaudit.services.common.security.guard.AccessGuard` (API key, role from the
-service's own table, rate limit) and served within the in-flight limit. Servicers raise
+The call is admitted by the server's :class:`~plaudit.services.common.security.guard.AccessGuard`
+(API key, role from the service's own table, rate limit) from its metadata alone, before a byte
+of the request is read: a refused call gets a handler that answers the refusal without reading
+or parsing the request, so an unauthenticated caller costs a header lookup whatever it sends.
+An admitted request larger than its method's own limit
+(:meth:`~plaudit.services.common.security.guard.ServerSecurity.message_limit`) is
+RESOURCE_EXHAUSTED before it is parsed; one that does not parse as the method's message (corrupt
+wire format, invalid UTF-8 in a string field) is INVALID_ARGUMENT, never reaching the servicer.
+The call is then served within the in-flight limit. Servicers raise
 :class:`~plaudit.services.common.errors.PlauditError`; the call is aborted with the error's status
 code and message, logged once and counted. Any other exception is an INTERNAL error, logged with its
 traceback; the client never sees the traceback.
@@ -21,7 +26,11 @@ from typing import Any
 
 import grpc
 
-from plaudit.services.common.errors import InvalidArgumentError, PlauditError
+from plaudit.services.common.errors import (
+    InvalidArgumentError,
+    PlauditError,
+    ResourceExhaustedError,
+)
 from plaudit.services.common.metrics import GrpcMetrics
 from plaudit.services.common.security.guard import AccessGuard
 
@@ -37,13 +46,24 @@ _MALFORMED = object()
 """What the tolerant deserializer returns for bytes that are not the expected message."""
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """``deserializer`` that returns a sentinel instead of raising (grpc would answer
-    UNKNOWN or INTERNAL)."""
+class _Oversized:
+    """What the tolerant deserializer returns for a message over its method's limit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _tolerant(
+    deserializer: Callable[[bytes], Any] | None, limit: int
+) -> Callable[[bytes], Any] | None:
+    """``deserializer`` that refuses messages over ``limit`` bytes unparsed and returns a
+    sentinel instead of raising (grpc would answer UNKNOWN or INTERNAL)."""
     if deserializer is None:
         return None
 
     def parse(data: bytes) -> Any:
+        if len(data) > limit:
+            return _Oversized(len(data))
         try:
             return deserializer(data)
         except Exception:  # DecodeError, or anything a custom deserializer raises
@@ -52,28 +72,21 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-def _checked(request: Any) -> Any:
-    if request is _MALFORMED:
-        raise InvalidArgumentError(
-            "request",
-            "is not a valid message for this method (corrupt protobuf encoding or "
-            "invalid UTF-8 in a string field)",
-        )
-    return request
-
-
-async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    async for request in requests:
-        yield _checked(request)
-
-
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Admits each call through ``guard``, maps domain errors to statuses and records request
+    """Admits each call through ``guard`` (before reading it), bounds its request by
+    ``message_limit``, maps domain errors to statuses and records request
     count, errors and latency (refusals included)."""
 
-    def __init__(self, metrics: GrpcMetrics, guard: AccessGuard) -> None:
+    def __init__(
+        self,
+        metrics: GrpcMetrics,
+        guard: AccessGuard,
+        message_limit: Callable[[str], int],
+    ) -> None:
+        """``message_limit``: the largest request message of a call (``/package.Service/M``)."""
         self._metrics = metrics
         self._guard = guard
+        self._message_limit = message_limit
 
     async def intercept_service(
         self,
@@ -84,22 +97,59 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        return _Wrapper(self._metrics, self._guard, method).rebuild(handler)
+        wrapper = _Wrapper(self._metrics, self._guard, method, self._message_limit(method))
+        try:  # from the metadata alone: nothing of the request has been read yet
+            self._guard.check(method, _authorization(handler_call_details.invocation_metadata))
+        except PlauditError as exc:
+            return wrapper.refusal(exc)
+        return wrapper.rebuild(handler)
 
 
 class _Wrapper:
     """One method's behaviour, admitted, measured and its errors mapped (see the module doc)."""
 
-    def __init__(self, metrics: GrpcMetrics, guard: AccessGuard, call: str) -> None:
+    def __init__(self, metrics: GrpcMetrics, guard: AccessGuard, call: str, limit: int) -> None:
         self.metrics = metrics
         self.guard = guard
         self.call = call  # /plaudit.v1.RewardService/Score: what the guard decides
         self.method = call.lstrip("/")  # plaudit.v1.RewardService/Score: metrics and logs
+        self.limit = limit  # bytes of one request message
+        self.started = time.perf_counter()
+
+    def refusal(self, exc: PlauditError) -> grpc.RpcMethodHandler:
+        """A handler that answers ``exc`` (the guard's refusal) without reading the request:
+        request-streaming, whatever the method, so grpc reads no message until the behaviour
+        asks for one, which it never does; no deserializer, so nothing would be parsed."""
+
+        async def refuse(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            code, message = self._classify(exc, context)
+            self.metrics.observe(self.method, code.name, time.perf_counter() - self.started)
+            await context.abort(code, message or code.name)
+
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+    def _checked(self, request: Any) -> Any:
+        if isinstance(request, _Oversized):
+            raise ResourceExhaustedError(
+                f"request: {request.size} bytes exceeds the limit of {self.limit} bytes for "
+                f"{self.method}"
+            )
+        if request is _MALFORMED:
+            raise InvalidArgumentError(
+                "request",
+                "is not a valid message for this method (corrupt protobuf encoding or "
+                "invalid UTF-8 in a string field)",
+            )
+        return request
+
+    async def _checked_stream(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield self._checked(request)
 
     def rebuild(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """``handler`` with a tolerant deserializer and its behaviour wrapped."""
+        """``handler`` with a bounded, tolerant deserializer and its behaviour wrapped."""
         kwargs = {
-            "request_deserializer": _tolerant(handler.request_deserializer),
+            "request_deserializer": _tolerant(handler.request_deserializer, self.limit),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
@@ -122,8 +172,8 @@ class _Wrapper:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            request = _checked_stream(request) if request_streaming else _checked(request)
-            self.guard.check(self.call, _authorization(context))
+            checked = self._checked_stream if request_streaming else self._checked
+            request = checked(request)
             with self.guard.in_flight.slot():
                 yield request
         except BaseException as exc:
@@ -169,8 +219,8 @@ class _Wrapper:
         return grpc.StatusCode.INTERNAL, f"internal error in {self.method}"
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
+def _authorization(metadata: Any) -> str | None:
+    for key, value in metadata or ():
         if key == "authorization":
             return str(value)
     return None

@@ -17,7 +17,7 @@ from typing import Any, Literal, Self
 import onnxruntime as ort
 
 from plaudit.services.common.errors import FailedPreconditionError
-from plaudit.services.common.registry import ModelManifest, ModelRegistry
+from plaudit.services.common.registry import ModelManifest, ModelRegistry, VersionFolder
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,11 @@ def create_session(
 
 
 class OnnxModel:
-    """One registry version in ONNX Runtime. Subclasses build from verified files
-    (:meth:`from_dir`) and check themselves (:meth:`smoke_test`); :meth:`load` is the one load
-    path of every served model: verify hashes, build, smoke-test."""
+    """One registry version in ONNX Runtime. Subclasses build from a version's files
+    (:meth:`from_folder`) and check themselves (:meth:`smoke_test`); :meth:`load` is the one load
+    path of every served model: verify hashes (and signature), build, smoke-test. Every file is
+    opened through :meth:`VersionFolder.path`, so only files the manifest lists and verification
+    hashed, inside the version, are ever read."""
 
     manifest: ModelManifest
     session: ort.InferenceSession
@@ -97,26 +99,44 @@ class OnnxModel:
         provider: ProviderChoice = "auto",
         intra_op_threads: int = 0,
     ) -> Self:
-        """Build the version from its files in ``root`` (not verified) with the graph at
-        ``precision`` ('auto': the version's default); its inputs must be the manifest's."""
+        """Build an unpublished version (an export's own folder ``root``, not verified; paths
+        still kept inside it): :meth:`from_folder`."""
+        return cls.from_folder(
+            VersionFolder(root, manifest),
+            precision=precision,
+            provider=provider,
+            intra_op_threads=intra_op_threads,
+        )
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: VersionFolder,
+        *,
+        precision: str = "auto",
+        provider: ProviderChoice = "auto",
+        intra_op_threads: int = 0,
+    ) -> Self:
+        """Build the version from ``folder`` with the graph at ``precision`` ('auto': the
+        version's default); its inputs must be the manifest's."""
+        manifest = folder.manifest
         chosen = manifest.default_precision if precision == "auto" else precision
         if chosen not in manifest.onnx_files:
             raise FailedPreconditionError(
                 f"version {manifest.version} has no {chosen} graph "
                 f"(has {sorted(manifest.onnx_files)})"
             )
-        session = create_session(root / manifest.onnx_files[chosen], provider, intra_op_threads)
+        graph = folder.path(manifest.onnx_files[chosen])
+        session = create_session(graph, provider, intra_op_threads)
         actual = {i.name for i in session.get_inputs()}
         if actual != set(manifest.input_names):
             raise FailedPreconditionError(
                 f"graph inputs {sorted(actual)} != manifest {sorted(manifest.input_names)}"
             )
-        return cls.build(root, manifest, session, chosen)
+        return cls.build(folder, session, chosen)
 
     @classmethod
-    def build(
-        cls, root: Path, manifest: ModelManifest, session: ort.InferenceSession, precision: str
-    ) -> Self:
+    def build(cls, folder: VersionFolder, session: ort.InferenceSession, precision: str) -> Self:
         """The model around ``session`` (tokenizer and checks of the subclass)."""
         raise NotImplementedError
 
@@ -128,10 +148,12 @@ class OnnxModel:
     def load(
         cls, registry: ModelRegistry, version: str, *, smoke: bool = False, **options: Any
     ) -> Self:
-        """Verify every file's sha256, build the version (``options``: those of
-        :meth:`from_dir`) and, with ``smoke``, warm it up and check it (:meth:`smoke_test`)."""
-        manifest, root = registry.checkout(version)
-        model = cls.from_dir(root, manifest, **options)
+        """Verify every file's sha256 (and, with trusted keys, the manifest's signature), build
+        the version (``options``: those of :meth:`from_folder`) and, with ``smoke``, warm it up
+        and check it (:meth:`smoke_test`)."""
+        folder = registry.open_version(version)
+        manifest = folder.manifest
+        model = cls.from_folder(folder, **options)
         if smoke:
             model.smoke_test()
         extra = {"version": version, "precision": model.precision, "provider": model.provider}

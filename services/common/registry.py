@@ -19,9 +19,19 @@ replaced atomically (local: write aside, fsync, rename; object store: one PUT).
 
 Every file of a version is listed in its manifest with its sha256, and :meth:`ModelRegistry.
 checkout` checks them before a server uses the version: a listed file that differs or is
-missing, a file that is not listed, or one outside the version folder fails it. Servers load
-remote versions from a local cache (``cache_dir``), downloaded aside, verified, then renamed into
-place; a cached copy is verified again before every use.
+missing, a file that is not listed, or one outside the version folder fails it. Every path the
+manifest names for a loader (``onnx_files``) must be one of those listed files (relative, inside
+the version, hashed): :func:`check_manifest_paths` refuses anything else, and loaders turn
+manifest entries into paths only through :meth:`VersionFolder.path`. Servers load remote versions
+from a local cache (``cache_dir``), downloaded aside, verified, then renamed into place; a cached
+copy is verified again before every use.
+
+Signed manifests (optional): a registry given a :class:`ManifestSigner` (an Ed25519 private key)
+signs each manifest it publishes, in its ``signature`` field, over :func:`canonical_manifest_bytes`
+(the manifest's JSON without that field, keys sorted, compact). A registry given
+:class:`TrustedKeys` (Ed25519 public keys) verifies, checks out and promotes only versions signed
+by one of them; without trusted keys nothing changes. Settings: ``PLAUDIT_SIGNING_KEY_FILE`` and
+``PLAUDIT_TRUSTED_KEYS_FILE`` (:class:`RegistryLocationSettings`).
 
 Versions hold ONNX graphs, tokenizers and JSON: nothing is ever unpickled. Files in pickle-based
 formats (:data:`PICKLE_SUFFIXES`: PyTorch ``.bin``/``.pt`` checkpoints, ``.pkl``...) are refused
@@ -31,6 +41,8 @@ over. Version names are checked (:func:`validate_version_name`) wherever one is 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -41,13 +53,15 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from plaudit.services.common.errors import (
     FailedPreconditionError,
@@ -55,6 +69,12 @@ from plaudit.services.common.errors import (
     NotFoundError,
 )
 from plaudit.services.common.settings import PlauditSettings
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +113,14 @@ class GenerationConfig(BaseModel):
     head_dim: int
 
 
+class ManifestSignature(BaseModel):
+    """An Ed25519 signature of :func:`canonical_manifest_bytes` by the key ``key_id`` names."""
+
+    algorithm: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(description="the signing key's fingerprint (see key_fingerprint)")
+    value: str = Field(description="the signature, base64")
+
+
 class ModelManifest(BaseModel):
     """What a version is, where it came from and how to run it."""
 
@@ -115,6 +143,9 @@ class ModelManifest(BaseModel):
     notes: dict[str, Any] = {}
     generation: GenerationConfig | None = Field(None, description="policies only")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
+    signature: ManifestSignature | None = Field(
+        None, description="over every other field (see canonical_manifest_bytes); optional"
+    )
 
 
 def validate_version_name(version: str) -> str:
@@ -175,6 +206,25 @@ def _safe_relative(version: str, rel: str) -> str:
     return rel
 
 
+def check_manifest_paths(version: str, manifest: ModelManifest) -> None:
+    """Every path the manifest names for a loader (its ``onnx_files``) is relative, inside the
+    version and listed in ``files`` with its sha256: a manifest cannot send a loader to a file
+    that verification did not hash (``/tmp/evil.onnx``, ``../other/model.onnx``, an unlisted
+    file)."""
+    for precision, rel in manifest.onnx_files.items():
+        try:
+            _safe_relative(version, rel)
+        except FailedPreconditionError:
+            raise FailedPreconditionError(
+                f"version {version}: onnx_files[{precision}] = {rel!r} escapes the version"
+            ) from None
+        if rel not in manifest.files:
+            raise FailedPreconditionError(
+                f"version {version}: onnx_files[{precision}] = {rel!r} is not listed (with its "
+                "sha256) in the manifest's files"
+            )
+
+
 def check_listing(version: str, manifest: ModelManifest, present: set[str]) -> None:
     """The files a version folder holds (``present``, relative paths) are exactly those of its
     manifest: none unlisted, none missing, none pickle-based, none outside the version."""
@@ -201,6 +251,7 @@ def check_digest(version: str, rel: str, actual: str, expected: str) -> None:
 def verify_folder(version: str, manifest: ModelManifest, root: Path) -> ModelManifest:
     """Check a local copy of ``version`` file by file against its manifest (see the module
     docstring); return the manifest."""
+    check_manifest_paths(version, manifest)
     present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
     check_listing(version, manifest, present)
     for rel, expected in manifest.files.items():
@@ -213,8 +264,175 @@ def verify_folder(version: str, manifest: ModelManifest, root: Path) -> ModelMan
     return manifest
 
 
-def _stage(source_dir: Path, staging: Path, manifest: ModelManifest) -> ModelManifest:
-    """Copy ``source_dir`` into ``staging``, refuse pickles, hash every file, write the manifest."""
+@dataclass(frozen=True)
+class VersionFolder:
+    """A version's files in a local folder: the one way a loader turns a manifest entry (an
+    ``onnx_files`` value, the tokenizer's name) into a path.
+
+    ``verified``: the folder came out of :meth:`ModelRegistry.checkout`, every listed file's
+    sha256 checked; then only listed files can be opened. An export's own unpublished folder
+    (``verified=False``, no ``files`` yet) still keeps every path inside the folder.
+    """
+
+    root: Path
+    manifest: ModelManifest
+    verified: bool = False
+
+    def path(self, rel: str) -> Path:
+        version = self.manifest.version
+        _safe_relative(version, rel)
+        if self.verified and rel not in self.manifest.files:
+            raise FailedPreconditionError(
+                f"version {version}: {rel} is not listed (with its sha256) in the manifest"
+            )
+        path = (self.root / rel).resolve()
+        if self.root.resolve() not in path.parents:  # a symlink pointing out
+            raise FailedPreconditionError(f"version {version}: file {rel!r} escapes the version")
+        return path
+
+
+# -- signed manifests ---------------------------------------------------------------------------
+def canonical_manifest_bytes(data: dict[str, Any]) -> bytes:
+    """What a signature covers: the manifest's JSON object without ``signature``, keys sorted,
+    no whitespace, ASCII. Computed from the stored JSON (not the parsed model), so fields a later
+    Plaudit adds or drops cannot change the bytes of an old version."""
+    body = {k: v for k, v in data.items() if k != "signature"}
+    return json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
+
+
+def key_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """``sha256:`` and the first 32 hex digits of the SHA-256 of the raw 32-byte public key."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+class ManifestSigner:
+    """Signs the manifests a registry publishes with an Ed25519 private key."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.key_id = key_fingerprint(private_key.public_key())
+
+    @classmethod
+    def generate(cls) -> ManifestSigner:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes, source: str = "signing key") -> ManifestSigner:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        try:
+            key = load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgumentError(
+                "signing_key_file", f"{source}: not an unencrypted PEM private key ({exc})"
+            ) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise InvalidArgumentError("signing_key_file", f"{source}: not an Ed25519 key")
+        return cls(key)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ManifestSigner:
+        return cls.from_pem(Path(path).read_bytes(), str(path))
+
+    def private_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization as ser
+
+        return self._key.private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()
+        )
+
+    def public_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization as ser
+
+        return self._key.public_key().public_bytes(
+            ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, manifest: ModelManifest) -> ModelManifest:
+        """``manifest`` with its ``signature`` set (any previous one replaced)."""
+        data = json.loads(manifest.model_dump_json())
+        value = self._key.sign(canonical_manifest_bytes(data))
+        signature = ManifestSignature(key_id=self.key_id, value=base64.b64encode(value).decode())
+        return manifest.model_copy(update={"signature": signature})
+
+
+_PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----\s.*?-----END PUBLIC KEY-----", re.DOTALL)
+
+
+class TrustedKeys:
+    """The Ed25519 public keys whose signatures a registry accepts (one or more, for rotation)."""
+
+    def __init__(self, keys: Iterable[Ed25519PublicKey]) -> None:
+        self.keys = {key_fingerprint(k): k for k in keys}
+        if not self.keys:
+            raise InvalidArgumentError("trusted_keys_file", "no public keys given")
+
+    @classmethod
+    def from_pem(cls, pem: bytes, source: str = "trusted keys") -> TrustedKeys:
+        """Every ``PUBLIC KEY`` block of ``pem`` (concatenated PEM files); each must be Ed25519."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        keys = []
+        for block in _PEM_PUBLIC.findall(pem):
+            try:
+                key = load_pem_public_key(block)
+            except ValueError as exc:
+                raise InvalidArgumentError("trusted_keys_file", f"{source}: {exc}") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise InvalidArgumentError("trusted_keys_file", f"{source}: not an Ed25519 key")
+            keys.append(key)
+        if not keys:
+            raise InvalidArgumentError(
+                "trusted_keys_file", f"{source}: no PEM public key (BEGIN PUBLIC KEY) found"
+            )
+        return cls(keys)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrustedKeys:
+        return cls.from_pem(Path(path).read_bytes(), str(path))
+
+    def check(self, version: str, raw_manifest: bytes) -> None:
+        """Refuse (FailedPreconditionError) a manifest that is unsigned, signed by a key not
+        trusted here, or whose signature does not match its bytes."""
+        from cryptography.exceptions import InvalidSignature
+
+        data = json.loads(raw_manifest)
+        if not isinstance(data, dict) or data.get("signature") is None:
+            raise FailedPreconditionError(
+                f"version {version} is not signed; this registry accepts only versions signed "
+                f"by a trusted key ({', '.join(sorted(self.keys))})"
+            )
+        try:
+            signature = ManifestSignature.model_validate(data["signature"])
+            key = self.keys.get(signature.key_id)
+            if key is None:
+                raise FailedPreconditionError(
+                    f"version {version} is signed by key {signature.key_id}, which is not trusted"
+                )
+            key.verify(
+                base64.b64decode(signature.value, validate=True), canonical_manifest_bytes(data)
+            )
+        except (ValidationError, InvalidSignature, binascii.Error, ValueError):
+            raise FailedPreconditionError(
+                f"version {version}: bad manifest signature (the manifest was changed after "
+                "signing, or the signature is malformed)"
+            ) from None
+
+
+def _stage(
+    source_dir: Path, staging: Path, manifest: ModelManifest, signer: ManifestSigner | None = None
+) -> ModelManifest:
+    """Copy ``source_dir`` into ``staging``, refuse pickles, hash every file, sign (with a
+    ``signer``) and write the manifest."""
     shutil.copytree(source_dir, staging, dirs_exist_ok=True)
     (staging / MANIFEST).unlink(missing_ok=True)
     for p in staging.rglob("*"):
@@ -225,7 +443,10 @@ def _stage(source_dir: Path, staging: Path, manifest: ModelManifest) -> ModelMan
         for p in sorted(staging.rglob("*"))
         if p.is_file()
     }
-    final = manifest.model_copy(update={"files": files})
+    final = manifest.model_copy(update={"files": files, "signature": None})
+    check_manifest_paths(manifest.version, final)
+    if signer is not None:
+        final = signer.sign(final)
     (staging / MANIFEST).write_text(final.model_dump_json(indent=2))
     return final
 
@@ -234,7 +455,9 @@ class ModelRegistry:
     """The registry of one model kind, in a local directory or at an fsspec URL.
 
     ``cache_dir`` holds local copies of remote versions for serving (unused for a local root);
-    the ``cache_keep`` most recently used copies are kept, for fast rollbacks.
+    the ``cache_keep`` most recently used copies are kept, for fast rollbacks. ``signer`` signs
+    every version this registry publishes; with ``trusted_keys`` only versions signed by one of
+    them verify, check out or get promoted (see the module docstring).
     """
 
     def __init__(
@@ -244,7 +467,11 @@ class ModelRegistry:
         *,
         cache_dir: Path | str | None = None,
         cache_keep: int = 3,
+        signer: ManifestSigner | None = None,
+        trusted_keys: TrustedKeys | None = None,
     ) -> None:
+        self.signer = signer
+        self.trusted_keys = trusted_keys
         self.root = str(root).rstrip("/") or "/"
         self.kind = kind
         self.fs, root_path = fsspec.core.url_to_fs(self.root)
@@ -288,13 +515,31 @@ class ModelRegistry:
             out.append(ModelManifest.model_validate_json(raw))
         return sorted(out, key=lambda m: (m.created_at, m.version))
 
-    def manifest(self, version: str) -> ModelManifest:
+    def _raw_manifest(self, version: str) -> bytes:
         path = _join(self.versions_dir, validate_version_name(version), MANIFEST)
         try:
-            raw = self._read(path)
+            return self._read(path)
         except FileNotFoundError:
             raise NotFoundError(f"model version {version!r} not found in {self.root}") from None
-        return ModelManifest.model_validate_json(raw)
+
+    def manifest(self, version: str) -> ModelManifest:
+        """The version's manifest as stored (not verified: for listing and inspection)."""
+        return ModelManifest.model_validate_json(self._raw_manifest(version))
+
+    def checked_manifest(self, version: str) -> ModelManifest:
+        """The version's manifest once it names itself (version, kind), its loader paths pass
+        :func:`check_manifest_paths` and, with trusted keys, its signature verifies."""
+        raw = self._raw_manifest(version)
+        manifest = ModelManifest.model_validate_json(raw)
+        if manifest.version != version or manifest.kind != self.kind:
+            raise FailedPreconditionError(
+                f"version {version}: its manifest describes {manifest.kind} version "
+                f"{manifest.version!r}"
+            )
+        check_manifest_paths(version, manifest)
+        if self.trusted_keys is not None:
+            self.trusted_keys.check(version, raw)
+        return manifest
 
     def pointer_record(self) -> dict[str, Any] | None:
         """The promotion pointer ``{"version", "at"}``, or None when nothing is promoted."""
@@ -322,9 +567,10 @@ class ModelRegistry:
         """A verified local folder holding ``version``, and its manifest.
 
         Local registry: the version's own folder. Remote: a copy in ``cache_dir`` (downloaded
-        when missing or damaged). Raises if any file differs from the manifest.
+        when missing or damaged). Raises if any file differs from the manifest, if the manifest
+        names a loader path it does not hash, or (with trusted keys) if it is not signed by one.
         """
-        manifest = self.manifest(version)
+        manifest = self.checked_manifest(version)
         if self.is_local:
             root = Path(self.versions_dir) / version
             return verify_folder(version, manifest, root), root
@@ -342,6 +588,11 @@ class ModelRegistry:
         self._download(version, manifest, target)
         return manifest, target
 
+    def open_version(self, version: str) -> VersionFolder:
+        """:meth:`checkout` as a :class:`VersionFolder` a loader opens files through."""
+        manifest, root = self.checkout(version)
+        return VersionFolder(root, manifest, verified=True)
+
     def verify(self, version: str) -> ModelManifest:
         """Check every file's sha256 against the manifest, as :meth:`checkout` does.
 
@@ -350,7 +601,7 @@ class ModelRegistry:
         """
         if self.is_local:
             return self.checkout(version)[0]
-        manifest = self.manifest(version)
+        manifest = self.checked_manifest(version)
         remote = _join(self.versions_dir, version)
         for rel, expected in self._remote_files(version, manifest).items():
             with self.fs.open(_join(remote, rel), "rb", block_size=1 << 22) as fh:
@@ -436,7 +687,7 @@ class ModelRegistry:
         versions.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=versions, prefix=".staging-"))
         try:
-            final = _stage(source_dir, staging, manifest)
+            final = _stage(source_dir, staging, manifest, self.signer)
             for p in staging.rglob("*"):
                 if p.is_file():
                     with p.open("rb") as fh:
@@ -451,7 +702,7 @@ class ModelRegistry:
         target = _join(self.versions_dir, manifest.version)
         with tempfile.TemporaryDirectory(prefix="plaudit-publish-") as tmp:
             staging = Path(tmp) / "version"
-            final = _stage(source_dir, staging, manifest)
+            final = _stage(source_dir, staging, manifest, self.signer)
             try:
                 for rel in final.files:  # everything but the manifest ...
                     self.fs.put_file(str(staging / rel), _join(target, rel))
@@ -537,6 +788,16 @@ class RegistryLocationSettings(PlauditSettings):
     registry_cache_keep: int = Field(
         3, ge=1, description="versions kept in the registry cache (fast rollbacks)"
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="Ed25519 private key (PEM) that signs every version published "
+        "(`plaudit registry keygen` makes one)",
+    )
+    trusted_keys_file: Path | None = Field(
+        None,
+        description="Ed25519 public keys (PEM, one or more): when set, only versions signed by "
+        "one of them verify, load or get promoted",
+    )
 
     @field_validator("registry", mode="before")
     @classmethod
@@ -545,5 +806,14 @@ class RegistryLocationSettings(PlauditSettings):
 
     def model_registry(self, kind: ModelKind) -> ModelRegistry:
         return ModelRegistry(
-            self.registry, kind, cache_dir=self.registry_cache, cache_keep=self.registry_cache_keep
+            self.registry,
+            kind,
+            cache_dir=self.registry_cache,
+            cache_keep=self.registry_cache_keep,
+            signer=ManifestSigner.from_file(self.signing_key_file)
+            if self.signing_key_file
+            else None,
+            trusted_keys=TrustedKeys.from_file(self.trusted_keys_file)
+            if self.trusted_keys_file
+            else None,
         )

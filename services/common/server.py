@@ -2,11 +2,13 @@
 
 Health (``grpc.health.v1``) starts NOT_SERVING for every service and is flipped by the owner
 when it can really answer; server reflection lists every service; one interceptor (API keys,
-roles, rate and in-flight limits, see :mod:`plaudit.services.common.security`; errors and
-metrics) wraps every other method; TLS or mutual TLS is served when configured; ``/metrics`` is
-served on its own port. :func:`wait_for_termination` turns SIGTERM/SIGINT into a graceful stop:
-health goes NOT_SERVING, new calls are refused, in-flight calls finish (up to the grace period),
-then the process exits 0.
+roles, rate and in-flight limits, each method's request size, see
+:mod:`plaudit.services.common.security`; errors and metrics) wraps every other method; gRPC itself
+bounds the request size (the largest method's), the calls open at once (``max_concurrent_rpcs``,
+health and reflection included) and per connection (``max_concurrent_streams``); TLS or mutual
+TLS is served when configured; ``/metrics`` is served on its own port.
+:func:`wait_for_termination` turns SIGTERM/SIGINT into a graceful stop: health goes NOT_SERVING,
+new calls are refused, in-flight calls finish (up to the grace period), then the process exits 0.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -53,13 +56,19 @@ class GrpcService:
         self._requested_port = port
         self._metrics_port = metrics_port
         self._metrics_server: MetricsHttpServer | None = None
+        options: list[tuple[str, Any]] = [
+            # the largest request any method takes; each method's own limit is checked before
+            # its request is parsed (ServiceInterceptor)
+            ("grpc.max_receive_message_length", security.receive_limit),
+            ("grpc.max_send_message_length", security.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if security.max_concurrent_streams is not None:
+            options.append(("grpc.max_concurrent_streams", security.max_concurrent_streams))
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, security.guard)],
-            options=[
-                ("grpc.max_receive_message_length", security.max_message_bytes),
-                ("grpc.max_send_message_length", security.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            interceptors=[ServiceInterceptor(self.metrics, security.guard, security.message_limit)],
+            options=options,
+            maximum_concurrent_rpcs=security.max_concurrent_rpcs,  # health included
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

@@ -19,6 +19,7 @@ before ``second``) so votes on the same pair group together whichever way round 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +36,13 @@ FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("comparison", "ranking", "rating", "
 CURSOR_INDEX_BITS = 20
 """Low bits of an export cursor: the index of an item among those one feedback row implies."""
 MAX_ITEMS_PER_FEEDBACK = 1 << CURSOR_INDEX_BITS
+
+MAX_PAIRS_PER_RATING = 8
+"""Default number of earlier ratings one rating is paired with (see :func:`derive_judgements`).
+
+A group of at most this many + 1 rated completions pairs every completion with every other."""
+MAX_RATING_PAIRS_PER_GROUP = 10_000
+"""Default cap on the judgements the ratings of one (prompt, annotator, scale) group imply."""
 
 
 @dataclass(frozen=True)
@@ -503,20 +511,84 @@ def rating_margin(better: Rating, worse: Rating) -> float:
     return (better.score - worse.score) / (better.scale_max - better.scale_min)
 
 
+@dataclass(slots=True)
+class _RatingGroup:
+    """Ratings of one (prompt, rater, scale): the latest rating of each completion, by score."""
+
+    latest: dict[str, tuple[Rating, tuple[float, int, str]]] = field(default_factory=dict)
+    by_score: list[tuple[float, int, str]] = field(default_factory=list)  # (score, fid, text)
+    emitted: int = 0
+
+    def partners(self, event: Rating, limit: int) -> list[Rating]:
+        """The earlier ratings ``event`` is paired with (its own completion excluded).
+
+        With at most ``limit`` other completions: all of them, in order of their latest rating
+        (ties included). Otherwise ``limit`` of them with a *different* score: the nearest
+        scores below and above (half each; the other side fills a short side; within one score
+        the nearer end of the score order first), returned in commit order. Cost
+        O(limit + log n) per rating plus the list insertion, not O(n) pairs.
+        """
+        own = self.latest.get(event.completion)
+        others = len(self.latest) - (own is not None)
+        if others <= limit:
+            return [r for c, (r, _) in self.latest.items() if c != event.completion]
+        score = float(event.score)
+        order = self.by_score
+        below: list[tuple[float, int, str]] = []
+        i = bisect.bisect_left(order, (score, -math.inf, "")) - 1
+        while i >= 0 and len(below) < limit:
+            if order[i][2] != event.completion:
+                below.append(order[i])
+            i -= 1
+        above: list[tuple[float, int, str]] = []
+        i = bisect.bisect_right(order, (score, math.inf, ""))
+        while i < len(order) and len(above) < limit:
+            if order[i][2] != event.completion:
+                above.append(order[i])
+            i += 1
+        n_above = min(len(above), limit - min(len(below), limit // 2))
+        chosen = below[: limit - n_above] + above[:n_above]
+        return [self.latest[c][0] for _, _, c in sorted(chosen, key=lambda e: e[1])]
+
+    def record(self, event: Rating, feedback_id: int) -> None:
+        """Make ``event`` the latest rating of its completion."""
+        previous = self.latest.pop(event.completion, None)  # keep the dict in commit order
+        if previous is not None:
+            del self.by_score[bisect.bisect_left(self.by_score, previous[1])]
+        entry = (float(event.score), feedback_id, event.completion)
+        bisect.insort(self.by_score, entry)
+        self.latest[event.completion] = (event, entry)
+
+
 def derive_judgements(
-    records: Iterable[StoredFeedback], *, rating_pairs_across_annotators: bool = False
+    records: Iterable[StoredFeedback],
+    *,
+    rating_pairs_across_annotators: bool = False,
+    max_pairs_per_rating: int = MAX_PAIRS_PER_RATING,
+    max_rating_pairs_per_group: int = MAX_RATING_PAIRS_PER_GROUP,
 ) -> list[Judgement]:
     """Every judgement the records imply, in position order. Deterministic.
 
     Records are processed in feedback id (commit) order. A rating is paired with the latest
-    earlier rating of each *other* completion of the same prompt on the same scale
+    earlier rating of other completions of the same prompt on the same scale
     (``scale_min``/``scale_max`` equal), by the same annotator unless
     ``rating_pairs_across_annotators`` (then the judgement is attributed to the later rating's
     annotator). Equal scores give a ``preference == 0`` judgement. Completions are matched
     exactly (the store cannot know two texts are the same answer otherwise).
+
+    Ratings are bounded so their cost is linear, not quadratic (security.md, "Rating pairs"):
+    while a group has at most ``max_pairs_per_rating`` other rated completions a rating is paired
+    with each of them (every pair); beyond that with ``max_pairs_per_rating`` of them whose score
+    differs, the nearest scores below and above (see :meth:`_RatingGroup.partners`), so ranks
+    stay connected through neighbouring scores. A group (prompt, rater, scale) implies at most
+    ``max_rating_pairs_per_group`` judgements; later ratings in it imply none (they remain
+    unpaired examples).
     """
+    if max_pairs_per_rating < 1 or max_rating_pairs_per_group < 0:
+        raise ValueError("need max_pairs_per_rating >= 1 and max_rating_pairs_per_group >= 0")
+    limit = min(max_pairs_per_rating, MAX_ITEMS_PER_FEEDBACK)
     judgements: list[Judgement] = []
-    ratings_seen: dict[tuple[str, str, float, float], dict[str, Rating]] = {}
+    groups: dict[tuple[str, str, float, float], _RatingGroup] = {}
     for record in sorted(records, key=lambda r: r.feedback_id):
         event, fid = record.event, record.feedback_id
         common: dict[str, Any] = {
@@ -549,13 +621,10 @@ def derive_judgements(
         else:
             rater = "" if rating_pairs_across_annotators else event.annotator_id
             key = (event.prompt, rater, float(event.scale_min), float(event.scale_max))
-            earlier = ratings_seen.setdefault(key, {})
-            index = 0
-            for completion, previous in earlier.items():
-                if completion == event.completion:
-                    continue
-                if index >= MAX_ITEMS_PER_FEEDBACK:
-                    break
+            group = groups.setdefault(key, _RatingGroup())
+            budget = min(limit, max_rating_pairs_per_group - group.emitted)
+            partners = group.partners(event, budget) if budget > 0 else []
+            for index, previous in enumerate(partners):
                 high, low = (
                     (event, previous) if event.score >= previous.score else (previous, event)
                 )
@@ -570,9 +639,8 @@ def derive_judgements(
                         **common,
                     )
                 )
-                index += 1
-            earlier.pop(event.completion, None)  # keep the dict in order of latest rating
-            earlier[event.completion] = event
+            group.emitted += len(partners)
+            group.record(event, fid)
     return judgements
 
 

@@ -47,8 +47,11 @@ from plaudit.services.feedback.db import (
     normalize_url,
 )
 from plaudit.services.feedback.domain import (
+    MAX_PAIRS_PER_RATING,
+    MAX_RATING_PAIRS_PER_GROUP,
     Correction,
     DerivedPair,
+    Judgement,
     Rating,
     SftExample,
     StoredFeedback,
@@ -166,6 +169,8 @@ class FeedbackReader:
         url: str | SqlUrl = DEFAULT_FEEDBACK_URL,
         *,
         rating_pairs_across_annotators: bool = False,
+        max_pairs_per_rating: int = MAX_PAIRS_PER_RATING,
+        max_rating_pairs_per_group: int = MAX_RATING_PAIRS_PER_GROUP,
         outlier_alpha: float = 0.05,
         page_rows: int = 500,
         pool_size: int = 5,
@@ -174,6 +179,8 @@ class FeedbackReader:
     ) -> None:
         self.url = normalize_url(url)
         self.rating_pairs_across_annotators = rating_pairs_across_annotators
+        self.max_pairs_per_rating = max_pairs_per_rating
+        self.max_rating_pairs_per_group = max_rating_pairs_per_group
         self.outlier_alpha = outlier_alpha
         self.page_rows = page_rows
         self._engine = create_feedback_engine(
@@ -181,6 +188,14 @@ class FeedbackReader:
         )
         self._quality_lock = threading.Lock()
         self._quality: _QualitySnapshot | None = None
+
+    def _derive(self, records: Sequence[StoredFeedback]) -> list[Judgement]:
+        return derive_judgements(
+            records,
+            rating_pairs_across_annotators=self.rating_pairs_across_annotators,
+            max_pairs_per_rating=self.max_pairs_per_rating,
+            max_rating_pairs_per_group=self.max_rating_pairs_per_group,
+        )
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -307,9 +322,7 @@ class FeedbackReader:
         if not prompt_hashes:
             return out
         records = self._load_prompts(conn, prompt_hashes, watermark)
-        judgements = derive_judgements(
-            records, rating_pairs_across_annotators=self.rating_pairs_across_annotators
-        )
+        judgements = self._derive(records)
         for consensus in build_consensus(judgements, excluded).values():
             if consensus.preference != 0:
                 out[text_hash(consensus.prompt)].append(consensus)
@@ -440,9 +453,7 @@ class FeedbackReader:
 
         def absorb(records: list[StoredFeedback]) -> None:
             nonlocal judgement_count
-            judgements = derive_judgements(
-                records, rating_pairs_across_annotators=self.rating_pairs_across_annotators
-            )
+            judgements = self._derive(records)
             judgement_count += len(judgements)
             for judgement in judgements:  # in position order, so the last vote wins
                 key = pair_key(group_key(judgement))

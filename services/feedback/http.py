@@ -42,6 +42,7 @@ from aiohttp import web
 from plaudit.services.common.batching import DynamicBatcher
 from plaudit.services.common.errors import InvalidArgumentError, PlauditError
 from plaudit.services.common.http import (
+    JSON_TEXT_FACTOR,
     Authenticator,
     HttpServer,
     json_app,
@@ -49,6 +50,11 @@ from plaudit.services.common.http import (
 )
 from plaudit.services.common.http import api_key_authenticator as common_api_key_authenticator
 from plaudit.services.common.security.guard import AccessGuard
+from plaudit.services.common.security.limits import (
+    SMALL_MESSAGE_BYTES,
+    InFlightLimit,
+    MessageLimits,
+)
 from plaudit.services.feedback.access import ROUTE_ROLES
 from plaudit.services.feedback.core import (
     REQUEST_OF_KIND,
@@ -292,11 +298,29 @@ PAGE_HEADERS = {
 }
 
 
+def body_limits(settings: FeedbackSettings) -> MessageLimits:
+    """The largest body of each route: a submission is its gRPC request's limit in JSON (every
+    text escaped at worst), an import ``max_task_import_bytes``; the rest take
+    :data:`~plaudit.services.common.security.limits.SMALL_MESSAGE_BYTES`."""
+    limits = {
+        f"POST /api/v1/{kind}s": JSON_TEXT_FACTOR * settings.event_message_bytes(kind)
+        for kind in REQUEST_OF_KIND
+    }
+    limits["POST /api/v1/tasks"] = settings.max_task_import_bytes
+    return limits
+
+
 def make_app(
-    api: FeedbackHttpApi, metrics: FeedbackMetrics, authenticate: Authenticator
+    api: FeedbackHttpApi,
+    metrics: FeedbackMetrics,
+    authenticate: Authenticator,
+    *,
+    limits: MessageLimits | None = None,
+    in_flight: InFlightLimit | None = None,
 ) -> web.Application:
     """The aiohttp application (:func:`~plaudit.services.common.http.json_app`): the routes,
-    the page's static files, the authenticator on ``/api/``."""
+    the page's static files, the authenticator and ``in_flight`` on ``/api/``, body ``limits``
+    (:func:`body_limits`; default: those of the default settings)."""
     return json_app(
         api.routes(),
         requests=metrics.http_requests,
@@ -305,6 +329,9 @@ def make_app(
         protected=lambda path: path.startswith("/api/"),
         public_headers=PAGE_HEADERS,
         static=("/static/", STATIC_DIR),
+        client_max_size=SMALL_MESSAGE_BYTES,
+        body_limits=body_limits(FeedbackSettings.model_construct()) if limits is None else limits,
+        in_flight=in_flight,
     )
 
 
@@ -320,6 +347,7 @@ def feedback_http_server(
     is_serving: Callable[[], bool],
     settings: FeedbackSettings,
     authenticate: Authenticator,
+    in_flight: InFlightLimit | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> FeedbackHttpServer:
     """The HTTP server of a feedback service, configured from its settings."""
@@ -332,7 +360,7 @@ def feedback_http_server(
         max_tasks_per_import=settings.max_events_per_batch,
     )
     return FeedbackHttpServer(
-        make_app(api, metrics, authenticate),
+        make_app(api, metrics, authenticate, limits=body_limits(settings), in_flight=in_flight),
         host=settings.host,
         port=settings.http_port,
         grace_s=settings.grace_period_s,

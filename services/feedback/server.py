@@ -80,6 +80,7 @@ class FeedbackServer:
             authenticate=(
                 api_key_authenticator(security.guard) if security.guard.auth_required else allow_all
             ),
+            in_flight=security.guard.in_flight,
             ssl_context=security.tls.ssl_context() if security.tls else None,
         )
 
@@ -108,6 +109,8 @@ class FeedbackServer:
             limits=limits,
             connect_timeout_s=self.settings.database_connect_timeout_s,
             rating_pairs_across_annotators=self.settings.rating_pairs_across_annotators,
+            max_pairs_per_rating=self.settings.max_pairs_per_rating,
+            max_rating_pairs_per_group=self.settings.max_rating_pairs_per_group,
             outlier_alpha=self.settings.outlier_alpha,
         )
 

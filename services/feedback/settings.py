@@ -8,8 +8,22 @@ from pydantic import Field, model_validator
 
 from plaudit.services.common.security.client import ClientSecuritySettings
 from plaudit.services.common.security.guard import ServerSecuritySettings
+from plaudit.services.common.security.limits import MessageLimits, text_message_bytes
 from plaudit.services.common.settings import ListenSettings, port_field
 from plaudit.services.feedback.db import DEFAULT_FEEDBACK_URL
+from plaudit.services.feedback.domain import (
+    MAX_PAIRS_PER_RATING,
+    MAX_RATING_PAIRS_PER_GROUP,
+    FeedbackKind,
+    FeedbackLimits,
+)
+
+TEXTS_OF_KIND: dict[FeedbackKind, int] = {
+    "comparison": 3,  # prompt, chosen, rejected
+    "ranking": 1 + FeedbackLimits.max_completions,
+    "rating": 2,
+    "correction": 3,  # prompt, completion, corrected
+}
 
 
 class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySettings):
@@ -27,6 +41,9 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
     metrics_port: int = port_field(9092, "Prometheus /metrics port")
     max_text_bytes: int = Field(65536, ge=1, description="UTF-8 bytes of one prompt or completion")
     max_events_per_batch: int = Field(10_000, ge=1, description="events in one SubmitBatch stream")
+    max_task_import_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="largest HTTP task import body (split bigger ones)"
+    )
     stream_commit_events: int = Field(
         256, ge=1, description="SubmitBatch events per transaction (committed while streaming)"
     )
@@ -42,6 +59,17 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
     export_page_size: int = Field(256, ge=1, le=10_000, description="pairs per export message")
     rating_pairs_across_annotators: bool = Field(
         False, description="pair ratings of different annotators (default: within one annotator)"
+    )
+    max_pairs_per_rating: int = Field(
+        MAX_PAIRS_PER_RATING,
+        ge=1,
+        le=1024,
+        description="earlier ratings one rating is paired with (nearest other scores beyond it)",
+    )
+    max_rating_pairs_per_group: int = Field(
+        MAX_RATING_PAIRS_PER_GROUP,
+        ge=0,
+        description="pairs the ratings of one (prompt, annotator, scale) imply at most",
     )
     outlier_alpha: float = Field(
         0.05, gt=0, lt=1, description="significance of the annotator outlier test"
@@ -95,6 +123,25 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
         4, ge=0, description="fetch generated tasks in the background while fewer need labels"
     )
     generation_timeout_s: float = Field(120.0, gt=0, description="deadline of one generation call")
+
+    def event_message_bytes(self, kind: FeedbackKind) -> int:
+        """The largest protobuf request submitting one event of ``kind``: its texts, ids and
+        metadata at their limits."""
+        limits = FeedbackLimits(max_text_bytes=self.max_text_bytes)
+        chars = limits.max_metadata_key_chars + limits.max_metadata_value_chars
+        metadata = limits.max_metadata_entries * (4 * chars + 32)  # 4 UTF-8 bytes a character
+        ids = 2 * 4 * limits.max_id_chars
+        return text_message_bytes(TEXTS_OF_KIND[kind], self.max_text_bytes, metadata + ids)
+
+    def message_limits(self) -> MessageLimits:
+        """One event per Submit call and per SubmitBatch message; the rest carry no texts."""
+        service = "/plaudit.v1.FeedbackService/"
+        limits = {
+            f"{service}Submit{kind.capitalize()}": self.event_message_bytes(kind)
+            for kind in TEXTS_OF_KIND
+        }
+        limits[f"{service}SubmitBatch"] = max(limits.values())
+        return limits
 
     @model_validator(mode="after")
     def _generation_needs_prompts(self) -> FeedbackSettings:

@@ -50,6 +50,8 @@ from plaudit.services.feedback.db import (
 )
 from plaudit.services.feedback.domain import (
     DEFAULT_LIMITS,
+    MAX_PAIRS_PER_RATING,
+    MAX_RATING_PAIRS_PER_GROUP,
     FeedbackEvent,
     FeedbackLimits,
     SubmitResult,
@@ -97,6 +99,8 @@ class FeedbackStore(FeedbackReader):
         limits: FeedbackLimits = DEFAULT_LIMITS,
         migrate: bool = True,
         rating_pairs_across_annotators: bool = False,
+        max_pairs_per_rating: int = MAX_PAIRS_PER_RATING,
+        max_rating_pairs_per_group: int = MAX_RATING_PAIRS_PER_GROUP,
         outlier_alpha: float = 0.05,
         page_rows: int = 500,
         pool_size: int = 5,
@@ -105,6 +109,8 @@ class FeedbackStore(FeedbackReader):
         super().__init__(
             url,
             rating_pairs_across_annotators=rating_pairs_across_annotators,
+            max_pairs_per_rating=max_pairs_per_rating,
+            max_rating_pairs_per_group=max_rating_pairs_per_group,
             outlier_alpha=outlier_alpha,
             page_rows=page_rows,
             pool_size=pool_size,

@@ -19,6 +19,9 @@ from plaudit.services.runtime.policy_model import GenerateJob, GenerateResult, S
 from plaudit.v1 import generation_pb2
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_OVERHEAD_BYTES = 16
+"""What one conversation message costs beyond its content: its role and the chat template's
+tokens around it, counted against ``max_prompt_bytes`` (security.md, "Generation messages")."""
 
 
 def _size(text: str) -> int:
@@ -65,7 +68,8 @@ def sampling_params(
 def request_job(
     request: generation_pb2.GenerateRequest, settings: GenerationSettings
 ) -> tuple[GenerateJob, int]:
-    """The validated job and the UTF-8 size of its input."""
+    """The validated job and the UTF-8 size of its input (a conversation's messages count
+    :data:`MESSAGE_OVERHEAD_BYTES` each on top of their contents)."""
     which = request.WhichOneof("input")
     limit = settings.max_prompt_bytes
     prompt: str | None = None
@@ -82,6 +86,11 @@ def request_job(
         turns = request.conversation.messages
         if not turns:
             raise InvalidArgumentError("conversation.messages", "at least one message")
+        if len(turns) > settings.max_messages:  # before anything walks them
+            raise InvalidArgumentError(
+                "conversation.messages",
+                f"{len(turns)} messages exceed the limit of {settings.max_messages}",
+            )
         for i, turn in enumerate(turns):
             if turn.role not in ROLES:
                 raise InvalidArgumentError(
@@ -89,7 +98,7 @@ def request_job(
                     f"{turn.role!r} is not one of {', '.join(ROLES)}",
                 )
         messages = tuple({"role": t.role, "content": t.content} for t in turns)
-        size = sum(_size(t.content) for t in turns)
+        size = sum(_size(t.content) + MESSAGE_OVERHEAD_BYTES for t in turns)
         if size > limit:
             raise InvalidArgumentError("conversation", f"{size} bytes exceeds the limit of {limit}")
     n = request.n or 1

@@ -64,6 +64,7 @@ from plaudit.services.common.http import (
 )
 from plaudit.services.common.http import api_key_authenticator as common_api_key_authenticator
 from plaudit.services.common.security.guard import AccessGuard
+from plaudit.services.common.security.limits import InFlightLimit
 from plaudit.services.generation.access import ROUTE_ROLES
 from plaudit.services.generation.core import GenerationCore, request_job
 from plaudit.services.generation.engine import GenerationEngine
@@ -557,9 +558,11 @@ def generation_http_server(
     metrics: GenerationMetrics,
     settings: GenerationSettings,
     authenticate: Authenticator,
+    in_flight: InFlightLimit | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> HttpServer:
-    """The HTTP server of a generation service, configured from its settings."""
+    """The HTTP server of a generation service, configured from its settings; ``in_flight`` is
+    the gRPC server's limit, shared."""
     api = GenerationHttpApi(core, engine, settings)
     app = json_app(
         api.routes(),
@@ -568,6 +571,7 @@ def generation_http_server(
         authenticate=authenticate,
         protected=lambda path: path.startswith("/v1/"),
         client_max_size=api.max_body_bytes,
+        in_flight=in_flight,
     )
     return HttpServer(
         app,

@@ -61,6 +61,7 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
             authenticate=(
                 api_key_authenticator(security.guard) if security.guard.auth_required else allow_all
             ),
+            in_flight=security.guard.in_flight,
             ssl_context=security.tls.ssl_context() if security.tls else None,
         )
 

@@ -54,6 +54,7 @@ from plaudit.services.common.http import (
 )
 from plaudit.services.common.http import api_key_authenticator as common_api_key_authenticator
 from plaudit.services.common.security.guard import AccessGuard
+from plaudit.services.common.security.limits import InFlightLimit
 from plaudit.services.reward.access import PUBLIC_ROUTES, ROUTE_ROLES
 from plaudit.services.reward.chat_parse import (
     ParsedText,
@@ -732,7 +733,11 @@ def openapi_document() -> dict[str, Any]:
 
 
 def make_app(
-    api: RewardHttpApi, metrics: RewardMetrics, authenticate: Authenticator, client_max_size: int
+    api: RewardHttpApi,
+    metrics: RewardMetrics,
+    authenticate: Authenticator,
+    client_max_size: int,
+    in_flight: InFlightLimit | None = None,
 ) -> web.Application:
     """The aiohttp application (:func:`~plaudit.services.common.http.json_app`) of
     :data:`ROUTES`, the authenticator on every route but health and the API description."""
@@ -750,6 +755,7 @@ def make_app(
         authenticate=authenticate,
         protected=protected,
         client_max_size=client_max_size,
+        in_flight=in_flight,
     )
 
 
@@ -759,12 +765,16 @@ def reward_http_server(
     metrics: RewardMetrics,
     settings: RewardSettings,
     authenticate: Authenticator,
+    in_flight: InFlightLimit | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> HttpServer:
     """The HTTP server of a reward service on ``settings.http_port``; bodies are bounded by
-    ``max_message_bytes`` like gRPC messages."""
+    ``max_message_bytes`` like gRPC messages; ``in_flight`` is the gRPC server's limit, shared."""
+    app = make_app(
+        RewardHttpApi(core), metrics, authenticate, settings.max_message_bytes, in_flight
+    )
     return HttpServer(
-        make_app(RewardHttpApi(core), metrics, authenticate, settings.max_message_bytes),
+        app,
         host=settings.host,
         port=settings.http_port or 0,
         grace_s=settings.grace_period_s,

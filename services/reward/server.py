@@ -63,6 +63,7 @@ class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, ScoreResult]):
                     if security.guard.auth_required
                     else allow_all
                 ),
+                in_flight=security.guard.in_flight,
                 ssl_context=security.tls.ssl_context() if security.tls else None,
             )
 

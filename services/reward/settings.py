@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 
 from plaudit.services.common.registry import RegistryLocationSettings
 from plaudit.services.common.security.guard import ServerSecuritySettings
+from plaudit.services.common.security.limits import MessageLimits, text_message_bytes
 from plaudit.services.common.settings import ModelServingSettings, port_field
 
 
@@ -30,6 +31,14 @@ class RewardSettings(ModelServingSettings, ServerSecuritySettings, RegistryLocat
     )
     max_items_per_request: int = Field(256, ge=1, description="items in one Score request")
     max_text_bytes: int = Field(65536, ge=1, description="UTF-8 bytes of one prompt or completion")
+
+    def message_limits(self) -> MessageLimits:
+        """Score: ``max_items_per_request`` items of two texts; Compare: three texts."""
+        items = self.max_items_per_request
+        return {
+            "/plaudit.v1.RewardService/Score": text_message_bytes(2 * items, self.max_text_bytes),
+            "/plaudit.v1.RewardService/Compare": text_message_bytes(3, self.max_text_bytes),
+        }
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> RewardSettings:

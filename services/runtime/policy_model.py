@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 
 import jinja2
 import numpy as np
@@ -35,7 +34,7 @@ from plaudit.services.common.errors import (
     PlauditError,
 )
 from plaudit.services.common.onnx_runtime import OnnxModel
-from plaudit.services.common.registry import GenerationConfig, ModelManifest
+from plaudit.services.common.registry import GenerationConfig, ModelManifest, VersionFolder
 from plaudit.services.common.textfmt import PromptFormatter, TextFormat
 from plaudit.services.runtime.contract import (
     LOGITS,
@@ -128,9 +127,10 @@ class LoadedPolicy(OnnxModel):
 
     @classmethod
     def build(
-        cls, root: Path, manifest: ModelManifest, session: ort.InferenceSession, precision: str
+        cls, folder: VersionFolder, session: ort.InferenceSession, precision: str
     ) -> LoadedPolicy:
         """Checks the graph's KV cache against the manifest's generation config."""
+        manifest = folder.manifest
         if manifest.kind != "policy" or manifest.generation is None:
             raise FailedPreconditionError(f"version {manifest.version} is not a policy")
         gen = manifest.generation
@@ -151,7 +151,7 @@ class LoadedPolicy(OnnxModel):
         if past.type not in _ORT_DTYPES:
             raise FailedPreconditionError(f"unsupported cache type {past.type}")
         formatter = PromptFormatter.from_files(
-            root / TOKENIZER_FILE, TextFormat.from_dict(manifest.text_format)
+            folder.path(TOKENIZER_FILE), TextFormat.from_dict(manifest.text_format)
         )
         return cls(manifest, session, formatter, precision, _ORT_DTYPES[past.type])
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from plaudit.services.common.onnx_runtime import CPU, OnnxModel
-from plaudit.services.common.registry import ModelManifest
+from plaudit.services.common.registry import ModelManifest, VersionFolder
 from plaudit.services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
 from plaudit.services.runtime.contract import TOKENIZER_FILE
 
@@ -47,10 +46,11 @@ class LoadedRewardModel(OnnxModel):
 
     @classmethod
     def build(
-        cls, root: Path, manifest: ModelManifest, session: ort.InferenceSession, precision: str
+        cls, folder: VersionFolder, session: ort.InferenceSession, precision: str
     ) -> LoadedRewardModel:
+        manifest = folder.manifest
         encoder = RewardTextEncoder.from_files(
-            root / TOKENIZER_FILE, TextFormat.from_dict(manifest.text_format)
+            folder.path(TOKENIZER_FILE), TextFormat.from_dict(manifest.text_format)
         )
         return cls(manifest=manifest, session=session, encoder=encoder, precision=precision)
 

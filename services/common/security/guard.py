@@ -21,7 +21,12 @@ from plaudit.services.common.security.keys import (
     load_keys_file,
     parse_bearer,
 )
-from plaudit.services.common.security.limits import InFlightLimit, RateLimiter
+from plaudit.services.common.security.limits import (
+    SMALL_MESSAGE_BYTES,
+    InFlightLimit,
+    MessageLimits,
+    RateLimiter,
+)
 from plaudit.services.common.security.tls import ServerTlsSettings, TlsFiles
 
 log = logging.getLogger(__name__)
@@ -92,8 +97,21 @@ class ServerSecuritySettings(ServerTlsSettings):
         0, ge=0, description="calls served at once before RESOURCE_EXHAUSTED (0 = no limit)"
     )
     max_message_bytes: int = Field(
-        DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="largest gRPC message received or sent"
+        DEFAULT_MAX_MESSAGE_BYTES,
+        ge=1024,
+        description="largest gRPC message sent, and ceiling of every call's own request limit",
     )
+    max_concurrent_rpcs: int = Field(
+        256, ge=1, description="gRPC calls open at once, health included (then RESOURCE_EXHAUSTED)"
+    )
+    max_concurrent_streams: int = Field(
+        64, ge=1, description="gRPC calls open at once on one connection (HTTP/2 streams)"
+    )
+
+    def message_limits(self) -> MessageLimits:
+        """The largest request of each call; each service derives its own from its settings
+        (a call not named gets :data:`SMALL_MESSAGE_BYTES`)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,20 @@ class ServerSecurity:
     guard: AccessGuard
     tls: TlsFiles | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    message_limits: MessageLimits = field(default_factory=dict)
+    max_concurrent_rpcs: int | None = None
+    max_concurrent_streams: int | None = None
+
+    def message_limit(self, call: str) -> int:
+        """The largest request ``call`` may send: its own limit (:data:`SMALL_MESSAGE_BYTES` if
+        it has none), never above ``max_message_bytes``."""
+        return min(self.message_limits.get(call, SMALL_MESSAGE_BYTES), self.max_message_bytes)
+
+    @property
+    def receive_limit(self) -> int:
+        """What gRPC itself receives: the largest of the calls' limits (health and reflection
+        are bounded by it too)."""
+        return max(map(self.message_limit, [*self.message_limits, ""]))
 
     @classmethod
     def from_settings(
@@ -145,7 +177,14 @@ class ServerSecurity:
             rate=RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst),
             in_flight=InFlightLimit(settings.max_in_flight),
         )
-        return cls(guard, tls, settings.max_message_bytes)
+        return cls(
+            guard,
+            tls,
+            settings.max_message_bytes,
+            message_limits=settings.message_limits(),
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            max_concurrent_streams=settings.max_concurrent_streams,
+        )
 
     def describe(self) -> dict[str, Any]:
         """For the start-up log line."""

@@ -1,11 +1,12 @@
-"""Per-key call rate (token bucket) and per-process calls in flight; both RESOURCE_EXHAUSTED."""
+"""Per-key call rate (token bucket) and per-process calls in flight, both RESOURCE_EXHAUSTED; the
+largest message each call may send (:data:`MessageLimits`)."""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from plaudit.services.common.errors import ResourceExhaustedError
@@ -62,3 +63,22 @@ class InFlightLimit:
         finally:
             with self._lock:
                 self.current -= 1
+
+
+MessageLimits = Mapping[str, int]
+"""The largest request message each call may send, in bytes: ``/package.Service/Method`` for
+gRPC (checked before the message is parsed), ``METHOD /route`` for HTTP bodies (checked before
+the body is read). Each service derives its own from its settings."""
+
+SMALL_MESSAGE_BYTES = 64 * 1024
+"""The limit of a call with no texts in it (``GetStats``, ``ReloadModel``), and the slack every
+other limit adds for its short fields (ids, numbers, options)."""
+
+FIELD_OVERHEAD_BYTES = 16
+"""Tag and length prefix of one length-delimited protobuf field, generously."""
+
+
+def text_message_bytes(texts: int, text_bytes: int, extra: int = 0) -> int:
+    """The largest protobuf message carrying ``texts`` texts of up to ``text_bytes`` UTF-8 bytes
+    each, plus ``extra`` bytes of other fields, plus :data:`SMALL_MESSAGE_BYTES` of slack."""
+    return texts * (text_bytes + FIELD_OVERHEAD_BYTES) + extra + SMALL_MESSAGE_BYTES

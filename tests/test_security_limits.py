@@ -1,0 +1,285 @@
+"""Work before authentication, message sizes, concurrency, and JSON bodies (issue 17, items 1
+and 4): each test performs the attack and asserts that it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from plaudit.services.common.process import free_port
+from plaudit.services.common.security.keys import hash_key, new_api_key
+from plaudit.services.feedback.settings import FeedbackSettings
+from plaudit.v1 import feedback_pb2, feedback_pb2_grpc, reward_pb2
+from tests.conftest import REPO, ServerThread
+
+KEY = new_api_key()
+WRITER = new_api_key()
+ENTRIES = [
+    {"name": "scorer", "sha256": hash_key(KEY), "roles": ["score"]},
+    {"name": "writer", "sha256": hash_key(WRITER), "roles": ["submit_feedback"]},
+]
+MiB = 1024 * 1024
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _raw_call(channel: grpc.Channel, method: str, body: bytes, key: str | None) -> grpc.RpcError:
+    metadata = [] if key is None else [("authorization", f"Bearer {key}")]
+    call = channel.unary_unary(method)  # bytes in, bytes out: the server sees exactly `body`
+    with pytest.raises(grpc.RpcError) as err:
+        call(body, timeout=60, metadata=metadata)
+    return err.value
+
+
+# -- item 1: gRPC -------------------------------------------------------------------------------
+def _serve_reward(registry: Path, *flags: str) -> Iterator[tuple[int, str]]:
+    """A reward service as its own process (its memory measured alone); no model needed."""
+    port = free_port()
+    env = {**os.environ, "PLAUDIT_API_KEYS": json.dumps(ENTRIES), "PLAUDIT_AUTH_DISABLED": "false"}
+    command = [sys.executable, "-m", "plaudit.cli", "serve", "reward", "--registry", str(registry),
+               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+               "--log-level", "ERROR", *flags]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    try:
+        address = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=90)
+        yield proc.pid, address
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def default_reward_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
+    """The default limits: Score takes 32 MiB."""
+    yield from _serve_reward(tmp_path_factory.mktemp("empty-registry"))
+
+
+@pytest.fixture(scope="module")
+def reward_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
+    """Small item and text limits: Score takes about 74 KB, GetModel 64 KiB."""
+    flags = ("--max-items-per-request", "4", "--max-text-bytes", "1000", "--max-queue-items", "4")
+    yield from _serve_reward(tmp_path_factory.mktemp("empty-registry-small"), *flags)
+
+
+def test_an_unauthenticated_call_is_refused_before_its_message_is_read(
+    default_reward_process: tuple[int, str],
+) -> None:
+    """8 MB of empty Score items (about 27x that once parsed) without a key, or with a wrong
+    one: UNAUTHENTICATED at once, and the server's memory does not move (it used to grow by
+    about 250 MB: the message was parsed before the key was looked at)."""
+    pid, address = default_reward_process
+    body = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem()] * 4_000_000).SerializeToString()
+    assert len(body) == 8_000_000
+    with grpc.insecure_channel(address) as channel:
+        before = _rss_mib(pid)
+        for key in (None, "plaudit_not-a-key", None):
+            started = time.perf_counter()
+            error = _raw_call(channel, "/plaudit.v1.RewardService/Score", body, key)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+            assert time.perf_counter() - started < 10
+        grown = _rss_mib(pid) - before
+    print(f"server RSS {before:.0f} MiB -> {before + grown:.0f} MiB after 3 x 8 MB anonymous")
+    assert grown < 20, f"the server grew by {grown:.0f} MiB"
+
+
+def test_each_method_takes_requests_up_to_its_own_limit(reward_process: tuple[int, str]) -> None:
+    """A caller with a key cannot send more than the method's largest legitimate request:
+    beyond the largest of all methods gRPC refuses it, beyond the method's own limit the
+    interceptor does, before parsing; both RESOURCE_EXHAUSTED, naming the limit."""
+    pid, address = reward_process
+    with grpc.insecure_channel(address) as channel:
+        before = _rss_mib(pid)
+        empty_items = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem()] * 4_000_000)
+        error = _raw_call(
+            channel, "/plaudit.v1.RewardService/Score", empty_items.SerializeToString(), KEY
+        )
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        # 70 KB: within Score's limit (4 items of 2 x 1000 bytes, plus slack), over GetModel's
+        padding = (
+            reward_pb2.GetModelRequest().SerializeToString() + b"\x0a\xe0\xa2\x04" + (b"x" * 70_000)
+        )  # an unknown field 1 of 70,000 bytes
+        error = _raw_call(channel, "/plaudit.v1.RewardService/GetModel", padding, KEY)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "limit of 65536 bytes for plaudit.v1.RewardService/GetModel" in error.details()
+        error = _raw_call(channel, "/plaudit.v1.RewardService/GetModel", b"", None)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED  # the key comes first
+        grown = _rss_mib(pid) - before
+    assert grown < 20, f"the server grew by {grown:.0f} MiB"
+
+
+def test_every_call_has_a_limit_that_fits_its_largest_request() -> None:
+    settings = FeedbackSettings(auth_disabled=True)
+    limits = settings.message_limits()
+    assert set(limits) == {
+        f"/plaudit.v1.FeedbackService/Submit{kind}"
+        for kind in ("Comparison", "Ranking", "Rating", "Correction", "Batch")
+    }
+    ranking = feedback_pb2.SubmitRankingRequest(
+        prompt="p" * 65536, completions=["c" * 65536] * 16, annotator_id="a" * 128,
+        idempotency_key="k" * 128, metadata={f"{i:064d}": "v" * 1024 for i in range(32)},
+    )  # fmt: skip
+    size = ranking.ByteSize()
+    assert size <= limits["/plaudit.v1.FeedbackService/SubmitRanking"] < 2 * size
+    assert limits["/plaudit.v1.FeedbackService/SubmitBatch"] == max(limits.values())
+
+
+def test_concurrent_calls_are_bounded_health_included(tmp_path: Path) -> None:
+    server = ServerThread(
+        "feedback",
+        database_url=f"sqlite:///{tmp_path}/f.db",
+        max_concurrent_rpcs=1,
+        commit_wait_ms=1500,  # a lone submission waits this long for company
+        log_level="WARNING",
+    ).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            request = feedback_pb2.SubmitComparisonRequest(
+                prompt="Q?", chosen="a", rejected="b", annotator_id="x", idempotency_key="1"
+            )
+            slow = threading.Thread(target=lambda: stub.SubmitComparison(request, timeout=20))
+            slow.start()
+            time.sleep(0.5)
+            for call, arg in (
+                (stub.GetStats, feedback_pb2.GetStatsRequest()),
+                (health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest()),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(arg, timeout=10)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            slow.join(20)
+            assert stub.GetStats(feedback_pb2.GetStatsRequest(), timeout=10).records == 1
+    finally:
+        server.stop()
+
+
+# -- item 4: HTTP -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def feedback_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    folder = tmp_path_factory.mktemp("feedback-http-limits")
+    server = ServerThread(
+        "feedback",
+        database_url=f"sqlite:///{folder}/f.db",
+        api_keys=ENTRIES,
+        max_in_flight=1,
+        commit_wait_ms=1500,
+        log_level="WARNING",
+    ).start()
+    yield server
+    server.stop()
+
+
+def _post(url: str, body: Any, key: str | None = WRITER) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_body_over_its_routes_limit_is_413_before_it_is_read(
+    feedback_http: ServerThread,
+) -> None:
+    """A 4 MB comparison (the route takes a few hundred KB of texts, JSON-escaped at worst): 413
+    naming ``body`` from the Content-Length alone; only the headers and a few bytes are sent."""
+    port = feedback_http.server.http_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/v1/comparisons HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {WRITER}\r\nContent-Length: {4 * MiB}\r\n\r\n".encode()
+            + b'{"prompt": "'
+        )
+        reply = sock.recv(65536).decode()
+    head, _, text = reply.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 413"), head
+    error = json.loads(text)["error"]
+    assert error["field"] == "body" and error["code"] == "RESOURCE_EXHAUSTED"
+    assert "exceeded" in error["message"]
+    base = feedback_http.http_url
+    status, _ = _post(base + "/api/v1/tasks/1/skip", {"annotator_id": "a" * 100_000})
+    assert status == 413  # a skip takes an id: 64 KiB
+    # a legitimate comparison at the text limits still fits
+    event = {"prompt": "\u0001" * 65536, "chosen": "a", "rejected": "b", "annotator_id": "x",
+             "idempotency_key": "big"}  # fmt: skip
+    status, reply = _post(base + "/api/v1/comparisons", event)
+    assert status == 201, reply
+
+
+def test_http_calls_take_the_in_flight_limit_and_health_stays_open(
+    feedback_http: ServerThread,
+) -> None:
+    base = feedback_http.http_url
+    event = {"prompt": "Q?", "chosen": "a", "rejected": "b", "annotator_id": "x",
+             "idempotency_key": "slow"}  # fmt: skip
+    first: list[int] = []
+    slow = threading.Thread(
+        target=lambda: first.append(_post(base + "/api/v1/comparisons", event)[0])
+    )
+    slow.start()
+    time.sleep(0.5)
+    status, reply = _post(base + "/api/v1/comparisons", {**event, "idempotency_key": "2"})
+    assert status == 429 and "limit of 1" in reply["error"]["message"], reply
+    with urllib.request.urlopen(base + "/healthz", timeout=10) as resp:
+        assert resp.status == 200
+    slow.join(20)
+    assert first == [201]
+
+
+def test_a_large_body_is_parsed_off_the_event_loop(feedback_http: ServerThread) -> None:
+    """An 8 MB import of 500,000 tiny objects (about 0.3 s or more of parsing): the loop that
+    serves gRPC and health keeps turning while it is parsed (inline, it stalled for the whole
+    parse)."""
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    running = asyncio.run_coroutine_threadsafe(ticker(), feedback_http.loop)
+    body = json.dumps({"tasks": [{"metadata": {}}] * 500_000}, separators=(",", ":")).encode()
+    assert len(body) < 8 * MiB
+    time.sleep(0.2)
+    started = time.perf_counter()
+    status, reply = _post(feedback_http.http_url + "/api/v1/tasks", body)
+    took = time.perf_counter() - started
+    feedback_http.loop.call_soon_threadsafe(stop.set)
+    running.result(10)
+    assert status == 400 and reply["error"]["field"] == "tasks", reply  # parsed, then refused
+    inline = time.perf_counter()
+    json.loads(body)
+    inline = time.perf_counter() - inline
+    print(f"{len(body)} bytes: request {took:.2f} s, parse alone {inline:.2f} s, "
+          f"longest loop stall {max(gaps):.3f} s")  # fmt: skip
+    assert max(gaps) < 0.9 * inline  # parsed on the loop, the stall would be the whole parse
