@@ -21,6 +21,9 @@ rate, within ``--policy-max-kl`` of it.
 The scheduler remembers what it last tried (``<home>/scheduler.json``: the data cursor it trained
 up to and the outcome), so a refused or failed training is not repeated on the same data: the next
 one waits for ``--retrain-min-pairs`` more pairs after that cursor, across restarts too.
+A service child that exits unexpectedly (a crash, an OOM kill) is restarted with the same
+arguments and ports after a backoff (1, 2, 4 ... 30 s; back to 1 s once it has served a minute)
+while the others keep serving (:func:`supervise`); only SIGTERM/SIGINT stop ``plaudit up``.
 SIGTERM/SIGINT stop a running training child (SIGTERM, then SIGKILL after a few seconds) before
 the services; the registry publishes through a hidden staging folder renamed into place, so a
 killed child leaves no half-published version.
@@ -527,7 +530,10 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.settings.check_interval_s)
-            await self.check()
+            try:
+                await self.check()
+            except Exception as exc:  # e.g. a service being restarted missed a reload notice
+                log.error("retraining check failed (tried again next time): %s", exc)
 
 
 async def _stop(task: asyncio.Future[Any]) -> None:
@@ -552,6 +558,47 @@ async def _serving(child: ServiceProcess, settings: UpSettings, timeout: float =
                 raise RuntimeError(f"the {child.service} service exited while starting") from None
             if time.monotonic() > deadline:
                 raise
+
+
+RESTART_FIRST_DELAY_S = 1.0  # a crashed service is restarted after 1, 2, 4 ... s
+RESTART_MAX_DELAY_S = 30.0
+RESTART_RESET_AFTER_S = 60.0  # a service that served this long starts again from the first delay
+POLL_S = 0.2
+
+
+def restart_delay(crashes: int) -> float:
+    """The wait before restarting a service after its ``crashes``-th exit in a row (1-based)."""
+    return min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** max(0, crashes - 1))
+
+
+async def supervise(child: ServiceProcess) -> None:
+    """Keep ``child`` running until cancelled: when it exits (a crash, an OOM kill: anything but
+    the shutdown, which cancels this first), log it and start the same command again (same
+    ports) after :func:`restart_delay`; the other services keep serving meanwhile. The backoff
+    starts over once a restarted service has run :data:`RESTART_RESET_AFTER_S`."""
+    crashes = 0
+    while True:
+        started = time.monotonic()
+        while child.process.poll() is None:  # polled: cancelling leaves no thread waiting
+            await asyncio.sleep(POLL_S)
+        if time.monotonic() - started >= RESTART_RESET_AFTER_S:
+            crashes = 0
+        crashes += 1
+        delay = restart_delay(crashes)
+        log.error(
+            "the %s service (pid %d) exited unexpectedly with code %s; restarting it in %.0f s "
+            "(exit %d in a row); the other services keep serving",
+            child.service, child.pid, child.process.returncode, delay, crashes,
+        )  # fmt: skip
+        await asyncio.sleep(delay)
+        try:
+            child.restart()
+        except OSError as exc:  # could not even start it: count it as another crash
+            log.error("could not restart the %s service: %s", child.service, exc)
+            continue
+        log.warning(
+            "restarted the %s service (pid %d) on %s", child.service, child.pid, child.address
+        )
 
 
 async def run_up(settings: UpSettings) -> int:
@@ -594,7 +641,10 @@ async def run_up(settings: UpSettings) -> int:
                     auth_disabled=no_auth,
                 )
             )  # fmt: skip
-        watched = [asyncio.ensure_future(asyncio.to_thread(c.process.wait)) for c in children]
+        for child in children:
+            log.info(
+                "started the %s service (pid %d) on %s", child.service, child.pid, child.address
+            )
         serving: asyncio.Future[Any] = asyncio.ensure_future(
             asyncio.gather(*(_serving(c, settings) for c in children))
         )
@@ -616,12 +666,12 @@ async def run_up(settings: UpSettings) -> int:
         scheduler = asyncio.ensure_future(
             Scheduler(settings, store, policy=serves_policy and settings.policy_retrain).run()
         )
-        done, _ = await asyncio.wait([stopped, *watched], return_when=asyncio.FIRST_COMPLETED)
+        supervisors = [asyncio.ensure_future(supervise(c)) for c in children]
+        await stopped  # only SIGTERM/SIGINT stop plaudit up: a crashed service is restarted
+        for supervisor in supervisors:
+            await _stop(supervisor)  # no restart from here on
         await _stop(scheduler)  # stops a running training child first
         store.close()
-        if stopped not in done:
-            log.error("a service exited unexpectedly; stopping the others")
-            return 1
         return 0
     finally:
         for child in reversed(children):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -180,7 +181,10 @@ def test_a_labelling_session_stores_each_label_once(page: Page, database_url: st
         [mouse] = [e for e in events if e.prompt == prompt[MOUSE]]
         assert mouse.metadata["comment"] == "B explains why."
         assert mouse.metadata["task_id"] == str(ids[MOUSE])
-        assert mouse.idempotency_key == f"t{ids[MOUSE]}.comparison.alice"
+        # the task, the kind and 128 random bits: nobody else can guess it (auth off: unscoped)
+        assert re.fullmatch(rf"t{ids[MOUSE]}\.comparison\.[0-9a-f]{{32}}", mouse.idempotency_key)
+        keyboard = next(e for e in events if e.prompt == prompt[KEYBOARD])
+        assert keyboard.idempotency_key.split(".")[-1] != mouse.idempotency_key.split(".")[-1]
         with urllib.request.urlopen(f"{base}/api/v1/stats?annotator_id=alice") as response:
             tasks = json.loads(response.read())["tasks"]
         assert tasks["pending"] == 1 and tasks["annotator"] == {"labelled": 6, "skipped": 1}
@@ -236,11 +240,12 @@ def test_a_database_outage_is_shown_clearly(page: Page) -> None:
 
 
 def test_a_service_with_api_keys_asks_for_one_and_sends_it(page: Page, tmp_path: Any) -> None:
-    """Without a key the page says so and asks; the key entered is kept and sent as a header."""
+    """Without a key the page says so and asks; the key entered is kept and sent as a header.
+    The key is dora's own (bound to the annotator of its name), so she labels as dora."""
     from plaudit.services.common.security.keys import hash_key, new_api_key
 
     key = new_api_key()
-    entry = {"name": "labellers", "sha256": hash_key(key), "roles": ["submit_feedback"]}
+    entry = {"name": "dora", "sha256": hash_key(key), "roles": ["submit_feedback"]}
     server = ServerThread(
         "feedback",
         database_url=f"sqlite:///{tmp_path / 'f.db'}",

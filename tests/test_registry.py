@@ -341,3 +341,84 @@ def test_trainer_loads_checkpoints_as_safetensors_only(tmp_path: Path) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(OSError, match="safetensors"):
         load_reward_model(resolve_backbone(str(folder)))
+
+
+# -- issue 17 item 8: concurrent promotions, and pruning that spares the live version -----------
+def test_concurrent_promotions_on_an_object_store_lose_no_history(
+    remote_reg: ModelRegistry, tmp_path: Path
+) -> None:
+    """The remote ``promotions.jsonl`` was read, extended and written back: two promotions at
+    once could lose a line. Each promotion is now an object of its own."""
+    import threading
+
+    versions = [f"v{i}" for i in range(8)]
+    for v in versions:
+        publish(remote_reg, tmp_path, v, v.encode())
+    # an older release's history file is still read, first
+    legacy = {"version": "v0", "previous": None, "at": "2020-01-01T00:00:00+00:00",
+              "reason": "legacy", "rollback": False}  # fmt: skip
+    remote_reg.fs.pipe_file(remote_reg.history, (json.dumps(legacy) + "\n").encode())
+    barrier = threading.Barrier(len(versions))
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        registry = ModelRegistry(remote_reg.root, cache_dir=tmp_path / "cache")  # another writer
+        barrier.wait()
+        try:
+            registry.promote(version, reason=f"thread {version}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    history = remote_reg.promotion_history()
+    assert history[0] == legacy
+    assert sorted(r["reason"] for r in history[1:]) == sorted(f"thread {v}" for v in versions)
+    assert [r["at"] for r in history[1:]] == sorted(r["at"] for r in history[1:])
+    remote_reg.promote("v3")
+    assert remote_reg.promotion_history()[-1]["version"] == "v3"  # the newest comes last
+
+
+def test_cache_pruning_never_deletes_the_promoted_version(
+    remote_reg: ModelRegistry, tmp_path: Path
+) -> None:
+    """Pruning by mtime deleted the live version's cached copy once it was the oldest (a model
+    that serves for weeks is never touched again). The promoted version is kept, however old."""
+    import os
+
+    for v in ("v1", "v2", "v3", "v4"):
+        publish(remote_reg, tmp_path, v, v.encode())
+    remote_reg.promote("v1")
+    remote_reg.checkout("v1")
+    live = remote_reg.cache_dir / "v1"
+    os.utime(live, (1_000_000, 1_000_000))  # served for ages: the oldest mtime by far
+    # another process (e.g. a trainer verifying candidates) fills the cache past cache_keep=2
+    other = ModelRegistry(remote_reg.root, cache_dir=tmp_path / "cache", cache_keep=2)
+    for v in ("v2", "v3", "v4"):
+        other.checkout(v)
+    cached = sorted(p.name for p in remote_reg.cache_dir.iterdir())
+    assert "v1" in cached, cached
+    assert cached == ["v1", "v3", "v4"]  # the live one, and the two ``other`` just used
+    _, folder = remote_reg.checkout("v1")  # a cache hit that still verifies
+    assert (folder / "model.onnx").read_bytes() == b"v1"
+
+
+def test_cache_pruning_spares_what_this_process_checked_out(
+    remote_reg: ModelRegistry, tmp_path: Path
+) -> None:
+    """A version this process loaded (e.g. before a promotion moved the pointer elsewhere, or
+    one being hot-swapped in) is not pruned by its own next download."""
+    import os
+
+    for v in ("v1", "v2", "v3"):
+        publish(remote_reg, tmp_path, v, v.encode())
+    remote_reg.checkout("v1")
+    os.utime(remote_reg.cache_dir / "v1", (1_000_000, 1_000_000))
+    remote_reg.checkout("v2")
+    os.utime(remote_reg.cache_dir / "v2", (2_000_000, 2_000_000))
+    remote_reg.checkout("v3")  # cache_keep=2: one of the two older copies goes, not v2
+    assert sorted(p.name for p in remote_reg.cache_dir.iterdir()) == ["v2", "v3"]

@@ -85,7 +85,7 @@ def as_(name: str | None) -> ClientCredentials:
 
 def comparison(key: str) -> pb.SubmitComparisonRequest:
     return pb.SubmitComparisonRequest(
-        prompt="Q?", chosen="good", rejected="bad", annotator_id="a", idempotency_key=key
+        prompt="Q?", chosen="good", rejected="bad", annotator_id="writer", idempotency_key=key
     )
 
 
@@ -373,7 +373,7 @@ def test_grpc_calls_need_a_key_with_the_right_role(keyed_feedback: ServerThread)
 
 def test_http_api_uses_the_same_keys_roles_and_rate_limits(keyed_feedback: ServerThread) -> None:
     base = keyed_feedback.http_url
-    event = {"prompt": "Q?", "chosen": "yes", "rejected": "no", "annotator_id": "a",
+    event = {"prompt": "Q?", "chosen": "yes", "rejected": "no", "annotator_id": "writer",
              "idempotency_key": "http-1"}  # fmt: skip
     status, body = http(base + "/api/v1/comparisons", "POST", event)
     assert status == 401 and body["error"]["code"] == "UNAUTHENTICATED"
@@ -382,7 +382,7 @@ def test_http_api_uses_the_same_keys_roles_and_rate_limits(keyed_feedback: Serve
     status, body = http(base + "/api/v1/comparisons", "POST", event, key=KEYS["reader"])
     assert status == 403 and body["error"]["code"] == "PERMISSION_DENIED"
     assert http(base + "/api/v1/comparisons", "POST", event, key=KEYS["writer"])[0] == 201
-    assert http(base + "/api/v1/tasks/next?annotator_id=a", key=KEYS["writer"])[0] == 200
+    assert http(base + "/api/v1/tasks/next?annotator_id=writer", key=KEYS["writer"])[0] == 200
     assert http(base + "/api/v1/stats", key=KEYS["writer"])[0] == 403
     assert http(base + "/api/v1/stats", key=KEYS["reader"])[0] == 200
     assert http(base + "/api/v1/nothing", key=KEYS["reader"])[0] == 404
@@ -401,7 +401,7 @@ def test_http_api_uses_the_same_keys_roles_and_rate_limits(keyed_feedback: Serve
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     status, body = http(base + "/api/v1/stats", key=KEYS["reader"])
     assert status == 429 and "rate limit" in body["error"]["message"]
-    assert http(base + "/api/v1/tasks/next?annotator_id=a", key=KEYS["writer"])[0] == 200
+    assert http(base + "/api/v1/tasks/next?annotator_id=writer", key=KEYS["writer"])[0] == 200
 
 
 # -- limits ---------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_a_body_over_its_routes_limit_is_413_before_it_is_read(
     status, _ = _post(base + "/api/v1/tasks/1/skip", {"annotator_id": "a" * 100_000})
     assert status == 413  # a skip takes an id: 64 KiB
     # a legitimate comparison at the text limits still fits
-    event = {"prompt": "\u0001" * 65536, "chosen": "a", "rejected": "b", "annotator_id": "x",
+    event = {"prompt": "\u0001" * 65536, "chosen": "a", "rejected": "b", "annotator_id": "writer",
              "idempotency_key": "big"}  # fmt: skip
     status, reply = _post(base + "/api/v1/comparisons", event)
     assert status == 201, reply
@@ -236,7 +236,7 @@ def test_http_calls_take_the_in_flight_limit_and_health_stays_open(
     feedback_http: ServerThread,
 ) -> None:
     base = feedback_http.http_url
-    event = {"prompt": "Q?", "chosen": "a", "rejected": "b", "annotator_id": "x",
+    event = {"prompt": "Q?", "chosen": "a", "rejected": "b", "annotator_id": "writer",
              "idempotency_key": "slow"}  # fmt: skip
     first: list[int] = []
     slow = threading.Thread(
@@ -252,34 +252,44 @@ def test_http_calls_take_the_in_flight_limit_and_health_stays_open(
     assert first == [201]
 
 
-def test_a_large_body_is_parsed_off_the_event_loop(feedback_http: ServerThread) -> None:
-    """An 8 MB import of 500,000 tiny objects (about 0.3 s or more of parsing): the loop that
-    serves gRPC and health keeps turning while it is parsed (inline, it stalled for the whole
-    parse)."""
-    gaps: list[float] = []
+def test_a_large_body_is_parsed_off_the_event_loop(
+    feedback_http: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8 MB import of 500,000 tiny objects: it is parsed in a worker thread, not on the loop
+    that serves gRPC and health (which keeps turning meanwhile). The thread that runs the
+    parser's per-object hook is recorded, so the check does not depend on timing."""
+    from plaudit.services.common import http as common_http
+
+    parser_threads: set[int] = set()
+    hook = common_http._same
+
+    def recording(value: dict[str, Any]) -> dict[str, Any]:
+        parser_threads.add(threading.get_ident())
+        return hook(value)
+
+    monkeypatch.setattr(common_http, "_same", recording)
+    loop_thread = asyncio.run_coroutine_threadsafe(_thread_ident(), feedback_http.loop).result(10)
+    ticks: list[float] = []
     stop = asyncio.Event()
 
     async def ticker() -> None:
-        last = time.perf_counter()
         while not stop.is_set():
             await asyncio.sleep(0.002)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+            ticks.append(time.perf_counter())
 
     running = asyncio.run_coroutine_threadsafe(ticker(), feedback_http.loop)
     body = json.dumps({"tasks": [{"metadata": {}}] * 500_000}, separators=(",", ":")).encode()
     assert len(body) < 8 * MiB
     time.sleep(0.2)
-    started = time.perf_counter()
+    before = len(ticks)
     status, reply = _post(feedback_http.http_url + "/api/v1/tasks", body)
-    took = time.perf_counter() - started
+    during = len(ticks) - before
     feedback_http.loop.call_soon_threadsafe(stop.set)
     running.result(10)
     assert status == 400 and reply["error"]["field"] == "tasks", reply  # parsed, then refused
-    inline = time.perf_counter()
-    json.loads(body)
-    inline = time.perf_counter() - inline
-    print(f"{len(body)} bytes: request {took:.2f} s, parse alone {inline:.2f} s, "
-          f"longest loop stall {max(gaps):.3f} s")  # fmt: skip
-    assert max(gaps) < 0.9 * inline  # parsed on the loop, the stall would be the whole parse
+    assert parser_threads and loop_thread not in parser_threads
+    assert during > 1  # the loop kept turning while the body was parsed
+
+
+async def _thread_ident() -> int:
+    return threading.get_ident()

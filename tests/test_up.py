@@ -405,3 +405,117 @@ def _submit(address: str, pairs: list[dict[str, str]]) -> None:
             for i, p in enumerate(pairs)
         )  # fmt: skip
         assert stub.SubmitBatch(events, timeout=60).accepted == len(pairs)
+
+
+# -- supervision -----------------------------------------------------------------------------------
+def test_restart_delay_backs_off_and_caps() -> None:
+    from plaudit.up import restart_delay
+
+    assert [restart_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_killed_reward_service_is_restarted_while_feedback_keeps_arriving(
+    tiny_registry: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Issue 17 item 8: ``plaudit up`` stopped every service when one child exited. SIGKILL the
+    reward service under load: feedback keeps being accepted (nothing acknowledged is lost),
+    scoring is back within seconds, and ``up`` keeps running until SIGTERM (then exits 0)."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_registry, home / "registry")  # no bootstrap
+    ports = {name: free_port() for name in ("reward", "rm", "feedback", "fm")}
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plaudit.cli", "up", "--home", str(home), "--no-generation",
+         "--train-backbone", str(tiny_checkpoint), "--retrain-min-pairs", "100000",
+         "--check-interval-s", "0.5", "--log-format", "text", "--log-level", "INFO",
+         "--reward-port", str(ports["reward"]), "--reward-metrics-port", str(ports["rm"]),
+         "--feedback-port", str(ports["feedback"]), "--feedback-metrics-port", str(ports["fm"]),
+         "--feedback-http-port", "0", "--reward-http-port", "0"],
+        cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    reward_addr = f"127.0.0.1:{ports['reward']}"
+    feedback_addr = f"127.0.0.1:{ports['feedback']}"
+    acknowledged: dict[str, int] = {}
+    submit_errors: list[str] = []
+    scores: list[tuple[float, bool]] = []  # (monotonic time, succeeded)
+    done = threading.Event()
+
+    def submit() -> None:
+        pairs = toy_pairs(400)
+        with grpc.insecure_channel(feedback_addr) as channel:
+            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            for i in range(100_000):
+                if done.is_set():
+                    return
+                p = pairs[i % len(pairs)]
+                key = f"sup{i}"
+                try:
+                    reply = stub.SubmitComparison(
+                        feedback_pb2.SubmitComparisonRequest(
+                            prompt=p["prompt"], chosen=p["chosen"] + f" ({i})",
+                            rejected=p["rejected"], annotator_id="tester", idempotency_key=key,
+                        ),
+                        timeout=10,
+                    )  # fmt: skip
+                    acknowledged[key] = reply.feedback_id
+                except grpc.RpcError as exc:
+                    submit_errors.append(str(exc.code()))
+                time.sleep(0.02)
+
+    def score() -> None:
+        with RewardClient(reward_addr) as reward:
+            while not done.is_set():
+                try:
+                    reward.score(["How are you?"], ["Fine, thanks."], timeout=2)
+                    scores.append((time.monotonic(), True))
+                except Exception:
+                    scores.append((time.monotonic(), False))
+                    time.sleep(0.1)
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=submit), threading.Thread(target=score)]
+    try:
+        wait_until_serving(feedback_addr, timeout=120)
+        wait_until_serving(reward_addr, timeout=120)
+        deadline = time.monotonic() + 60
+        while not (
+            found := re.search(r"started the reward service \(pid (\d+)\)", log.read_text())
+        ):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        reward_pid = int(found.group(1))
+        for thread in threads:
+            thread.start()
+        time.sleep(2)  # both under way
+        assert scores and scores[-1][1], log.read_text()[-3000:]
+        acked_before = len(acknowledged)
+        assert acked_before > 0, submit_errors
+        killed = time.monotonic()
+        os.kill(reward_pid, signal.SIGKILL)
+        while not any(ok and at > killed + 0.5 for at, ok in scores):
+            assert time.monotonic() - killed < 15, f"scoring not back: {log.read_text()[-3000:]}"
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        back_after = min(at for at, ok in scores if ok and at > killed + 0.5) - killed
+        time.sleep(1)  # feedback kept flowing through it all
+        done.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(acknowledged) > acked_before + 10, (len(acknowledged), submit_errors)
+        assert proc.poll() is None, "plaudit up stopped when the reward service died"
+        output = log.read_text()
+        assert f"the reward service (pid {reward_pid}) exited unexpectedly" in output, output
+        assert "restarted the reward service" in output
+        assert back_after < 10, back_after
+        with FeedbackReader(f"sqlite:///{(home / 'feedback.db').resolve()}") as store:
+            for key, feedback_id in acknowledged.items():
+                stored = store.get(feedback_id)
+                assert stored.event.idempotency_key == key
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+    finally:
+        done.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -32,7 +32,8 @@ from plaudit.services.common.errors import (
     ResourceExhaustedError,
 )
 from plaudit.services.common.metrics import GrpcMetrics
-from plaudit.services.common.security.guard import AccessGuard
+from plaudit.services.common.security.guard import CALLER, AccessGuard
+from plaudit.services.common.security.keys import Principal
 
 log = logging.getLogger("plaudit.rpc")
 
@@ -99,7 +100,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         wrapper = _Wrapper(self._metrics, self._guard, method, self._message_limit(method))
         try:  # from the metadata alone: nothing of the request has been read yet
-            self._guard.check(method, _authorization(handler_call_details.invocation_metadata))
+            wrapper.principal = self._guard.check(
+                method, _authorization(handler_call_details.invocation_metadata)
+            )
         except PlauditError as exc:
             return wrapper.refusal(exc)
         return wrapper.rebuild(handler)
@@ -115,6 +118,7 @@ class _Wrapper:
         self.method = call.lstrip("/")  # plaudit.v1.RewardService/Score: metrics and logs
         self.limit = limit  # bytes of one request message
         self.started = time.perf_counter()
+        self.principal: Principal | None = None  # the admitted caller: CALLER while served
 
     def refusal(self, exc: PlauditError) -> grpc.RpcMethodHandler:
         """A handler that answers ``exc`` (the guard's refusal) without reading the request:
@@ -174,8 +178,13 @@ class _Wrapper:
         try:
             checked = self._checked_stream if request_streaming else self._checked
             request = checked(request)
-            with self.guard.in_flight.slot():
-                yield request
+            caller = CALLER.set(self.principal)
+            try:
+                with self.guard.in_flight.slot():
+                    yield request
+            finally:
+                with contextlib.suppress(ValueError):  # a stream closed from another context
+                    CALLER.reset(caller)
         except BaseException as exc:
             code, message = self._classify(exc, context)
             if message is not None:

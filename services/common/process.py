@@ -32,6 +32,11 @@ class ServiceProcess:
     port: int
     metrics_port: int
     service: str = ""
+    command: tuple[str, ...] = ()  # what started it: :meth:`restart` runs it again
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     @property
     def address(self) -> str:
@@ -53,6 +58,14 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+    def restart(self) -> None:
+        """Start the same command again (same ports and arguments) after the old process exited."""
+        if self.process.poll() is None:
+            raise RuntimeError(f"the {self.service} service (pid {self.pid}) is still running")
+        if not self.command:
+            raise RuntimeError(f"the {self.service} service has no command to restart")
+        self.process = subprocess.Popen(list(self.command))
 
 
 def start_service(
@@ -83,7 +96,9 @@ def start_service(
         "--log-level", log_level,
         *(["--auth-disabled"] if auth_disabled else []), *args,
     ]  # fmt: skip
-    return ServiceProcess(subprocess.Popen(command), port, metrics_port, service)
+    return ServiceProcess(
+        subprocess.Popen(command), port, metrics_port, service, command=tuple(command)
+    )
 
 
 def metric_value(text: str, name: str) -> float:

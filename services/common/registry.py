@@ -4,7 +4,8 @@ Layout (one namespace per model kind)::
 
     <root>/<kind>/versions/<version>/manifest.json   # plus model.onnx, tokenizer files, ...
     <root>/<kind>/promoted.json                     # {"version": ..., "at": ...}
-    <root>/<kind>/promotions.jsonl                  # append-only history of promotions
+    <root>/<kind>/promotions.jsonl                  # append-only history of promotions (local)
+    <root>/<kind>/promotions/<at>-<random>.json     # one object per promotion (object stores)
 
 ``<root>`` is a local directory (the default) or an fsspec URL (``s3://bucket/prefix``,
 ``gs://...``, ``az://...``, with the matching fsspec package installed: ``pip install
@@ -15,7 +16,11 @@ Publishing is atomic: a reader never sees half a version. In a local directory t
 copied into a staging folder beside ``versions/`` and renamed into place. Object stores have no
 rename, so there the files are uploaded first and ``manifest.json`` last, in one PUT: a version
 exists only once its manifest does (listing skips a folder without one). The promotion pointer is
-replaced atomically (local: write aside, fsync, rename; object store: one PUT).
+replaced atomically (local: write aside, fsync, rename; object store: one PUT). The promotion
+history is appended to ``promotions.jsonl`` locally (``O_APPEND``); object stores cannot append,
+so there each promotion is its own object under ``promotions/``, named by its time and a random
+suffix: two promotions at once both land, none overwrites the other (a ``promotions.jsonl`` left
+by an older release is still read, before them).
 
 Every file of a version is listed in its manifest with its sha256, and :meth:`ModelRegistry.
 checkout` checks them before a server uses the version: a listed file that differs or is
@@ -480,9 +485,11 @@ class ModelRegistry:
         self.versions_dir = _join(self.base, "versions")
         self.pointer = _join(self.base, "promoted.json")
         self.history = _join(self.base, "promotions.jsonl")
+        self.history_dir = _join(self.base, "promotions")
         slug = hashlib.sha256(self.root.encode()).hexdigest()[:16]
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE) / slug / kind
         self.cache_keep = cache_keep
+        self._checked_out: list[str] = []  # the last versions this process checked out
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self.root!r}, {self.kind!r})"
@@ -557,11 +564,26 @@ class ModelRegistry:
         return None if record is None else str(record["version"])
 
     def promotion_history(self) -> list[dict[str, Any]]:
+        """Every promotion, oldest first: ``promotions.jsonl``, then (object stores) the
+        one-object-per-promotion records under ``promotions/`` in name (time) order."""
         try:
             text = self._read(self.history).decode()
         except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+            text = ""
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if self.is_local:
+            return records
+        self.fs.invalidate_cache(self.history_dir)
+        try:
+            names = sorted(
+                n for n in self.fs.ls(self.history_dir, detail=False) if n.endswith(".json")
+            )
+        except FileNotFoundError:
+            return records
+        if names:
+            found = self.fs.cat(names)  # one request per object, concurrent where supported
+            records += [json.loads(found[name]) for name in names if name in found]
+        return records
 
     def checkout(self, version: str) -> tuple[ModelManifest, Path]:
         """A verified local folder holding ``version``, and its manifest.
@@ -584,9 +606,17 @@ class ModelRegistry:
                 shutil.rmtree(target, ignore_errors=True)
             else:
                 os.utime(target)  # most recently used
+                self._used(version)
                 return manifest, target
+        self._used(version)  # before the download prunes: never prune what is being fetched
         self._download(version, manifest, target)
         return manifest, target
+
+    def _used(self, version: str) -> None:
+        """Remember ``version`` among the two last checked out here (the live one, and the one
+        a hot swap is loading): the cache never prunes them."""
+        others = [v for v in self._checked_out if v != version]
+        self._checked_out = [*others[-1:], version]
 
     def open_version(self, version: str) -> VersionFolder:
         """:meth:`checkout` as a :class:`VersionFolder` a loader opens files through."""
@@ -646,9 +676,22 @@ class ModelRegistry:
 
     def _prune_cache(self, *, room_for_one: bool = False) -> None:
         """Keep the ``cache_keep`` most recently used cached versions (one fewer when a download
-        is about to add one) and drop downloads left behind by a crash (over an hour old)."""
+        is about to add one) and drop downloads left behind by a crash (over an hour old).
+
+        Never pruned, whatever their age: the promoted version and the last ones this process
+        checked out (a version serving for weeks keeps an old mtime; deleting its copy would
+        leave the live model without files to reload or verify)."""
         stale = time.time() - 3600
+        protected = set(self._checked_out)
+        try:
+            promoted = self.promoted()
+        except Exception as exc:  # the store is unreachable or the pointer malformed
+            log.warning("cache pruning could not read the promoted version: %s", exc)
+            promoted = None
+        if promoted is not None:
+            protected.add(promoted)
         mtimes: dict[Path, float] = {}
+        kept = 0  # protected copies present: they take their places among the ``keep``
         for path in self.cache_dir.iterdir():
             try:  # another process may delete entries while we look
                 mtime = path.stat().st_mtime
@@ -657,9 +700,12 @@ class ModelRegistry:
             if path.name.startswith(".download-") and mtime < stale:
                 shutil.rmtree(path, ignore_errors=True)
             elif path.is_dir() and not path.name.startswith("."):
-                mtimes[path] = mtime
-        keep = max(self.cache_keep - int(room_for_one), 1 - int(room_for_one))
-        for old in sorted(mtimes, key=mtimes.__getitem__, reverse=True)[keep:]:
+                if path.name in protected:
+                    kept += 1
+                else:
+                    mtimes[path] = mtime
+        keep = max(self.cache_keep - int(room_for_one), 1 - int(room_for_one)) - kept
+        for old in sorted(mtimes, key=mtimes.__getitem__, reverse=True)[max(keep, 0) :]:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- writing ---------------------------------------------------------------------------
@@ -729,13 +775,12 @@ class ModelRegistry:
                 fh.flush()
                 os.fsync(fh.fileno())
             return
-        # object stores cannot append: read, extend, write back (promotions are rare, manual or
-        # from one trainer; two promoting at the same instant could lose one history line)
-        try:
-            old = self._read(self.history)
-        except FileNotFoundError:
-            old = b""
-        self.fs.pipe_file(self.history, old + line.encode())
+        # object stores cannot append, and read-extend-write loses a line to a concurrent
+        # promotion: each promotion is a new object of its own (no two share a name)
+        at = datetime.fromisoformat(str(record["at"])).astimezone(UTC)  # names sort as times
+        stamp = at.strftime("%Y%m%dT%H%M%S.%fZ")
+        name = f"{stamp}-{secrets.token_hex(8)}.json"
+        self.fs.pipe_file(_join(self.history_dir, name), line.encode())
 
     def promote(self, version: str, *, reason: str = "manual", rollback: bool = False) -> None:
         """Point serving at ``version`` (which must verify) and record it in the history."""

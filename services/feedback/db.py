@@ -218,7 +218,10 @@ def describe_database_error(exc: BaseException) -> str:
 
 @contextmanager
 def database_errors(action: str) -> Iterator[None]:
-    """Turn any database failure into :class:`UnavailableError` (logged once, with cause)."""
+    """Turn any database failure into :class:`UnavailableError`, logged once with its cause.
+
+    The driver's text stays in the server log: it can name database hosts, users, ports or
+    tables, so the error a caller sees says only what was being done (issue 17 item 8)."""
     try:
         yield
     except PlauditError:
@@ -228,4 +231,6 @@ def database_errors(action: str) -> Iterator[None]:
         log.error(
             "feedback database error", extra={"action": action, "reason": reason}, exc_info=exc
         )
-        raise UnavailableError(f"feedback database unavailable while {action}: {reason}") from exc
+        raise UnavailableError(
+            f"feedback database unavailable while {action}; retry later"
+        ) from exc

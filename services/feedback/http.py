@@ -26,6 +26,8 @@ request first passes the authenticator: :func:`api_key_authenticator` (the
 ``Authorization: Bearer <key>`` header, checked by the gRPC server's own
 :class:`~plaudit.services.common.security.guard.AccessGuard`: same keys and rate limits, roles from
 :data:`~plaudit.services.feedback.access.ROUTE_ROLES`), or :func:`allow_all` with ``auth_disabled``.
+With keys, the annotator of every submission, lease and skip is bound to the key, idempotency
+keys are scoped to it and its task leases are limited (:mod:`~plaudit.services.feedback.identity`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from plaudit.services.common.batching import DynamicBatcher
 from plaudit.services.common.errors import InvalidArgumentError, PlauditError
 from plaudit.services.common.http import (
     JSON_TEXT_FACTOR,
+    PRINCIPAL,
     Authenticator,
     HttpServer,
     json_app,
@@ -71,6 +75,7 @@ from plaudit.services.feedback.domain import (
     Ranking,
     SubmitResult,
 )
+from plaudit.services.feedback.identity import Caller, LeaseLimit
 from plaudit.services.feedback.metrics import FeedbackMetrics
 from plaudit.services.feedback.settings import FeedbackSettings
 from plaudit.services.feedback.store import FeedbackStore
@@ -181,12 +186,20 @@ class FeedbackHttpApi:
         metrics: FeedbackMetrics,
         is_serving: Callable[[], bool],
         max_tasks_per_import: int,
+        any_annotator_keys: Collection[str] = (),
+        max_leases_per_principal: int = 0,
     ) -> None:
         self._store = store
         self._core = FeedbackCore(store, batcher, metrics)
         self._picker = picker
         self._is_serving = is_serving
         self._max_tasks = max_tasks_per_import
+        self._any_annotator_keys = frozenset(any_annotator_keys)
+        self._leases = LeaseLimit(max_leases_per_principal)
+
+    def _caller(self, request: web.Request) -> Caller:
+        """Who is calling (see :mod:`~plaudit.services.feedback.identity`)."""
+        return Caller.of(request.get(PRINCIPAL), self._any_annotator_keys)
 
     def routes(self) -> list[web.RouteDef]:
         routes = [
@@ -217,12 +230,13 @@ class FeedbackHttpApi:
         self, kind: FeedbackKind
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
-            return await self._submit(kind, await read_json(request))
+            return await self._submit(kind, await read_json(request), self._caller(request))
 
         return handler
 
-    async def _submit(self, kind: FeedbackKind, body: object) -> web.Response:
+    async def _submit(self, kind: FeedbackKind, body: object, caller: Caller) -> web.Response:
         event, task_id = event_from_json(kind, body)
+        event = caller.bind(event)
 
         async def check_task(event: FeedbackEvent) -> None:
             if task_id is not None:
@@ -237,6 +251,7 @@ class FeedbackHttpApi:
             reply["task_labels"] = await self._picker.record_label(
                 task_id, event.annotator_id, outcome.feedback_id
             )
+            self._leases.release(caller, event.annotator_id)
         return web.json_response(reply, status=200 if outcome.duplicate else 201)
 
     # -- tasks ----------------------------------------------------------------------------
@@ -261,8 +276,19 @@ class FeedbackHttpApi:
         )
 
     async def next_task(self, request: web.Request) -> web.Response:
-        annotator = request.query.get("annotator_id", "")
-        pick: TaskPick | None = await self._picker.next_task(annotator)
+        caller = self._caller(request)
+        annotator = caller.annotator(request.query.get("annotator_id", ""))
+        new = self._leases.reserve(
+            caller, annotator, now_ms=int(time.time() * 1000), lease_ms=self._picker.lease_ms
+        )
+        try:
+            pick: TaskPick | None = await self._picker.next_task(annotator)
+        except BaseException:
+            if new:
+                self._leases.release(caller, annotator)
+            raise
+        if pick is None and new:
+            self._leases.release(caller, annotator)
         queue = await self._picker.stats(annotator)
         labels = self._picker.labels_per_task
         return web.json_response(
@@ -282,7 +308,10 @@ class FeedbackHttpApi:
     async def skip_task(self, request: web.Request) -> web.Response:
         body = _check_fields(await read_json(request), frozenset({"annotator_id"}), "a skip")
         task_id = int(request.match_info["task_id"])
-        await self._picker.skip(task_id, body.get("annotator_id", ""))
+        caller = self._caller(request)
+        annotator = caller.annotator(body.get("annotator_id", ""))
+        await self._picker.skip(task_id, annotator)
+        self._leases.release(caller, annotator)
         return web.json_response({"skipped": True})
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -358,6 +387,8 @@ def feedback_http_server(
         metrics=metrics,
         is_serving=is_serving,
         max_tasks_per_import=settings.max_events_per_batch,
+        any_annotator_keys=settings.any_annotator_keys,
+        max_leases_per_principal=settings.max_leases_per_principal,
     )
     return FeedbackHttpServer(
         make_app(api, metrics, authenticate, limits=body_limits(settings), in_flight=in_flight),

@@ -20,8 +20,10 @@ import grpc
 
 from plaudit.services.common.batching import DynamicBatcher
 from plaudit.services.common.errors import InvalidArgumentError, PlauditError
+from plaudit.services.common.security.guard import CALLER
 from plaudit.services.feedback.core import FeedbackCore, Outcome, event_from_proto, stats_to_proto
 from plaudit.services.feedback.domain import DerivedPair, FeedbackEvent
+from plaudit.services.feedback.identity import Caller
 from plaudit.services.feedback.metrics import FeedbackMetrics
 from plaudit.services.feedback.settings import FeedbackSettings
 from plaudit.services.feedback.store import FeedbackStore
@@ -57,10 +59,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self._settings = settings
         self._metrics = metrics
 
+    def _caller(self) -> Caller:
+        """The caller of the call being served (set by the server's interceptor)."""
+        return Caller.of(CALLER.get(), self._settings.any_annotator_keys)
+
     async def _submit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Every unary ``Submit*``: the request's event through the core; the reply of the same
         name (each has ``feedback_id`` and ``duplicate``)."""
-        event = event_from_proto(request)
+        event = self._caller().bind(event_from_proto(request))
         result = await self._core.submit(event, timeout=context.time_remaining())
         reply = getattr(feedback_pb2, request.DESCRIPTOR.name.replace("Request", "Response"))
         return reply(feedback_id=str(result.feedback_id), duplicate=result.duplicate)
@@ -77,6 +83,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         results: list[feedback_pb2.EventResult | None] = []
         chunk: list[tuple[int, FeedbackEvent]] = []
         committing: asyncio.Task[None] | None = None
+        caller = self._caller()
 
         async def commit(part: list[tuple[int, FeedbackEvent]]) -> None:
             outcomes = await asyncio.to_thread(self._core.commit, [event for _, event in part])
@@ -99,8 +106,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     )
                 results.append(None)
                 try:
-                    chunk.append((index, event_from_proto(message)))
-                except InvalidArgumentError as exc:
+                    chunk.append((index, caller.bind(event_from_proto(message))))
+                except PlauditError as exc:  # a bad event, or one the caller may not submit
                     results[index] = _refused(index, exc)
                 if len(chunk) >= chunk_size:  # commit while the rest of the stream arrives
                     if committing is not None:

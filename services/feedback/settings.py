@@ -88,6 +88,14 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
     task_lease_s: float = Field(
         600.0, gt=0, description="how long a task handed to an annotator is held for them"
     )
+    any_annotator_keys: list[str] = Field(
+        [],
+        description="names of API keys that may label as any annotator_id (imports, trusted "
+        "front ends); every other key labels only as the annotator of its own name",
+    )
+    max_leases_per_principal: int = Field(
+        4, ge=0, description="annotators one API key may hold task leases for at once (0 = any)"
+    )
     reward_addr: str = Field(
         "", description="reward service host:port for active learning (empty: off)"
     )

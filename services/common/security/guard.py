@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from plaudit.services.common.security.keys import (
     ApiKeyEntries,
     KeyStore,
     Principal,
+    ReloadingKeyStore,
     Role,
     load_keys_file,
     parse_bearer,
@@ -37,12 +39,17 @@ CallRoles = Mapping[str, Role]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+CALLER: ContextVar[Principal | None] = ContextVar("plaudit_caller", default=None)
+"""The principal of the gRPC call being served, set by the server's interceptor around the
+servicer (None outside a call; :data:`~plaudit.services.common.security.keys.ANONYMOUS` while
+authentication is off). HTTP handlers read ``request[PRINCIPAL]`` instead."""
+
 
 @dataclass(frozen=True, eq=False)
 class AccessGuard:
     """Decides every call: who is calling (key), may they (``call_roles``), may they now (rate)."""
 
-    keys: KeyStore | None
+    keys: KeyStore | ReloadingKeyStore | None
     call_roles: CallRoles
     rate: RateLimiter = field(default_factory=lambda: RateLimiter(0))
     in_flight: InFlightLimit = field(default_factory=lambda: InFlightLimit(0))
@@ -168,9 +175,14 @@ class ServerSecurity:
                 extra={"once": "auth-disabled"},  # said once per process tree
             )
         try:
-            keys = None if settings.auth_disabled else KeyStore(entries)
+            keys: KeyStore | ReloadingKeyStore | None = (
+                None if settings.auth_disabled else KeyStore(entries)
+            )
         except ValueError as exc:  # duplicate names or hashes
             raise FailedPreconditionError(str(exc)) from exc
+        if isinstance(keys, KeyStore) and settings.api_keys_file is not None:
+            # the file's keys rotate without a restart
+            keys = ReloadingKeyStore(list(settings.api_keys), settings.api_keys_file, keys)
         guard = AccessGuard(
             keys,
             call_roles,

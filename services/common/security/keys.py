@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import os
 import secrets
+import threading
+import time
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +19,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from plaudit.services.common.errors import UnauthenticatedError
+
+log = logging.getLogger(__name__)
 
 Role = Literal["score", "generate", "submit_feedback", "read_feedback", "admin"]
 """Roles are independent: none implies another (``admin`` is only AdminService)."""
@@ -122,3 +128,82 @@ ApiKeyEntries = Annotated[list[ApiKeyEntry], BeforeValidator(_parse_entries)]
 def load_keys_file(path: Path) -> list[ApiKeyEntry]:
     """Entries from a JSON file: a list of entries, or ``{"keys": [...]}``."""
     return [ApiKeyEntry.model_validate(item) for item in _parse_entries(path.read_text())]
+
+
+KEYS_FILE_CHECK_S = 1.0
+"""How often (at most) a server looks whether its keys file changed: on use, one ``stat``."""
+
+
+class ReloadingKeyStore:
+    """The inline keys plus those of ``path``, re-read when the file changes, so keys rotate
+    without a restart (issue 17 item 8).
+
+    On use, at most every ``check_interval_s``, the file is ``stat``-ed; when its mtime, size or
+    inode changed (a Kubernetes Secret update swaps a symlink: a new inode) it is read and the
+    key set replaced in one assignment: a call admitted before keeps going, the next call is
+    decided by the new set. A file that does not parse, does not validate, is missing, or would
+    leave no key at all (a half-written file) is refused with an ERROR and the previous set kept;
+    the next change of the file is tried again.
+    """
+
+    def __init__(
+        self,
+        inline: Sequence[ApiKeyEntry],
+        path: Path,
+        initial: KeyStore,
+        *,
+        check_interval_s: float = KEYS_FILE_CHECK_S,
+    ) -> None:
+        self.path = path
+        self._inline = list(inline)
+        self._store = initial
+        self._interval = check_interval_s
+        self._lock = threading.Lock()
+        self._stamp = self._file_stamp()
+        self._next_check = time.monotonic() + check_interval_s
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> KeyStore:
+        """The key set in force, after a look at the file when one is due."""
+        now = time.monotonic()
+        if now >= self._next_check and self._lock.acquire(blocking=False):
+            try:  # one caller looks; the others go on with the set in force
+                self._next_check = now + self._interval
+                self.reload_if_changed()
+            finally:
+                self._lock.release()
+        return self._store
+
+    def reload_if_changed(self) -> bool:
+        """Read the file again if it changed since the last look; True if the set was replaced."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            entries = self._inline + load_keys_file(self.path)
+            if not entries:
+                raise ValueError("no keys left (refused: stop the server to shut every key out)")
+            store = KeyStore(entries)
+        except (OSError, ValueError) as exc:
+            log.error(
+                "API keys file not reloaded; the previous keys stay in force",
+                extra={"path": str(self.path), "error": str(exc)[:300]},
+            )
+            return False
+        self._store = store
+        log.warning("API keys reloaded", extra={"path": str(self.path), "keys": len(store)})
+        return True
+
+    def __len__(self) -> int:
+        return len(self.current())
+
+    def identify(self, key: str) -> Principal:
+        """The principal of ``key`` in the current set; UNAUTHENTICATED when none matches."""
+        return self.current().identify(key)

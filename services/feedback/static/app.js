@@ -1,8 +1,10 @@
 // Plaudit labelling page: fetches the next task, collects one label, submits it exactly once.
 //
-// Every label is sent with an idempotency key made of the task, the kind of label and the
-// annotator, so a retry after a lost answer is stored once by the server; the submit button is
-// disabled while a submission is in flight, so a double click sends one request.
+// Every label is sent with an idempotency key made of the task, the kind of label and 128 random
+// bits (crypto.getRandomValues) drawn once per task and kept in this tab's sessionStorage until
+// the label is stored, so a retry after a lost answer (or a reload) is stored once by the server,
+// and nobody else can guess the key to pre-empt it; the submit button is disabled while a
+// submission is in flight, so a double click sends one request.
 //
 // A service that requires API keys gets one from the login form: it is kept in this browser's
 // localStorage and sent as "Authorization: Bearer <key>" with every API call (never in URLs).
@@ -12,6 +14,7 @@
   const ANNOTATOR_KEY = "plaudit.annotator";
   const API_KEY_KEY = "plaudit.apiKey";
   const SESSION_KEY = "plaudit.session";
+  const NONCE_KEY = "plaudit.nonce.";
   const API = "api/v1/";
   const RATING_SCALE = [1, 5];
   const LETTERS = "ABCDEFGHIJKLMNOP";
@@ -440,8 +443,25 @@
   }
 
   // -- submitting ---------------------------------------------------------------------------------
+  // The random part of a task's idempotency keys: drawn once per task, kept until it is labelled.
+  function nonce(taskId) {
+    const name = NONCE_KEY + taskId;
+    let value = sessionStorage.getItem(name);
+    if (!value) {
+      const bytes = new Uint8Array(16);
+      crypto.getRandomValues(bytes);
+      value = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+      sessionStorage.setItem(name, value);
+    }
+    return value;
+  }
+
+  function forgetNonce(taskId) {
+    sessionStorage.removeItem(NONCE_KEY + taskId);
+  }
+
   function key(kind) {
-    return `t${state.task.task_id}.${kind}.${state.annotator}`;
+    return `t${state.task.task_id}.${kind}.${nonce(state.task.task_id)}`;
   }
 
   // The label as API calls, or a message saying what is missing.
@@ -499,6 +519,7 @@
     $("status").textContent = "Saving…";
     try {
       for (const [path, body] of calls) await api("POST", path, body);
+      forgetNonce(state.task.task_id);
       state.session.labelled += 1;
       saveSession();
       $("status").textContent = "Saved";
@@ -506,6 +527,7 @@
     } catch (err) {
       if (err instanceof ApiError && err.status === 409) {
         // the same key was stored with a different answer: this task is already labelled
+        forgetNonce(state.task.task_id);
         state.session.labelled += 1;
         saveSession();
         showBanner("You had already labelled this task; your first answer was kept.", false);
