@@ -55,11 +55,15 @@ class DemoSettings(ClientSecuritySettings):
     generation_addr: str = Field("127.0.0.1:50053", description="generation service address")
     policy: bool = Field(True, description="also show the policy half (retrain, gate, swap)")
     policy_budget: int = Field(
-        48, ge=1, description="prompts each policy training samples (rejection sampling)"
+        32, ge=1, description="prompts each policy training samples (rejection sampling)"
     )
-    policy_eval_prompts: int = Field(48, ge=1, description="held-out prompts of the policy gate")
+    policy_eval_prompts: int = Field(32, ge=1, description="held-out prompts of the policy gate")
+    policy_max_new_tokens: int = Field(48, ge=1, description="tokens per policy sample")
     train_max_steps: int = Field(
-        0, ge=0, description="optimizer steps per reward training (0: one epoch)"
+        50,
+        ge=0,
+        description="optimizer steps per reward training (0: one epoch; 50 keeps the demo "
+        "within 15 minutes on 2 cores)",
     )
     waves: int = Field(2, ge=1, description="waves of feedback")
     wave_size: int = Field(
@@ -269,6 +273,7 @@ def _up_command(settings: DemoSettings, wave_size: int) -> list[str]:
         "--check-interval-s", "3", "--log-format", "text",
         "--policy-budget", str(settings.policy_budget),
         "--policy-eval-prompts", str(settings.policy_eval_prompts),
+        "--policy-max-new-tokens", str(settings.policy_max_new_tokens),
     ]  # fmt: skip
     if settings.train_max_steps:
         command += ["--train-max-steps", str(settings.train_max_steps)]
