@@ -55,7 +55,7 @@ class DemoSettings(ClientSecuritySettings):
     generation_addr: str = Field("127.0.0.1:50053", description="generation service address")
     policy: bool = Field(True, description="also show the policy half (retrain, gate, swap)")
     policy_budget: int = Field(
-        32, ge=1, description="prompts each policy training samples (rejection sampling)"
+        24, ge=1, description="per policy training: DPO steps (prompts for rejection sampling)"
     )
     policy_eval_prompts: int = Field(32, ge=1, description="held-out prompts of the policy gate")
     policy_max_new_tokens: int = Field(48, ge=1, description="tokens per policy sample")
@@ -395,7 +395,7 @@ def _policy_round(
     wave: int,
 ) -> PolicyRow | None:
     """Wait for the policy training a promoted reward model starts, and its swap."""
-    _say("      the policy retrains against it (rejection sampling from the live policy) ...")
+    _say("      the policy retrains from the live one; the new reward model judges it ...")
     started = time.monotonic()
     since = time.time() - 60
     deadline = started + settings.wave_timeout_s

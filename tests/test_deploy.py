@@ -787,7 +787,7 @@ def test_policy_trainer_trains_after_a_new_reward_model(docs: list[Doc], overlay
     args = list(c["args"])
     env = container_env(docs, cron, c)
     assert args[:2] == ["train", "policy"]
-    assert flag_value(args, "--method") == "rejection-sampling"
+    assert flag_value(args, "--method") == "dpo"
     assert flag_value(args, "--base") == "live", "start from the live policy's checkpoint"
     assert {"--only-after-new-reward", "--promote"} <= set(args)
 

@@ -277,16 +277,26 @@ def train_dpo(
     train_c, train_r = encode(train)
     held_c, held_r = encode(held_out)
     n, m = len(train), len(held_out)
+    lengths = np.array([max(len(c), len(r)) for c, r in zip(train_c, train_r, strict=True)])
+    steps = run.epochs(lengths, cfg.epochs, cfg.max_steps)
+    # reference log-probs of the pairs the steps use (a max_steps budget uses few of many)
+    used = sorted({int(i) for step in steps for micro in step.micro for i in micro})
+    ref_c_np, ref_r_np = np.zeros(n), np.zeros(n)
     with run.reference.use(run.model) as ref:
-        ref_train = completion_logprobs(
-            ref, [*train_c, *train_r], pad, device, batch_size=2 * cfg.batch_size
+        ref_used = completion_logprobs(
+            ref,
+            [*(train_c[i] for i in used), *(train_r[i] for i in used)],
+            pad,
+            device,
+            batch_size=2 * cfg.batch_size,
         )
         # batched exactly as the evaluation batches the policy: equal models, equal numbers
         ref_held = completion_logprobs(
             ref, [*held_c, *held_r], pad, device, batch_size=2 * cfg.batch_size
         )
-    ref_c = torch.tensor(ref_train[:n], dtype=torch.float32, device=device)
-    ref_r = torch.tensor(ref_train[n:], dtype=torch.float32, device=device)
+    ref_c_np[used], ref_r_np[used] = ref_used[: len(used)], ref_used[len(used) :]
+    ref_c = torch.tensor(ref_c_np, dtype=torch.float32, device=device)
+    ref_r = torch.tensor(ref_r_np, dtype=torch.float32, device=device)
     ref_held_c, ref_held_r = ref_held[:m], ref_held[m:]
     weight = torch.tensor([p.weight for p in train], dtype=torch.float32, device=device)
 
@@ -319,8 +329,6 @@ def train_dpo(
         )
         return loss, dpo_metrics(chosen.cpu().numpy(), rejected.cpu().numpy())
 
-    lengths = np.array([max(len(c), len(r)) for c, r in zip(train_c, train_r, strict=True)])
-    steps = run.epochs(lengths, cfg.epochs, cfg.max_steps)
     fit = run.fit(steps, len(steps), micro_loss, LoopSettings.of(cfg, desc="dpo"), evaluate)
     initial = fit.evals[0]
     return {
