@@ -261,12 +261,15 @@ class _Run:
 def train_dpo(
     run: _Run, cfg: DPOConfig, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair]
 ) -> dict[str, float]:
-    """DPO on ``train``; held-out implicit-reward accuracy before training and after each epoch.
+    """DPO on ``train``; held-out implicit-reward accuracy before training and after each epoch,
+    on at most ``max(cfg.eval_prompts, 16)`` held-out pairs (each evaluation is a forward pass
+    over all of them, which on a large store would cost more than a short training).
 
-    The reference log-probs of every completion are computed once, up front, with the
-    reference model; training then needs only the policy's forward passes.
+    The reference log-probs of the completions the steps use are computed once, up front, with
+    the reference model; training then needs only the policy's forward passes.
     """
     tok, pad, device = run.tokens, run.tokens.pad_id, run.device
+    held_out = held_out[: max(cfg.eval_prompts, 16)]
 
     def encode(pairs: Sequence[PreferencePair]) -> tuple[list[TokenRow], list[TokenRow]]:
         prompts = [p.prompt for p in pairs]
