@@ -127,6 +127,12 @@ def api_key_authenticator(guard: AccessGuard, route_roles: CallRoles) -> Authent
     return authenticate
 
 
+def authenticator(guard: AccessGuard, route_roles: CallRoles) -> Authenticator:
+    """The authenticator of a service's HTTP front end: :func:`api_key_authenticator` deciding
+    ``route_roles`` when its guard requires keys, else :func:`allow_all`."""
+    return api_key_authenticator(guard, route_roles) if guard.auth_required else allow_all
+
+
 # -- JSON ------------------------------------------------------------------------------------------
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON; INVALID_ARGUMENT on ``body`` when it is not JSON (content type,

@@ -22,7 +22,7 @@ same group-commit batcher), so idempotency and durability are the same. Errors a
 :class:`PlauditError` s, mapped to HTTP in one place (:func:`error_response`):
 ``{"error": {"code": "INVALID_ARGUMENT", "field": "chosen", "message": "chosen: must not be
 empty or whitespace only"}}`` with 400, and likewise 404, 409, 429, 503. Every ``/api/``
-request first passes the authenticator: :func:`api_key_authenticator` (the
+request first passes the authenticator: :func:`~plaudit.services.common.http.authenticator` (the
 ``Authorization: Bearer <key>`` header, checked by the gRPC server's own
 :class:`~plaudit.services.common.security.guard.AccessGuard`: same keys and rate limits, roles from
 :data:`~plaudit.services.feedback.access.ROUTE_ROLES`), or :func:`allow_all` with ``auth_disabled``.
@@ -52,14 +52,11 @@ from plaudit.services.common.http import (
     json_app,
     read_json,
 )
-from plaudit.services.common.http import api_key_authenticator as common_api_key_authenticator
-from plaudit.services.common.security.guard import AccessGuard
 from plaudit.services.common.security.limits import (
     SMALL_MESSAGE_BYTES,
     InFlightLimit,
     MessageLimits,
 )
-from plaudit.services.feedback.access import ROUTE_ROLES
 from plaudit.services.feedback.core import (
     REQUEST_OF_KIND,
     FeedbackCore,
@@ -87,12 +84,6 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().with_name("static")
 
 _TASK_FIELDS = frozenset({"prompt", "completions", "key", "metadata", "source"})
-
-
-def api_key_authenticator(guard: AccessGuard) -> Authenticator:
-    """The shared API-key authenticator deciding this API's routes
-    (:data:`~plaudit.services.feedback.access.ROUTE_ROLES`)."""
-    return common_api_key_authenticator(guard, ROUTE_ROLES)
 
 
 # -- JSON -> domain ---------------------------------------------------------------------------

@@ -17,13 +17,13 @@ import logging
 
 from plaudit.services.common.batching import BatchingConfig, DynamicBatcher
 from plaudit.services.common.errors import PlauditError, UnavailableError
-from plaudit.services.common.http import allow_all
+from plaudit.services.common.http import authenticator
 from plaudit.services.common.security.guard import ServerSecurity
 from plaudit.services.common.server import GrpcService, wait_for_termination
-from plaudit.services.feedback.access import CALL_ROLES
+from plaudit.services.feedback.access import CALL_ROLES, ROUTE_ROLES
 from plaudit.services.feedback.core import Outcome, commit_events
 from plaudit.services.feedback.domain import FeedbackEvent, FeedbackLimits
-from plaudit.services.feedback.http import api_key_authenticator, feedback_http_server
+from plaudit.services.feedback.http import feedback_http_server
 from plaudit.services.feedback.metrics import FeedbackMetrics
 from plaudit.services.feedback.servicer import FeedbackServicer
 from plaudit.services.feedback.settings import FeedbackSettings
@@ -77,9 +77,7 @@ class FeedbackServer:
             metrics=self.metrics,
             is_serving=lambda: self.database_up,
             settings=settings,
-            authenticate=(
-                api_key_authenticator(security.guard) if security.guard.auth_required else allow_all
-            ),
+            authenticate=authenticator(security.guard, ROUTE_ROLES),
             in_flight=security.guard.in_flight,
             ssl_context=security.tls.ssl_context() if security.tls else None,
         )

@@ -62,10 +62,7 @@ from plaudit.services.common.http import (
     json_app,
     read_json,
 )
-from plaudit.services.common.http import api_key_authenticator as common_api_key_authenticator
-from plaudit.services.common.security.guard import AccessGuard
 from plaudit.services.common.security.limits import InFlightLimit
-from plaudit.services.generation.access import ROUTE_ROLES
 from plaudit.services.generation.core import GenerationCore, request_job
 from plaudit.services.generation.engine import GenerationEngine
 from plaudit.services.generation.metrics import GenerationMetrics
@@ -87,12 +84,6 @@ FINISH = {
 _UINT32 = 2**32 - 1
 _UINT64 = 2**64 - 1
 _WORDS = re.compile(r"\S+\s*|\s+")
-
-
-def api_key_authenticator(guard: AccessGuard) -> Authenticator:
-    """The shared API-key authenticator deciding this API's routes
-    (:data:`~plaudit.services.generation.access.ROUTE_ROLES`)."""
-    return common_api_key_authenticator(guard, ROUTE_ROLES)
 
 
 # -- JSON -> job -----------------------------------------------------------------------------------

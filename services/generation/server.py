@@ -9,13 +9,13 @@ from prometheus_client import CollectorRegistry
 
 from plaudit.services.common.batching import BatchingConfig
 from plaudit.services.common.errors import PlauditError
-from plaudit.services.common.http import allow_all
+from plaudit.services.common.http import authenticator
 from plaudit.services.common.model_server import ModelServer
 from plaudit.services.common.security.guard import ServerSecurity
-from plaudit.services.generation.access import CALL_ROLES
+from plaudit.services.generation.access import CALL_ROLES, ROUTE_ROLES
 from plaudit.services.generation.core import GenerationCore
 from plaudit.services.generation.engine import GenerationEngine
-from plaudit.services.generation.http import api_key_authenticator, generation_http_server
+from plaudit.services.generation.http import generation_http_server
 from plaudit.services.generation.metrics import GenerationMetrics
 from plaudit.services.generation.servicer import GenerationServicer
 from plaudit.services.generation.settings import GenerationSettings
@@ -58,9 +58,7 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
             engine=engine,
             metrics=self.metrics,
             settings=settings,
-            authenticate=(
-                api_key_authenticator(security.guard) if security.guard.auth_required else allow_all
-            ),
+            authenticate=authenticator(security.guard, ROUTE_ROLES),
             in_flight=security.guard.in_flight,
             ssl_context=security.tls.ssl_context() if security.tls else None,
         )

@@ -52,10 +52,8 @@ from plaudit.services.common.http import (
     message_from_json,
     read_json,
 )
-from plaudit.services.common.http import api_key_authenticator as common_api_key_authenticator
-from plaudit.services.common.security.guard import AccessGuard
 from plaudit.services.common.security.limits import InFlightLimit
-from plaudit.services.reward.access import PUBLIC_ROUTES, ROUTE_ROLES
+from plaudit.services.reward.access import PUBLIC_ROUTES
 from plaudit.services.reward.chat_parse import (
     ParsedText,
     conversation_pair,
@@ -71,12 +69,6 @@ from plaudit.v1 import reward_pb2
 LABEL = "LABEL_0"  # a scalar reward head's one class, as transformers names it
 
 JsonHandler = Callable[["RewardHttpApi", web.Request], Awaitable[web.Response]]
-
-
-def api_key_authenticator(guard: AccessGuard) -> Authenticator:
-    """The shared API-key authenticator deciding this API's routes
-    (:data:`~plaudit.services.reward.access.ROUTE_ROLES`)."""
-    return common_api_key_authenticator(guard, ROUTE_ROLES)
 
 
 def protected(path: str) -> bool:
@@ -183,6 +175,20 @@ def _predict_sequence(value: object, where: str) -> tuple[str, str]:
 
 
 # -- the application -----------------------------------------------------------------------------
+def _vllm_list(prefix: str, result: Any, data: list[dict[str, Any]]) -> web.Response:
+    """vLLM's list envelope (``ClassificationResponse``, ``PoolingResponse``) around ``data``."""
+    return web.json_response(
+        {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": result.version,
+            "data": data,
+            "usage": _usage(result.tokens),
+        }
+    )
+
+
 class RewardHttpApi:
     """Request handlers: parse, one call into the :class:`RewardCore`, render."""
 
@@ -295,16 +301,7 @@ class RewardHttpApi:
             }
             for i, raw in enumerate(result.raw)
         ]
-        return web.json_response(
-            {
-                "id": f"classify-{uuid.uuid4().hex}",
-                "object": "list",
-                "created": int(time.time()),
-                "model": result.version,
-                "data": data,
-                "usage": _usage(result.tokens),
-            }
-        )
+        return _vllm_list("classify", result, data)
 
     async def pooling(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
@@ -318,16 +315,7 @@ class RewardHttpApi:
             }
             for i, raw in enumerate(result.raw)
         ]
-        return web.json_response(
-            {
-                "id": f"pool-{uuid.uuid4().hex}",
-                "object": "list",
-                "created": int(time.time()),
-                "model": result.version,
-                "data": data,
-                "usage": _usage(result.tokens),
-            }
-        )
+        return _vllm_list("pool", result, data)
 
     # -- text-embeddings-inference ----------------------------------------------------------------
     async def predict(self, request: web.Request) -> web.Response:

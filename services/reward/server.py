@@ -8,13 +8,13 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from plaudit.services.common.batching import BatchingConfig
-from plaudit.services.common.http import HttpServer, allow_all
+from plaudit.services.common.http import HttpServer, authenticator
 from plaudit.services.common.model_server import ModelServer
 from plaudit.services.common.security.guard import ServerSecurity
-from plaudit.services.reward.access import CALL_ROLES
+from plaudit.services.reward.access import CALL_ROLES, ROUTE_ROLES
 from plaudit.services.reward.core import RewardCore
 from plaudit.services.reward.engine import RewardEngine, ScoreJob, ScoreResult
-from plaudit.services.reward.http import api_key_authenticator, reward_http_server
+from plaudit.services.reward.http import reward_http_server
 from plaudit.services.reward.metrics import RewardMetrics
 from plaudit.services.reward.servicer import RewardServicer
 from plaudit.services.reward.settings import RewardSettings
@@ -58,11 +58,7 @@ class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, ScoreResult]):
                 self.core,
                 metrics=self.metrics,
                 settings=settings,
-                authenticate=(
-                    api_key_authenticator(security.guard)
-                    if security.guard.auth_required
-                    else allow_all
-                ),
+                authenticate=authenticator(security.guard, ROUTE_ROLES),
                 in_flight=security.guard.in_flight,
                 ssl_context=security.tls.ssl_context() if security.tls else None,
             )
