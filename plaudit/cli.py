@@ -414,7 +414,11 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
     settings = settings_from_args(TrainPolicySettings, args)
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from plaudit.trainer.policy import PolicyPublishOptions, already_trained_under, train_policy
+    from plaudit.trainer.policy import (
+        PolicyPublishOptions,
+        already_trained_under,
+        run_policy_training,
+    )
 
     cfg = settings.policy_config()
     registry = settings.model_registry("policy")
@@ -424,7 +428,7 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
             log.info("nothing to do: %s", skip)
             sys.stdout.write(json.dumps({"skipped": True, "reason": skip}) + "\n")
             return 0
-    result = train_policy(
+    result = run_policy_training(
         cfg,
         _pair_source(settings),
         registry,
@@ -434,7 +438,8 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
         progress=settings.progress,
         credentials=settings.credentials,
     )
-    sys.stdout.write(json.dumps(result.summary()) + "\n")
+    if result is not None:  # rank 0 (the only process, or under torchrun: DPO)
+        sys.stdout.write(json.dumps(result.summary()) + "\n")
     return 0
 
 

@@ -55,17 +55,25 @@ class DemoSettings(ClientSecuritySettings):
     generation_addr: str = Field("127.0.0.1:50053", description="generation service address")
     policy: bool = Field(True, description="also show the policy half (retrain, gate, swap)")
     policy_budget: int = Field(
-        24, ge=1, description="per policy training: DPO steps (prompts for rejection sampling)"
+        12, ge=1, description="per policy training: DPO steps (prompts for rejection sampling)"
     )
     policy_eval_prompts: int = Field(32, ge=1, description="held-out prompts of the policy gate")
     policy_max_new_tokens: int = Field(48, ge=1, description="tokens per policy sample")
+    policy_max_length: int = Field(
+        256, ge=16, description="tokens per policy training sequence (prompt: the last half)"
+    )
     train_max_steps: int = Field(
         50,
         ge=0,
         description="optimizer steps per reward training (0: one epoch; 50 keeps the demo "
         "within 15 minutes on 2 cores)",
     )
-    waves: int = Field(2, ge=1, description="waves of feedback")
+    waves: int = Field(
+        1,
+        ge=1,
+        description="waves of feedback, each followed by a reward retraining (about 5 minutes "
+        "on 2 cores); 1 fits both halves in 15 minutes",
+    )
     wave_size: int = Field(
         0,
         ge=0,
@@ -266,14 +274,16 @@ def _policy_failure(state: Path, since: float) -> str | None:
 
 
 def _up_command(settings: DemoSettings, wave_size: int) -> list[str]:
-    """``plaudit up`` as the demo starts it: retrain after half a wave, look every 3 s."""
+    """``plaudit up`` as the demo starts it: retrain once nine tenths of a wave are stored (the
+    rest is what the feedback service may refuse), look every 3 s."""
     command = [
         *CLI, "up", "--home", str(settings.home),
-        "--retrain-min-pairs", str(max(1, wave_size // 2)),
+        "--retrain-min-pairs", str(max(1, wave_size * 9 // 10)),
         "--check-interval-s", "3", "--log-format", "text",
         "--policy-budget", str(settings.policy_budget),
         "--policy-eval-prompts", str(settings.policy_eval_prompts),
         "--policy-max-new-tokens", str(settings.policy_max_new_tokens),
+        "--policy-max-length", str(settings.policy_max_length),
     ]  # fmt: skip
     if settings.train_max_steps:
         command += ["--train-max-steps", str(settings.train_max_steps)]

@@ -128,6 +128,12 @@ class UpSettings(ClientSecuritySettings):
         "(rl, dpo); 0: the method's default",
     )
     policy_max_new_tokens: int = Field(64, ge=1, description="tokens per policy sample")
+    policy_max_length: int = Field(
+        512,
+        ge=16,
+        description="prompt + completion tokens per training sequence (the prompt keeps its "
+        "last half); shorter sequences make each policy step cheaper",
+    )
     policy_eval_prompts: int = Field(64, ge=1, description="held-out prompts the policy gate uses")
     policy_min_win_rate: float = Field(
         DEFAULT_MIN_WIN_RATE,
@@ -490,6 +496,8 @@ class PolicyRetraining(Retraining):
             "--database-url", s.feedback_url, "--reward-addr", s.reward_address,
             "--eval-prompts", str(s.policy_eval_prompts),
             "--eval-max-new-tokens", str(s.policy_max_new_tokens),
+            "--max-length", str(s.policy_max_length),
+            "--max-prompt-length", str(s.policy_max_length // 2),
             "--promotion-min-win-rate", str(s.policy_min_win_rate),
             "--promotion-min-lc-win-rate", str(s.policy_min_lc_win_rate),
             "--promotion-max-kl", str(s.policy_max_kl),

@@ -8,8 +8,10 @@ pre-empting another annotator's submission through a predictable idempotency key
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,9 @@ import pytest
 from plaudit.services.common.errors import PermissionDeniedError, ResourceExhaustedError
 from plaudit.services.common.security.client import ClientCredentials
 from plaudit.services.common.security.keys import ANONYMOUS, Principal, hash_key, new_api_key
-from plaudit.services.feedback.domain import DEFAULT_LIMITS
+from plaudit.services.feedback.domain import DEFAULT_LIMITS, NewTask
 from plaudit.services.feedback.http import STATIC_DIR
-from plaudit.services.feedback.identity import Caller, LeaseLimit, scoped_key
+from plaudit.services.feedback.identity import Caller, scoped_key
 from plaudit.services.feedback.store import FeedbackStore
 from plaudit.v1 import feedback_pb2 as pb
 from plaudit.v1 import feedback_pb2_grpc
@@ -203,12 +205,61 @@ def test_without_authentication_nothing_is_bound() -> None:
     bound = Caller.of(Principal("alice", frozenset({"submit_feedback"})), ())
     with pytest.raises(PermissionDeniedError, match="annotator_id"):
         bound.annotator("bob")
-    limit = LeaseLimit(1)
-    assert not limit.reserve(caller, "x", now_ms=0, lease_ms=10)  # anonymous: no limit
-    assert limit.reserve(bound, "alice", now_ms=0, lease_ms=10)
-    with pytest.raises(ResourceExhaustedError):
-        limit.reserve(bound, "other", now_ms=5, lease_ms=10)
-    assert limit.reserve(bound, "other", now_ms=10, lease_ms=10)  # the first lease ran out
+
+
+# -- (c') the lease limit holds across processes sharing one database ---------------------------
+def _queue(store: FeedbackStore, n: int) -> list[int]:
+    tasks = [NewTask(prompt=f"Q{i}?", completions=(f"yes {i}", f"no {i}")) for i in range(n)]
+    return [t.task_id for t in store.tasks.import_tasks(tasks)]
+
+
+def test_the_lease_limit_holds_across_stores_on_one_database(database_url: str) -> None:
+    """Two feedback processes (two stores, each its own engine and connections) on one
+    database, one key that may act for anyone, a limit of 2: the leases one process granted
+    count in the other; a lease that runs out, is skipped or is labelled frees its place; an
+    anonymous caller (authentication off) and another key are not held to it."""
+    lease = {"lease_ms": 1000, "labels_needed": 1, "max_leases": 2}
+    with FeedbackStore(database_url) as one, FeedbackStore(database_url, migrate=False) as two:
+        t = _queue(one, 8)
+        assert one.tasks.claim(t[0], "a", now_ms=0, principal="importer", **lease)
+        assert two.tasks.claim(t[1], "b", now_ms=1, principal="importer", **lease)
+        for store in (one, two):
+            with pytest.raises(ResourceExhaustedError, match="max_leases_per_principal"):
+                store.tasks.claim(t[2], "c", now_ms=2, principal="importer", **lease)
+        assert one.tasks.claim(t[3], "a", now_ms=3, principal="importer", **lease)  # a again
+        assert two.tasks.claim(t[4], "z", now_ms=3, principal="other-key", **lease)
+        assert two.tasks.claim(t[5], "y", now_ms=3, principal=None, **lease)  # anonymous
+        two.tasks.skip(t[1], "b", now_ms=4)  # b skips: b no longer holds a lease
+        assert one.tasks.claim(t[2], "c", now_ms=5, principal="importer", **lease)
+        with pytest.raises(ResourceExhaustedError):
+            two.tasks.claim(t[6], "d", now_ms=6, principal="importer", **lease)
+        one.tasks.record_label(t[2], "c", 1, now_ms=7)  # c labels: c's place is free
+        assert two.tasks.claim(t[6], "d", now_ms=8, principal="importer", **lease)
+        # every lease of a and d runs out (a's newest at 3, d's at 8): e fits
+        assert one.tasks.claim(t[7], "e", now_ms=1009, principal="importer", **lease)
+
+
+def test_concurrent_claims_from_two_stores_grant_no_more_than_the_limit(
+    database_url: str,
+) -> None:
+    """Eight annotators of one key ask at the same instant, four through each store, each for
+    a different task (so no task row lock orders them): exactly the limit of 3 is granted."""
+    lease = {"lease_ms": 60_000, "labels_needed": 1, "max_leases": 3}
+    with FeedbackStore(database_url) as one, FeedbackStore(database_url, migrate=False) as two:
+        t = _queue(one, 8)
+        start = threading.Barrier(8)
+
+        def claim(i: int) -> bool:
+            store = (one, two)[i % 2]
+            start.wait()
+            try:
+                return store.tasks.claim(t[i], f"ann-{i}", now_ms=1, principal="importer", **lease)
+            except ResourceExhaustedError:
+                return False
+
+        with ThreadPoolExecutor(8) as pool:
+            granted = list(pool.map(claim, range(8)))
+    assert sum(granted) == 3, granted
 
 
 # -- (e) the page's idempotency keys cannot be guessed -------------------------------------------

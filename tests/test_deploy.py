@@ -334,6 +334,9 @@ def test_services_expose_and_probe_the_ports_they_bind(
                 assert "grpc" not in c[probe], f"{name}: {probe}"
                 assert http_probe == {"path": "/healthz", "port": ports["http"], "scheme": "HTTPS"}
                 continue
+            if probe == "startupProbe" and "httpGet" in c[probe]:  # the HTTP front end's
+                assert c[probe]["httpGet"] == {"path": "/healthz", "port": ports["http"]}, name
+                continue
             grpc_probe = c[probe]["grpc"]  # Kubernetes' native gRPC probe
             assert grpc_probe["port"] == ports["grpc"], f"{name}: {probe}"
             assert grpc_probe["service"] in HEALTH_SERVICES, f"{name}: {probe}"
@@ -342,7 +345,7 @@ def test_services_expose_and_probe_the_ports_they_bind(
             assert not tls, name
             assert live["grpc"]["port"] == ports["grpc"], name
         elif "httpGet" in live:
-            assert tls and live["httpGet"]["scheme"] == "HTTPS", name
+            assert live["httpGet"].get("scheme", "HTTP") == ("HTTPS" if tls else "HTTP"), name
             assert live["httpGet"]["port"] == ports["http"], name
         else:  # the image's healthcheck, accepting NOT_SERVING
             command = live["exec"]["command"]
@@ -1164,3 +1167,132 @@ def test_healthcheck_exit_codes(health_server: tuple[str, health.HealthServicer]
     servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     assert healthcheck.main(["--addr", addr, "--service", name]) == 0
     assert healthcheck.main(["--addr", "127.0.0.1:1", "--timeout", "0.5"]) == 2  # no server
+
+
+# -- the HTTP front ends: probed and monitored like gRPC -----------------------------------------
+def _probe_ports(c: Doc, ports: dict[str, int]) -> dict[str, set[str]]:
+    """Which front end each probe of container ``c`` reaches: "http" (GET /healthz), "grpc"
+    (the kubelet's gRPC probe, or the image's gRPC health check)."""
+    reached: dict[str, set[str]] = {}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        spec = c[probe]
+        if "httpGet" in spec:
+            assert spec["httpGet"]["path"] == "/healthz", probe
+            assert spec["httpGet"]["port"] == ports["http"], probe
+            reached.setdefault("http", set()).add(probe)
+        elif "grpc" in spec:
+            assert spec["grpc"]["port"] == ports["grpc"], probe
+            reached.setdefault("grpc", set()).add(probe)
+        else:
+            assert f"--addr=127.0.0.1:{ports['grpc']}" in spec["exec"]["command"], probe
+            reached.setdefault("grpc", set()).add(probe)
+    return reached
+
+
+def test_every_front_end_is_probed(docs: list[Doc], overlay: str) -> None:
+    """Each serving pod's probes reach its HTTP front end (HTTPS where the server has TLS) and,
+    where the kubelet can speak to it (plaintext, or the image's check over TLS), its gRPC one:
+    HTTP /healthz starts the pod (it answers 503 until the model or database is ready, as gRPC
+    health does), gRPC health decides readiness; reward and generation stay alive on HTTP,
+    feedback on its gRPC check that tolerates a database outage."""
+    for component, (grpc_port, http_port, _) in SERVING_PORTS.items():
+        deployment = named(docs, "Deployment", f"plaudit-{component}")
+        (c,) = pod_spec(deployment)["containers"]
+        env = container_env(docs, deployment, c)
+        tls = "PLAUDIT_TLS_CERT_FILE" in env
+        reached = _probe_ports(c, {"grpc": grpc_port, "http": http_port})
+        assert "startupProbe" in reached["http"], (overlay, component)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "httpGet" in c[probe]:
+                scheme = c[probe]["httpGet"].get("scheme", "HTTP")
+                assert scheme == ("HTTPS" if tls else "HTTP"), (overlay, component, probe)
+        if component == "feedback":
+            assert "--allow-not-serving" in c["livenessProbe"]["exec"]["command"]
+        else:
+            assert "livenessProbe" in reached["http"], (overlay, component)
+        if tls:
+            assert "readinessProbe" in reached["http"], (overlay, component)
+        else:
+            assert reached["grpc"] >= {"readinessProbe"}, (overlay, component)
+            assert c["readinessProbe"]["grpc"]["service"] in HEALTH_SERVICES
+
+
+def test_http_routes_are_recorded_and_alerted_like_grpc() -> None:
+    """Every service's HTTP request counter and latency histogram feed the HTTP recording rules,
+    which carry an error-rate and a latency alert as the gRPC ones do; the dashboard shows them."""
+    rules = {
+        r.get("record") or r.get("alert"): r["expr"]
+        for g in prometheus_rule()["spec"]["groups"]
+        for r in g["rules"]
+    }
+    http_series = {s for s in known_series() if "_http_request" in s}
+    assert {s.split("_")[1] for s in http_series} == set(SERVING_PORTS)
+    for series in http_series:
+        if series.endswith("_requests_total"):
+            assert series in rules["plaudit:http_requests:rate5m"], series
+            assert series in rules["plaudit:http_server_errors:rate5m"], series
+        elif series.endswith("_bucket"):
+            assert series in rules["plaudit:http_request_duration_seconds:p99_5m"], series
+    assert 'status=~"5.."' in rules["plaudit:http_server_errors:rate5m"]
+    assert "plaudit:http_server_errors:rate5m" in rules["PlauditHttpHighErrorRate"]
+    assert "plaudit:http_request_duration_seconds:p99_5m" in rules["PlauditHttpHighLatencyP99"]
+    for alert in ("PlauditHttpHighErrorRate", "PlauditHttpHighLatencyP99"):
+        assert "reward" in rules[alert], alert
+    board = " ".join(exprs_of_dashboard())
+    for series in http_series:
+        if not series.endswith(("_sum", "_count")):
+            assert series in board, f"the dashboard does not show {series}"
+    monitor = named(render("prod"), "ServiceMonitor", "plaudit")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]  # one scrape each
+
+
+# -- sharded training: components/fsdp (issue 22, item 1) ------------------------------------
+def test_fsdp_component_shards_the_multinode_job_and_keeps_its_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """base + gpu + fsdp renders and validates; the Job's torchrun restarts every node's
+    workers together (c10d rendezvous on pod 0) and the trainer, sharded, checkpoints into one
+    run folder per Job on a volume all pods share, so a restarted run resumes from it."""
+    import kubernetes_validate
+    from torch.distributed.run import get_args_parser
+
+    up = os.path.relpath(K8S, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: plaudit\n"
+        f"resources: [{up}/base]\ncomponents: [{up}/components/gpu, {up}/components/fsdp]\n"
+    )
+    result = run(tool("kubectl"), "kustomize", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+    job = named(docs, "Job", "plaudit-train-multinode")
+    (c,) = pod_spec(job)["containers"]
+    env = container_env(docs, job, c)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ns = get_args_parser().parse_args(c["args"])
+    assert ns.rdzv_backend == "c10d" and int(ns.max_restarts) > 0
+    host, port = ns.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{pod_spec(job)['subdomain']}"
+    assert int(port) in {p["containerPort"] for p in c["ports"]}
+    assert int(ns.nnodes) == job["spec"]["completions"] and job["spec"]["backoffLimit"] > 0
+    assert int(ns.nproc_per_node) == int(c["resources"]["limits"]["nvidia.com/gpu"])
+
+    settings = _parse(list(ns.training_script_args), env, monkeypatch)
+    assert isinstance(settings, TrainRewardSettings)
+    assert settings.strategy == "fsdp" and settings.checkpoint_every > 0 and settings.resume
+    # one run folder per Job (not per pod or restart), on a volume every node mounts
+    assert settings.output_dir is not None and "$(JOB_NAME)" in str(settings.output_dir)
+    job_name = next(v for v in c["env"] if v["name"] == "JOB_NAME")["valueFrom"]["fieldRef"]
+    assert job_name["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    names = [v["name"] for v in c["env"]]
+    assert names.index("JOB_NAME") < names.index("PLAUDIT_OUTPUT_DIR"), "defined before use"
+    (mount,) = [m for m in c["volumeMounts"] if str(settings.output_dir).startswith(m["mountPath"])]
+    assert mounts(c)[mount["mountPath"]] is True
+    (volume,) = [v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"]]
+    claim = named(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert mounts(c).get(settings.registry) is True

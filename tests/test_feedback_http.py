@@ -364,17 +364,21 @@ def test_expired_leases_free_their_place(database_url: str) -> None:
     with FeedbackStore(database_url) as store:
         [task] = store.tasks.import_tasks([NewTask(prompt="P", completions=["a", "b"])])
         rules = {"lease_ms": 1000, "labels_needed": 1}
-        assert store.tasks.claim(task.task_id, "alice", now_ms=0, **rules)
-        assert not store.tasks.claim(task.task_id, "bob", now_ms=500, **rules)
+        assert store.tasks.claim(task.task_id, "alice", now_ms=0, lease_ms=1000, labels_needed=1)
+        assert not store.tasks.claim(
+            task.task_id, "bob", now_ms=500, lease_ms=1000, labels_needed=1
+        )
         assert store.tasks.candidates("bob", now_ms=500, limit=5, shuffle=False, **rules) == []
         assert store.tasks.leased("alice", now_ms=500, **rules) is not None
         assert store.tasks.leased("alice", now_ms=1500, **rules) is None
         [free] = store.tasks.candidates("bob", now_ms=1500, limit=5, shuffle=True, **rules)
         assert free.task_id == task.task_id
-        assert store.tasks.claim(task.task_id, "bob", now_ms=1500, **rules)
+        assert store.tasks.claim(task.task_id, "bob", now_ms=1500, lease_ms=1000, labels_needed=1)
         assert store.tasks.record_label(task.task_id, "bob", 1, now_ms=1600) == 1
         assert store.tasks.record_label(task.task_id, "bob", 1, now_ms=1700) == 1
-        assert not store.tasks.claim(task.task_id, "carol", now_ms=9000, **rules)
+        assert not store.tasks.claim(
+            task.task_id, "carol", now_ms=9000, lease_ms=1000, labels_needed=1
+        )
         stats = store.tasks.stats(1, "bob")
         assert (stats.total, stats.pending, stats.done, stats.annotator_labelled) == (1, 0, 1, 1)
 

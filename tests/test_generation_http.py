@@ -18,8 +18,10 @@ import grpc
 import openai
 import pytest
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from openai.types.chat import ChatCompletionMessageParam
 
+from plaudit.services.common.process import free_port
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.services.common.security.keys import hash_key, new_api_key
 from plaudit.services.generation.access import ROUTE_ROLES
@@ -27,7 +29,7 @@ from plaudit.services.generation.client import GenerationClient
 from plaudit.services.generation.http import GenerationHttpApi
 from plaudit.services.generation.settings import GenerationSettings
 from plaudit.trainer.policy_export import export_policy_checkpoint
-from plaudit.v1 import admin_pb2, admin_pb2_grpc
+from plaudit.v1 import admin_pb2, admin_pb2_grpc, generation_pb2
 from tests.conftest import ServerThread, build_tiny_policy
 
 QUESTION = "What is the capital of France?"
@@ -177,6 +179,110 @@ def test_streaming_sends_the_same_completion_as_chunks(client: openai.OpenAI) ->
     assert all(p.usage is None for p in pieces)
 
 
+def test_streaming_sends_text_while_the_tokens_are_generated(
+    client: openai.OpenAI, generation_server: ServerThread
+) -> None:
+    """The first text arrives before the request has finished generating (whose tokens the
+    service counts only at the end): 8 completions of up to 200 tokens each."""
+    metrics = generation_server.server.metrics.registry
+    name = "plaudit_generation_tokens_generated_total"
+    before = metrics.get_sample_value(name)
+    stream = client.completions.create(
+        model="m", prompt=QUESTION, n=8, seed=1, max_tokens=200, stream=True
+    )
+    at_first_text, pieces = None, 0
+    texts = [""] * 8
+    for chunk in stream:
+        (choice,) = chunk.choices
+        if choice.text:
+            pieces += 1
+            texts[choice.index] += choice.text
+            if at_first_text is None:
+                at_first_text = metrics.get_sample_value(name)
+    assert at_first_text == before  # nothing counted yet: the generation was still running
+    assert metrics.get_sample_value(name) > before
+    assert pieces > 8 * 10 and all(texts)  # token by token, not one piece per completion
+
+
+def test_another_service_samples_on_this_one_as_its_openai_backend(
+    generation_server: ServerThread, tiny_policy_registry: Path
+) -> None:
+    """This API is an OpenAI-compatible server, so a second generation service can use it as its
+    ``--backend openai``: same completions and counts, streamed through, health and version from
+    the backend (llama.cpp's server as the backend: tests/test_generation_backend.py)."""
+    front = ServerThread(
+        "generation",
+        backend="openai",
+        backend_url=generation_server.http_url + "/v1",
+        backend_poll_s=0.3,
+        log_level="WARNING",
+    ).start()
+    try:
+        version = ModelRegistry(tiny_policy_registry, "policy").promoted()
+        greedy: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": 8}
+        with (
+            GenerationClient(front.address) as via,
+            GenerationClient(generation_server.address) as direct,
+        ):
+            relayed, own = via.generate(QUESTION, **greedy), direct.generate(QUESTION, **greedy)
+            assert relayed.model_version == own.model_version == version
+            assert relayed.prompt_tokens == own.prompt_tokens
+            (a,), (b,) = relayed.completions, own.completions
+            assert (a.text, a.token_count, a.finish_reason) == (
+                b.text,
+                b.token_count,
+                b.finish_reason,
+            )
+            stop = b.text[3:6]
+            cut = via.generate(QUESTION, stop=[stop], **greedy).completions[0]
+            assert cut.text == b.text[: b.text.index(stop)]
+            assert cut.finish_reason == generation_pb2.FINISH_REASON_STOP_STRING
+            assert len(via.generate(QUESTION, n=3, seed=2, max_new_tokens=4).completions) == 3
+        with openai_client(front) as client:
+            whole = client.chat.completions.create(
+                model="m", messages=USER, temperature=0, max_tokens=8
+            )
+            chunks = list(
+                client.chat.completions.create(
+                    model="m",
+                    messages=USER,
+                    temperature=0,
+                    max_tokens=8,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == whole.choices[0].message.content
+            assert chunks[-1].usage == whole.usage and whole.model == version
+            assert [m.id for m in client.models.list().data] == [version]
+    finally:
+        front.stop()
+
+
+def test_an_unreachable_backend_is_unavailable_and_not_serving() -> None:
+    front = ServerThread(
+        "generation",
+        backend="openai",
+        backend_url=f"http://127.0.0.1:{free_port()}",
+        backend_model="policy",
+        log_level="WARNING",
+    ).start(wait=False)
+    try:
+        with grpc.insecure_channel(front.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with GenerationClient(front.address) as client, pytest.raises(grpc.RpcError) as err:
+            client.generate(QUESTION, max_new_tokens=2, timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot be reached" in (err.value.details() or "")
+        with openai_client(front) as c, pytest.raises(openai.APIStatusError) as down:
+            c.models.list()
+        assert down.value.status_code == 503
+    finally:
+        front.stop()
+
+
 def test_models_lists_the_live_policy(client: openai.OpenAI, tiny_policy_registry: Path) -> None:
     version = ModelRegistry(tiny_policy_registry, "policy").promoted()
     models = client.models.list()
@@ -309,7 +415,7 @@ def test_health_and_metrics(generation_server: ServerThread, client: openai.Open
 
 
 def test_every_api_route_needs_a_named_role() -> None:
-    api = GenerationHttpApi(cast(Any, None), cast(Any, None), GenerationSettings())
+    api = GenerationHttpApi(cast(Any, None), GenerationSettings())
     app = web.Application()
     app.add_routes(api.routes())
     routes = {

@@ -103,9 +103,15 @@ def test_grpc_refuses_200k_empty_messages_without_tokenizing(
             grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         }, err.value
-        # 20k empty messages fit any message-size limit: the count refuses them
+        # 20k empty messages fit any message-size limit: the call's field limit refuses them
+        # before they are parsed (services/common/security/limits.py:count_fields)
         with pytest.raises(grpc.RpcError) as err:
             stub.Generate(conversation(20_000), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+        assert "protobuf fields" in (err.value.details() or "")
+        # one message over max_messages passes the field limit: the servicer's count refuses it
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(conversation(SETTINGS.max_messages + 1), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("conversation.messages:"), err.value.details()
     assert encodes == []

@@ -23,7 +23,13 @@ from plaudit.services.common.registry import ModelRegistry
 from plaudit.services.generation.client import GenerationClient, generate_request
 from plaudit.services.generation.engine import GenerationEngine
 from plaudit.services.reward.client import RewardClient, wait_until_serving
-from plaudit.services.runtime.policy_model import GenerateJob, LoadedPolicy, SamplingParams
+from plaudit.services.runtime.policy_model import (
+    FinishReason,
+    GenerateJob,
+    LoadedPolicy,
+    SamplingParams,
+    generate_jobs,
+)
 from plaudit.trainer.policy_export import export_policy_checkpoint
 from plaudit.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.conftest import NO_TORCH_PRELUDE, REPO, ServerThread, build_tiny_policy
@@ -119,6 +125,51 @@ def test_stop_strings_end_the_completion(client: GenerationClient) -> None:
     cut = client.generate(QUESTION, temperature=0.0, max_new_tokens=16, stop=[stop]).completions[0]
     assert cut.finish_reason == generation_pb2.FINISH_REASON_STOP_STRING
     assert cut.text == free.text[: free.text.index(stop)]
+
+
+def test_a_sink_gets_the_text_while_it_is_decoded(tiny_policy_registry: Path) -> None:
+    """The decode loop hands each completion's settled text to the job's sink step by step (a
+    stop string is never sent, even in part), and the pieces add up to the final texts."""
+    reg = ModelRegistry(tiny_policy_registry, "policy")
+    model = LoadedPolicy.load(reg, reg.promoted() or "", provider="cpu")
+    calls = 0
+    forward = model.forward
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return forward(*args)
+
+    model.forward = counted  # type: ignore[method-assign,assignment]
+    events: list[tuple[int, int | None, str]] = []
+
+    class Sink:
+        def started(self, version: str) -> None:
+            events.append((calls, None, version))
+
+        def text(self, index: int, delta: str) -> None:
+            events.append((calls, index, delta))
+
+    free = generate_jobs(
+        model,
+        [GenerateJob(prompt=QUESTION, params=SamplingParams(temperature=0.0, max_new_tokens=24))],
+        1024,
+    )[0]
+    assert not isinstance(free, Exception)
+    whole = free.completions[0].text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, stop=(stop,))
+    calls = 0
+    (result,) = generate_jobs(
+        model, [GenerateJob(prompt=QUESTION, n=2, params=params, sink=Sink())], 1024
+    )
+    assert not isinstance(result, Exception)
+    assert events[0] == (1, None, model.version)  # after the prefill
+    for index, completion in enumerate(result.completions):
+        pieces = [(step, text) for step, i, text in events if i == index]
+        assert "".join(text for _, text in pieces) == completion.text == whole[: whole.index(stop)]
+        assert completion.finish_reason is FinishReason.STOP_STRING
+        assert len(pieces) > 3 and pieces[0][0] < calls  # the first text before the last step
 
 
 def test_concurrent_requests_each_get_their_own_completions(

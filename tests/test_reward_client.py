@@ -5,6 +5,7 @@ reward function, against real gRPC servers: the served tiny reward model, or a s
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from plaudit.services.reward.client import (
     RetryPolicy,
     RewardClient,
     RewardRpcError,
+    channel_target,
     domain_error,
 )
 from plaudit.services.reward.trl import AsyncPlauditReward, PlauditReward, score_pair
@@ -322,3 +324,171 @@ def test_grpo_trains_on_plaudit_rewards(
     assert list(last["rewards"]["plaudit_reward"]) == pytest.approx(reward.calls[-1].rewards)
     if conversational:
         assert all(p.endswith("\n\nAssistant:") for p in reward.calls[-1].prompts)
+
+
+# -- many replicas: one client, round robin ---------------------------------------------------
+def test_channel_target_lists_replicas_and_names_the_field() -> None:
+    assert channel_target("reward.internal:50051") == "reward.internal:50051"
+    assert channel_target("dns:///plaudit-reward-headless:50051") == (
+        "dns:///plaudit-reward-headless:50051"
+    )
+    assert channel_target(["10.0.0.7:50051", "10.0.0.8:50051"]) == (
+        "ipv4:10.0.0.7:50051,10.0.0.8:50051"
+    )
+    assert channel_target(" 127.0.0.1:1, 127.0.0.1:2 ") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    for bad, why in [
+        ("a.internal:1,b.internal:1", "dns:///NAME:PORT"),
+        ("10.0.0.7:1,,", "empty entry"),
+        ("10.0.0.7,10.0.0.8:1", "is not IP:port"),
+        ("10.0.0.7:1,[::1]:1", "mixes IPv4 and IPv6"),
+        (["dns:///a:1", "10.0.0.7:1"], "goes alone"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(why)) as err:
+            channel_target(bad)
+        assert str(err.value).startswith("address: ")
+    with pytest.raises(ValueError, match="address: "):
+        RewardClient("a.internal:1,b.internal:1")
+
+
+def _replica(servicer: ScriptedReward) -> tuple[grpc.Server, str]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_round_robin_spreads_calls_and_survives_a_replica_going_away() -> None:
+    one, two = ScriptedReward(), ScriptedReward()
+    (server_one, first), (server_two, second) = _replica(one), _replica(two)
+    try:
+        with RewardClient([first, second], retry=FAST_RETRY) as client:
+            for _ in range(40):
+                assert client.score(["p"], ["1"])[0] == [1.0]
+            assert min(len(one.sizes), len(two.sizes)) >= 15, (one.sizes, two.sizes)
+
+            async def spread() -> None:
+                aio = AsyncRewardClient(f"{first},{second}", 10, retry=FAST_RETRY)
+                try:
+                    for _ in range(20):
+                        assert (await aio.score(["p"], ["2"]))[0] == [2.0]
+                finally:
+                    await aio.close()
+
+            before = len(one.sizes), len(two.sizes)
+            asyncio.run(spread())
+            assert len(one.sizes) > before[0] and len(two.sizes) > before[1]
+
+            server_one.stop(0).wait()  # a replica goes away: every call lands on the other
+            before = len(one.sizes), len(two.sizes)
+            for _ in range(10):
+                assert client.score(["p"], ["3"])[0] == [3.0]
+            assert len(one.sizes) == before[0] and len(two.sizes) == before[1] + 10
+    finally:
+        server_one.stop(0)
+        server_two.stop(0)
+
+
+# -- verl's custom reward function --------------------------------------------------------------
+def test_verl_reward_function_takes_what_verl_passes(reward_server: ServerThread) -> None:
+    """``compute_score`` loaded both ways verl loads a custom reward function (a file path in
+    older verl, ``pkg://`` in newer) and called as verl's reward managers call it: keywords
+    only, ``reward_kwargs`` merged in, from a worker thread (the reward loop's executor)."""
+    import functools
+    import importlib
+    import importlib.util
+
+    import numpy as np
+
+    from plaudit.services.reward import verl
+
+    assert verl.__file__ is not None
+    spec = importlib.util.spec_from_file_location("custom_module", verl.__file__)
+    assert spec is not None and spec.loader is not None
+    from_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(from_file)
+    from_pkg = importlib.import_module("plaudit.services.reward.verl")
+
+    def verl_wrapper(raw_fn: Any, extra: dict[str, Any], **kwargs: Any) -> Any:
+        return raw_fn(**{**kwargs, **extra})  # verl.trainer.ppo.reward._call_with_kwargs
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    extra_info: dict[str, Any] = {
+        "split": "train", "index": 3, "prompt": messages,
+        "num_turns": 2, "rollout_reward_scores": {},  # added by the reward loop's manager
+    }  # fmt: skip
+    with RewardClient(reward_server.address) as direct:
+        prompt, completion = score_pair(messages, "Paris.")
+        (expected,), _ = direct.score([prompt], [completion])
+        (plain,), _ = direct.score(["What is the capital of France?"], ["Paris."])
+    for module in (from_file, from_pkg):
+        fn = functools.partial(
+            verl_wrapper, module.compute_score, {"address": reward_server.address}
+        )
+
+        def one(info: Any, fn: Any = fn) -> Any:
+            return fn(data_source="hh", solution_str="Paris.", ground_truth="", extra_info=info)
+
+        with ThreadPoolExecutor(4) as pool:
+            numpy_prompt = {**extra_info, "prompt": np.array(messages, dtype=object)}
+            got = list(pool.map(one, [extra_info, numpy_prompt]))
+        assert got == pytest.approx([expected, expected], abs=1e-5)
+        gsm8k = {"question": "What is the capital of France?", "index": 0}
+        question = fn(
+            data_source="openai/gsm8k",
+            solution_str="Paris.",
+            ground_truth="Paris",
+            extra_info=gsm8k,
+        )
+        assert isinstance(question, float) and question == pytest.approx(plain, abs=1e-5)
+        bad: list[tuple[dict[str, Any], str]] = [
+            ({"extra_info": {"index": 0}}, "extra_info.prompt"),
+            ({"extra_info": None}, "extra_info"),
+            ({"extra_info": {"prompt": [1, 2]}}, "extra_info.prompt"),
+            ({"extra_info": extra_info, "normalization": "SIGMOID"}, "normalization"),
+        ]
+        for kwargs, field in bad:
+            with pytest.raises(ValueError, match=rf"^{re.escape(field)}:"):
+                fn(data_source="hh", solution_str="Paris.", ground_truth="", **kwargs)
+        with pytest.raises(ValueError, match=r"^address:"):
+            module.compute_score(
+                data_source="hh", solution_str="x", ground_truth="", extra_info=extra_info
+            )
+        module.close()
+
+
+def test_a_call_across_replicas_mid_rollout_waits_for_them_to_agree() -> None:
+    """One replica already serves v2, the other v1 for 0.4 s more: the chunks of one call land
+    on both, and the call keeps rescoring (pausing between rounds, so the replicas can converge)
+    until every chunk comes from one version, instead of failing after a few quick rounds."""
+    flip_at: list[float] = []
+
+    def lagging(n: int) -> str:
+        if not flip_at:
+            flip_at.append(time.monotonic() + 0.4)
+        return "v1" if time.monotonic() < flip_at[0] else "v2"
+
+    def consistent(rewards: list[float], version: str) -> bool:
+        bonus = 1000.0 if version == "v2" else 0.0
+        return rewards == [bonus + i for i in range(12)]
+
+    ahead, behind = ScriptedReward(version=lambda n: "v2"), ScriptedReward(version=lagging)
+    (server_ahead, first), (server_behind, second) = _replica(ahead), _replica(behind)
+    try:
+        with RewardClient([first, second], max_items_per_request=1, retry=FAST_RETRY) as client:
+            assert consistent(*client.score(["p"] * 12, NUMBERS[:12], timeout=20))
+        assert len(behind.sizes) >= 6 and len(ahead.sizes) >= 6  # both answered
+
+        async def mid_rollout() -> tuple[list[float], str]:
+            flip_at.clear()
+            aio = AsyncRewardClient([first, second], 20, max_items_per_request=1, retry=FAST_RETRY)
+            try:
+                return await aio.score(["p"] * 12, NUMBERS[:12])
+            finally:
+                await aio.close()
+
+        assert consistent(*asyncio.run(mid_rollout()))
+    finally:
+        server_ahead.stop(0)
+        server_behind.stop(0)

@@ -129,6 +129,165 @@ def test_each_method_takes_requests_up_to_its_own_limit(reward_process: tuple[in
     assert grown < 20, f"the server grew by {grown:.0f} MiB"
 
 
+def test_a_keyed_caller_cannot_expand_a_request_in_memory(
+    default_reward_process: tuple[int, str],
+) -> None:
+    """The same 8 MB of empty Score items, now WITH a valid key: within Score's 32 MiB byte
+    limit, but 4 million items where 256 are allowed. Parsed before the servicer counted them,
+    three such calls grew the server by about 670 MiB; the request's fields are now counted on
+    the wire first, so it is RESOURCE_EXHAUSTED unparsed and the server holds no more than the
+    bytes it received (gRPC's buffer and Python's copy of each 8 MB message, some kept by the
+    allocator: about 30 MiB). A legitimate request of the most items still reaches the
+    servicer."""
+    pid, address = default_reward_process
+    body = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem()] * 4_000_000).SerializeToString()
+    items = [reward_pb2.ScoreItem(prompt="p" * 1000, completion="c" * 1000)]
+    with grpc.insecure_channel(address) as channel:
+        before = _rss_mib(pid)
+        for _ in range(3):
+            started = time.perf_counter()
+            error = _raw_call(channel, "/plaudit.v1.RewardService/Score", body, KEY)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            assert "protobuf fields" in error.details() and "RewardService/Score" in error.details()
+            assert time.perf_counter() - started < 10
+        grown = _rss_mib(pid) - before  # before the legitimate requests below
+        # the largest legitimate request, and one a little over (the servicer names the field)
+        for count in (256, 300):
+            legit = reward_pb2.ScoreRequest(items=items * count).SerializeToString()
+            error = _raw_call(channel, "/plaudit.v1.RewardService/Score", legit, KEY)
+            assert error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    print(f"server RSS {before:.0f} MiB -> {before + grown:.0f} MiB after 3 x 8 MB keyed")
+    assert grown < 64, f"the server grew by {grown:.0f} MiB"
+
+
+def _largest_requests() -> dict[str, tuple[Any, int]]:
+    """Each call's largest legitimate request (texts short: fields are what is counted) and
+    its field limit under the default settings."""
+    from plaudit.services.generation.settings import GenerationSettings
+    from plaudit.services.reward.settings import RewardSettings
+    from plaudit.v1 import generation_pb2
+
+    reward = RewardSettings(auth_disabled=True)
+    generation = GenerationSettings(auth_disabled=True)
+    feedback = FeedbackSettings(auth_disabled=True)
+    limits = {**reward.field_limits(), **generation.field_limits(), **feedback.field_limits()}
+    metadata = {f"k{i}": "v" for i in range(32)}
+    common: dict[str, Any] = {"annotator_id": "a", "idempotency_key": "k", "metadata": metadata}
+    ranking = feedback_pb2.SubmitRankingRequest(prompt="p", completions=["c"] * 16, **common)
+    messages = [generation_pb2.ChatMessage(role="user", content="x")] * generation.max_messages
+    sampling = generation_pb2.SamplingParams(
+        temperature=1, top_p=1, top_k=5, max_new_tokens=8, seed=1, stop=["s"] * 8
+    )
+    requests = {
+        "/plaudit.v1.RewardService/Score": reward_pb2.ScoreRequest(
+            items=[reward_pb2.ScoreItem(prompt="p", completion="c")] * 256,
+            normalization=reward_pb2.NORMALIZATION_RAW,
+        ),
+        "/plaudit.v1.RewardService/Compare": reward_pb2.CompareRequest(
+            prompt="p",
+            completion_a="a",
+            completion_b="b",
+            normalization=reward_pb2.NORMALIZATION_RAW,
+        ),
+        "/plaudit.v1.GenerationService/Generate": generation_pb2.GenerateRequest(
+            conversation=generation_pb2.Conversation(messages=messages),
+            n=4,
+            sampling=sampling,
+            rerank=True,
+        ),
+        "/plaudit.v1.FeedbackService/SubmitComparison": feedback_pb2.SubmitComparisonRequest(
+            prompt="p", chosen="a", rejected="b", margin=1.0, **common
+        ),
+        "/plaudit.v1.FeedbackService/SubmitRanking": ranking,
+        "/plaudit.v1.FeedbackService/SubmitRating": feedback_pb2.SubmitRatingRequest(
+            prompt="p", completion="c", score=3, scale_min=1, scale_max=5, **common
+        ),
+        "/plaudit.v1.FeedbackService/SubmitCorrection": feedback_pb2.SubmitCorrectionRequest(
+            prompt="p", completion="c", corrected="d", **common
+        ),
+        "/plaudit.v1.FeedbackService/SubmitBatch": feedback_pb2.SubmitBatchRequest(ranking=ranking),
+    }
+    assert set(requests) == set(limits)
+    return {call: (request, limits[call]) for call, request in requests.items()}
+
+
+def test_every_call_has_a_field_limit_that_fits_its_largest_request() -> None:
+    """Counted on the wire, each call's largest legitimate request is within its field limit
+    (and at least half of it: the limit is no looser than it needs to be); every repeated field
+    blown up with empty entries is over it, and counting stops at the limit."""
+    from google.protobuf import descriptor_pool
+
+    from plaudit.services.common.security.limits import count_fields
+
+    pool = descriptor_pool.Default()
+    for call, (request, limit) in _largest_requests().items():
+        message = pool.FindMethodByName(call.lstrip("/").replace("/", ".")).input_type
+        assert message.full_name == request.DESCRIPTOR.full_name, call
+        fields = count_fields(request.SerializeToString(), message, limit)
+        assert limit / 2 - 64 <= fields <= limit, (call, fields, limit)
+        for repeated in [f for f in message.fields if f.is_repeated]:  # every repeated field
+            blown = type(request)()
+            blown.CopyFrom(request)
+            extra = getattr(blown, repeated.name)
+            if repeated.message_type is not None and repeated.message_type.GetOptions().map_entry:
+                extra.update({str(i): "" for i in range(100_000)})
+            elif repeated.message_type is not None:
+                extra.extend([type(extra[0])()] * 100_000)
+            else:
+                extra.extend([""] * 100_000)
+            data = blown.SerializeToString()
+            started = time.perf_counter()
+            assert count_fields(data, message, limit) == limit + 1, (call, repeated.name)
+            assert time.perf_counter() - started < 0.05
+    # nested: 100,000 empty messages inside a conversation inside a request
+    from plaudit.v1 import generation_pb2
+
+    request, limit = _largest_requests()["/plaudit.v1.GenerationService/Generate"]
+    request.conversation.messages.extend([generation_pb2.ChatMessage()] * 100_000)
+    assert count_fields(request.SerializeToString(), request.DESCRIPTOR, limit) == limit + 1
+    # malformed data is counted as far as it goes (the parser refuses it afterwards)
+    assert count_fields(b"\x0a\xff", reward_pb2.ScoreRequest.DESCRIPTOR, 10) == 1
+
+
+def test_feedback_refuses_expanding_submissions_unparsed(feedback_http: ServerThread) -> None:
+    """A keyed writer sends a ranking of 300,000 empty completions, then the same as one message
+    of a SubmitBatch stream: both RESOURCE_EXHAUSTED naming the field limit, before parsing."""
+    ranking = feedback_pb2.SubmitRankingRequest(
+        prompt="Q?", completions=[""] * 300_000, idempotency_key="huge"
+    )
+    body = ranking.SerializeToString()
+    batch = feedback_pb2.SubmitBatchRequest(ranking=ranking).SerializeToString()
+    with grpc.insecure_channel(feedback_http.address) as channel:
+        error = _raw_call(channel, "/plaudit.v1.FeedbackService/SubmitRanking", body, WRITER)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "protobuf fields" in error.details()
+        stream = channel.stream_unary("/plaudit.v1.FeedbackService/SubmitBatch")
+        with pytest.raises(grpc.RpcError) as err:
+            stream(iter([batch]), timeout=60, metadata=[("authorization", f"Bearer {WRITER}")])
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert "protobuf fields" in (err.value.details() or "")
+
+
+def test_in_flight_defaults_are_sized_from_the_batch_settings() -> None:
+    """Unset, ``max_in_flight`` is each service's own default (never unbounded); 0 still means
+    no limit when asked for; the server enforces what the settings say."""
+    from plaudit.services.common.security.guard import ServerSecurity
+    from plaudit.services.generation.settings import GenerationSettings
+    from plaudit.services.reward.settings import RewardSettings
+
+    reward = RewardSettings(auth_disabled=True)
+    assert reward.max_in_flight is None and reward.in_flight_limit() == 32
+    assert RewardSettings(auth_disabled=True, max_queue_items=8192).in_flight_limit() == 64
+    assert RewardSettings(auth_disabled=True, max_in_flight=0).in_flight_limit() == 0
+    assert GenerationSettings(auth_disabled=True).in_flight_limit() == 64
+    assert GenerationSettings(auth_disabled=True, max_batch_rows=64).in_flight_limit() == 128
+    assert FeedbackSettings(auth_disabled=True).in_flight_limit() == 64
+    assert FeedbackSettings(auth_disabled=True, commit_batch_size=2048).in_flight_limit() == 256
+    security = ServerSecurity.from_settings(reward, call_roles={})
+    assert security.guard.in_flight.limit == 32
+    assert "sized from the service's batch settings" in RewardSettings.default_help("max_in_flight")
+
+
 def test_every_call_has_a_limit_that_fits_its_largest_request() -> None:
     settings = FeedbackSettings(auth_disabled=True)
     limits = settings.message_limits()

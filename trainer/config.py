@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 DEFAULT_RUNS_DIR = Path(".plaudit/runs")  # one folder per run: checkpoint, metrics, plots
@@ -18,15 +18,51 @@ DEFAULT_RUNS_DIR = Path(".plaudit/runs")  # one folder per run: checkpoint, metr
 Schedule = Literal["cosine", "linear", "constant"]
 StoppingMetric = Literal["accuracy", "loss"]
 Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["ddp", "fsdp"]
+MixedPrecision = Literal["auto", "bf16", "fp32"]
 
 
 class TrainingConfig(BaseModel):
     """Base of the training configs: validated on construction, unknown fields rejected.
 
-    The config dict has the settings' type so that settings classes can mix configs in.
+    The config dict has the settings' type so that settings classes can mix configs in. The
+    fields declared here are every trainer's (``train reward`` and ``train policy``): how the
+    processes of a ``torchrun`` share the model (:mod:`plaudit.trainer.sharding`), and the
+    sharded checkpoints a killed run resumes from.
     """
 
     model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
+    strategy: Strategy = Field(
+        "ddp",
+        description="under torchrun: ddp (a full replica per process) or fsdp (FSDP2: "
+        "parameters, gradients and optimizer states sharded over the processes)",
+    )
+    activation_checkpointing: bool | None = Field(
+        None, description="recompute each block's activations in backward (default: fsdp only)"
+    )
+    mixed_precision: MixedPrecision = Field(
+        "auto",
+        description="fsdp compute and all-gather dtype (gradients reduce, weights and AdamW "
+        "stay fp32); auto: bf16 on a GPU that has it, else fp32",
+    )
+    checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description="optimizer steps between sharded checkpoints in the run folder (0: off)",
+    )
+    resume: bool = Field(
+        True, description="continue from the run folder's last sharded checkpoint when it has one"
+    )
+
+    @model_validator(mode="after")
+    def _precision_needs_fsdp(self) -> TrainingConfig:
+        if self.mixed_precision == "bf16" and self.strategy != "fsdp":
+            raise ValueError(
+                "mixed_precision: bf16 parameters are an fsdp setting (ddp uses bf16 autocast "
+                "on CUDA): give --strategy fsdp or leave it auto"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as recorded in runs and versions."""

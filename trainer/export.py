@@ -1,16 +1,19 @@
 """Export a Hugging Face reward model (sequence classification, one label) to an ONNX registry
-version: fp32 graph checked against PyTorch, optional int8 graph checked against fp32, tokenizer
-files, text format and reward normalisation, all recorded in the manifest.
+version: fp32 graph checked against PyTorch, optional int8 and fp16 graphs checked against fp32,
+tokenizer files, text format and reward normalisation, all recorded in the manifest.
+
+Graphs are written by :mod:`plaudit.trainer.onnx_graph`: past :data:`EXTERNAL_DATA_BYTES` of
+weights (protobuf caps one file at 2 GB) each graph keeps them in one external-data file beside
+it (``model.onnx.data``), which the manifest lists and hashes like every file.
 """
 
 from __future__ import annotations
 
-import inspect
+import gc
 import json
 import logging
 import tempfile
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,12 +23,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from plaudit.services.common.onnx_runtime import create_session
+from plaudit.services.common.onnx_runtime import FP16, ProviderChoice, create_session
 from plaudit.services.common.registry import (
     ModelManifest,
     ModelRegistry,
     Normalization,
     QuantizationReport,
+    graph_external_locations,
     new_version_id,
 )
 from plaudit.services.common.textfmt import (
@@ -35,6 +39,7 @@ from plaudit.services.common.textfmt import (
     length_groups,
 )
 from plaudit.services.runtime.contract import (
+    FP16_FILE,
     FP32_FILE,
     INT8_FILE,
     OPSET,
@@ -43,12 +48,15 @@ from plaudit.services.runtime.contract import (
 )
 from plaudit.trainer.backbones import Backbone, resolve_backbone
 from plaudit.trainer.data import PreferencePair, read_pairs, reference_pairs_path
+from plaudit.trainer.onnx_graph import EXTERNAL_DATA_BYTES as EXTERNAL_DATA_BYTES
+from plaudit.trainer.onnx_graph import FUSABLE_ENCODERS as FUSABLE_ENCODERS
+from plaudit.trainer.onnx_graph import ScalarReward as ScalarReward
+from plaudit.trainer.onnx_graph import data_file_for, write_fp16_graph, write_reward_graph
+from plaudit.trainer.onnx_graph import pairwise_agreement as pairwise_agreement
 
 log = logging.getLogger(__name__)
 
 REFERENCE_GROUP_TOKENS = 1024
-# encoders whose attention ONNX Runtime's transformer optimizer can fuse into one kernel
-FUSABLE_ENCODERS = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet"}
 
 
 # written by the trainer beside a trained checkpoint; its presence means "the head is trained"
@@ -91,6 +99,17 @@ class ExportConfig:
     backbone_name: str | None = None  # the manifest's backbone (default: the checkpoint's)
     # the text format the model was trained with: publishing refuses a checkpoint that differs
     text_format: dict[str, Any] | None = None
+    # also an fp16 graph (what CUDA serves by default), kept when its pair order agrees with the
+    # fp32 graph's on the reference pairs at least fp16_min_agreement of the time, measured on
+    # fp16_check_provider ("auto": CUDA where this machine has it, as it will be served)
+    fp16: bool = False
+    fp16_min_agreement: float = 0.95
+    fp16_check_provider: ProviderChoice = "auto"
+    # weights in external-data files; None: when they reach EXTERNAL_DATA_BYTES (fp32)
+    external_data: bool | None = None
+    # fused attention kernels; None: unless the weights are external (the optimizer holds about
+    # 8x the weights in memory), see plaudit.trainer.onnx_graph.write_reward_graph
+    fuse: bool | None = None
 
 
 def load_reward_model(
@@ -166,89 +185,6 @@ def text_format_for(tokenizer: object, model: PreTrainedModel, max_length: int) 
     )
 
 
-class ScalarReward(torch.nn.Module):
-    """Exports the model's scalar head output with no KV cache: (batch, seq) -> (batch,)."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-        self.pass_use_cache = "use_cache" in inspect.signature(model.forward).parameters
-        self.eval()  # torch.onnx.export restores the wrapper's mode afterwards: keep it eval
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        kwargs: dict[str, torch.Tensor | bool] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-        }
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        if self.pass_use_cache:
-            kwargs["use_cache"] = False
-        return self.model(**kwargs).logits[:, 0]
-
-
-def fuse_transformer_ops(model: PreTrainedModel, path: Path) -> bool:
-    """Rewrite an exported encoder graph with fused Attention / LayerNorm / GELU kernels.
-
-    ONNX Runtime's own session optimisations leave attention as separate MatMul/Softmax nodes
-    over a (batch, heads, L, L) tensor; its transformer optimizer fuses them into one
-    ``com.microsoft.Attention`` node (needs the eager attention pattern in the export). Returns
-    False, leaving the file as it is, for architectures it does not cover.
-    """
-    config = model.config
-    if config.model_type not in FUSABLE_ENCODERS:
-        return False
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    logging.disable(logging.WARNING)  # the optimizer logs its progress on the root logger
-    try:
-        optimized = optimize_model(
-            str(path),
-            model_type="bert",
-            num_heads=int(config.num_attention_heads),
-            hidden_size=int(config.hidden_size),
-        )
-        fused = optimized.get_fused_operator_statistics().get("Attention", 0)
-        optimized.save_model_to_file(str(path))
-    finally:
-        logging.disable(logging.NOTSET)
-    log.info("fused transformer kernels", extra={"attention_nodes": fused})
-    return bool(fused)
-
-
-def export_onnx(model: PreTrainedModel, fmt: TextFormat, path: Path) -> list[str]:
-    """Write the ONNX graph with dynamic batch and sequence axes; returns its input names."""
-    names = ["input_ids", "attention_mask"] + (
-        ["token_type_ids"] if fmt.uses_token_type_ids else []
-    )
-    # the example must contain padding: an all-ones mask lets the model trace away its masking
-    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3], dtype=torch.long)
-    ids = torch.full((2, 8), fmt.pad_token_id, dtype=torch.long).masked_fill(mask.bool(), 5)
-    example = (ids, mask, torch.zeros_like(ids))[: len(names)]
-    axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes["reward"] = {0: "batch"}
-    # the TorchScript exporter warns about tracing and its own deprecation on every export; the
-    # parity check against PyTorch below is what guards correctness, so keep the output clean
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            ScalarReward(model),
-            example,
-            str(path),
-            input_names=names,
-            output_names=["reward"],
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return names
-
-
 def _grouped(
     encoder: RewardTextEncoder,
     pairs: list[tuple[str, str]],
@@ -278,18 +214,24 @@ def torch_rewards(
 
 
 def onnx_rewards(
-    path: Path, encoder: RewardTextEncoder, pairs: list[tuple[str, str]]
+    path: Path,
+    encoder: RewardTextEncoder,
+    pairs: list[tuple[str, str]],
+    provider: ProviderChoice = "cpu",
 ) -> np.ndarray:
-    """Rewards from an ONNX graph on CPU with the serving tokenization."""
-    session = create_session(path, "cpu")
-    return _grouped(encoder, pairs, lambda batch: np.asarray(session.run(None, batch.inputs)[0]))
+    """Rewards from an ONNX graph (on CPU by default) with the serving tokenization."""
+    session = create_session(path, provider)
+    run = session.run
+    return _grouped(encoder, pairs, lambda batch: np.asarray(run(None, batch.inputs)[0]))
 
 
-def pairwise_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Share of (chosen, rejected) pairs ordered the same way; arrays interleave c0, r0, c1, r1…"""
-    ref = np.sign(reference[0::2] - reference[1::2])
-    cand = np.sign(candidate[0::2] - candidate[1::2])
-    return float(np.mean(ref == cand))
+def _drop_unread_data(out: Path, graphs: Iterable[str]) -> None:
+    """Delete external-data files in ``out`` that none of ``graphs`` reads (a refused graph's,
+    or side files a tool left): publishing lists every file of the folder."""
+    read = {loc for graph in graphs for loc in graph_external_locations(out / graph) if loc}
+    for extra in out.glob("*.data"):
+        if extra.name not in read:
+            extra.unlink()
 
 
 def _reference_texts(cfg: ExportConfig) -> list[tuple[str, str]]:
@@ -332,11 +274,17 @@ def export_reward(
         out = Path(tmp)
         tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
         encoder = RewardTextEncoder.from_files(out / TOKENIZER_FILE, fmt)
-        if model.config.model_type in FUSABLE_ENCODERS:
-            model.set_attn_implementation("eager")  # the pattern the fusion recognises
-        input_names = export_onnx(model, fmt, out / FP32_FILE)
-        fused = fuse_transformer_ops(model, out / FP32_FILE)
+        input_names, fused, external = write_reward_graph(
+            model,
+            out / FP32_FILE,
+            pad_token_id=fmt.pad_token_id,
+            token_type_ids=fmt.uses_token_type_ids,
+            external=cfg.external_data,
+            fuse=cfg.fuse,
+        )
         expected = torch_rewards(model, encoder, texts)
+        del model  # the graph and the reference rewards are all that is needed from here on
+        gc.collect()
         got = onnx_rewards(out / FP32_FILE, encoder, texts)
         err = float(np.max(np.abs(expected - got)))
         scale = max(1.0, float(np.max(np.abs(expected))))
@@ -371,8 +319,12 @@ def export_reward(
                 log.warning(
                     "int8 graph rejected: pair order differs from fp32", extra=report.model_dump()
                 )
-        for extra in out.glob("*.data"):  # external-data side files never used here
-            extra.unlink()
+        fp16_notes: dict[str, Any] = {}
+        if cfg.fp16:
+            fp16_notes = _check_fp16(cfg, out, encoder, texts, got, external)
+            if fp16_notes["fp16"]["passed"]:
+                onnx_files[FP16] = FP16_FILE
+        _drop_unread_data(out, onnx_files.values())
         std = float(np.std(got))
         promotion = gate(texts, served) if gate is not None else None
         manifest = ModelManifest(
@@ -398,6 +350,8 @@ def export_reward(
                 **cfg.notes,
                 "fp32_max_abs_diff_vs_torch": err,
                 "fused_attention": fused,
+                "external_data": external,
+                **fp16_notes,
                 "opset": OPSET,
                 "torch": torch.__version__,
                 "source": str(backbone.path)
@@ -410,6 +364,38 @@ def export_reward(
     elif promotion is not None and promotion.get("promoted"):
         registry.promote(published.version, reason=str(promotion.get("reason", "gate")))
     return published
+
+
+def _check_fp16(
+    cfg: ExportConfig,
+    out: Path,
+    encoder: RewardTextEncoder,
+    texts: list[tuple[str, str]],
+    fp32: np.ndarray,
+    external: bool,
+) -> dict[str, Any]:
+    """Write the fp16 graph beside the fp32 one and run the parity gate on it (pair order vs
+    fp32 on the reference texts); a graph that fails is deleted. Returns the manifest notes."""
+    write_fp16_graph(out / FP32_FILE, out / FP16_FILE, external)
+    half = onnx_rewards(out / FP16_FILE, encoder, texts, cfg.fp16_check_provider)
+    agreement = pairwise_agreement(fp32, half)
+    report = QuantizationReport(
+        method="fp16",
+        pairwise_agreement=agreement,
+        threshold=cfg.fp16_min_agreement,
+        pairs=len(texts) // 2,
+        passed=agreement >= cfg.fp16_min_agreement,
+    )
+    if report.passed:
+        log.info("fp16 parity ok", extra=report.model_dump())
+    else:
+        (out / FP16_FILE).unlink()
+        data_file_for(out / FP16_FILE).unlink(missing_ok=True)
+        log.warning("fp16 graph rejected: pair order differs from fp32", extra=report.model_dump())
+    return {
+        "fp16": report.model_dump(),
+        "fp16_max_abs_diff_vs_fp32": float(np.max(np.abs(fp32 - half))),
+    }
 
 
 def describe(manifest: ModelManifest) -> str:

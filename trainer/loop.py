@@ -6,9 +6,13 @@ Methods: the Bradley-Terry reward objective (:mod:`plaudit.trainer.reward`); DPO
 rejection-sampling
 fine-tune (epochs of length-grouped batches, :func:`epoch_steps`); RLOO, whose steps are rollouts
 sampled when the loop asks for the next one (:mod:`plaudit.trainer.policy`). Under ``torchrun`` each
-process runs the loop on its shard of every global batch; DDP averages the gradients on a step's
-last micro-batch, and the logged loss and throughput are reduced over processes, so all processes
-log the same numbers and make the same decisions.
+process runs the loop on its shard of every global batch; DDP (or FSDP, with ``--strategy fsdp``:
+:mod:`plaudit.trainer.sharding`) averages the gradients on a step's last micro-batch, and the
+logged loss and throughput are reduced over processes, so all processes log the same numbers and
+make the same decisions. With a :class:`~plaudit.trainer.sharding.Checkpointer` the loop saves
+sharded checkpoints every N steps and, started again on a run folder holding one, resumes from it:
+weights, AdamW states, schedule, evaluations, best weights and the data position (the steps
+already taken are skipped; an RL method samples on from the restored policy).
 """
 
 from __future__ import annotations
@@ -16,15 +20,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from functools import partial
 from itertools import islice
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -32,6 +37,7 @@ from plaudit.services.common.errors import FailedPreconditionError
 from plaudit.trainer.batches import length_grouped_batches, shard_batches
 from plaudit.trainer.distributed import DistEnv, all_reduce_sum
 from plaudit.trainer.report import RunReporter
+from plaudit.trainer.sharding import Checkpointer, Sharding, is_sharded, memory_metrics, prepare
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,8 @@ class LoopResult:
     train_loss: float  # mean over the last tenth of the steps (NaN without steps)
     items_per_s: float  # over all processes, evaluation excluded, rollouts included
     wall_s: float
+    memory: dict[str, float] = field(default_factory=dict)  # per process, the largest (sharding)
+    resumed_from: int = 0  # the step a sharded checkpoint restored (0: started afresh)
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -192,14 +200,18 @@ def train_loop(
     evaluate: Callable[[], dict[str, float]] | None = None,
     first_step: int = 0,
     progress: bool = False,
+    sharding: Sharding | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> LoopResult:
     """Train ``model`` in place for ``total`` steps taken from ``steps`` (fewer when stopped
     early); ``evaluate`` gives held-out metrics, taken before training and at the cadence;
-    logged step numbers continue from ``first_step``."""
+    logged step numbers continue from ``first_step``. Under ``torchrun`` ``model`` is wrapped
+    in DDP or sharded with FSDP (``sharding``; a model sharded already stays as it is)."""
     started = time.perf_counter()
     env = env or DistEnv()
-    net, ddp = model, None
-    if env.distributed:
+    model = prepare(model, sharding or Sharding(), env)
+    net, ddp, fsdp = model, None, is_sharded(model)
+    if env.distributed and not fsdp:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         net = ddp = DistributedDataParallel(model, device_ids=device_ids)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -208,33 +220,64 @@ def train_loop(
     schedule = partial(lr_factor, total=total, warmup=warmup, schedule=settings.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
+    logged: list[dict[str, Any]] = []  # what went to the reporter, replayed on resumption
+
+    def report(record: dict[str, Any]) -> None:
+        logged.append(record)
+        reporter.log(record)
 
     def run_eval(step: int, epoch: float) -> dict[str, float]:
         assert evaluate is not None
         metrics = evaluate()
-        reporter.log({"step": first_step + step, "epoch": epoch, **metrics})
+        report({"step": first_step + step, "epoch": epoch, **metrics})
         log.info("held-out evaluation", extra={"step": first_step + step, **metrics})
         evals.append(metrics)
         return metrics
 
     def snapshot() -> dict[str, torch.Tensor]:
+        """The weights (this process's shards under FSDP), copied."""
         if not settings.keep_best:
             return {}
         return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     evals: list[dict[str, float]] = []
-    best = run_eval(0, 0.0) if evaluate is not None else {}
-    best_step, best_state = 0, snapshot()
     history: list[dict[str, Any]] = []
     step, epoch, evals_without_gain = 0, 0.0, 0
     items_seen, train_s = 0.0, 0.0
+    best: dict[str, float] = {}
+    best_step, best_state = 0, dict[str, torch.Tensor]()
+    restored = checkpointer.restore(model, optimizer, snapshot) if checkpointer else None
+    if restored is not None:
+        state, best_state = restored
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, evals_without_gain = state["step"], state["epoch"], state["evals_without_gain"]
+        items_seen, train_s = state["items_seen"], state["train_s"]
+        evals, history, best, best_step = (
+            state["evals"],
+            state["history"],
+            state["best"],
+            state["best_step"],
+        )
+        best_state = best_state or snapshot()  # the best weights are the current ones
+        for logged_record in state["logged"]:
+            report(logged_record)
+    else:
+        best = run_eval(0, 0.0) if evaluate is not None else {}
+        best_step, best_state = 0, snapshot()
+    resumed_from = step
+    work_iter: Iterator[Step] = iter(steps)
+    if resumed_from and isinstance(steps, Sequence):  # the data position: skip the steps done
+        work_iter = iter(steps[resumed_from:])
     bar = tqdm(total=total, desc=settings.desc, unit="step", disable=not (progress and env.is_main))
+    bar.update(step)
     t0 = time.perf_counter()
-    for work in islice(steps, total):  # an RL method samples its rollout as it is taken here
+    for work in islice(work_iter, total - step):  # an RL method samples its rollout here
         lr = scheduler.get_last_lr()[0]
         loss_sum, extras = 0.0, dict[str, float]()
         for i, batch in enumerate(work.micro):
             last = i == len(work.micro) - 1  # gradients are averaged across processes here
+            if fsdp:
+                cast(FSDPModule, model).set_requires_gradient_sync(last)
             with ddp.no_sync() if ddp is not None and not last else nullcontext():
                 loss, numbers = loss_fn(net, batch)
                 share = 1 / len(work.micro) if work.shares is None else work.shares[i]
@@ -244,7 +287,7 @@ def train_loop(
             for key, value in numbers.items():
                 extras[key] = extras.get(key, 0.0) + value * share
         grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+            _norm(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
             if settings.max_grad_norm > 0
             else float("nan")
         )
@@ -262,7 +305,7 @@ def train_loop(
         record |= extras | work.record
         record = {k: v for k, v in record.items() if k and v is not None}  # no epoch, no rate key
         history.append(record)
-        reporter.log(record)
+        report(record)
         bar.update(1)
         postfix = {"loss": f"{record['train/loss']:.4f}"}
         postfix |= {"acc": f"{best['eval/accuracy']:.3f}"} if best else {}
@@ -279,8 +322,26 @@ def train_loop(
             patience = settings.early_stopping_patience
             if patience and evals_without_gain >= patience:
                 break
+        if checkpointer is not None and checkpointer.due(step) and step < total:
+            loop_state = {
+                "step": step,
+                "epoch": epoch,
+                "evals_without_gain": evals_without_gain,
+                "items_seen": items_seen,
+                "train_s": train_s,
+                "evals": evals,
+                "history": history,
+                "best": best,
+                "best_step": best_step,
+                "scheduler": scheduler.state_dict(),
+                "logged": logged,
+                "has_best": bool(best_state) and best_step != step,
+            }
+            best_saved = best_state if loop_state["has_best"] else None
+            checkpointer.save(step, model, optimizer, loop_state, best_saved)
         t0 = time.perf_counter()
     bar.close()
+    memory = memory_metrics(model, optimizer, env)
     if settings.keep_best and best_step != step:
         model.load_state_dict(best_state)
     return LoopResult(
@@ -293,4 +354,12 @@ def train_loop(
         train_loss=tail_mean([r["train/loss"] for r in history]),
         items_per_s=items_seen / train_s if train_s else float("nan"),
         wall_s=time.perf_counter() - started,
+        memory=memory,
+        resumed_from=resumed_from,
     )
+
+
+def _norm(value: torch.Tensor) -> float:
+    """A gradient norm as a number (under FSDP a DTensor, reduced over the shards)."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)

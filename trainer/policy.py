@@ -10,7 +10,10 @@ merged weights are saved in the run folder and, given a registry, exported with
 :func:`plaudit.trainer.policy_export.export_policy`; the gate's decision and numbers go into the
 manifest either way, and the version is promoted only when asked to and the gate passes.
 
-One process only (no ``torchrun``): the methods sample, and sampling is not sharded here.
+DPO also runs under ``torchrun`` (``--strategy ddp`` or ``fsdp``, :mod:`plaudit.trainer.sharding`):
+rank 0 reads the data, every rank trains its shard of each global batch, and rank 0 gathers the
+weights (sharded ones into one model) to evaluate, save and publish them. Rejection sampling and
+RL sample as they train, and sampling is not sharded here: they run in one process.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from plaudit.services.common.security.client import INSECURE, ClientCredentials
 from plaudit.trainer.backbones import Backbone, resolve_backbone
 from plaudit.trainer.config import DEFAULT_RUNS_DIR
 from plaudit.trainer.data import PreferencePair, SupervisedExample, TrainingData
-from plaudit.trainer.distributed import DistEnv, init_distributed, shutdown
+from plaudit.trainer.distributed import DistEnv, all_gather, broadcast, init_distributed, shutdown
 from plaudit.trainer.loop import (
     LoopResult,
     LoopSettings,
@@ -79,6 +82,7 @@ from plaudit.trainer.reward import (
     seed_everything,
     trainable,
 )
+from plaudit.trainer.sharding import Checkpointer, Sharding, full_state_dict, is_sharded, prepare
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +223,9 @@ class _Run:
     reporter: RunReporter
     progress: bool
     scorer: Scorer | None
+    env: DistEnv = field(default_factory=DistEnv)
+    sharding: Sharding = field(default_factory=Sharding)
+    checkpointer: Checkpointer | None = None  # DPO and RL (one fit each)
     step: int = 0  # optimizer steps so far (rejection sampling runs several fits)
 
     def epochs(self, lengths: np.ndarray, epochs: int, max_steps: int | None) -> list[Step]:
@@ -231,6 +238,7 @@ class _Run:
             grad_accum=cfg.grad_accum,
             seed=[cfg.seed, self.step],
             max_steps=max_steps,
+            env=self.env,
         )
 
     def fit(
@@ -252,9 +260,25 @@ class _Run:
             evaluate=evaluate,
             first_step=self.step,
             progress=self.progress,
+            env=self.env,
+            sharding=self.sharding,
+            checkpointer=self.checkpointer,
         )
         self.step += result.steps
         return result
+
+    def logprobs(self, model: Any, rows: Sequence[TokenRow], batch_size: int) -> np.ndarray:
+        """Completion log-prob sums of this process's ``rows``. A sharded ``model`` runs as
+        many forward passes on every process (its all-gathers pair up): the processes with
+        fewer rows pad with copies of their first and drop the results."""
+        rows = list(rows)
+        count = len(rows)
+        if is_sharded(model):
+            most = max(all_gather(self.env, count))
+            rows += [rows[0] if rows else TokenRow((), ())] * (most - count)
+        tok = self.tokens
+        out = completion_logprobs(model, rows, tok.pad_id, self.device, batch_size=batch_size)
+        return out[:count]
 
 
 # -- DPO ----------------------------------------------------------------------------------------
@@ -286,11 +310,9 @@ def train_dpo(
     used = sorted({int(i) for step in steps for micro in step.micro for i in micro})
     ref_c_np, ref_r_np = np.zeros(n), np.zeros(n)
     with run.reference.use(run.model) as ref:
-        ref_used = completion_logprobs(
+        ref_used = run.logprobs(
             ref,
             [*(train_c[i] for i in used), *(train_r[i] for i in used)],
-            pad,
-            device,
             batch_size=2 * cfg.batch_size,
         )
         # batched exactly as the evaluation batches the policy: equal models, equal numbers
@@ -352,6 +374,8 @@ def train_dpo(
         "train/steps": float(fit.steps),
         "train/pairs": float(n),
         "train/pairs_per_s": fit.items_per_s,
+        "train/resumed_from_step": float(fit.resumed_from),
+        **fit.memory,
     }
 
 
@@ -620,16 +644,52 @@ def train_policy(
     folder is ``output_dir``, or a new one under ``runs_dir``.
 
     ``scorer`` replaces the reward service at ``cfg.reward_addr`` (tests, benchmarks);
-    ``credentials`` (API key, TLS) are used to call that reward service.
+    ``credentials`` (API key, TLS) are used to call that reward service. Under ``torchrun``
+    call :func:`run_policy_training`, which the ranks other than 0 return None from.
     """
+    result = run_policy_training(
+        cfg,
+        source,
+        registry,
+        publish=publish,
+        output_dir=output_dir,
+        progress=progress,
+        scorer=scorer,
+        credentials=credentials,
+        runs_dir=runs_dir,
+    )
+    if result is None:
+        raise FailedPreconditionError(
+            "train_policy returns rank 0's result: under torchrun call run_policy_training"
+        )
+    return result
+
+
+def run_policy_training(
+    cfg: PolicyConfig,
+    source: PairSource,
+    registry: ModelRegistry | None = None,
+    *,
+    publish: PolicyPublishOptions | None = None,
+    output_dir: Path | None = None,
+    progress: bool = False,
+    scorer: Scorer | None = None,
+    credentials: ClientCredentials = INSECURE,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
+) -> PolicyTrainingResult | None:
+    """:func:`train_policy` in one process or under ``torchrun`` (DPO only): rank 0 returns
+    the result, the other ranks None."""
     if registry is not None and registry.kind != "policy":
         raise InvalidArgumentError(
             "registry", f"policies go to a policy registry, not {registry.kind}"
         )
     env = init_distributed(cfg.device, cfg.num_threads)
     try:
-        if env.distributed:
-            raise FailedPreconditionError("policy training runs in one process: drop torchrun")
+        if env.distributed and not isinstance(cfg, DPOConfig):
+            raise FailedPreconditionError(
+                f"{cfg.method} samples as it trains and runs in one process: drop torchrun "
+                "(DPO runs under torchrun)"
+            )
         return _train(
             env,
             cfg,
@@ -657,13 +717,27 @@ def _train(
     progress: bool,
     scorer: Scorer | None,
     credentials: ClientCredentials,
-) -> PolicyTrainingResult:
+) -> PolicyTrainingResult | None:
     started = time.perf_counter()
-    data, parent = load_training_data(source, registry, publish.parent, policy=True)
-    if parent is None and registry is not None:
-        parent = registry.promoted()
-    run_id = new_version_id("run")
+    prepared: tuple[TrainingData, str | None, str] | Exception | None = None
+    if env.is_main:  # rank 0 reads the data; every rank trains on that snapshot
+        try:
+            data, parent = load_training_data(source, registry, publish.parent, policy=True)
+            if parent is None and registry is not None:
+                parent = registry.promoted()
+            prepared = (data, parent, new_version_id("run"))
+        except Exception as exc:  # every rank raises it, rather than waiting for rank 0
+            prepared = exc
+    prepared = broadcast(env, prepared)
+    if isinstance(prepared, Exception):
+        raise prepared
+    assert prepared is not None
+    data, parent, run_id = prepared
     run_dir = output_dir or runs_dir / run_id
+    if isinstance(cfg, RejectionSamplingConfig) and cfg.checkpoint_every:
+        raise InvalidArgumentError(
+            "checkpoint_every", "rejection sampling has no sharded checkpoints (DPO and RL do)"
+        )
     prompts_train, prompts_held = split_prompts(all_prompts(data), cfg.eval_fraction)
     pairs_train, pairs_held = split_by_prompt(data.pairs, cfg.eval_fraction)
     supervised_train, _ = split_by_prompt(data.supervised, cfg.eval_fraction)
@@ -688,11 +762,26 @@ def _train(
     tokens = PolicyTokenizer(tokenizer, model, cfg.max_length, cfg.max_prompt_length)
     torch.nn.Module.to(model, env.device)
     policy: Any = with_lora(model, cfg) if cfg.lora_r else model
+    reference = Reference(policy)
+    sharding = Sharding.of(cfg, env)
+    if reference.copy is not None and sharding.fsdp and env.distributed:  # frozen, sharded too
+        prepare(reference.copy, replace(sharding, activation_checkpointing=False), env)
+    policy = prepare(policy, sharding, env)
     own_scorer = None
-    if scorer is None and reward_addr:
+    if scorer is None and reward_addr and env.is_main:
         scorer = own_scorer = RewardServiceScorer(reward_addr, credentials=credentials)
-    reporter = RunReporter(run_dir)
-    run = _Run(cfg, policy, Reference(policy), tokens, env.device, reporter, progress, scorer)
+    reporter = RunReporter(run_dir, enabled=env.is_main)
+    cursor = None if data.cursor is None else str(data.cursor)
+    identity = {"source": data.source, "cursor": cursor, "pairs": len(data.pairs)}
+    checkpointer = (
+        None
+        if isinstance(cfg, RejectionSamplingConfig)
+        else Checkpointer.for_run(cfg, run_dir, env, identity)
+    )
+    run = _Run(
+        cfg, policy, reference, tokens, env.device, reporter, progress, scorer,
+        env=env, sharding=sharding, checkpointer=checkpointer,
+    )  # fmt: skip
     log.info(
         "policy training",
         extra={
@@ -708,6 +797,11 @@ def _train(
         if isinstance(cfg, DPOConfig):
             metrics = train_dpo(run, cfg, pairs_train, pairs_held)
             train_items = len(pairs_train)
+            if env.distributed and not _gather_on_rank_0(run, start):
+                assert checkpointer is not None
+                checkpointer.finish()  # wait for rank 0's evaluation, save and publish
+                return None
+            policy = run.model
         elif isinstance(cfg, RejectionSamplingConfig):
             metrics = train_rejection_sampling(run, cfg, prompts_train, supervised_train)
             train_items = len(prompts_train)
@@ -749,7 +843,6 @@ def _train(
     merged: PreTrainedModel = policy.merge_and_unload() if cfg.lora_r else policy
     torch.nn.Module.to(merged, "cpu")
     merged.eval()
-    cursor = None if data.cursor is None else str(data.cursor)
     checkpoint = run_dir / CHECKPOINT_DIR
     record = {
         "run_id": run_id,
@@ -797,7 +890,28 @@ def _train(
     )
     reporter.write_metrics({**result.summary(), "config": cfg.to_dict()})
     _plot(reporter, cfg)
+    if checkpointer is not None:
+        checkpointer.finish()
     return result
+
+
+def _gather_on_rank_0(run: _Run, start: StartingPoint) -> bool:
+    """After training under ``torchrun``: rank 0 holds the trained policy as a plain model (a
+    sharded one gathered and loaded into a fresh copy of the starting model, whose own weights
+    become the reference again) and goes on to evaluate and publish; True on rank 0 only."""
+    if not is_sharded(run.model):
+        return run.env.is_main  # a DDP replica: rank 0's is the trained policy
+    weights = full_state_dict(run.model, run.env)
+    if not run.env.is_main:
+        return False
+    model, _, _ = load_policy_model(start.load)
+    disable_dropout(model)
+    torch.nn.Module.to(model, run.env.device)
+    policy: Any = with_lora(model, run.cfg) if run.cfg.lora_r else model
+    run.reference = Reference(policy)  # the starting weights (LoRA: the adapters switched off)
+    policy.load_state_dict(weights)
+    run.model = policy
+    return True
 
 
 def _plot(reporter: RunReporter, cfg: PolicyConfig) -> None:

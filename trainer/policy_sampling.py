@@ -22,6 +22,7 @@ from plaudit.trainer.policy_objective import (
     token_logprobs,
     win_rate,
 )
+from plaudit.trainer.sharding import is_sharded, no_grad
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def completion_token_logprobs(
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: injected
     target = batch.completion_mask[:, 1:].bool()  # token t is predicted at position t - 1
     rows = torch.arange(len(target), device=target.device).unsqueeze(1).expand_as(target)[target]
-    if not _plain_head(lm):
+    if not _plain_head(lm) or is_sharded(model):  # FSDP: through the root's forward
         logits = model(**batch.model_inputs(), use_cache=False).logits
         return token_logprobs(logits, batch.input_ids, temperature)[target], rows
     hidden = lm.get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
@@ -138,7 +139,7 @@ def completion_logprobs(
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    with no_grad(model):  # a sharded model: no_grad (it trains on after this)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             logps = forward_logprobs(model, [rows[i] for i in index], pad_id, device, temperature)

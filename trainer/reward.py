@@ -10,7 +10,10 @@ whether it replaces the promoted version.
 
 Run it alone or as ``torchrun --nproc-per-node N -m plaudit.cli train reward ...``: rank 0 reads
 the data and does everything after training; all ranks train (see
-:mod:`plaudit.trainer.distributed`).
+:mod:`plaudit.trainer.distributed`), holding whole replicas (``--strategy ddp``) or shards
+(``--strategy fsdp``: :mod:`plaudit.trainer.sharding`), whose weights rank 0 gathers into one
+Hugging Face checkpoint before the export. The run folder keeps sharded checkpoints every
+``--checkpoint-every`` steps; the same command on the same ``--output-dir`` resumes from them.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ from plaudit.trainer.data import (
 from plaudit.trainer.distributed import (
     DistEnv,
     all_gather,
-    barrier,
     broadcast,
     init_distributed,
     shutdown,
@@ -69,6 +71,14 @@ from plaudit.trainer.objective import (
 )
 from plaudit.trainer.promotion import DEFAULT_TOLERANCE, AccuracyGate
 from plaudit.trainer.report import RunReporter
+from plaudit.trainer.sharding import (
+    Checkpointer,
+    Sharding,
+    full_state_dict,
+    is_sharded,
+    no_grad,
+    unsharded_copy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,18 +236,24 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager[object]],
     use_margin: bool,
 ) -> dict[str, float]:
-    """Held-out metrics; each process scores every world_size-th group, all get all rewards."""
+    """Held-out metrics; each process scores every world_size-th group, all get all rewards.
+    A sharded scorer runs as many forward passes on every process (its all-gathers pair up):
+    a process short of one repeats its first group and drops the result."""
     was_training = scorer.training
     scorer.eval()
     parts = []
-    with torch.inference_mode():
+    with no_grad(scorer):
         groups = length_groups(data.lengths, EVAL_GROUP_TOKENS // 2)  # no gradients: bigger
-        for index in groups[env.rank :: env.world_size]:
+        mine = groups[env.rank :: env.world_size]
+        rounds = -(-len(groups) // env.world_size) if is_sharded(scorer) else len(mine)
+        for r in range(rounds):
+            index = mine[r] if r < len(mine) else groups[0]
             inputs, _, _ = collate(encoder, data, index)
             with autocast():
                 rewards = scorer(**{k: v.to(env.device) for k, v in inputs.items()})
-            rewards = rewards.float().cpu().numpy()
-            parts.append((index, rewards[: len(index)], rewards[len(index) :]))
+            if r < len(mine):
+                rewards = rewards.float().cpu().numpy()
+                parts.append((index, rewards[: len(index)], rewards[len(index) :]))
     scorer.train(was_training)
     chosen = np.empty(len(data), dtype=np.float64)
     rejected = np.empty(len(data), dtype=np.float64)
@@ -257,9 +273,11 @@ def fit_reward_model(
     reporter: RunReporter,
     *,
     progress: bool = False,
+    checkpointer: Checkpointer | None = None,
 ) -> LoopResult:
-    """The Bradley-Terry objective in the training loop (DDP under ``torchrun``); ``model`` is
-    trained in place and ends holding the weights with the best held-out metrics."""
+    """The Bradley-Terry objective in the training loop (DDP or FSDP under ``torchrun``);
+    ``model`` is trained in place and ends holding the weights with the best held-out metrics
+    (under FSDP: this process's shards of them)."""
     torch.nn.Module.to(model, env.device)
     if cfg.disable_dropout:
         disable_dropout(model)
@@ -306,6 +324,8 @@ def fit_reward_model(
         env=env,
         evaluate=held_out_metrics,
         progress=progress,
+        sharding=Sharding.of(cfg, env),
+        checkpointer=checkpointer,
     )
 
 
@@ -322,6 +342,8 @@ def _metrics(loop: LoopResult, train_pairs: int) -> dict[str, float]:
         "train/best_step": float(loop.best_step),
         "train/epochs": loop.epochs,
         "train/pairs": float(train_pairs),
+        "train/resumed_from_step": float(loop.resumed_from),
+        **loop.memory,
     }
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
@@ -406,11 +428,17 @@ def _train(
         },
     )
     reporter = RunReporter(run_dir, enabled=env.is_main)
-    loop = fit_reward_model(
-        cfg, model, encoder, train_set, held_out, env, reporter, progress=progress
-    )
-    metrics = _metrics(loop, len(train_set))
     cursor = None if data.cursor is None else str(data.cursor)
+    identity = {"source": data.source, "cursor": cursor, "pairs": len(data.pairs)}
+    checkpointer = Checkpointer.for_run(cfg, run_dir, env, identity)
+    loop = fit_reward_model(
+        cfg, model, encoder, train_set, held_out, env, reporter, progress=progress,
+        checkpointer=checkpointer,
+    )  # fmt: skip
+    metrics = _metrics(loop, len(train_set))
+    if any(is_sharded(m) for m in model.modules()):  # rank 0 gathers the whole model
+        weights = full_state_dict(model, env)
+        model = unsharded_copy(model, weights) if env.is_main else model
     checkpoint = run_dir / CHECKPOINT_DIR
     result = None
     if env.is_main:
@@ -466,5 +494,5 @@ def _train(
         )
         reporter.write_metrics({**result.summary(), "config": cfg.to_dict()})
         reporter.plot()
-    barrier(env)  # the other ranks wait for rank 0's export and publish
+    checkpointer.finish()  # the other ranks wait for rank 0's export and publish
     return result

@@ -6,8 +6,11 @@ The call is admitted by the server's :class:`~plaudit.services.common.security.g
 of the request is read: a refused call gets a handler that answers the refusal without reading
 or parsing the request, so an unauthenticated caller costs a header lookup whatever it sends.
 An admitted request larger than its method's own limit
-(:meth:`~plaudit.services.common.security.guard.ServerSecurity.message_limit`) is
-RESOURCE_EXHAUSTED before it is parsed; one that does not parse as the method's message (corrupt
+(:meth:`~plaudit.services.common.security.guard.ServerSecurity.message_limit`), or holding more
+protobuf fields than its method's field limit
+(:meth:`~plaudit.services.common.security.guard.ServerSecurity.field_limit`, counted on the wire:
+an 8 MB request of empty items would take over 200 MB parsed), is RESOURCE_EXHAUSTED before it is
+parsed; one that does not parse as the method's message (corrupt
 wire format, invalid UTF-8 in a string field) is INVALID_ARGUMENT, never reaching the servicer.
 The call is then served within the in-flight limit. Servicers raise
 :class:`~plaudit.services.common.errors.PlauditError`; the call is aborted with the error's status
@@ -25,6 +28,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import Descriptor
 
 from plaudit.services.common.errors import (
     InvalidArgumentError,
@@ -34,6 +39,7 @@ from plaudit.services.common.errors import (
 from plaudit.services.common.metrics import GrpcMetrics
 from plaudit.services.common.security.guard import CALLER, AccessGuard
 from plaudit.services.common.security.keys import Principal
+from plaudit.services.common.security.limits import count_fields
 
 log = logging.getLogger("plaudit.rpc")
 
@@ -54,17 +60,47 @@ class _Oversized:
         self.size = size
 
 
+class _TooManyFields:
+    """What the tolerant deserializer returns for a message over its method's field limit."""
+
+
+_TOO_MANY_FIELDS = _TooManyFields()
+
+
+_REQUEST_TYPES: dict[str, Descriptor] = {}
+
+
+def request_type(call: str) -> Descriptor | None:
+    """The request message type of ``call`` (``/package.Service/Method``) from the default
+    descriptor pool (the servicer's ``_pb2`` module registered it); None if unknown."""
+    found = _REQUEST_TYPES.get(call)
+    if found is None:
+        name = call.lstrip("/").replace("/", ".")
+        try:
+            found = descriptor_pool.Default().FindMethodByName(name).input_type
+        except KeyError:
+            return None
+        _REQUEST_TYPES[call] = found
+    return found
+
+
 def _tolerant(
-    deserializer: Callable[[bytes], Any] | None, limit: int
+    deserializer: Callable[[bytes], Any] | None,
+    limit: int,
+    fields: int,
+    message: Descriptor | None,
 ) -> Callable[[bytes], Any] | None:
-    """``deserializer`` that refuses messages over ``limit`` bytes unparsed and returns a
-    sentinel instead of raising (grpc would answer UNKNOWN or INTERNAL)."""
+    """``deserializer`` that refuses messages over ``limit`` bytes, or of ``message`` type with
+    more than ``fields`` fields (:func:`count_fields`), unparsed, and returns a sentinel
+    instead of raising (grpc would answer UNKNOWN or INTERNAL)."""
     if deserializer is None:
         return None
 
     def parse(data: bytes) -> Any:
         if len(data) > limit:
             return _Oversized(len(data))
+        if message is not None and count_fields(data, message, fields) > fields:
+            return _TOO_MANY_FIELDS
         try:
             return deserializer(data)
         except Exception:  # DecodeError, or anything a custom deserializer raises
@@ -75,7 +111,7 @@ def _tolerant(
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Admits each call through ``guard`` (before reading it), bounds its request by
-    ``message_limit``, maps domain errors to statuses and records request
+    ``message_limit`` and ``field_limit``, maps domain errors to statuses and records request
     count, errors and latency (refusals included)."""
 
     def __init__(
@@ -83,11 +119,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         metrics: GrpcMetrics,
         guard: AccessGuard,
         message_limit: Callable[[str], int],
+        field_limit: Callable[[str], int],
     ) -> None:
-        """``message_limit``: the largest request message of a call (``/package.Service/M``)."""
+        """``message_limit``: the largest request message of a call (``/package.Service/M``);
+        ``field_limit``: the most protobuf fields one may hold."""
         self._metrics = metrics
         self._guard = guard
         self._message_limit = message_limit
+        self._field_limit = field_limit
 
     async def intercept_service(
         self,
@@ -98,7 +137,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        wrapper = _Wrapper(self._metrics, self._guard, method, self._message_limit(method))
+        wrapper = _Wrapper(
+            self._metrics,
+            self._guard,
+            method,
+            self._message_limit(method),
+            self._field_limit(method),
+        )
         try:  # from the metadata alone: nothing of the request has been read yet
             wrapper.principal = self._guard.check(
                 method, _authorization(handler_call_details.invocation_metadata)
@@ -111,12 +156,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 class _Wrapper:
     """One method's behaviour, admitted, measured and its errors mapped (see the module doc)."""
 
-    def __init__(self, metrics: GrpcMetrics, guard: AccessGuard, call: str, limit: int) -> None:
+    def __init__(
+        self, metrics: GrpcMetrics, guard: AccessGuard, call: str, limit: int, fields: int
+    ) -> None:
         self.metrics = metrics
         self.guard = guard
         self.call = call  # /plaudit.v1.RewardService/Score: what the guard decides
         self.method = call.lstrip("/")  # plaudit.v1.RewardService/Score: metrics and logs
         self.limit = limit  # bytes of one request message
+        self.fields = fields  # protobuf fields of one request message
         self.started = time.perf_counter()
         self.principal: Principal | None = None  # the admitted caller: CALLER while served
 
@@ -138,6 +186,11 @@ class _Wrapper:
                 f"request: {request.size} bytes exceeds the limit of {self.limit} bytes for "
                 f"{self.method}"
             )
+        if request is _TOO_MANY_FIELDS:
+            raise ResourceExhaustedError(
+                f"request: more than {self.fields} protobuf fields (items, messages, map "
+                f"entries...), the limit for {self.method}; send fewer"
+            )
         if request is _MALFORMED:
             raise InvalidArgumentError(
                 "request",
@@ -153,7 +206,9 @@ class _Wrapper:
     def rebuild(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with a bounded, tolerant deserializer and its behaviour wrapped."""
         kwargs = {
-            "request_deserializer": _tolerant(handler.request_deserializer, self.limit),
+            "request_deserializer": _tolerant(
+                handler.request_deserializer, self.limit, self.fields, request_type(self.call)
+            ),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:

@@ -27,9 +27,13 @@ checkout` checks them before a server uses the version: a listed file that diffe
 missing, a file that is not listed, or one outside the version folder fails it. Every path the
 manifest names for a loader (``onnx_files``) must be one of those listed files (relative, inside
 the version, hashed): :func:`check_manifest_paths` refuses anything else, and loaders turn
-manifest entries into paths only through :meth:`VersionFolder.path`. Servers load remote versions
-from a local cache (``cache_dir``), downloaded aside, verified, then renamed into place; a cached
-copy is verified again before every use.
+manifest entries into paths only through :meth:`VersionFolder.path`. A graph too big for one
+protobuf keeps its weights in external-data files beside it: those are listed and hashed like
+any file, and the graph itself is read (:func:`onnx_external_locations`) when a version is
+published, verified or checked out: every ``location`` it names must be a listed file inside
+the version (:func:`check_external_data`), whatever the runtime would allow. Servers load remote
+versions from a local cache (``cache_dir``), downloaded aside, verified, then renamed into place;
+a cached copy is verified again before every use.
 
 Signed manifests (optional): a registry given a :class:`ManifestSigner` (an Ed25519 private key)
 signs each manifest it publishes, in its ``signature`` field, over :func:`canonical_manifest_bytes`
@@ -52,13 +56,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -253,6 +258,189 @@ def check_digest(version: str, rel: str, actual: str, expected: str) -> None:
         )
 
 
+# -- ONNX external data ---------------------------------------------------------------------------
+# A graph may keep tensors in other files ("external data"), which ONNX Runtime opens by the
+# ``location`` stored in the graph, relative to the graph's folder. The graph is read here as raw
+# protobuf (the wire format; serving has no ``onnx`` package): the messages that can hold tensors,
+# by their field numbers in onnx.proto, and nothing is copied but the locations.
+_TENSOR, _SPARSE = "tensor", "sparse"
+_ONNX_TENSOR_FIELDS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},  # ModelProto
+    "training": {1: "graph", 2: "graph"},  # TrainingInfoProto: initialization, algorithm
+    "graph": {1: "node", 5: _TENSOR, 15: _SPARSE},  # node, initializer, sparse_initializer
+    "function": {7: "node", 11: "attribute"},  # FunctionProto: node, attribute_proto
+    "node": {5: "attribute"},
+    "attribute": {5: _TENSOR, 6: "graph", 10: _TENSOR, 11: "graph", 22: _SPARSE, 23: _SPARSE},
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},  # values, indices
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+_DEPTH_LIMIT = 64  # nested subgraphs; protobuf's own default recursion limit is 100
+
+
+class NotProtobufError(ValueError):
+    """The bytes are not a protobuf message (so no ONNX runtime can load them as a graph)."""
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise NotProtobufError("truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _proto_fields(buf: memoryview) -> Iterator[tuple[int, int, memoryview | int]]:
+    """(field number, wire type, value) of each field of one message; a length-delimited value
+    is a view of its bytes (nothing copied), groups are skipped as protobuf parsers do."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        value: memoryview | int = 0
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire == 3:  # a (deprecated) group: skip to its end-group tag
+            depth = 1
+            while depth:
+                inner, pos = _varint(buf, pos)
+                inner_wire = inner & 7
+                if inner_wire == 0:
+                    _, pos = _varint(buf, pos)
+                elif inner_wire == 1:
+                    pos += 8
+                elif inner_wire == 5:
+                    pos += 4
+                elif inner_wire == 2:
+                    size, pos = _varint(buf, pos)
+                    pos += size
+                elif inner_wire in (3, 4):
+                    depth += 1 if inner_wire == 3 else -1
+                else:
+                    raise NotProtobufError(f"wire type {inner_wire}")
+                if pos > end:
+                    raise NotProtobufError("truncated group")
+        else:
+            raise NotProtobufError(f"wire type {wire}")
+        if pos > end or number == 0:
+            raise NotProtobufError("truncated message")
+        yield number, wire, value
+
+
+def _tensor_locations(tensor: memoryview) -> list[str | None]:
+    """The external ``location``s one TensorProto names (None: external, but names none)."""
+    locations: list[str | None] = []
+    external = False
+    for number, wire, value in _proto_fields(tensor):
+        if number == _TENSOR_DATA_LOCATION and wire == 0:
+            external = value == 1  # DataLocation.EXTERNAL; the last one counts, as in protobuf
+        elif number == _TENSOR_EXTERNAL_DATA and isinstance(value, memoryview):
+            entry = {  # StringStringEntryProto: key = 1, value = 2
+                n: bytes(v).decode("utf-8", "replace")
+                for n, _, v in _proto_fields(value)
+                if isinstance(v, memoryview)
+            }
+            if entry.get(1) == "location":
+                locations.append(entry.get(2, ""))
+    if external and not locations:
+        locations.append(None)
+    return locations
+
+
+def onnx_external_locations(data: bytes | memoryview) -> list[str | None]:
+    """Every external-data ``location`` an ONNX graph's tensors name, in any subgraph, function
+    or attribute (None for an external tensor that names none). Raises
+    :class:`NotProtobufError` for bytes no protobuf parser reads as a message."""
+    found: list[str | None] = []
+    stack: list[tuple[str, memoryview, int]] = [("model", memoryview(data), 0)]
+    while stack:
+        kind, buf, depth = stack.pop()
+        if depth > _DEPTH_LIMIT:
+            raise NotProtobufError("graphs nested too deep")
+        if kind == _TENSOR:
+            found += _tensor_locations(buf)
+            continue
+        children = _ONNX_TENSOR_FIELDS[kind]
+        for number, _wire, value in _proto_fields(buf):
+            child = children.get(number)
+            if child is not None and isinstance(value, memoryview):
+                stack.append((child, value, depth + 1))
+    return found
+
+
+def graph_external_locations(path: Path) -> list[str | None]:
+    """:func:`onnx_external_locations` of the graph file at ``path`` (mapped, not read)."""
+    with path.open("rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise NotProtobufError("empty file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            try:
+                return onnx_external_locations(memoryview(mapped))
+            except NotProtobufError as exc:  # re-raised once the map is closed: the traceback's
+                error = str(exc)  # frames hold views of it, and a map with views cannot close
+        raise NotProtobufError(error)
+
+
+def check_external_data(
+    version: str, manifest: ModelManifest, graph: str, locations: Iterable[str | None]
+) -> None:
+    """Every external-data file the graph ``graph`` (a path in the version) names is a file the
+    manifest lists with its sha256, inside the version: relative to the graph's folder, no
+    absolute path, no ``..``, nothing unlisted. ONNX Runtime refuses absolute paths and ``..``
+    itself; this does not rely on it (nor on any runtime's rules)."""
+    folder = PurePosixPath(graph).parent
+    for location in locations:
+        if location is None or not location:
+            raise FailedPreconditionError(
+                f"version {version}: {graph} keeps a tensor in external data but names no file"
+            )
+        rel = str(folder / location) if str(folder) != "." else location
+        parts = location.split("/")  # as written: "./x" or "a//b" are not normalised away
+        if (
+            location.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or "\\" in location
+            or "\x00" in location
+        ):
+            raise FailedPreconditionError(
+                f"version {version}: {graph} reads external data from {location!r}, which "
+                "escapes the version"
+            )
+        if rel not in manifest.files:
+            raise FailedPreconditionError(
+                f"version {version}: {graph} reads external data from {location!r}, which is not "
+                "listed (with its sha256) in the manifest's files"
+            )
+
+
+def check_graph_file(
+    version: str, manifest: ModelManifest, graph: str, source: Path | bytes
+) -> None:
+    """:func:`check_external_data` of the graph ``graph``, read from the file ``source`` (or
+    given as bytes). A file that is not protobuf at all is left to the runtime, which cannot
+    load it either."""
+    try:
+        if isinstance(source, Path):
+            locations = graph_external_locations(source)
+        else:
+            locations = onnx_external_locations(source)
+    except NotProtobufError as exc:
+        log.debug("not an ONNX graph", extra={"version": version, "file": graph, "why": str(exc)})
+        return
+    check_external_data(version, manifest, graph, locations)
+
+
 def verify_folder(version: str, manifest: ModelManifest, root: Path) -> ModelManifest:
     """Check a local copy of ``version`` file by file against its manifest (see the module
     docstring); return the manifest."""
@@ -266,6 +454,8 @@ def verify_folder(version: str, manifest: ModelManifest, root: Path) -> ModelMan
         if not path.is_file():
             raise FailedPreconditionError(f"version {version}: file {rel} is missing")
         check_digest(version, rel, sha256_file(path), expected)
+    for graph in sorted(set(manifest.onnx_files.values())):  # hashed above: parse what it holds
+        check_graph_file(version, manifest, graph, root / graph)
     return manifest
 
 
@@ -450,6 +640,8 @@ def _stage(
     }
     final = manifest.model_copy(update={"files": files, "signature": None})
     check_manifest_paths(manifest.version, final)
+    for graph in sorted(set(final.onnx_files.values())):
+        check_graph_file(final.version, final, graph, staging / graph)
     if signer is not None:
         final = signer.sign(final)
     (staging / MANIFEST).write_text(final.model_dump_json(indent=2))
@@ -633,9 +825,15 @@ class ModelRegistry:
             return self.checkout(version)[0]
         manifest = self.checked_manifest(version)
         remote = _join(self.versions_dir, version)
+        graphs = set(manifest.onnx_files.values())
         for rel, expected in self._remote_files(version, manifest).items():
             with self.fs.open(_join(remote, rel), "rb", block_size=1 << 22) as fh:
-                check_digest(version, rel, sha256_stream(fh, 1 << 22), expected)
+                if rel not in graphs:
+                    check_digest(version, rel, sha256_stream(fh, 1 << 22), expected)
+                    continue
+                graph = fh.read()  # small once its weights are external data (< 2 GB anyway)
+            check_digest(version, rel, hashlib.sha256(graph).hexdigest(), expected)
+            check_graph_file(version, manifest, rel, graph)
         return manifest
 
     def _remote_files(self, version: str, manifest: ModelManifest) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 Health (``grpc.health.v1``) starts NOT_SERVING for every service and is flipped by the owner
 when it can really answer; server reflection lists every service; one interceptor (API keys,
-roles, rate and in-flight limits, each method's request size, see
+roles, rate and in-flight limits, each method's request size and field count, see
 :mod:`plaudit.services.common.security`; errors and metrics) wraps every other method; gRPC itself
 bounds the request size (the largest method's), the calls open at once (``max_concurrent_rpcs``,
 health and reflection included) and per connection (``max_concurrent_streams``); TLS or mutual
@@ -66,7 +66,11 @@ class GrpcService:
         if security.max_concurrent_streams is not None:
             options.append(("grpc.max_concurrent_streams", security.max_concurrent_streams))
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, security.guard, security.message_limit)],
+            interceptors=[
+                ServiceInterceptor(
+                    self.metrics, security.guard, security.message_limit, security.field_limit
+                )
+            ],
             options=options,
             maximum_concurrent_rpcs=security.max_concurrent_rpcs,  # health included
         )

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,7 @@ from plaudit.services.feedback.domain import (
     Ranking,
     SubmitResult,
 )
-from plaudit.services.feedback.identity import Caller, LeaseLimit
+from plaudit.services.feedback.identity import Caller
 from plaudit.services.feedback.metrics import FeedbackMetrics
 from plaudit.services.feedback.settings import FeedbackSettings
 from plaudit.services.feedback.store import FeedbackStore
@@ -178,7 +177,6 @@ class FeedbackHttpApi:
         is_serving: Callable[[], bool],
         max_tasks_per_import: int,
         any_annotator_keys: Collection[str] = (),
-        max_leases_per_principal: int = 0,
     ) -> None:
         self._store = store
         self._core = FeedbackCore(store, batcher, metrics)
@@ -186,7 +184,6 @@ class FeedbackHttpApi:
         self._is_serving = is_serving
         self._max_tasks = max_tasks_per_import
         self._any_annotator_keys = frozenset(any_annotator_keys)
-        self._leases = LeaseLimit(max_leases_per_principal)
 
     def _caller(self, request: web.Request) -> Caller:
         """Who is calling (see :mod:`~plaudit.services.feedback.identity`)."""
@@ -242,7 +239,6 @@ class FeedbackHttpApi:
             reply["task_labels"] = await self._picker.record_label(
                 task_id, event.annotator_id, outcome.feedback_id
             )
-            self._leases.release(caller, event.annotator_id)
         return web.json_response(reply, status=200 if outcome.duplicate else 201)
 
     # -- tasks ----------------------------------------------------------------------------
@@ -269,17 +265,8 @@ class FeedbackHttpApi:
     async def next_task(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
         annotator = caller.annotator(request.query.get("annotator_id", ""))
-        new = self._leases.reserve(
-            caller, annotator, now_ms=int(time.time() * 1000), lease_ms=self._picker.lease_ms
-        )
-        try:
-            pick: TaskPick | None = await self._picker.next_task(annotator)
-        except BaseException:
-            if new:
-                self._leases.release(caller, annotator)
-            raise
-        if pick is None and new:
-            self._leases.release(caller, annotator)
+        # a new lease beyond the key's max_leases_per_principal is RESOURCE_EXHAUSTED (429)
+        pick: TaskPick | None = await self._picker.next_task(annotator, caller.name)
         queue = await self._picker.stats(annotator)
         labels = self._picker.labels_per_task
         return web.json_response(
@@ -302,7 +289,6 @@ class FeedbackHttpApi:
         caller = self._caller(request)
         annotator = caller.annotator(body.get("annotator_id", ""))
         await self._picker.skip(task_id, annotator)
-        self._leases.release(caller, annotator)
         return web.json_response({"skipped": True})
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -379,7 +365,6 @@ def feedback_http_server(
         is_serving=is_serving,
         max_tasks_per_import=settings.max_events_per_batch,
         any_annotator_keys=settings.any_annotator_keys,
-        max_leases_per_principal=settings.max_leases_per_principal,
     )
     return FeedbackHttpServer(
         make_app(api, metrics, authenticate, limits=body_limits(settings), in_flight=in_flight),

@@ -4,7 +4,10 @@ With authentication on, every key is the annotator of its own name: the ``annota
 submission, a task lease or a skip must be empty (it becomes the key's name) or that name, else
 PERMISSION_DENIED naming ``annotator_id``. Only the keys named in the feedback service's
 ``any_annotator_keys`` setting may act for any annotator (batch imports, a front end that
-authenticates its own users); they are held to ``max_leases_per_principal`` active task leases.
+authenticates its own users). Every key is held to ``max_leases_per_principal`` annotators with a
+live task lease; the leases are counted in the database when one is granted
+(:meth:`~plaudit.services.feedback.task_store.TaskStore.claim`), so the limit holds across all
+the processes that share it.
 Idempotency keys are scoped to the caller: what is stored is ``<key name>/<idempotency_key>``
 (see :func:`scoped_key`), so one key can neither find nor pre-empt another key's submission.
 
@@ -17,9 +20,9 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from plaudit.services.common.errors import PermissionDeniedError, ResourceExhaustedError
+from plaudit.services.common.errors import PermissionDeniedError
 from plaudit.services.common.security.keys import ANONYMOUS, Principal
 from plaudit.services.feedback.domain import (
     DEFAULT_LIMITS,
@@ -81,42 +84,3 @@ class Caller:
             annotator_id=self.annotator(event.annotator_id),
             idempotency_key=scoped_key(self.name, event.idempotency_key, limits),
         )
-
-
-@dataclass
-class LeaseLimit:
-    """At most ``limit`` annotators with an active task lease per API key (0: no limit).
-
-    Kept in memory, per process: a lease counts from when it is handed out until the annotator
-    labels or skips a task through this key, or the lease (``lease_ms``) runs out."""
-
-    limit: int
-    _held: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def reserve(self, caller: Caller, annotator: str, *, now_ms: int, lease_ms: int) -> bool:
-        """Count a lease for ``annotator`` (True if it is new; give it back with
-        :meth:`release` if no task came of it); RESOURCE_EXHAUSTED beyond the limit."""
-        if caller.name is None or not self.limit:
-            return False
-        held = self._held.setdefault(caller.name, {})
-        for name, until in list(held.items()):
-            if until <= now_ms:
-                del held[name]
-        new = annotator not in held
-        if new and len(held) >= self.limit:
-            raise ResourceExhaustedError(
-                f"the API key {caller.name!r} already holds task leases for {len(held)} "
-                f"annotators, the most one key may (max_leases_per_principal); label or skip "
-                "those tasks first"
-            )
-        held[annotator] = now_ms + lease_ms
-        return new
-
-    def release(self, caller: Caller, annotator: str) -> None:
-        if caller.name is None:
-            return
-        held = self._held.get(caller.name)
-        if held is not None:
-            held.pop(annotator, None)
-            if not held:
-                del self._held[caller.name]

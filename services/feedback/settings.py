@@ -8,7 +8,12 @@ from pydantic import Field, model_validator
 
 from plaudit.services.common.security.client import ClientSecuritySettings
 from plaudit.services.common.security.guard import ServerSecuritySettings
-from plaudit.services.common.security.limits import MessageLimits, text_message_bytes
+from plaudit.services.common.security.limits import (
+    FieldLimits,
+    MessageLimits,
+    field_limit,
+    text_message_bytes,
+)
 from plaudit.services.common.settings import ListenSettings, port_field
 from plaudit.services.feedback.db import DEFAULT_FEEDBACK_URL
 from plaudit.services.feedback.domain import (
@@ -149,6 +154,24 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
             for kind in TEXTS_OF_KIND
         }
         limits[f"{service}SubmitBatch"] = max(limits.values())
+        return limits
+
+    def default_in_flight(self) -> int:
+        """An eighth of a unary commit batch (``commit_batch_size // 8``), at least 64 (the
+        default): enough concurrent submissions to share each commit, while the largest HTTP
+        bodies (task imports, ``max_task_import_bytes``) held at once stay bounded."""
+        return max(64, self.commit_batch_size // 8)
+
+    def field_limits(self) -> FieldLimits:
+        """One event per Submit call and per SubmitBatch message: its texts, two ids, up to
+        three numbers, and three fields a metadata entry (the entry, its key and value)."""
+        entries = FeedbackLimits().max_metadata_entries
+        service = "/plaudit.v1.FeedbackService/"
+        fields = {kind: TEXTS_OF_KIND[kind] + 2 + 3 + 3 * entries for kind in TEXTS_OF_KIND}
+        limits = {
+            f"{service}Submit{kind.capitalize()}": field_limit(n) for kind, n in fields.items()
+        }
+        limits[f"{service}SubmitBatch"] = field_limit(1 + max(fields.values()))
         return limits
 
     @model_validator(mode="after")

@@ -121,10 +121,13 @@ class TaskAssignmentRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     assigned_at_ms: Mapped[int] = mapped_column(BigInteger)  # Unix epoch milliseconds
     feedback_id: Mapped[int | None] = mapped_column(BigInteger)
+    # the API key that took the lease (None: authentication off); its live leases are counted
+    principal: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         CheckConstraint(
             "state IN (" + ", ".join(f"'{s}'" for s in ASSIGNMENT_STATES) + ")", name="state"
         ),
         Index("ix_labelling_assignment_annotator_id_state", "annotator_id", "state"),
+        Index("ix_labelling_assignment_principal_state", "principal", "state"),
     )

@@ -13,12 +13,17 @@ setting applies to queued tasks too). Per task and annotator, ``labelling_assign
 
 Claims and labels lock the task row (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN
 IMMEDIATE`` on SQLite) so the count of leases and labels is checked and changed atomically.
+A lease records the API key (``principal``) that took it; a claim for a key with a lease limit
+first locks that key (a transaction-scoped advisory lock on PostgreSQL; SQLite's writers are
+serialized already) and counts the key's live leases in the same transaction that grants one,
+so the limit holds across every process sharing the database.
 Every database failure is raised as :class:`~plaudit.services.common.errors.UnavailableError`.
 Methods block; the async callers run them in worker threads.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -27,7 +32,12 @@ from typing import Any, TypeVar, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from plaudit.services.common.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from plaudit.services.common.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from plaudit.services.feedback.db import database_errors, write_with_retry
 from plaudit.services.feedback.domain import FeedbackLimits, LabellingTask, NewTask, validate_task
 from plaudit.services.feedback.export import KEY_CHUNK, chunks
@@ -317,12 +327,70 @@ class TaskStore:
                 sa.insert(_ASSIGN).values(task_id=task_id, annotator_id=annotator_id, **values)
             )
 
+    @staticmethod
+    def _check_principal_leases(
+        conn: Connection,
+        principal: str,
+        annotator_id: str,
+        max_leases: int,
+        *,
+        now_ms: int,
+        lease_ms: int,
+        labels_needed: int,
+    ) -> None:
+        """RESOURCE_EXHAUSTED if ``principal`` already holds live leases on unfinished tasks
+        for ``max_leases`` annotators other than ``annotator_id``. Locks the principal until
+        commit first, so two claims for it (from any process) are counted one after the other."""
+        if conn.dialect.name == "postgresql":
+            digest = hashlib.sha256(f"plaudit-lease:{principal}".encode()).digest()
+            key = int.from_bytes(digest[:8], "big", signed=True)
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+        held = conn.execute(
+            sa.select(sa.func.count(sa.distinct(_ASSIGN.c.annotator_id)))
+            .select_from(_ASSIGN.join(_TASK, _TASK.c.id == _ASSIGN.c.task_id))
+            .where(
+                _ASSIGN.c.principal == principal,
+                _ASSIGN.c.annotator_id != annotator_id,
+                _ASSIGN.c.state == "assigned",
+                _ASSIGN.c.assigned_at_ms > now_ms - lease_ms,
+                _TASK.c.labels < labels_needed,
+            )
+        ).scalar_one()
+        if int(held) >= max_leases:
+            raise ResourceExhaustedError(
+                f"the API key {principal!r} already holds task leases for {int(held)} "
+                "annotators, the most one key may (max_leases_per_principal); label or skip "
+                "those tasks first"
+            )
+
     def claim(
-        self, task_id: int, annotator_id: str, *, now_ms: int, lease_ms: int, labels_needed: int
+        self,
+        task_id: int,
+        annotator_id: str,
+        *,
+        now_ms: int,
+        lease_ms: int,
+        labels_needed: int,
+        principal: str | None = None,
+        max_leases: int = 0,
     ) -> bool:
-        """Lease the task to the annotator if it still has room; False if it has none now."""
+        """Lease the task to the annotator if it still has room; False if it has none now.
+
+        The lease is recorded as taken by ``principal`` (the API key's name; None while
+        authentication is off). With ``max_leases``, RESOURCE_EXHAUSTED if that key already
+        holds live leases for ``max_leases`` other annotators (see the module doc)."""
 
         def work(conn: Connection) -> bool:
+            if principal is not None and max_leases:
+                self._check_principal_leases(
+                    conn,
+                    principal,
+                    annotator_id,
+                    max_leases,
+                    now_ms=now_ms,
+                    lease_ms=lease_ms,
+                    labels_needed=labels_needed,
+                )
             labels = self._lock_task(conn, task_id)
             state = self._mine(conn, task_id, annotator_id)
             if labels >= labels_needed or state in ("labelled", "skipped"):
@@ -344,6 +412,7 @@ class TaskStore:
                 state is not None,
                 state="assigned",
                 assigned_at_ms=now_ms,
+                principal=principal,
             )
             return True
 

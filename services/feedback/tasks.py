@@ -12,8 +12,9 @@
    an unbiased sample of the queue), otherwise the task whose completions the reward model tells
    apart least ("uncertain": the smallest gap between two of its rewards). If scoring fails the
    pick is random and the failure is logged.
-4. The pick is leased to A (atomically re-checking the room left); if another annotator took
-   the last place meanwhile, the next in order is tried.
+4. The pick is leased to A (atomically re-checking the room left, and the API key's lease limit
+   ``max_leases_per_principal`` counted in the database); if another annotator took the last
+   place meanwhile, the next in order is tried.
 5. If nothing is left and :class:`TaskSource` s are configured (e.g. the generation service),
    they are asked for new tasks, which are queued and picked from like imported ones.
 """
@@ -256,9 +257,11 @@ class TaskPicker:
         scorer: UncertaintyScorer | None = None,
         sources: Sequence[TaskSource] = (),
         refill_below: int = 0,
+        max_leases_per_principal: int = 0,
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
+        self.max_leases_per_principal = max_leases_per_principal
         self.labels_per_task = labels_per_task
         self.lease_ms = int(lease_s * 1000)
         self.explore_fraction = explore_fraction
@@ -308,6 +311,7 @@ class TaskPicker:
             scorer=scorer,
             sources=sources,
             refill_below=settings.task_refill_below,
+            max_leases_per_principal=settings.max_leases_per_principal,
         )
 
     async def close(self) -> None:
@@ -321,8 +325,12 @@ class TaskPicker:
         for source in self.sources:
             await source.close()
 
-    async def next_task(self, annotator_id: str) -> TaskPick | None:
-        """Lease the next task to the annotator; None when there is nothing for them."""
+    async def next_task(self, annotator_id: str, principal: str | None = None) -> TaskPick | None:
+        """Lease the next task to the annotator; None when there is nothing for them.
+
+        ``principal``: the API key asking (None while authentication is off); a new lease is
+        RESOURCE_EXHAUSTED when that key already holds ``max_leases_per_principal`` annotators'
+        live leases, counted in the database (every process sharing it)."""
         tasks = self._store().tasks
         validate_identifier("annotator_id", annotator_id, tasks.limits)
         now = _now_ms()
@@ -335,7 +343,7 @@ class TaskPicker:
         )
         if held is not None:
             return TaskPick(held, "resumed")
-        pick = await self._pick(annotator_id)
+        pick = await self._pick(annotator_id, principal)
         if pick is None and self.sources and not self._closed:
             # one fetch at a time, shared by every annotator who finds the queue empty
             refill, fetched = self._refill, False
@@ -344,7 +352,7 @@ class TaskPicker:
             if not fetched:
                 self._refill = refill = asyncio.create_task(self._fetch_from_sources())
                 await asyncio.shield(refill)
-            pick = await self._pick(annotator_id)
+            pick = await self._pick(annotator_id, principal)
         idle = self._refill is None or self._refill.done()
         if self.sources and self.refill_below and idle and not self._closed:
             self._refill = asyncio.create_task(self._refill_if_low())
@@ -391,7 +399,7 @@ class TaskPicker:
             log.warning("background task refill failed", extra={"error": str(exc)})
         return False
 
-    async def _pick(self, annotator_id: str) -> TaskPick | None:
+    async def _pick(self, annotator_id: str, principal: str | None) -> TaskPick | None:
         tasks = self._store().tasks
         candidates = await asyncio.to_thread(
             tasks.candidates,
@@ -422,6 +430,8 @@ class TaskPicker:
                 now_ms=_now_ms(),
                 lease_ms=self.lease_ms,
                 labels_needed=self.labels_per_task,
+                principal=principal,
+                max_leases=self.max_leases_per_principal,
             )
             if claimed:
                 margin = None if margins is None else margins.get(task.task_id)

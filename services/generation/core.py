@@ -1,21 +1,27 @@
 """The generation service's core, shared by gRPC (:mod:`.servicer`) and HTTP (:mod:`.http`):
 request validation (a :class:`~plaudit.v1.generation_pb2.GenerateRequest` -> a checked
-:class:`~plaudit.services.runtime.policy_model.GenerateJob`) and one batched generation on the
-live policy (so both front ends share the batcher and the hot swap).
+:class:`~plaudit.services.runtime.policy_model.GenerateJob`) and one generation on the backend
+(:mod:`.backend`: Plaudit's engine, batched and hot-swapped, or an OpenAI-compatible server), so
+both front ends share it.
 
 Validation raises InvalidArgumentError naming the field (in the proto's terms) and its limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-from plaudit.services.common.batching import DynamicBatcher
-from plaudit.services.common.errors import InvalidArgumentError, PlauditError
-from plaudit.services.generation.engine import GenerationEngine, estimate_cost
+from plaudit.services.common.errors import InvalidArgumentError
+from plaudit.services.generation.backend import GenerationBackend
 from plaudit.services.generation.metrics import GenerationMetrics
 from plaudit.services.generation.settings import GenerationSettings
-from plaudit.services.runtime.policy_model import GenerateJob, GenerateResult, SamplingParams
+from plaudit.services.runtime.policy_model import (
+    GenerateJob,
+    GenerateResult,
+    SamplingParams,
+    StreamSink,
+)
 from plaudit.v1 import generation_pb2
 
 ROLES = ("system", "user", "assistant")
@@ -109,33 +115,31 @@ def request_job(
 
 
 class GenerationCore:
-    """One call = one job through the shared batcher on the live policy, counted in the
-    metrics."""
+    """One call = one job on the backend (see :mod:`.backend`), counted in the metrics."""
 
     def __init__(
         self,
-        engine: GenerationEngine,
-        batcher: DynamicBatcher[GenerateJob, GenerateResult | PlauditError],
+        backend: GenerationBackend,
         settings: GenerationSettings,
         metrics: GenerationMetrics,
     ) -> None:
-        self._engine = engine
-        self._batcher = batcher
+        self.backend = backend
         self._settings = settings
         self.metrics = metrics
 
     async def generate(
-        self, job: GenerateJob, size: int, timeout: float | None = None
+        self,
+        job: GenerateJob,
+        size: int,
+        timeout: float | None = None,
+        sink: StreamSink | None = None,
     ) -> GenerateResult:
-        """The job's completions (``size``: the UTF-8 bytes of its input, for batch budgeting);
-        raises the domain error of a refused job (UNAVAILABLE before a policy is live)."""
-        self._engine.require_model()
-        budget = job.params.max_new_tokens or self._settings.max_new_tokens
-        outcome = await self._batcher.submit(
-            job, size=job.n, cost=estimate_cost(job, size, budget), timeout=timeout
-        )
-        if isinstance(outcome, PlauditError):
-            raise outcome
+        """The job's completions (``size``: the UTF-8 bytes of its input, for batch budgeting;
+        ``sink``: receives the text while it is generated); raises the domain error of a refused
+        job (UNAVAILABLE while no policy can answer)."""
+        if sink is not None:
+            job = dataclasses.replace(job, sink=sink)
+        outcome = await self.backend.generate(job, size, timeout)
         self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
         self.metrics.tokens_generated.inc(outcome.generated_tokens)
         for c in outcome.completions:

@@ -1,13 +1,15 @@
-"""The generation engine: the live policy (:mod:`plaudit.services.runtime.policy_model`) generating
-flushed batches."""
+"""Plaudit's own generation backend: the live policy (:mod:`plaudit.services.runtime.policy_model`)
+generating flushed batches of the shared dynamic batcher (:class:`OnnxBackend`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+from plaudit.services.common.batching import DynamicBatcher
 from plaudit.services.common.errors import PlauditError
 from plaudit.services.common.model_server import LiveModel
+from plaudit.services.generation.backend import LiveVersion
 from plaudit.services.runtime.policy_model import (
     GenerateJob,
     GenerateResult,
@@ -35,3 +37,35 @@ class GenerationEngine(LiveModel[LoadedPolicy]):
 def estimate_cost(job: GenerateJob, prompt_bytes: int, max_new_tokens: int) -> int:
     """Rough tokens a job occupies (about 4 bytes per prompt token), for batch budgeting."""
     return job.n * (math.ceil(prompt_bytes / 4) + 16 + max_new_tokens)
+
+
+class OnnxBackend:
+    """The default :class:`~plaudit.services.generation.backend.GenerationBackend`: one job = one
+    submission to the shared batcher, generated on the policy live when its batch starts."""
+
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        batcher: DynamicBatcher[GenerateJob, GenerateResult | PlauditError],
+    ) -> None:
+        self._engine = engine
+        self._batcher = batcher
+
+    def live(self) -> LiveVersion | None:
+        model = self._engine.model
+        if model is None:
+            return None
+        return LiveVersion(model.version, int(model.manifest.created_at.timestamp()), "plaudit")
+
+    async def generate(
+        self, job: GenerateJob, size: int, timeout: float | None = None
+    ) -> GenerateResult:
+        """Raises UNAVAILABLE before a policy is live, and the job's own refusal."""
+        self._engine.require_model()
+        budget = job.params.max_new_tokens or self._engine.max_new_tokens
+        outcome = await self._batcher.submit(
+            job, size=job.n, cost=estimate_cost(job, size, budget), timeout=timeout
+        )
+        if isinstance(outcome, PlauditError):
+            raise outcome
+        return outcome

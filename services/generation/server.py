@@ -1,6 +1,11 @@
 """Wiring of the generation service: :class:`~plaudit.services.common.model_server.ModelServer`
-with the generation engine and servicer, the OpenAI-style HTTP API on ``http_port`` (same core,
-batcher and live model, same guard), and the reward service as an optional reranker."""
+with the generation backend and servicer, the OpenAI-style HTTP API on ``http_port`` (same core
+and backend, same guard), and the reward service as an optional reranker.
+
+The backend (:mod:`.backend`) is Plaudit's engine on the promoted policy (``--backend onnx``,
+the default: batcher, registry watcher, hot swap, AdminService) or an OpenAI-compatible server
+(``--backend openai``: no registry is followed and AdminService is not served; health follows the
+backend's answers, see :mod:`.openai_backend`)."""
 
 from __future__ import annotations
 
@@ -13,10 +18,12 @@ from plaudit.services.common.http import authenticator
 from plaudit.services.common.model_server import ModelServer
 from plaudit.services.common.security.guard import ServerSecurity
 from plaudit.services.generation.access import CALL_ROLES, ROUTE_ROLES
+from plaudit.services.generation.backend import GenerationBackend, LiveVersion
 from plaudit.services.generation.core import GenerationCore
-from plaudit.services.generation.engine import GenerationEngine
+from plaudit.services.generation.engine import GenerationEngine, OnnxBackend
 from plaudit.services.generation.http import generation_http_server
 from plaudit.services.generation.metrics import GenerationMetrics
+from plaudit.services.generation.openai_backend import OpenAIBackend
 from plaudit.services.generation.servicer import GenerationServicer
 from plaudit.services.generation.settings import GenerationSettings
 from plaudit.services.reward.client import AsyncRewardClient
@@ -52,10 +59,15 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
         self.settings: GenerationSettings = settings
         self.engine: GenerationEngine = engine
         self._reward: AsyncRewardClient | None = None
-        self.core = GenerationCore(engine, self.batcher, settings, self.metrics)
+        self.remote: OpenAIBackend | None = None
+        backend: GenerationBackend
+        if settings.backend == "openai":
+            backend = self.remote = OpenAIBackend(settings, self._backend_changed)
+        else:
+            backend = OnnxBackend(engine, self.batcher)
+        self.core = GenerationCore(backend, settings, self.metrics)
         self.http = generation_http_server(
             core=self.core,
-            engine=engine,
             metrics=self.metrics,
             settings=settings,
             authenticate=authenticator(security.guard, ROUTE_ROLES),
@@ -78,18 +90,49 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
 
     async def start(self) -> None:
-        """gRPC first (health NOT_SERVING until a policy is live), then HTTP beside it."""
-        await super().start()
+        """gRPC first (health NOT_SERVING until a policy is live), then HTTP beside it. With a
+        remote backend: gRPC, then the backend's first probe and its probing, then HTTP."""
+        if self.remote is None:
+            await super().start()
+        else:
+            self.add_servicers(self.grpc.server)
+            await self.grpc.start()
+            await self.remote.start()
         try:
             await self.http.start()
         except BaseException:
-            await super().stop(0)
+            await self.stop(0)
             raise
+
+    async def wait_until_serving(self, timeout: float) -> None:
+        if self.remote is None:
+            await super().wait_until_serving(timeout)
+        else:
+            await self.remote.wait_ready(timeout)
+
+    async def _backend_changed(self, live: LiveVersion | None) -> None:
+        """The remote backend's version changed or it went away: health and the model gauges
+        say so."""
+        if live is not None:
+            self.metrics.model_info.info(
+                {
+                    "version": live.version,
+                    "backbone": live.version,
+                    "execution_provider": f"openai:{self.settings.backend_url}",
+                    "precision": "backend",
+                }
+            )
+        self.metrics.model_loaded.set(1 if live is not None else 0)
+        await self.grpc.set_serving(live is not None)
 
     async def stop(self, grace: float | None = None) -> None:
         """HTTP stops taking requests and drains, then gRPC (see ModelServer.stop)."""
         await self.http.stop()
+        if self.remote is not None:
+            await self.remote.stop_probing()
         await super().stop(grace)
+        if self.remote is not None:
+            await self.remote.close()
         if self._reward is not None:
             await self._reward.close()
 

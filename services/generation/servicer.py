@@ -48,7 +48,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         completions = [
             generation_pb2.Completion(
                 text=c.text,
-                token_count=len(c.token_ids),
+                token_count=c.token_count,
                 finish_reason=_FINISH[c.finish_reason],
                 token_ids=c.token_ids,
             )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from plaudit.services.common.registry import RegistryLocationSettings
 from plaudit.services.common.security.client import ClientSecuritySettings
 from plaudit.services.common.security.guard import ServerSecuritySettings
-from plaudit.services.common.security.limits import MessageLimits, text_message_bytes
+from plaudit.services.common.security.limits import (
+    FieldLimits,
+    MessageLimits,
+    field_limit,
+    text_message_bytes,
+)
 from plaudit.services.common.settings import ModelServingSettings, port_field
 
 
@@ -18,6 +25,29 @@ class GenerationSettings(
     metrics_port: int = port_field(9093, "Prometheus /metrics port")
     http_port: int = port_field(
         8082, "HTTP port: the OpenAI-style API /v1/... (0 picks a free one)"
+    )
+    backend: Literal["onnx", "openai"] = Field(
+        "onnx",
+        description="who samples: onnx = Plaudit's engine on the promoted policy; openai = the "
+        "OpenAI-compatible server at --backend-url (vLLM, TGI, llama.cpp's server)",
+    )
+    backend_url: str = Field(
+        "", description="base URL of the OpenAI-compatible server (http://host:port, /v1 optional)"
+    )
+    backend_model: str = Field(
+        "", description="model the backend is asked for ('' = the first id of its /v1/models)"
+    )
+    backend_text_format: Literal["chat_template", "plain"] = Field(
+        "chat_template",
+        description="how the backend gets a request: chat_template = /v1/chat/completions (a "
+        "prompt split into turns); plain = /v1/completions (a conversation as a dialogue)",
+    )
+    backend_api_key: str = Field("", description="bearer key the backend wants ('' = none)")
+    backend_timeout_s: float = Field(
+        300.0, gt=0, description="longest wait for one backend request without a client deadline"
+    )
+    backend_poll_s: float = Field(
+        2.0, gt=0, description="how often the backend's /v1/models is probed (health, version)"
     )
     reward_addr: str = Field(
         "", description="reward service address for rerank requests ('' = rerank refused)"
@@ -53,8 +83,30 @@ class GenerationSettings(
             )
         }
 
+    @field_validator("backend_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        """Without a trailing ``/`` or ``/v1``: routes are joined as ``/v1/...``."""
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/").removesuffix("/v1").rstrip("/")
+
+    def default_in_flight(self) -> int:
+        """Calls for the batch being generated and the next one (``2 * max_batch_rows``, 64 by
+        default): more would only wait for the single generation worker."""
+        return 2 * self.max_batch_rows
+
+    def field_limits(self) -> FieldLimits:
+        """Generate: three fields a message (the message, its role and content), the sampling
+        parameters with their stop strings, and the request's own few."""
+        sampling = 1 + 5 + self.max_stop_strings
+        fields = 1 + 3 * self.max_messages + sampling + 2
+        return {"/plaudit.v1.GenerationService/Generate": field_limit(fields)}
+
     @model_validator(mode="after")
     def _limits_hold_a_request(self) -> GenerationSettings:
         if self.max_batch_rows < self.max_n or self.max_queue_items < self.max_n:
             raise ValueError("max_batch_rows and max_queue_items must be at least max_n")
+        if self.backend == "openai" and not self.backend_url:
+            raise ValueError("backend_url: --backend openai needs the server's URL")
         return self

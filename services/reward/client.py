@@ -18,13 +18,23 @@ Both behave the same way:
   other, the asyncio one concurrently.
 * **All or nothing, one model version.** A call returns a reward for every item or raises; and
   every reward of a call comes from the one model version it returns. If the server swaps
-  versions between two chunks, the chunks scored by the older version are scored again.
+  versions between two chunks, the chunks scored by the older version are scored again; while
+  replicas disagree (a fleet mid-rollout), each further round waits the retry backoff first, so
+  the fleet can converge, for up to ``_MAX_VERSION_ROUNDS`` rounds within the deadline.
 * **Errors.** A failed call raises :class:`RewardRpcError`: a ``grpc.aio.AioRpcError`` (so also a
   ``grpc.RpcError``) whose ``code()`` is the final gRPC status and whose ``details()`` say which
   call failed, after how many attempts, and what the server said. :func:`domain_error` maps it to
   a Plaudit error for a service that relays it.
 * **Security.** ``credentials`` (:class:`ClientCredentials`) carry the API key (role ``score``)
   and the TLS files, if the server wants them.
+* **Many replicas.** ``address`` may name several reward-service processes: a list of
+  ``IP:port`` (or one string of them, comma-separated), or one DNS name that resolves to every
+  replica (``dns:///plaudit-reward-headless:50051``, a Kubernetes headless Service). The channel
+  uses gRPC's own ``round_robin`` load balancing (:func:`channel_target`,
+  :data:`ROUND_ROBIN`): one connection per replica, calls spread over the ready ones, a replica
+  that goes away skipped (its calls fail UNAVAILABLE and are retried on another). While the
+  replicas converge on a newly promoted version, chunks of one call may be answered by two
+  versions: the older ones are scored again (see above).
 
 Usage::
 
@@ -35,6 +45,10 @@ Usage::
     with RewardClient("reward.internal:50051", creds, retry=RetryPolicy(max_attempts=6)) as rc:
         rewards, version = rc.score(prompts, completions, timeout=30)
 
+    # two replicas, round robin (or one "dns:///NAME:PORT" that resolves to every replica):
+    with RewardClient(["10.0.0.7:50051", "10.0.0.8:50051"]) as rc:
+        rewards, version = rc.score(prompts, completions)
+
     # asyncio (create it inside the loop that uses it):
     client = AsyncRewardClient("127.0.0.1:50051", timeout_s=30)
     rewards, version = await client.score(prompts, completions)
@@ -44,6 +58,8 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -67,7 +83,11 @@ RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 """The statuses a call is retried on."""
 MAX_ITEMS_PER_REQUEST = 256
 """The server's default ``max_items_per_request``: the clients' default chunk size."""
-_MAX_VERSION_ROUNDS = 3  # rescoring rounds after a model swap before a call gives up (ABORTED)
+_MAX_VERSION_ROUNDS = 8  # rescoring rounds after a model swap before a call gives up (ABORTED)
+ROUND_ROBIN = (("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),)
+"""The clients' channel options: gRPC's ``round_robin`` policy over every address the target
+resolves to (one for a plain ``host:port`` behind a ClusterIP, every replica for a list of
+addresses or a headless Service's name)."""
 
 R = TypeVar("R")
 
@@ -118,6 +138,54 @@ class RewardRpcError(grpc.aio.AioRpcError):
         return f"reward service at {self.address}: {self.code().name}: {self.details()}"
 
     __repr__ = __str__
+
+
+_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def _ip_endpoint(entry: str) -> tuple[int, str]:
+    """``(IP version, entry)`` for ``IP:port`` / ``[IPv6]:port``; ValueError otherwise."""
+    host, sep, port = entry.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address: {entry!r} is not IP:port")
+    try:
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise ValueError(
+            f"address: {entry!r}: several replicas are listed by IP:port; give names as one "
+            "target that resolves to every replica instead (dns:///NAME:PORT, e.g. a "
+            "Kubernetes headless Service)"
+        ) from None
+    return ip.version, entry
+
+
+def channel_target(address: str | Sequence[str]) -> str:
+    """The one gRPC target for ``address``: one reward service, or several replicas of it.
+
+    A single address (``host:port``, or any gRPC target: ``dns:///NAME:PORT``,
+    ``ipv4:IP:PORT,IP:PORT``) is used as it is. Several addresses (a sequence, or one string of
+    comma-separated entries) must be ``IP:port`` of one IP version and become one ``ipv4:`` or
+    ``ipv6:`` target listing them all. Raises ValueError naming ``address`` otherwise.
+    """
+    entries = [address] if isinstance(address, str) else list(address)
+    if any(entry.strip().startswith(_TARGET_SCHEMES) for entry in entries):
+        if len(entries) > 1:
+            raise ValueError("address: a gRPC target (dns:///..., ipv4:...) goes alone")
+        return entries[0].strip()
+    parts = [part.strip() for entry in entries for part in entry.split(",")]
+    if not parts or any(not part for part in parts):
+        raise ValueError(f"address: empty entry in {address!r}")
+    if len(parts) == 1:
+        return parts[0]
+    endpoints = [_ip_endpoint(part) for part in parts]
+    versions = {version for version, _ in endpoints}
+    if len(versions) > 1:
+        raise ValueError(f"address: mixes IPv4 and IPv6 addresses: {address!r}")
+    return f"ipv{versions.pop()}:" + ",".join(entry for _, entry in endpoints)
+
+
+def _describe(address: str | Sequence[str]) -> str:
+    return address if isinstance(address, str) else ",".join(address)
 
 
 def score_request(
@@ -247,8 +315,17 @@ def _version_churn(address: str) -> RewardRpcError:
     return RewardRpcError(
         address,
         grpc.StatusCode.ABORTED,
-        f"the model version kept changing: {_MAX_VERSION_ROUNDS} rounds of rescoring chunks",
+        "the model version kept changing: the chunks' answers named different versions through "
+        f"{_MAX_VERSION_ROUNDS} rounds of rescoring (or until the deadline)",
     )
+
+
+def _convergence_pause(retry: RetryPolicy, round_: int, deadline: float) -> float | None:
+    """The pause before rescoring round ``round_`` (0 at once: one server swapped between
+    chunks; later rounds mean replicas still disagree, so wait the retry backoff for them to
+    converge); None when the deadline leaves no room for it."""
+    pause = retry.backoff(round_) if round_ else 0.0
+    return pause if time.monotonic() + pause < deadline else None
 
 
 def _stale(replies: list[tuple[list[float], str]], target: str) -> list[int]:
@@ -258,6 +335,8 @@ def _stale(replies: list[tuple[list[float], str]], target: str) -> list[int]:
 class RewardClient:
     """Blocking client: ``score`` and ``compare`` return plain Python values.
 
+    ``address``: one reward service, or several replicas balanced round robin (a list of
+    ``IP:port``, or one ``dns:///NAME:PORT`` that resolves to all of them; :func:`channel_target`).
     ``credentials`` carry the API key (role ``score``) and TLS files, if the server wants them.
     ``timeout_s`` is the default deadline of a call, ``max_items_per_request`` the chunk size of
     :meth:`score` (at most the server's limit), ``retry`` the retry policy (see the module doc).
@@ -266,7 +345,7 @@ class RewardClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         credentials: ClientCredentials = INSECURE,
         *,
         timeout_s: float = 60.0,
@@ -275,11 +354,12 @@ class RewardClient:
     ) -> None:
         if max_items_per_request < 1:
             raise ValueError("max_items_per_request must be at least 1")
-        self.address = address
+        target = channel_target(address)
+        self.address = _describe(address)
         self.timeout_s = timeout_s
         self.max_items_per_request = max_items_per_request
         self.retry = retry
-        self.channel = credentials.channel(address)
+        self.channel = credentials.channel(target, ROUND_ROBIN)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
 
     def _call(
@@ -327,11 +407,15 @@ class RewardClient:
         replies = [one(i) for i in range(len(parts))]
         if not replies:
             return [], ""
-        for _ in range(_MAX_VERSION_ROUNDS):
+        for round_ in range(_MAX_VERSION_ROUNDS):
             target = replies[finished[-1]][1]  # the version that answered last: the newest one
             stale = _stale(replies, target)
             if not stale:
                 return _assemble(self.address, n, parts, replies), target
+            pause = _convergence_pause(self.retry, round_, deadline)
+            if pause is None:
+                break
+            time.sleep(pause)
             for i in stale:
                 replies[i] = one(i)
         raise _version_churn(self.address)
@@ -368,13 +452,13 @@ class RewardClient:
 class AsyncRewardClient:
     """grpc.aio client (make it inside the loop that uses it); ``timeout_s`` caps every call.
 
-    The same behaviour as :class:`RewardClient` (see the module doc); :meth:`score` sends its
-    chunks concurrently, at most ``max_concurrent_requests`` at a time.
+    The same behaviour as :class:`RewardClient` (see the module doc; ``address`` as there);
+    :meth:`score` sends its chunks concurrently, at most ``max_concurrent_requests`` at a time.
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout_s: float = 60.0,
         *,
         credentials: ClientCredentials = INSECURE,
@@ -384,12 +468,13 @@ class AsyncRewardClient:
     ) -> None:
         if max_items_per_request < 1 or max_concurrent_requests < 1:
             raise ValueError("max_items_per_request and max_concurrent_requests must be >= 1")
-        self.address = address
+        target = channel_target(address)
+        self.address = _describe(address)
         self.timeout_s = timeout_s
         self.max_items_per_request = max_items_per_request
         self.max_concurrent_requests = max_concurrent_requests
         self.retry = retry
-        self._channel = credentials.aio_channel(address)
+        self._channel = credentials.aio_channel(target, ROUND_ROBIN)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
 
     async def _call(
@@ -454,11 +539,15 @@ class AsyncRewardClient:
         replies = await run(list(range(len(parts))))
         if not replies:
             return [], ""
-        for _ in range(_MAX_VERSION_ROUNDS):
+        for round_ in range(_MAX_VERSION_ROUNDS):
             target = replies[finished[-1]][1]  # the version that answered last: the newest one
             stale = _stale(replies, target)
             if not stale:
                 return _assemble(self.address, n, parts, replies), target
+            pause = _convergence_pause(self.retry, round_, deadline)
+            if pause is None:
+                break
+            await asyncio.sleep(pause)
             for i, reply in zip(stale, await run(stale), strict=True):
                 replies[i] = reply
         raise _version_churn(self.address)

@@ -6,7 +6,12 @@ from pydantic import Field, model_validator
 
 from plaudit.services.common.registry import RegistryLocationSettings
 from plaudit.services.common.security.guard import ServerSecuritySettings
-from plaudit.services.common.security.limits import MessageLimits, text_message_bytes
+from plaudit.services.common.security.limits import (
+    FieldLimits,
+    MessageLimits,
+    field_limit,
+    text_message_bytes,
+)
 from plaudit.services.common.settings import ModelServingSettings, port_field
 
 
@@ -38,6 +43,19 @@ class RewardSettings(ModelServingSettings, ServerSecuritySettings, RegistryLocat
         return {
             "/plaudit.v1.RewardService/Score": text_message_bytes(2 * items, self.max_text_bytes),
             "/plaudit.v1.RewardService/Compare": text_message_bytes(3, self.max_text_bytes),
+        }
+
+    def default_in_flight(self) -> int:
+        """Enough maximal requests to fill the queue twice (``2 * max_queue_items //
+        max_items_per_request``, 32 by default), at least 32: more calls would only wait,
+        parsed, while their texts (up to ``message_limits`` each) sit in memory."""
+        return max(32, 2 * self.max_queue_items // self.max_items_per_request)
+
+    def field_limits(self) -> FieldLimits:
+        """Score: three fields an item (the item, its prompt and completion); Compare: four."""
+        return {
+            "/plaudit.v1.RewardService/Score": field_limit(3 * self.max_items_per_request + 1),
+            "/plaudit.v1.RewardService/Compare": field_limit(4),
         }
 
     @model_validator(mode="after")

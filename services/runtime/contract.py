@@ -14,6 +14,7 @@ from pathlib import Path
 OPSET = 17
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+FP16_FILE = "model.fp16.onnx"  # reward versions exported with fp16 (for CUDA), when it passed
 TOKENIZER_FILE = "tokenizer.json"
 POLICY_INPUTS = ("input_ids", "attention_mask", "position_ids")
 LOGITS = "logits"

@@ -12,6 +12,11 @@ values. A flush of requests is generated together:
 3. **Decode.** One token per active row per step. A row that ends (end-of-sequence token, stop
    string, token limit) leaves the batch, so the others stop paying for it.
 
+A job with a :class:`StreamSink` gets its text as it is decoded: after each step, each of its rows
+hands on the new text that can no longer change (held back: an incomplete UTF-8 character, and
+the last ``len(longest stop string) - 1`` characters, which may yet start a stop string), and the
+rest of the final text when the row ends. The pieces of a row add up to its final text.
+
 Sampling is numpy: temperature (0 is greedy), then top-k, then top-p, with one seeded generator
 per request, so a request's completions do not depend on what it was batched with (beyond float
 rounding). No torch, no transformers: tokenization is the ``tokenizers`` library.
@@ -23,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Protocol
 
 import jinja2
 import numpy as np
@@ -71,21 +77,43 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
+class StreamSink(Protocol):
+    """Where a streamed job's text goes as it is generated. Called from the generating thread
+    (a batch's worker thread): implementations must be thread-safe and return at once."""
+
+    def started(self, version: str) -> None:
+        """The job's prompt was accepted and ``version`` generates it; text follows."""
+
+    def text(self, index: int, delta: str) -> None:
+        """More text of the job's completion ``index`` (0 <= index < n)."""
+
+
 @dataclass(frozen=True)
 class GenerateJob:
-    """One request: a prompt or a conversation, and how many completions to sample."""
+    """One request: a prompt or a conversation, and how many completions to sample; ``sink``
+    (optional) receives the text while it is generated."""
 
     prompt: str | None = None
     messages: tuple[Mapping[str, str], ...] | None = None
     n: int = 1
     params: SamplingParams = SamplingParams()
+    sink: StreamSink | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """One completion. ``token_ids`` are the sampled ids (end-of-sequence included) where the
+    engine knows them; ``count`` is the number of generated tokens where only that is known (a
+    remote backend), else None."""
+
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
+    count: int | None = None
+
+    @property
+    def token_count(self) -> int:
+        return len(self.token_ids) if self.count is None else self.count
 
 
 @dataclass(frozen=True)
@@ -96,7 +124,7 @@ class GenerateResult:
 
     @property
     def generated_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.completions)
+        return sum(c.token_count for c in self.completions)
 
 
 @dataclass
@@ -257,6 +285,24 @@ def _find_stop(text: str, stops: Sequence[str]) -> int:
     return min(hits) if hits else -1
 
 
+def _stream(
+    sink: StreamSink, index: int, final: str | None, text: str | None, hold: int, sent: int
+) -> int:
+    """Hand ``sink`` the settled new text of completion ``index``: all of ``final`` once the row
+    has ended, else ``text`` less the ``hold`` characters a stop string may yet claim and any
+    incomplete UTF-8 character. Returns the characters handed on so far."""
+    if final is not None:
+        upto, text = len(final), final
+    elif text is None:
+        return sent
+    else:
+        upto = min(len(text) - hold, len(text.rstrip("\ufffd")))
+    if upto > sent:
+        sink.text(index, text[sent:upto])
+        return upto
+    return sent
+
+
 # -- the decode loop ---------------------------------------------------------------------------
 def generate(
     model: LoadedPolicy,
@@ -289,6 +335,12 @@ def generate(
     finish: list[FinishReason | None] = [None] * len(rows)
     texts: list[str | None] = [None] * len(rows)
     rngs = [np.random.default_rng(job.params.seed) for job in jobs]
+    first_row = np.concatenate([[0], np.cumsum([job.n for job in jobs])[:-1]])
+    hold = [max((len(s) for s in job.params.stop), default=1) - 1 for job in jobs]
+    sent = [0] * len(rows)  # characters of each row handed to its job's sink
+    for job in jobs:
+        if job.sink is not None:
+            job.sink.started(model.version)
 
     while True:
         chosen = np.empty(len(rows), dtype=np.int64)
@@ -300,17 +352,27 @@ def generate(
         for k, row in enumerate(rows.tolist()):
             token = int(chosen[k])
             tokens[row].append(token)
-            stops = jobs[job_of_row[row]].params.stop
+            j = int(job_of_row[row])
+            stops, sink = jobs[j].params.stop, jobs[j].sink
+            text: str | None = None
             if token in model.eos_ids:
                 finish[row] = FinishReason.EOS
-            elif stops:
+            elif stops or sink is not None:
                 text = model.formatter.decode(tokens[row])
-                cut = _find_stop(text, stops)
+                cut = _find_stop(text, stops) if stops else -1
                 if cut >= 0:
                     finish[row], texts[row] = FinishReason.STOP_STRING, text[:cut]
             if finish[row] is None and len(tokens[row]) >= budget[row]:
                 finish[row] = FinishReason.LENGTH
             done[k] = finish[row] is not None
+            if done[k] and texts[row] is None:  # the final text, end-of-sequence left out
+                if finish[row] is FinishReason.EOS:
+                    texts[row] = model.formatter.decode(tokens[row][:-1])
+                else:
+                    texts[row] = text if text is not None else model.formatter.decode(tokens[row])
+            if sink is not None:
+                index = row - int(first_row[j])
+                sent[row] = _stream(sink, index, texts[row], text, hold[j], sent[row])
         if done.all():
             break
         if done.any():
@@ -326,12 +388,8 @@ def generate(
     for j, job in enumerate(jobs):
         completions = []
         for row in range(start, start + job.n):
-            reason = finish[row]
-            assert reason is not None
-            body = tokens[row][:-1] if reason is FinishReason.EOS else tokens[row]
-            final = texts[row]
-            if final is None:
-                final = model.formatter.decode(body)
+            reason, final = finish[row], texts[row]
+            assert reason is not None and final is not None
             completions.append(Candidate(final, tokens[row], reason))
         results.append(GenerateResult(completions, model.version, int(lengths[j])))
         start += job.n

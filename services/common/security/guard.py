@@ -24,7 +24,9 @@ from plaudit.services.common.security.keys import (
     parse_bearer,
 )
 from plaudit.services.common.security.limits import (
+    SMALL_FIELD_COUNT,
     SMALL_MESSAGE_BYTES,
+    FieldLimits,
     InFlightLimit,
     MessageLimits,
     RateLimiter,
@@ -100,8 +102,11 @@ class ServerSecuritySettings(ServerTlsSettings):
     rate_limit_burst: int = Field(
         0, ge=0, description="calls a key may make at once (0 = max(1, rate_limit_rps))"
     )
-    max_in_flight: int = Field(
-        0, ge=0, description="calls served at once before RESOURCE_EXHAUSTED (0 = no limit)"
+    max_in_flight: int | None = Field(
+        None,
+        ge=0,
+        description="calls (gRPC and HTTP) served at once before RESOURCE_EXHAUSTED (0 = no "
+        "limit; unset: the service's default, sized from its batch settings)",
     )
     max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES,
@@ -115,9 +120,31 @@ class ServerSecuritySettings(ServerTlsSettings):
         64, ge=1, description="gRPC calls open at once on one connection (HTTP/2 streams)"
     )
 
+    @classmethod
+    def default_help(cls, name: str) -> str:
+        if name == "max_in_flight":
+            return "default: sized from the service's batch settings"
+        return super().default_help(name)
+
+    def default_in_flight(self) -> int:
+        """``max_in_flight`` when it is not set; each service sizes its own from its batch
+        settings (the calls it can usefully hold at once: more would only wait, parsed, in
+        memory)."""
+        return 64
+
+    def in_flight_limit(self) -> int:
+        """The in-flight limit enforced: ``max_in_flight``, else :meth:`default_in_flight`."""
+        return self.default_in_flight() if self.max_in_flight is None else self.max_in_flight
+
     def message_limits(self) -> MessageLimits:
         """The largest request of each call; each service derives its own from its settings
         (a call not named gets :data:`SMALL_MESSAGE_BYTES`)."""
+        return {}
+
+    def field_limits(self) -> FieldLimits:
+        """The most protobuf fields a request of each call may hold; each service derives its
+        own from its settings with :func:`~plaudit.services.common.security.limits.field_limit`
+        (a call not named gets :data:`SMALL_FIELD_COUNT`)."""
         return {}
 
 
@@ -129,6 +156,7 @@ class ServerSecurity:
     tls: TlsFiles | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     message_limits: MessageLimits = field(default_factory=dict)
+    field_limits: FieldLimits = field(default_factory=dict)
     max_concurrent_rpcs: int | None = None
     max_concurrent_streams: int | None = None
 
@@ -136,6 +164,11 @@ class ServerSecurity:
         """The largest request ``call`` may send: its own limit (:data:`SMALL_MESSAGE_BYTES` if
         it has none), never above ``max_message_bytes``."""
         return min(self.message_limits.get(call, SMALL_MESSAGE_BYTES), self.max_message_bytes)
+
+    def field_limit(self, call: str) -> int:
+        """The most fields a request of ``call`` may hold (:data:`SMALL_FIELD_COUNT` if it has
+        no limit of its own), counted before it is parsed."""
+        return self.field_limits.get(call, SMALL_FIELD_COUNT)
 
     @property
     def receive_limit(self) -> int:
@@ -187,13 +220,14 @@ class ServerSecurity:
             keys,
             call_roles,
             rate=RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst),
-            in_flight=InFlightLimit(settings.max_in_flight),
+            in_flight=InFlightLimit(settings.in_flight_limit()),
         )
         return cls(
             guard,
             tls,
             settings.max_message_bytes,
             message_limits=settings.message_limits(),
+            field_limits=settings.field_limits(),
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
             max_concurrent_streams=settings.max_concurrent_streams,
         )
