@@ -64,6 +64,17 @@ class ExportSettings(RegistryLocationSettings):
         128, ge=2, description="pairs used for the parity checks and normalisation"
     )
     seed: int = Field(0, description="seed for a freshly initialised head")
+    fp16: bool = Field(
+        False,
+        description="also build an fp16 graph (what CUDA serves), kept when it orders the "
+        "reference pairs like fp32 at least --fp16-min-agreement of the time",
+    )
+    fp16_min_agreement: float = Field(0.95, ge=0, le=1, description="the fp16 graph's gate")
+    external_data: bool | None = Field(
+        None,
+        description="weights in a data file beside the graph (default: from 1 GiB of weights; "
+        "needed past ONNX's 2 GB limit)",
+    )
 
 
 class ExportPolicySettings(RegistryLocationSettings):
@@ -300,6 +311,9 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
         reference_data=settings.reference_data,
         reference_pairs=settings.reference_pairs,
         seed=settings.seed,
+        fp16=settings.fp16,
+        fp16_min_agreement=settings.fp16_min_agreement,
+        external_data=settings.external_data,
     )
     manifest = export_reward(cfg, settings.model_registry("reward"), promote=settings.promote)
     sys.stdout.write(

@@ -55,10 +55,10 @@ class DemoSettings(ClientSecuritySettings):
     generation_addr: str = Field("127.0.0.1:50053", description="generation service address")
     policy: bool = Field(True, description="also show the policy half (retrain, gate, swap)")
     policy_budget: int = Field(
-        12, ge=1, description="per policy training: DPO steps (prompts for rejection sampling)"
+        8, ge=1, description="per policy training: DPO steps (prompts for rejection sampling)"
     )
-    policy_eval_prompts: int = Field(32, ge=1, description="held-out prompts of the policy gate")
-    policy_max_new_tokens: int = Field(48, ge=1, description="tokens per policy sample")
+    policy_eval_prompts: int = Field(24, ge=1, description="held-out prompts of the policy gate")
+    policy_max_new_tokens: int = Field(40, ge=1, description="tokens per policy sample")
     policy_max_length: int = Field(
         256, ge=16, description="tokens per policy training sequence (prompt: the last half)"
     )
@@ -67,6 +67,12 @@ class DemoSettings(ClientSecuritySettings):
         ge=0,
         description="optimizer steps per reward training (0: one epoch; 50 keeps the demo "
         "within 15 minutes on 2 cores)",
+    )
+    train_max_length: int = Field(
+        256,
+        ge=8,
+        description="tokens per item in a reward training (the end is kept: the responses; 86%% "
+        "of the shipped HH items fit)",
     )
     waves: int = Field(
         1,
@@ -284,6 +290,7 @@ def _up_command(settings: DemoSettings, wave_size: int) -> list[str]:
         "--policy-eval-prompts", str(settings.policy_eval_prompts),
         "--policy-max-new-tokens", str(settings.policy_max_new_tokens),
         "--policy-max-length", str(settings.policy_max_length),
+        "--train-max-length", str(settings.train_max_length),
     ]  # fmt: skip
     if settings.train_max_steps:
         command += ["--train-max-steps", str(settings.train_max_steps)]

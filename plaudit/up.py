@@ -101,6 +101,9 @@ class UpSettings(ClientSecuritySettings):
     train_backbone: str = Field("minilm", description="backbone each retraining starts from")
     train_epochs: int = Field(1, ge=1, description="epochs per retraining")
     train_max_steps: int = Field(0, ge=0, description="optimizer steps per retraining (0: all)")
+    train_max_length: int = Field(
+        512, ge=8, description="tokens per item in a retraining (truncation keeps the end)"
+    )
     promotion_tolerance: float = Field(
         0.0, ge=0, le=1, description="held-out accuracy a retrained model may lose to the live one"
     )
@@ -435,7 +438,7 @@ class RewardRetraining(Retraining):
             str(self.settings.train_epochs), "--promote", "--no-progress",
             "--promotion-tolerance", str(self.settings.promotion_tolerance),
             "--promotion-significance", str(self.settings.promotion_significance),
-            "--log-level", "WARNING",
+            "--max-length", str(self.settings.train_max_length), "--log-level", "WARNING",
         ]  # fmt: skip
         if self.settings.train_max_steps:
             args += ["--max-steps", str(self.settings.train_max_steps)]

@@ -452,3 +452,32 @@ def test_a_large_body_is_parsed_off_the_event_loop(
 
 async def _thread_ident() -> int:
     return threading.get_ident()
+
+
+# -- JSON bodies: containers counted before the parse ---------------------------------------------
+def test_json_containers_are_counted_outside_strings() -> None:
+    from plaudit.services.common.http import MAX_JSON_CONTAINERS, json_containers
+
+    assert json_containers(b'{"a": [1, {}], "b": "[{"}') == 5  # below the limit: an upper bound
+    many_in_text = json.dumps({"items": [{"prompt": "{[" * MAX_JSON_CONTAINERS}]}).encode()
+    assert json_containers(many_in_text) == 3  # brackets inside a string are text
+    escaped = json.dumps({"t": 'a\\" {[' * MAX_JSON_CONTAINERS}).encode()
+    assert json_containers(escaped) == 1
+    unterminated = b'"' + b'\\"' * 1_000_000 + b"{" * (MAX_JSON_CONTAINERS + 1)
+    started = time.monotonic()
+    json_containers(unterminated)  # one linear pass, not one retry per quote
+    assert time.monotonic() - started < 5
+
+
+def test_a_body_of_empty_objects_is_refused_before_it_is_parsed() -> None:
+    """``[{}, {}, ...]`` expands about 20x when parsed: a keyed caller's 32 MB body would cost
+    about 700 MB. Past MAX_JSON_CONTAINERS it is INVALID_ARGUMENT naming ``body``, unparsed."""
+    from plaudit.services.common.errors import InvalidArgumentError
+    from plaudit.services.common.http import MAX_JSON_CONTAINERS, _parse_json
+
+    body = b"[" + b",".join([b"{}"] * (MAX_JSON_CONTAINERS + 1)) + b"]"
+    with pytest.raises(InvalidArgumentError) as refused:
+        _parse_json(body)
+    assert refused.value.field == "body" and "JSON objects and arrays" in str(refused.value)
+    fine = json.dumps({"items": [{"prompt": "p", "completion": "{}" * 1000}] * 100}).encode()
+    assert len(_parse_json(fine)["items"]) == 100

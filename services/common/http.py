@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -63,6 +64,15 @@ JSON_TEXT_FACTOR = 6
 route's body limit is this times the text it carries."""
 INLINE_JSON_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop; larger ones in a worker thread."""
+MAX_JSON_CONTAINERS = 100_000
+"""JSON objects and arrays one body may hold. Parsing makes each a Python dict or list (``{}``,
+3 bytes of JSON, becomes about 64 bytes), so this bounds what a body of empty containers can cost
+(a few MB) far below what its size alone allows; no legitimate request of any route comes near
+it (a maximal reward request holds a few thousand)."""
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
+"""A JSON string literal, or an unterminated one up to the end: every match attempt consumes to
+the next closing quote or the end, so stripping strings is linear in the body, never a retry per
+quote."""
 M = TypeVar("M", bound=Message)
 
 CODE_OF_HTTP = {
@@ -158,10 +168,24 @@ def _same(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def json_containers(raw: bytes | bytearray) -> int:
+    """The JSON objects and arrays in ``raw``, counted without parsing: brackets outside string
+    literals (an over-count only for text that is not JSON, which the parse refuses anyway)."""
+    if raw.count(b"{") + raw.count(b"[") <= MAX_JSON_CONTAINERS:
+        return raw.count(b"{") + raw.count(b"[")  # an upper bound is enough below the limit
+    bare = _JSON_STRING.sub(b"", bytes(raw))
+    return bare.count(b"{") + bare.count(b"[")
+
+
 def _parse_json(raw: bytes | bytearray) -> Any:
     """``raw`` as JSON. The object hook is Python code, run per JSON object: the parse reaches
     the interpreter loop often, so a worker thread parsing a large body hands the GIL back to the
-    event loop every switch interval instead of holding it for the whole parse."""
+    event loop every switch interval instead of holding it for the whole parse. A body of more
+    than :data:`MAX_JSON_CONTAINERS` objects and arrays is refused before it is parsed."""
+    if json_containers(raw) > MAX_JSON_CONTAINERS:
+        raise InvalidArgumentError(
+            "body", f"holds more than {MAX_JSON_CONTAINERS} JSON objects and arrays"
+        )
     try:
         text = raw.decode("utf-8")  # JSON is UTF-8 (RFC 8259), whatever charset is claimed
     except UnicodeDecodeError as exc:
