@@ -62,6 +62,11 @@ class DemoSettings(ClientSecuritySettings):
     policy_max_length: int = Field(
         256, ge=16, description="tokens per policy training sequence (prompt: the last half)"
     )
+    policy_learning_rate: float = Field(
+        5e-5,
+        ge=0,
+        description="DPO peak rate: 5x plaudit up's, so that 8 steps move the policy measurably",
+    )
     train_max_steps: int = Field(
         50,
         ge=0,
@@ -290,6 +295,7 @@ def _up_command(settings: DemoSettings, wave_size: int) -> list[str]:
         "--policy-eval-prompts", str(settings.policy_eval_prompts),
         "--policy-max-new-tokens", str(settings.policy_max_new_tokens),
         "--policy-max-length", str(settings.policy_max_length),
+        "--policy-learning-rate", str(settings.policy_learning_rate),
         "--train-max-length", str(settings.train_max_length),
     ]  # fmt: skip
     if settings.train_max_steps:
