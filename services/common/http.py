@@ -64,11 +64,12 @@ JSON_TEXT_FACTOR = 6
 route's body limit is this times the text it carries."""
 INLINE_JSON_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop; larger ones in a worker thread."""
-MAX_JSON_CONTAINERS = 100_000
+MAX_JSON_CONTAINERS = 1_000_000
 """JSON objects and arrays one body may hold. Parsing makes each a Python dict or list (``{}``,
 3 bytes of JSON, becomes about 64 bytes), so this bounds what a body of empty containers can cost
-(a few MB) far below what its size alone allows; no legitimate request of any route comes near
-it (a maximal reward request holds a few thousand)."""
+(about 64 MB) far below what its size alone allows (about 700 MB for 32 MB of ``{},``); no
+legitimate request comes near it (a maximal reward request holds a few thousand, an 8 MB task
+import of tiny tasks about 500,000)."""
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
 """A JSON string literal, or an unterminated one up to the end: every match attempt consumes to
 the next closing quote or the end, so stripping strings is linear in the body, never a retry per
