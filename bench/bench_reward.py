@@ -668,8 +668,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--http-rounds",
         type=int,
-        default=2,
-        help="runs of each protocol per h concurrency, alternating g h / h g (default 2)",
+        default=4,
+        help="runs of each protocol per h concurrency, alternating g h / h g (default 4)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="PyTorch batch size")
     parser.add_argument(

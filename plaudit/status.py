@@ -188,6 +188,11 @@ def reward_model(address: str, credentials: ClientCredentials) -> dict[str, Any]
         "model_version": reply.version,
         "precision": reply.precision,
         "last_swap_error": reply.last_swap_error,
+        "calibration_temperature": reply.calibration_temperature,
+        "heldout_accuracy": reply.heldout_accuracy if reply.heldout_pairs else None,
+        "heldout_ece": reply.heldout_ece if reply.heldout_pairs else None,
+        "heldout_pairs": reply.heldout_pairs,
+        "data_cursor": reply.data_cursor or None,
     }
 
 

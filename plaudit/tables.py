@@ -213,6 +213,17 @@ def manifest_table(manifest: ModelManifest, promoted: str | None) -> Table:
     rows.append(("data cursor", manifest.data_cursor or DASH))
     norm = manifest.normalization
     rows.append(("normalization", f"mean {number(norm.mean)}, std {number(norm.std)}"))
+    if manifest.calibration is not None:
+        c = manifest.calibration
+        ece = (
+            f"ECE {number(c.ece_before)} -> {number(c.ece_after)}"
+            if c.ece_before is not None and c.ece_after is not None
+            else "ECE not measured"
+        )
+        how = f"fitted on {c.pairs} held-out pairs" if c.fitted else c.note
+        rows.append(("calibration", f"temperature {number(c.temperature)} ({how}), {ece}"))
+    elif manifest.kind == "reward":
+        rows.append(("calibration", f"{DASH} (temperature 1)"))
     for key, value in sorted(manifest.metrics.items()):
         rows.append((key, number(value)))
     rows.append(("files", str(len(manifest.files))))

@@ -131,6 +131,12 @@ class UpSettings(ClientSecuritySettings):
         "(rl, dpo); 0: the method's default",
     )
     policy_max_new_tokens: int = Field(64, ge=1, description="tokens per policy sample")
+    policy_batch_size: int = Field(
+        4,
+        ge=1,
+        description="policy training micro-batch, one per optimizer step: sequences "
+        "(dpo: preference pairs)",
+    )
     policy_max_length: int = Field(
         512,
         ge=16,
@@ -500,6 +506,7 @@ class PolicyRetraining(Retraining):
             "--eval-prompts", str(s.policy_eval_prompts),
             "--eval-max-new-tokens", str(s.policy_max_new_tokens),
             "--max-length", str(s.policy_max_length),
+            "--batch-size", str(s.policy_batch_size),
             "--max-prompt-length", str(s.policy_max_length // 2),
             "--promotion-min-win-rate", str(s.policy_min_win_rate),
             "--promotion-min-lc-win-rate", str(s.policy_min_lc_win_rate),

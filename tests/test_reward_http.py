@@ -137,9 +137,12 @@ def test_native_score_compare_model_health_match_grpc(server: ServerThread) -> N
     compare = requests.post(url(server, "/v1/compare"), json=camel, timeout=30).json()
     a, b = grpc_rewards(server, [("Q?", "yes"), ("Q?", "no")])
     assert f32([compare["reward_a"], compare["reward_b"]]) == [a, b]
-    assert compare["prob_a_preferred"] == pytest.approx(sigmoid(a - b), rel=1e-5)
+    raw_a, raw_b = grpc_rewards(server, [("Q?", "yes"), ("Q?", "no")], raw=True)
+    assert compare["prob_a_preferred"] == pytest.approx(sigmoid(raw_a - raw_b), rel=1e-5)
     model = requests.get(url(server, "/v1/model"), timeout=30).json()
     assert model["version"] == score["model_version"] and model["max_length"] == 64
+    assert model["calibration_temperature"] == 1.0 and model["calibrated"] is False
+    assert model["heldout_pairs"] == 0 and model["data_cursor"] == ""
     assert model["text_format"] == "pair" and model["loaded_at"].endswith("Z")
     health = requests.get(url(server, "/healthz"), timeout=30)
     assert (health.status_code, health.json()) == (200, {"status": "SERVING"})

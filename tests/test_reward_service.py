@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.reward.settings import RewardSettings
 from plaudit.services.runtime.reward_model import LoadedRewardModel
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 from tests.conftest import ServerThread
@@ -73,23 +74,35 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rewards(
     stub: reward_pb2_grpc.RewardServiceStub, tiny_registry: Path
 ) -> None:
     expected = offline_rewards(tiny_registry, standardize=True)
+    limit = RewardSettings.model_construct().in_flight_limit()  # more: RESOURCE_EXHAUSTED
     futures = [
         stub.Score.future(reward_pb2.ScoreRequest(items=[items()[i % 4]]), timeout=30)
-        for i in range(40)
+        for i in range(limit)
     ]
     for i, fut in enumerate(futures):
         assert fut.result().rewards[0] == pytest.approx(expected[i % 4], abs=1e-4)
 
 
 def test_compare_is_bradley_terry(stub: reward_pb2_grpc.RewardServiceStub) -> None:
+    """sigmoid(raw_a - raw_b) for this uncalibrated version (T = 1), from the raw rewards
+    whatever the normalization the rewards are reported in."""
     reply = stub.Compare(
         reward_pb2.CompareRequest(
             prompt=PROMPTS[0], completion_a=COMPLETIONS[0], completion_b="London."
         )
     )
-    assert reply.prob_a_preferred == pytest.approx(
-        1 / (1 + math.exp(-(reply.reward_a - reply.reward_b))), rel=1e-5
+    raw = stub.Compare(
+        reward_pb2.CompareRequest(
+            prompt=PROMPTS[0],
+            completion_a=COMPLETIONS[0],
+            completion_b="London.",
+            normalization=reward_pb2.NORMALIZATION_RAW,
+        )
     )
+    assert raw.prob_a_preferred == pytest.approx(
+        1 / (1 + math.exp(-(raw.reward_a - raw.reward_b))), rel=1e-5
+    )
+    assert reply.prob_a_preferred == pytest.approx(raw.prob_a_preferred, rel=1e-6)
     scored = stub.Score(
         reward_pb2.ScoreRequest(
             items=[
@@ -116,6 +129,11 @@ def test_get_model_describes_the_active_version(
     assert reply.normalization_std == pytest.approx(manifest.normalization.std)
     assert reply.loaded_at.seconds > 0
     assert reply.last_swap_error == ""
+    # exported without calibration or training metrics: T = 1, nothing measured, no cursor
+    assert manifest.calibration is None
+    assert reply.calibration_temperature == 1.0 and reply.calibrated is False
+    assert (reply.heldout_pairs, reply.heldout_accuracy, reply.heldout_ece) == (0, 0.0, 0.0)
+    assert reply.data_cursor == ""
 
 
 @pytest.mark.parametrize(
@@ -210,6 +228,8 @@ def test_metrics_endpoint_exposes_requests_batches_and_model(
         "plaudit_reward_items_scored_total",
         'execution_provider="CPUExecutionProvider"',
         "plaudit_reward_model_loaded 1.0",
+        'data_cursor=""',
+        "plaudit_reward_model_calibration_temperature{version=",
     ):
         assert needle in text, needle
 

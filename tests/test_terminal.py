@@ -236,6 +236,10 @@ def test_status_of_running_services(
         promoted = ModelRegistry(registry).promoted()
         assert services["reward"]["health"] == "SERVING"
         assert services["reward"]["model_version"] == promoted
+        assert services["reward"]["calibration_temperature"] == 1.0  # an uncalibrated export
+        assert (
+            services["reward"]["heldout_pairs"] == 0 and services["reward"]["heldout_ece"] is None
+        )
         assert services["reward"]["queue_depth"] == 0
         assert services["reward"]["requests_per_s"] == 0
         assert services["feedback"]["health"] == "SERVING"

@@ -4,15 +4,18 @@ promotion gate, the feedback store as data source, and the command line."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from plaudit.cli import TrainRewardSettings, build_parser, main
-from plaudit.services.common.registry import ModelRegistry
+from plaudit.services.common.calibration import calibrate
+from plaudit.services.common.registry import ModelManifest, ModelRegistry
 from plaudit.services.common.settings import settings_from_args
 from plaudit.services.feedback.domain import Comparison
 from plaudit.services.feedback.store import FeedbackStore
@@ -29,7 +32,7 @@ from plaudit.trainer.export import (
     text_format_for,
     torch_rewards,
 )
-from plaudit.trainer.objective import split_by_prompt
+from plaudit.trainer.objective import preference_accuracy, split_by_prompt
 from plaudit.trainer.reward import (
     PairSource,
     PublishOptions,
@@ -37,7 +40,8 @@ from plaudit.trainer.reward import (
     serving_encoder,
     train_reward,
 )
-from tests.conftest import minilm_dir, toy_pairs, write_jsonl
+from plaudit.v1 import reward_pb2, reward_pb2_grpc
+from tests.conftest import ServerThread, minilm_dir, toy_pairs, write_jsonl
 
 
 def tiny_config(checkpoint: Path, **overrides: object) -> RewardTrainingConfig:
@@ -144,6 +148,122 @@ def test_trained_head_survives_save_reload_and_export(
 
     assert torch.equal(head(reloaded), head(model))
     assert not torch.equal(head(start), head(model))
+
+
+def test_calibration_is_fitted_on_the_served_held_out_rewards_and_reported(
+    trained: Trained,
+) -> None:
+    """Issue 20: the temperature is fitted on the held-out pairs with the graph as served, stored
+    in the manifest, and reported (metrics, metrics.json, a reliability plot, the gate record)."""
+    result = trained.result
+    manifest = trained.registry.manifest(result.manifest.version)  # type: ignore[union-attr]
+    c = manifest.calibration
+    assert c is not None and c.fitted and c.pairs == result.eval_pairs >= 20
+    assert manifest.temperature == c.temperature > 0
+    held_out = split_by_prompt(list(read_pairs(trained.data)), 0.1)[1]
+    served = LoadedRewardModel.load(trained.registry, manifest.version, provider="cpu")
+    assert served.temperature == c.temperature
+    rewards, _, _ = served.score_raw(
+        [p.prompt for p in held_out for _ in range(2)],
+        [c for p in held_out for c in (p.chosen, p.rejected)],
+    )
+    again = calibrate(rewards[0::2], rewards[1::2])
+    assert again.temperature == pytest.approx(c.temperature, rel=1e-5)
+    assert c.accuracy == pytest.approx(preference_accuracy(rewards[0::2], rewards[1::2]))
+    assert c.ece_after is not None and 0.0 <= c.ece_after <= 1.0
+    metrics = result.metrics
+    assert metrics["calibration/temperature"] == c.temperature
+    assert metrics["eval/ece"] == c.ece_after and metrics["eval/ece_uncalibrated"] == c.ece_before
+    written = json.loads((result.run_dir / "metrics.json").read_text())
+    assert written["calibration"]["temperature"] == c.temperature
+    assert written["metrics"]["eval/ece"] == c.ece_after
+    assert (result.run_dir / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    promotion = manifest.promotion
+    assert promotion is not None and promotion["candidate_temperature"] == c.temperature
+    assert promotion["candidate_ece"] == pytest.approx(c.ece_after)
+    assert promotion["current_temperature"] == 1.0  # the baseline export is uncalibrated
+    assert promotion["current_ece"] is not None
+    ece = f"(calibrated ECE {promotion['candidate_ece']:.3f} vs {promotion['current_ece']:.3f})"
+    assert ece in promotion["reason"]
+
+
+def test_compare_over_grpc_serves_the_stored_temperature(trained: Trained) -> None:
+    """The trained, calibrated version served: Compare is sigmoid((raw_a - raw_b) / T) for the
+    manifest's T, whatever the normalization; Score is unchanged; GetModel says so."""
+    version = trained.result.manifest.version  # type: ignore[union-attr]
+    manifest = trained.registry.manifest(version)
+    assert manifest.calibration is not None
+    t = manifest.temperature
+    server = ServerThread(registry=trained.registry.root, log_level="WARNING").start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            info = stub.GetModel(reward_pb2.GetModelRequest(), timeout=30)
+            assert info.version == version and info.calibrated is True
+            assert info.calibration_temperature == pytest.approx(t, rel=1e-6)
+            assert info.heldout_pairs == manifest.calibration.pairs
+            assert info.heldout_accuracy == pytest.approx(manifest.calibration.accuracy, rel=1e-6)
+            assert info.heldout_ece == pytest.approx(manifest.calibration.ece_after, rel=1e-6)
+            prompt, a, b = "question 1 about bread?", "a fine good answer", "a bad answer"
+            raw = stub.Score(
+                reward_pb2.ScoreRequest(
+                    items=[
+                        reward_pb2.ScoreItem(prompt=prompt, completion=a),
+                        reward_pb2.ScoreItem(prompt=prompt, completion=b),
+                    ],
+                    normalization=reward_pb2.NORMALIZATION_RAW,
+                ),
+                timeout=30,
+            ).rewards
+            expected = 1 / (1 + math.exp(-(raw[0] - raw[1]) / t))
+            for norm in (reward_pb2.NORMALIZATION_RAW, reward_pb2.NORMALIZATION_STANDARDIZED):
+                reply = stub.Compare(
+                    reward_pb2.CompareRequest(
+                        prompt=prompt, completion_a=a, completion_b=b, normalization=norm
+                    ),
+                    timeout=30,
+                )
+                assert reply.prob_a_preferred == pytest.approx(expected, rel=1e-5)
+            assert reply.reward_a == pytest.approx(served_standardized(manifest, raw[0]), rel=1e-4)
+        gauges = server.server.metrics.registry
+        labels = {"version": version}
+        assert gauges.get_sample_value(
+            "plaudit_reward_model_calibration_temperature", labels
+        ) == pytest.approx(t)
+        assert gauges.get_sample_value("plaudit_reward_model_heldout_ece", labels) == pytest.approx(
+            manifest.calibration.ece_after
+        )
+        assert gauges.get_sample_value(
+            "plaudit_reward_model_heldout_accuracy", labels
+        ) == pytest.approx(manifest.calibration.accuracy)
+    finally:
+        server.stop()
+
+
+def test_without_a_registry_or_enough_held_out_pairs_the_temperature_stays_one(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "few.jsonl", toy_pairs(80, seed=3))
+    result = train_reward(
+        tiny_config(tiny_checkpoint, max_steps=1),
+        PairSource(files=(data,)),
+        output_dir=tmp_path / "run",
+    )
+    assert result is not None and result.manifest is None
+    c = result.calibration
+    assert c is not None and c.pairs == result.eval_pairs < 20
+    assert c.temperature == 1.0 and not c.fitted
+    assert f"only {c.pairs} held-out pairs" in c.note
+    assert result.metrics["calibration/temperature"] == 1.0
+    assert result.metrics["eval/ece"] == result.metrics["eval/ece_uncalibrated"]
+    assert (tmp_path / "run" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["calibration"]["fitted"] is False
+
+
+def served_standardized(manifest: ModelManifest, raw: float) -> float:
+    norm = manifest.normalization
+    return (raw - norm.mean) / norm.std
 
 
 def test_a_checkpoint_marked_trained_refuses_a_fresh_head(tmp_path: Path) -> None:

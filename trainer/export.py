@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from plaudit.services.common.calibration import MIN_PAIRS, calibrate, calibration_metrics
 from plaudit.services.common.onnx_runtime import FP16, ProviderChoice, create_session
 from plaudit.services.common.registry import (
     ModelManifest,
@@ -71,10 +72,15 @@ class UntrainedHeadError(RuntimeError):
     """A checkpoint that should carry a trained reward head loaded with fresh weights instead."""
 
 
-# Decides promotion from the reference texts (prompt, completion), interleaved c0, r0, c1, ...,
-# and the candidate's rewards on them from the graph it will be served with; returns the
-# manifest's promotion record, whose "promoted" says whether to promote.
-PromotionGate = Callable[[list[tuple[str, str]], np.ndarray], dict[str, Any]]
+class PromotionGate(Protocol):
+    """Decides promotion from the reference texts (prompt, completion), interleaved c0, r0, c1,
+    ..., the candidate's rewards on them from the graph it will be served with, and the
+    candidate's calibration temperature; returns the manifest's promotion record, whose
+    "promoted" says whether to promote."""
+
+    def __call__(
+        self, texts: list[tuple[str, str]], candidate: np.ndarray, *, temperature: float = 1.0
+    ) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -110,6 +116,11 @@ class ExportConfig:
     # fused attention kernels; None: unless the weights are external (the optimizer holds about
     # 8x the weights in memory), see plaudit.trainer.onnx_graph.write_reward_graph
     fuse: bool | None = None
+    # fit the preference-probability temperature on the reference pairs (they must be held out:
+    # the trainer passes its held-out split) with the served graph's rewards, and record it in
+    # the manifest; fewer than calibration_min_pairs pairs keep temperature 1
+    calibrate: bool = False
+    calibration_min_pairs: int = MIN_PAIRS
 
 
 def load_reward_model(
@@ -326,7 +337,13 @@ def export_reward(
                 onnx_files[FP16] = FP16_FILE
         _drop_unread_data(out, onnx_files.values())
         std = float(np.std(got))
-        promotion = gate(texts, served) if gate is not None else None
+        calibration = (
+            calibrate(served[0::2], served[1::2], min_pairs=cfg.calibration_min_pairs)
+            if cfg.calibrate
+            else None
+        )
+        temperature = calibration.temperature if calibration is not None else 1.0
+        promotion = gate(texts, served, temperature=temperature) if gate is not None else None
         manifest = ModelManifest(
             version=new_version_id("reward"),
             kind="reward",
@@ -343,9 +360,13 @@ def export_reward(
                 reference=f"{len(texts)} reference texts",
             ),
             quantization=report,
-            metrics=dict(cfg.metrics),
+            metrics={
+                **cfg.metrics,
+                **(calibration_metrics(calibration) if calibration is not None else {}),
+            },
             data_cursor=cfg.data_cursor,
             promotion=promotion,
+            calibration=calibration,
             notes={
                 **cfg.notes,
                 "fp32_max_abs_diff_vs_torch": err,

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from plaudit.services.common.calibration import expected_calibration_error
+
 
 class HasPrompt(Protocol):
     @property
@@ -47,10 +49,6 @@ def reward_centering_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch
     return ((chosen + rejected) ** 2).mean()
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * x)))  # stable for large |x|
-
-
 def preference_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> float:
     """Share of pairs whose chosen completion scores higher; a tie counts one half."""
     diff = np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64)
@@ -62,17 +60,11 @@ def calibration_error(chosen: np.ndarray, rejected: np.ndarray, bins: int = ECE_
 
     Each pair is counted in both orders, (chosen, rejected) with label 1 and (rejected, chosen)
     with label 0, so the labels are balanced; ECE is ``sum_b |sum(labels_b) - sum(p_b)| / N``
-    (Guo et al. 2017), i.e. the bin-size-weighted gap between accuracy and confidence.
+    (Guo et al. 2017), i.e. the bin-size-weighted gap between accuracy and confidence. The same
+    computation as serving's (:func:`plaudit.services.common.calibration.reliability`) at T = 1.
     """
     diff = np.asarray(chosen, dtype=np.float64) - np.asarray(rejected, dtype=np.float64)
-    if not diff.size:
-        return float("nan")
-    p = _sigmoid(diff)
-    probs = np.concatenate([p, 1.0 - p])
-    labels = np.concatenate([np.ones_like(p), np.zeros_like(p)])
-    index = np.minimum((probs * bins).astype(np.int64), bins - 1)
-    gap = np.bincount(index, labels, bins) - np.bincount(index, probs, bins)
-    return float(np.abs(gap).sum() / probs.size)
+    return expected_calibration_error(diff, 1.0, bins)
 
 
 def pairwise_metrics(

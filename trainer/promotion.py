@@ -2,7 +2,8 @@
 
 * Reward model (:func:`gate_decision`): it must beat the promoted one on the same held-out pairs,
   both scored by the ONNX graphs they are (or would be) served with, and its held-out accuracy
-  must be significantly above chance.
+  must be significantly above chance. The record shows both models' expected calibration error
+  at their own temperatures (the candidate's fitted on these pairs) beside the accuracies.
 * Policy (:func:`policy_gate_decision`): on the same held-out prompts, judged by the live reward
   model, it must beat the live policy in plain and in length-controlled win rate, and stay within
   a KL bound of the policy it started from.
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from plaudit.services.common.calibration import expected_calibration_error
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.trainer.objective import preference_accuracy
 from plaudit.trainer.policy_config import (
@@ -67,9 +69,13 @@ def gate_decision(
     tolerance: float = DEFAULT_TOLERANCE,
     significance: float = DEFAULT_SIGNIFICANCE,
     live_error: str = "",
+    candidate_ece: float | None = None,
+    live_ece: float | None = None,
 ) -> dict[str, Any]:
     """The decision on literal numbers; ``correct`` of ``n`` held-out pairs ranked right by the
     candidate (a tie counts as wrong here, so the test never overstates the evidence).
+    ``candidate_ece`` / ``live_ece``: expected calibration error of each model's calibrated
+    probabilities on the same pairs, shown side by side; they do not decide.
 
     Promoted iff both hold:
     - it beats the live model: ``candidate_accuracy > live_accuracy - tolerance`` (tolerance 0:
@@ -91,6 +97,11 @@ def gate_decision(
     else:
         beats = candidate_accuracy - live_accuracy + tolerance > _EPS
         versus = f"candidate {cand} vs live {live_accuracy:.3f} on the same {n} held-out pairs"
+    if candidate_ece is not None:
+        shown = "n/a" if live_ece is None or live_version is None else f"{live_ece:.3f}"
+        versus += f" (calibrated ECE {candidate_ece:.3f}" + (
+            f" vs {shown})" if live_version is not None else ")"
+        )
     chance = f"p={p_value:.3g} against chance (level {significance:g})"
     why = []
     if beats is False:
@@ -110,6 +121,8 @@ def gate_decision(
         "candidate_correct": correct,
         "current_version": live_version,
         "current_accuracy": live_accuracy,
+        "candidate_ece": candidate_ece,
+        "current_ece": live_ece,
         "eval_pairs": n,
         "beats_live": beats,
         "p_value": p_value,
@@ -136,15 +149,21 @@ class AccuracyGate:
     tolerance: float = DEFAULT_TOLERANCE
     significance: float = DEFAULT_SIGNIFICANCE
 
-    def __call__(self, texts: list[tuple[str, str]], candidate: np.ndarray) -> dict[str, Any]:
+    def __call__(
+        self, texts: list[tuple[str, str]], candidate: np.ndarray, *, temperature: float = 1.0
+    ) -> dict[str, Any]:
+        """The record for ``candidate``'s rewards on ``texts``; ``temperature`` is its fitted
+        calibration (the live version's comes from its manifest)."""
         chosen, rejected = candidate[0::2], candidate[1::2]
         candidate_acc = preference_accuracy(chosen, rejected)
         correct = int(np.sum(np.asarray(chosen, np.float64) > np.asarray(rejected, np.float64)))
+        margins = np.asarray(chosen, np.float64) - np.asarray(rejected, np.float64)
+        candidate_ece = _finite(expected_calibration_error(margins, temperature))
         current = self.registry.promoted()
-        current_acc, error = None, ""
+        current_acc, current_ece, current_t, error = None, None, None, ""
         if current is not None:
             try:
-                current_acc = self.current_accuracy(current, texts)
+                current_acc, current_ece, current_t = self.current_figures(current, texts)
             except Exception as exc:
                 log.exception("could not score the promoted version", extra={"version": current})
                 error = str(exc)
@@ -157,19 +176,38 @@ class AccuracyGate:
             tolerance=self.tolerance,
             significance=self.significance,
             live_error=error,
+            candidate_ece=candidate_ece,
+            live_ece=current_ece,
         )
+        record["candidate_temperature"] = temperature
+        record["current_temperature"] = current_t
         record["decided_at"] = datetime.now(UTC).isoformat()
         log.info("promotion decision: %s", record["reason"], extra=record)
         return record
 
-    def current_accuracy(self, version: str, texts: list[tuple[str, str]]) -> float:
-        """The promoted version's accuracy on ``texts`` as it is served (hash-verified graph,
-        its own tokenization and default precision)."""
+    def current_figures(
+        self, version: str, texts: list[tuple[str, str]]
+    ) -> tuple[float, float | None, float]:
+        """The promoted version's accuracy and calibrated ECE on ``texts`` as it is served
+        (hash-verified graph, its own tokenization, default precision and temperature), and
+        that temperature."""
         from plaudit.services.runtime.reward_model import LoadedRewardModel  # onnxruntime, no torch
 
         loaded = LoadedRewardModel.load(self.registry, version, provider="cpu")
         rewards, _, _ = loaded.score_raw([p for p, _ in texts], [c for _, c in texts])
-        return preference_accuracy(rewards[0::2], rewards[1::2])
+        chosen = np.asarray(rewards[0::2], np.float64)
+        rejected = np.asarray(rewards[1::2], np.float64)
+        t = loaded.temperature
+        ece = _finite(expected_calibration_error(chosen - rejected, t))
+        return preference_accuracy(chosen, rejected), ece, t
+
+    def current_accuracy(self, version: str, texts: list[tuple[str, str]]) -> float:
+        """The promoted version's accuracy on ``texts`` as it is served."""
+        return self.current_figures(version, texts)[0]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def policy_gate_decision(

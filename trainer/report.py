@@ -1,4 +1,5 @@
-"""A training run's reports: per-step JSON lines, final metrics.json and a loss/metric plot."""
+"""A training run's reports: per-step JSON lines, final metrics.json, a loss/metric plot and (reward
+models) a reliability plot of the held-out preference probabilities before and after calibration."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from plaudit.services.common.registry import Calibration
+
 LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "training.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +84,46 @@ class RunReporter:
         loss_ax.set_title(title)
         fig.tight_layout()
         path = self.out_dir / PLOT_FILE
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def plot_reliability(self, calibration: Calibration) -> Path | None:
+        """The reliability diagram of the held-out preference probabilities at temperature 1 and
+        at the fitted one (observed frequency against mean predicted probability per bin, marker
+        area by count), with the diagonal of perfect calibration (PNG)."""
+        if not self.enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        c = calibration
+        fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+        ax.plot([0, 1], [0, 1], ":", color="gray", lw=1, label="perfect calibration")
+        curves = [
+            (c.reliability_before, c.ece_before, "T=1", "tab:orange", "o--"),
+            (c.reliability_after, c.ece_after, f"T={c.temperature:.3g}", "tab:blue", "s-"),
+        ]
+        total = max(1, 2 * c.pairs)
+        for bins, ece, name, color, style in curves:
+            if not bins:
+                continue
+            x = [b.mean_predicted for b in bins]
+            y = [b.observed for b in bins]
+            ece_text = "n/a" if ece is None else f"{ece:.3f}"
+            ax.plot(x, y, style, color=color, lw=1, ms=3, label=f"{name} (ECE {ece_text})")
+            ax.scatter(x, y, s=[600 * b.count / total for b in bins], color=color, alpha=0.3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted P(first preferred)")
+        ax.set_ylabel("observed frequency")
+        ax.legend(loc="upper left")
+        fitted = "fitted" if c.fitted else "not fitted: " + c.note
+        ax.set_title(f"calibration on {c.pairs} held-out pairs ({fitted})", fontsize=9)
+        fig.tight_layout()
+        path = self.out_dir / RELIABILITY_FILE
         fig.savefig(path)
         plt.close(fig)
         return path

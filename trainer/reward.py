@@ -6,7 +6,10 @@ trains a one-label sequence classifier with the Bradley-Terry loss in the shared
 :func:`plaudit.trainer.export.export_reward` (ONNX parity against PyTorch on the held-out pairs,
 normalisation measured on them) and publishes it with its metrics, data cursor and resolved
 training config; with ``promote`` the accuracy gate (:mod:`plaudit.trainer.promotion`) decides
-whether it replaces the promoted version.
+whether it replaces the promoted version. After training one temperature is fitted on the
+held-out pairs (:mod:`plaudit.services.common.calibration`; with a registry on the served graph's
+rewards, by the export) and stored in the manifest; the run folder gets its ECE before and after
+in ``metrics.json`` and a reliability plot (``reliability.png``).
 
 Run it alone or as ``torchrun --nproc-per-node N -m plaudit.cli train reward ...``: rank 0 reads
 the data and does everything after training; all ranks train (see
@@ -34,14 +37,21 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from plaudit.services.common.calibration import calibrate, calibration_metrics
 from plaudit.services.common.errors import FailedPreconditionError, InvalidArgumentError
-from plaudit.services.common.registry import ModelManifest, ModelRegistry, new_version_id
+from plaudit.services.common.registry import (
+    Calibration,
+    ModelManifest,
+    ModelRegistry,
+    new_version_id,
+)
 from plaudit.services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
 from plaudit.services.runtime.contract import TOKENIZER_FILE
 from plaudit.trainer.backbones import resolve_backbone
 from plaudit.trainer.batches import EncodedPairs, collate, encode_pairs
 from plaudit.trainer.config import DEFAULT_RUNS_DIR, RewardTrainingConfig
 from plaudit.trainer.data import (
+    PreferencePair,
     TrainingData,
     load_feedback_pairs,
     load_feedback_sft,
@@ -61,6 +71,7 @@ from plaudit.trainer.export import (
     export_reward,
     load_reward_model,
     text_format_for,
+    torch_rewards,
 )
 from plaudit.trainer.loop import LoopResult, LoopSettings, disable_dropout, epoch_steps, train_loop
 from plaudit.trainer.objective import (
@@ -134,6 +145,7 @@ class RewardTrainingResult:
     eval_pairs: int
     manifest: ModelManifest | None = None  # None when no registry was given
     model: PreTrainedModel | None = field(default=None, repr=False)  # the trained model
+    calibration: Calibration | None = None  # the temperature fitted on the held-out pairs
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
@@ -145,6 +157,7 @@ class RewardTrainingResult:
             "data_cursor": self.data_cursor,
             "train_pairs": self.train_pairs,
             "eval_pairs": self.eval_pairs,
+            "calibration": self.calibration.model_dump(mode="json") if self.calibration else None,
             "run_dir": str(self.run_dir),
         }
 
@@ -348,6 +361,17 @@ def _metrics(loop: LoopResult, train_pairs: int) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
+def held_out_calibration(
+    model: PreTrainedModel, encoder: RewardTextEncoder, pairs: list[PreferencePair]
+) -> Calibration:
+    """The temperature fitted on ``pairs`` with the PyTorch model's rewards (runs without a
+    registry; with one, the export fits it on the served graph's rewards instead)."""
+    model.eval()
+    texts = [(p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)]
+    rewards = torch_rewards(model, encoder, texts).astype(np.float64)
+    return calibrate(rewards[0::2], rewards[1::2])
+
+
 def save_checkpoint(
     model: PreTrainedModel, tokenizer: Any, path: Path, record: dict[str, Any]
 ) -> None:
@@ -476,12 +500,27 @@ def _train(
                     require_trained_head=True,
                     backbone_name=backbone.name,
                     text_format=fmt.to_dict(),
+                    calibrate=True,  # on the held-out pairs, with the served graph's rewards
                 ),
                 registry,
                 gate=AccuracyGate(registry, publish.promotion_tolerance, cfg.promotion_significance)
                 if publish.promote
                 else None,
             )
+        calibration = manifest.calibration if manifest is not None else None
+        if calibration is None:  # no registry: the PyTorch model's rewards on the same pairs
+            calibration = held_out_calibration(model, encoder, held_out_pairs)
+        metrics.update(calibration_metrics(calibration))
+        log.info(
+            "calibration",
+            extra={
+                "temperature": calibration.temperature,
+                "ece_before": calibration.ece_before,
+                "ece_after": calibration.ece_after,
+                "pairs": calibration.pairs,
+                "note": calibration.note,
+            },
+        )
         result = RewardTrainingResult(
             run_dir=run_dir,
             checkpoint=checkpoint,
@@ -491,8 +530,10 @@ def _train(
             eval_pairs=len(held_out),
             manifest=manifest,
             model=model,
+            calibration=calibration,
         )
         reporter.write_metrics({**result.summary(), "config": cfg.to_dict()})
         reporter.plot()
+        reporter.plot_reliability(calibration)
     checkpointer.finish()  # the other ranks wait for rank 0's export and publish
     return result

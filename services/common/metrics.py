@@ -9,6 +9,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from plaudit.services.common.batching import BatchMetrics
+from plaudit.services.common.registry import ModelManifest
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +91,6 @@ class ModelMetrics:
         self.model_loaded = Gauge(
             f"{prefix}_model_loaded", f"1 when a {what} is serving.", registry=registry
         )
+
+    def model_activated(self, manifest: ModelManifest) -> None:
+        """Called when ``manifest``'s version goes live; services export its figures here."""

@@ -140,8 +140,10 @@ class ModelServer(Generic[M, J, R]):
                 "backbone": model.manifest.backbone,
                 "execution_provider": model.provider,
                 "precision": model.precision,
+                "data_cursor": model.manifest.data_cursor or "",
             }
         )
+        self._metrics.model_activated(model.manifest)
         self._metrics.model_loaded.set(1)
         if first:
             await self.grpc.set_serving(True)

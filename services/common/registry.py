@@ -123,6 +123,40 @@ class GenerationConfig(BaseModel):
     head_dim: int
 
 
+class ReliabilityBin(BaseModel):
+    """One bin of a reliability table: pairs counted in both orders (see
+    :func:`plaudit.services.common.calibration.reliability`)."""
+
+    center: float
+    count: int
+    mean_predicted: float
+    observed: float
+
+
+class Calibration(BaseModel):
+    """The reward model's preference-probability calibration, fitted on held-out pairs after
+    training: ``Compare`` reports ``sigmoid((raw_a - raw_b) / temperature)``.
+
+    ``accuracy``, ``pairs`` and the ECE figures are measured on the same held-out pairs with the
+    graph the version is served with; ``fitted`` False means the temperature was kept at 1
+    (``note`` says why)."""
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(1.0, gt=0)
+    fitted: bool = False
+    smoothing: bool = Field(True, description="Platt's (n + 1) / (n + 2) targets in the fit")
+    pairs: int = 0
+    accuracy: float | None = None
+    ece_before: float | None = Field(None, description="ECE at temperature 1")
+    ece_after: float | None = Field(None, description="ECE at the fitted temperature")
+    nll_before: float | None = None
+    nll_after: float | None = None
+    bins: int = 10
+    reliability_before: list[ReliabilityBin] = []
+    reliability_after: list[ReliabilityBin] = []
+    note: str = ""
+
+
 class ManifestSignature(BaseModel):
     """An Ed25519 signature of :func:`canonical_manifest_bytes` by the key ``key_id`` names."""
 
@@ -152,10 +186,18 @@ class ModelManifest(BaseModel):
     promotion: dict[str, Any] | None = None
     notes: dict[str, Any] = {}
     generation: GenerationConfig | None = Field(None, description="policies only")
+    calibration: Calibration | None = Field(
+        None, description="reward models only; None (as in older versions): temperature 1"
+    )
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
     signature: ManifestSignature | None = Field(
         None, description="over every other field (see canonical_manifest_bytes); optional"
     )
+
+    @property
+    def temperature(self) -> float:
+        """The preference-probability temperature ``Compare`` divides by (1: uncalibrated)."""
+        return self.calibration.temperature if self.calibration is not None else 1.0
 
 
 def validate_version_name(version: str) -> str:

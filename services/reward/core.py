@@ -15,6 +15,7 @@ from collections.abc import Callable
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.calibration import heldout_figures
 from plaudit.services.common.errors import InvalidArgumentError, UnavailableError
 from plaudit.services.reward.engine import RewardEngine, ScoreJob, ScoreResult, estimate_tokens
 from plaudit.services.reward.metrics import RewardMetrics
@@ -47,6 +48,15 @@ def sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+def preference_probability(result: ScoreResult) -> float:
+    """``sigmoid((raw_a - raw_b) / T)`` for a two-item result, with the calibration temperature
+    ``T`` of the version that scored it. From the raw rewards whatever normalization the caller
+    asked for: standardizing divides the difference by the reference std, which would change the
+    probability's scale, and ``T`` was fitted on raw differences."""
+    raw_a, raw_b = (float(x) for x in result.raw)
+    return sigmoid((raw_a - raw_b) / result.temperature)
 
 
 class RewardCore:
@@ -137,7 +147,7 @@ class RewardCore:
         return reward_pb2.CompareResponse(
             reward_a=reward_a,
             reward_b=reward_b,
-            prob_a_preferred=sigmoid(reward_a - reward_b),
+            prob_a_preferred=preference_probability(result),
             model_version=result.version,
         )
 
@@ -151,6 +161,8 @@ class RewardCore:
         loaded_at = Timestamp()
         loaded_at.FromDatetime(model.loaded_at)
         manifest = model.manifest
+        calibration = manifest.calibration
+        heldout = heldout_figures(manifest)
         return reward_pb2.GetModelResponse(
             version=model.version,
             backbone=manifest.backbone,
@@ -162,6 +174,12 @@ class RewardCore:
             normalization_std=manifest.normalization.std,
             loaded_at=loaded_at,
             last_swap_error=self._last_swap_error(),
+            calibration_temperature=model.temperature,
+            calibrated=bool(calibration and calibration.fitted),
+            heldout_accuracy=heldout.accuracy or 0.0,
+            heldout_ece=heldout.ece or 0.0,
+            heldout_pairs=heldout.pairs,
+            data_cursor=manifest.data_cursor or "",
         )
 
     @property

@@ -35,6 +35,7 @@ class ScoreResult:
     truncated: np.ndarray
     version: str
     tokens: int
+    temperature: float = 1.0  # the scoring version's calibration (see LoadedRewardModel)
 
 
 class RewardEngine(LiveModel[LoadedRewardModel]):
@@ -65,7 +66,14 @@ class RewardEngine(LiveModel[LoadedRewardModel]):
             rewards = model.standardize(job_raw) if standardize else job_raw
             tokens = int(lengths[start:end].sum())
             results.append(
-                ScoreResult(rewards, job_raw, truncated[start:end], model.version, tokens)
+                ScoreResult(
+                    rewards,
+                    job_raw,
+                    truncated[start:end],
+                    model.version,
+                    tokens,
+                    model.temperature,
+                )
             )
             start = end
         return results

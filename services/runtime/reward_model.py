@@ -74,6 +74,12 @@ class LoadedRewardModel(OnnxModel):
             rewards[group] = np.asarray(out, dtype=np.float32).reshape(len(group), -1)[:, 0]
         return rewards, truncated, lengths
 
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature of ``P(a preferred) = sigmoid((raw_a - raw_b) / T)``
+        (1 for a version without calibration, e.g. published before it existed)."""
+        return self.manifest.temperature
+
     def standardize(self, raw: np.ndarray) -> np.ndarray:
         norm = self.manifest.normalization
         return ((raw - norm.mean) / (norm.std if norm.std > 0 else 1.0)).astype(np.float32)

@@ -74,7 +74,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("version", "backbone", "execution_provider", "precision", "max_length", "text_format", "normalization_mean", "normalization_std", "loaded_at", "last_swap_error")
+    __slots__ = ("version", "backbone", "execution_provider", "precision", "max_length", "text_format", "normalization_mean", "normalization_std", "loaded_at", "last_swap_error", "calibration_temperature", "calibrated", "heldout_accuracy", "heldout_ece", "heldout_pairs", "data_cursor")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,12 @@ class GetModelResponse(_message.Message):
     NORMALIZATION_STD_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SWAP_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_ECE_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    DATA_CURSOR_FIELD_NUMBER: _ClassVar[int]
     version: str
     backbone: str
     execution_provider: str
@@ -95,4 +101,10 @@ class GetModelResponse(_message.Message):
     normalization_std: float
     loaded_at: _timestamp_pb2.Timestamp
     last_swap_error: str
-    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., max_length: _Optional[int] = ..., text_format: _Optional[str] = ..., normalization_mean: _Optional[float] = ..., normalization_std: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_swap_error: _Optional[str] = ...) -> None: ...
+    calibration_temperature: float
+    calibrated: bool
+    heldout_accuracy: float
+    heldout_ece: float
+    heldout_pairs: int
+    data_cursor: str
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., max_length: _Optional[int] = ..., text_format: _Optional[str] = ..., normalization_mean: _Optional[float] = ..., normalization_std: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_swap_error: _Optional[str] = ..., calibration_temperature: _Optional[float] = ..., calibrated: _Optional[bool] = ..., heldout_accuracy: _Optional[float] = ..., heldout_ece: _Optional[float] = ..., heldout_pairs: _Optional[int] = ..., data_cursor: _Optional[str] = ...) -> None: ...
