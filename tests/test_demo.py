@@ -113,8 +113,9 @@ def test_the_summary_table_shows_candidate_and_live_side_by_side() -> None:
         candidate_accuracy=34 / 74, correct=34, n=74, live_version="v-boot", live_accuracy=0.5
     )
     second = gate_decision(
-        candidate_accuracy=53 / 84, correct=53, n=84, live_version="v-boot", live_accuracy=0.5
-    )
+        candidate_accuracy=53 / 84, correct=53, n=84, live_version="v-boot", live_accuracy=0.5,
+        candidate_ece=0.0412, live_ece=0.12345,
+    )  # fmt: skip
     third = gate_decision(
         candidate_accuracy=43 / 75, correct=43, n=75, live_version="v-2", live_accuracy=0.6
     )
@@ -130,7 +131,10 @@ def test_the_summary_table_shows_candidate_and_live_side_by_side() -> None:
     header = lines[0].split()
     assert header[:6] == ["wave", "pairs", "version", "candidate", "live", "n"]
     assert lines[1].split()[:7] == ["1", "400", "v-1", "0.459", "0.500", "74", "refused"]
-    assert lines[2].split()[:7] == ["2", "800", "v-2", "0.631", "0.500", "84", "promoted"]
+    assert lines[2].split()[:9] == [
+        "2", "800", "v-2", "0.631", "0.500", "84", "promoted", "0.041", "0.123"
+    ]  # fmt: skip
+    assert lines[1].split()[7:9] == ["n/a", "n/a"]  # no ECE recorded
     assert lines[3].split()[:7] == ["3", "1200", "v-3", "0.573", "0.600", "75", "refused"]
     assert lines[4].startswith("wave 1 refused: candidate 0.459 vs live 0.500 on the same 74")
     assert "not significantly above chance" in lines[4]

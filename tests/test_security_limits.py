@@ -334,6 +334,36 @@ def test_concurrent_calls_are_bounded_health_included(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_connections_age_out_so_clients_re_resolve(tmp_path: Path) -> None:
+    """``max_connection_age_s``: the server sends GOAWAY to an aged connection; the channel goes
+    back to IDLE (and, on its next call, reconnects through DNS) while calls keep succeeding. A
+    call open when the connection ages finishes within the grace."""
+    server = ServerThread(
+        "feedback",
+        database_url=f"sqlite:///{tmp_path}/f.db",
+        max_connection_age_s=0.5,
+        max_connection_age_grace_s=10,
+        commit_wait_ms=1500,  # the first submission stays open past the connection's age
+        log_level="WARNING",
+    ).start()
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            channel.subscribe(states.append, try_to_connect=False)
+            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            request = feedback_pb2.SubmitComparisonRequest(
+                prompt="Q?", chosen="a", rejected="b", annotator_id="x", idempotency_key="1"
+            )
+            stub.SubmitComparison(request, timeout=20)  # open for 1.5 s: past the age
+            time.sleep(1.5)
+            assert stub.GetStats(feedback_pb2.GetStatsRequest(), timeout=10).records == 1
+            ready = [i for i, s in enumerate(states) if s == grpc.ChannelConnectivity.READY]
+            assert len(ready) >= 2, states  # connected, aged out, connected again
+            assert grpc.ChannelConnectivity.IDLE in states[ready[0] : ready[-1]], states
+    finally:
+        server.stop()
+
+
 # -- item 4: HTTP -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def feedback_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:

@@ -65,6 +65,14 @@ class GrpcService:
         ]
         if security.max_concurrent_streams is not None:
             options.append(("grpc.max_concurrent_streams", security.max_concurrent_streams))
+        if security.max_connection_age_s > 0:  # clients reconnect, re-resolving DNS
+            options += [
+                ("grpc.max_connection_age_ms", int(security.max_connection_age_s * 1000)),
+                (
+                    "grpc.max_connection_age_grace_ms",
+                    int(security.max_connection_age_grace_s * 1000),
+                ),
+            ]
         self.server = grpc.aio.server(
             interceptors=[
                 ServiceInterceptor(

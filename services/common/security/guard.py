@@ -119,6 +119,16 @@ class ServerSecuritySettings(ServerTlsSettings):
     max_concurrent_streams: int = Field(
         64, ge=1, description="gRPC calls open at once on one connection (HTTP/2 streams)"
     )
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="close a gRPC connection this long after it opened (GOAWAY, +/-10%% jitter): "
+        "clients reconnect and re-resolve DNS, so new replicas behind a headless Service get "
+        "traffic (0 = never)",
+    )
+    max_connection_age_grace_s: float = Field(
+        600.0, ge=0, description="calls still open on an aged connection may finish in this time"
+    )
 
     @classmethod
     def default_help(cls, name: str) -> str:
@@ -159,6 +169,8 @@ class ServerSecurity:
     field_limits: FieldLimits = field(default_factory=dict)
     max_concurrent_rpcs: int | None = None
     max_concurrent_streams: int | None = None
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 0.0
 
     def message_limit(self, call: str) -> int:
         """The largest request ``call`` may send: its own limit (:data:`SMALL_MESSAGE_BYTES` if
@@ -230,6 +242,8 @@ class ServerSecurity:
             field_limits=settings.field_limits(),
             max_concurrent_rpcs=settings.max_concurrent_rpcs,
             max_concurrent_streams=settings.max_concurrent_streams,
+            max_connection_age_s=settings.max_connection_age_s,
+            max_connection_age_grace_s=settings.max_connection_age_grace_s,
         )
 
     def describe(self) -> dict[str, Any]:
