@@ -194,6 +194,12 @@ def policy_config(method: str, args: argparse.Namespace) -> PolicyConfig:
             "max_new_tokens": args.max_new_tokens,
             "rloo_k": max(2, args.num_candidates),
         },
+        "grpo": {
+            "steps": args.steps,
+            "max_new_tokens": args.max_new_tokens,
+            "group_size": max(2, args.num_candidates),
+        },
+        "ppo": {"steps": args.steps, "max_new_tokens": args.max_new_tokens},
     }[method]
     if args.learning_rate is not None:
         key = "sft_learning_rate" if method == "rejection-sampling" else "learning_rate"

@@ -34,8 +34,10 @@ from plaudit.trainer.config import DEFAULT_RUNS_DIR, RewardTrainingConfig  # pyd
 from plaudit.trainer.policy_config import CONFIGS as POLICY_CONFIGS
 from plaudit.trainer.policy_config import (
     DPOFields,
+    GRPOFields,
     PolicyConfig,
     PolicyMethod,
+    PPOFields,
     RejectionSamplingFields,
     RLFields,
     SharedPolicyConfig,
@@ -170,6 +172,8 @@ class TrainPolicySettings(
     DPOFields,
     RejectionSamplingFields,
     RLFields,
+    GRPOFields,
+    PPOFields,
 ):
     """``plaudit train policy``: every method's config fields plus the run's.
 
@@ -179,7 +183,9 @@ class TrainPolicySettings(
     """
 
     method: PolicyMethod = Field(
-        "dpo", description="dpo (pairs), rejection-sampling or rl (RLOO; prompts + reward service)"
+        "dpo",
+        description="dpo (pairs), rejection-sampling, rl (RLOO), grpo or ppo (the last four: "
+        "prompts + reward service)",
     )
     only_after_new_reward: bool = Field(
         False,
@@ -683,7 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_reward)
     p = train_kinds.add_parser(
         "policy",
-        help="train a policy (DPO, rejection sampling or RLOO) behind a win-rate promotion gate",
+        help="train a policy (DPO, rejection sampling, RLOO, GRPO or PPO) behind a win-rate "
+        "promotion gate",
     )
     add_settings_arguments(p, TrainPolicySettings)
     p.set_defaults(func=_cmd_train_policy)

@@ -128,7 +128,7 @@ class UpSettings(ClientSecuritySettings):
         50,
         ge=0,
         description="per policy training: prompts sampled (rejection-sampling), optimizer steps "
-        "(rl, dpo); 0: the method's default",
+        "(rl, dpo), rollout batches (grpo, ppo); 0: the method's default",
     )
     policy_max_new_tokens: int = Field(64, ge=1, description="tokens per policy sample")
     policy_batch_size: int = Field(
@@ -516,7 +516,13 @@ class PolicyRetraining(Retraining):
         if s.policy_method != "dpo":
             args += ["--max-new-tokens", str(s.policy_max_new_tokens)]
         if s.policy_budget:
-            flag = {"rejection-sampling": "--max-prompts", "rl": "--steps", "dpo": "--max-steps"}
+            flag = {
+                "rejection-sampling": "--max-prompts",
+                "rl": "--steps",
+                "grpo": "--steps",
+                "ppo": "--steps",
+                "dpo": "--max-steps",
+            }
             args += [flag[s.policy_method], str(s.policy_budget)]
         sft = s.policy_method == "rejection-sampling"
         args += ["--sft-learning-rate" if sft else "--learning-rate", str(s.policy_learning_rate)]

@@ -17,14 +17,25 @@ from plaudit.trainer.policy import train_policy
 from plaudit.trainer.policy_config import DPOConfig
 from plaudit.trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
 from plaudit.trainer.policy_objective import (
+    adaptive_kl_coef,
+    aggregate_token_losses,
     best_of_n,
+    clipped_surrogate,
+    clipped_value_loss,
     dpo_loss,
     dpo_metrics,
+    gae,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
     kl_penalized_rewards,
+    per_token_rewards,
     policy_gradient_loss,
+    ppo_loss,
     rloo_advantages,
     sequence_logprobs,
     sft_loss,
+    whiten,
     win_rate,
 )
 from plaudit.trainer.policy_sampling import (
@@ -104,6 +115,129 @@ def test_kl_penalty_and_policy_gradient() -> None:
     loss.backward()
     assert logp.grad is not None
     assert torch.allclose(logp.grad, -advantages / 2)  # raise what beat its baseline
+
+
+# -- GRPO ---------------------------------------------------------------------------------------
+def test_group_advantages_on_literal_values() -> None:
+    rewards = torch.tensor([[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
+    # group 1: mean 1, sample std 1; group 2: all equal, so no signal
+    expected = torch.tensor([[-1 / 1.0001, 0.0, 1 / 1.0001], [0.0, 0.0, 0.0]])
+    assert torch.allclose(group_advantages(rewards), expected)
+    centred = torch.tensor([[-10.0, 0.0, 10.0], [0.0, 0.0, 0.0]])  # Dr. GRPO: no std
+    assert torch.allclose(group_advantages(rewards * 10, scale=False), centred)
+    with pytest.raises(ValueError):
+        group_advantages(torch.tensor([[1.0]]))
+
+
+def test_k3_kl_on_literal_values() -> None:
+    logp = torch.tensor([-1.0, -1.0, -2.0])
+    ref = torch.tensor([-1.0, -2.0, -1.0])
+    # exp(d) - d - 1 with d = ref - logp = 0, -1, 1
+    assert torch.allclose(k3_kl(logp, ref), torch.tensor([0.0, math.exp(-1), math.e - 2]))
+
+
+def test_clipped_surrogate_takes_the_pessimistic_term() -> None:
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, clipped = clipped_surrogate(logp, old, advantages, clip_eps=0.2)
+    # -min(rho A, clip(rho, 0.8, 1.2) A)
+    assert torch.allclose(loss, torch.tensor([-1.2, 1.5, -0.5, 0.8]))
+    assert clipped.tolist() == [True, False, False, True]
+
+
+def test_loss_aggregations_on_literal_values() -> None:
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert float(aggregate_token_losses(losses, mask, "sequence-mean")) == pytest.approx(3.0)
+    assert float(aggregate_token_losses(losses, mask, "token-mean")) == pytest.approx(2.5)
+    constant = aggregate_token_losses(losses, mask, "token-sum-constant", constant=4.0)
+    assert float(constant) == pytest.approx((6 / 4 + 4 / 4) / 2)
+    with pytest.raises(ValueError):
+        aggregate_token_losses(losses, mask, "median")
+
+
+def test_grpo_loss_and_gradient_at_the_sampling_policy() -> None:
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    ref = logp.detach() - 1.0  # every token: ref - logp = -1, so k3 = exp(-1)
+    advantages = torch.tensor([1.0, -1.0])
+    loss, numbers = grpo_loss(logp, logp.detach(), ref, advantages, mask, clip_eps=0.2, kl_coef=0.5)
+    # ratio 1: per token -A + 0.5 * exp(-1); sequence means, then their mean
+    k3 = math.exp(-1)
+    assert float(loss.detach()) == pytest.approx(((-1 + 0.5 * k3) + (1 + 0.5 * k3)) / 2)
+    assert numbers == {"rl/clip_fraction": 0.0, "rl/k3_kl": pytest.approx(k3)}
+    loss.backward()
+    assert logp.grad is not None
+    # d/dlogp: (-A + 0.5 * (1 - exp(ref - logp))) / tokens of the sequence / sequences
+    kl_grad = 0.5 * (1 - k3)
+    expected = torch.tensor([[(-1 + kl_grad) / 4] * 2, [(1 + kl_grad) / 2, 0.0]])
+    assert torch.allclose(logp.grad, expected)
+
+
+# -- PPO ----------------------------------------------------------------------------------------
+def test_per_token_rewards_put_the_score_on_the_last_token() -> None:
+    scores = torch.tensor([1.0, 2.0])
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    rewards = per_token_rewards(scores, logp, ref, mask, kl_coef=0.1)
+    # -0.1 * (logp - ref) = [[-0.05, 0, 0.1], [0, -0.1, (padding)]], then + score at the end
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 1.1], [0.0, 1.9, 0.0]]))
+
+
+def test_gae_over_three_tokens_by_hand() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 1.0, 9.0]])  # 9: padding, never read
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # row 0: deltas 0.1, 0.1, 0.3; A2 = 0.3, A1 = 0.1 + 0.95 * 0.3, A0 = 0.1 + 0.95 * A1
+    # row 1: deltas 0, 1 (the value after the last token is 0); A1 = 1, A0 = 0.95
+    expected = torch.tensor([[0.46575, 0.385, 0.3], [0.95, 1.0, 0.0]])
+    assert torch.allclose(advantages, expected)
+    assert torch.allclose(returns, torch.tensor([[0.96575, 0.985, 1.0], [1.95, 2.0, 0.0]]))
+    discounted, _ = gae(rewards[:1], values[:1], mask[:1], gamma=0.9, lam=0.95)
+    # deltas 0.9 * 0.6 - 0.5 = 0.04, 0.9 * 0.7 - 0.6 = 0.03, 0.3; gamma * lam = 0.855
+    a1 = 0.03 + 0.855 * 0.3
+    assert torch.allclose(discounted, torch.tensor([[0.04 + 0.855 * a1, a1, 0.3]]))
+
+
+def test_whiten_over_the_masked_entries() -> None:
+    x = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    z = 1 / math.sqrt(2 / 3 + 1e-8)  # mean 2, population variance 2/3
+    assert torch.allclose(whiten(x, mask), torch.tensor([[-z, 0.0], [z, 0.0]]))
+    assert torch.allclose(whiten(x, mask, shift_mean=False), torch.tensor([[2 - z, 2], [2 + z, 0]]))
+
+
+def test_clipped_value_loss_and_ppo_loss_on_literal_values() -> None:
+    values = torch.tensor([[1.5, 0.9]])
+    old_values = torch.tensor([[1.0, 1.0]])
+    returns = torch.tensor([[2.0, 0.5]])
+    mask = torch.tensor([[True, True]])
+    loss, numbers = clipped_value_loss(values, old_values, returns, mask, clip=0.2)
+    # token 0: clipped value 1.2, max(0.25, 0.64); token 1: within the clip, 0.16
+    assert float(loss) == pytest.approx(0.5 * (0.64 + 0.16) / 2)
+    assert numbers == {"rl/value_clip_fraction": 0.5}
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    total, parts = ppo_loss(
+        logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), values, old_values, returns,
+        mask, clip_eps=0.2, cliprange_value=0.2, vf_coef=0.1,
+    )  # fmt: skip
+    # policy: token means of -1.2 (clipped) and 0.8 (clipped)
+    assert parts["rl/policy_loss"] == pytest.approx(-0.2)
+    assert parts["rl/clip_fraction"] == 1.0
+    assert float(total) == pytest.approx(-0.2 + 0.1 * 0.2)
+
+
+def test_adaptive_kl_coefficient() -> None:
+    # Ziegler et al.: error clipped to +-0.2, scaled by samples / horizon
+    assert adaptive_kl_coef(0.1, kl=12.0, target=6.0, horizon=10000, samples=100) == pytest.approx(
+        0.1 * (1 + 0.2 * 0.01)
+    )
+    assert adaptive_kl_coef(0.1, kl=5.4, target=6.0, horizon=10000, samples=100) == pytest.approx(
+        0.1 * (1 - 0.1 * 0.01)
+    )
 
 
 def test_best_of_n_and_win_rate() -> None:

@@ -1,16 +1,18 @@
 """Policy training end to end on a tiny random Llama: DPO published behind the win-rate gate,
-rejection sampling and RLOO against a real reward service, the gate refusing a worse policy,
-and the command line."""
+rejection sampling, RLOO, GRPO and PPO against a real reward service, the gate refusing a worse
+policy, and the command line."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 from plaudit.cli import TrainPolicySettings, main
 from plaudit.services.common.errors import FailedPreconditionError
@@ -26,7 +28,13 @@ from plaudit.trainer.policy import (
     starting_point,
     train_policy,
 )
-from plaudit.trainer.policy_config import DPOConfig, RejectionSamplingConfig, RLConfig
+from plaudit.trainer.policy_config import (
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    RejectionSamplingConfig,
+    RLConfig,
+)
 from plaudit.trainer.policy_export import (
     export_policy,
     export_policy_checkpoint,
@@ -179,6 +187,108 @@ def test_rl_from_the_command_line(
     assert (tmp_path / "run" / "training.png").is_file()
 
 
+def test_grpo_from_the_command_line(
+    tiny_policy_checkpoint: Path,
+    reward_server: ServerThread,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two rollout batches of 2 prompts x 3 samples, two optimizer steps on each (the second
+    off-policy, so the clip can act), Dr. GRPO's aggregation; published with its gate record."""
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {i}"} for i in range(20)]
+    )
+    args = [
+        "train", "policy", "--method", "grpo", "--registry", str(tmp_path / "registry"),
+        "--data", str(data), "--base", str(tiny_policy_checkpoint),
+        "--reward-addr", reward_server.address, "--steps", "2", "--group-size", "3",
+        "--grpo-epochs", "2", "--prompts-per-step", "2", "--batch-size", "4",
+        "--max-new-tokens", "6", "--learning-rate", "1e-3", "--no-scale-rewards",
+        "--loss-aggregation", "token-sum-constant",
+        "--max-length", "40", "--max-prompt-length", "24", "--eval-fraction", "0.2",
+        "--eval-prompts", "4", "--eval-max-new-tokens", "6", "--promote",
+        "--output-dir", str(tmp_path / "run"), "--no-progress", "--log-level", "WARNING",
+    ]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    metrics = summary["metrics"]
+    assert metrics["train/steps"] == 4 and metrics["train/rollout_batches"] == 2
+    keys = {"rl/score", "rl/kl", "rl/reward", "rl/entropy", "rl/clip_fraction", "rl/k3_kl"}
+    assert keys <= set(metrics) and all(math.isfinite(metrics[k]) for k in keys)
+    assert metrics["rl/entropy"] > 0
+    assert {"eval/win_rate", "eval/kl", "eval/reward"} <= set(metrics)
+    manifest = ModelRegistry(tmp_path / "registry", "policy").manifest(summary["version"])
+    assert manifest.promotion == summary["promotion"]
+    assert manifest.notes["training"]["method"] == "grpo"
+    assert manifest.notes["training"]["loss_aggregation"] == "token-sum-constant"
+    assert summary["promotion"]["promoted"] == summary["promotion"]["passed"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "rl/score" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[0]["rl/score"] == steps[1]["rl/score"]  # two steps on one rollout batch
+    assert all(math.isfinite(r["train/loss"]) for r in steps)
+    assert (tmp_path / "run" / "training.png").is_file()
+
+
+@pytest.mark.parametrize(("value_model", "lora_r"), [("shared", 0), ("separate", 4)])
+def test_ppo_trains_a_value_head_and_publishes_without_it(
+    value_model: str,
+    lora_r: int,
+    tiny_policy_checkpoint: Path,
+    reward_server: ServerThread,
+    tmp_path: Path,
+) -> None:
+    """PPO with the value head on the policy (full fine-tuning), or on a separate value model
+    (LoRA), two rollout batches of 2 epochs x 2 minibatches, the KL coefficient adapting."""
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {i}"} for i in range(20)]
+    )
+    registry = ModelRegistry(tmp_path / "registry", "policy")
+    cfg = PPOConfig(
+        base=str(tiny_policy_checkpoint),
+        steps=2,
+        prompts_per_step=4,
+        ppo_epochs=2,
+        num_minibatches=2,
+        max_new_tokens=6,
+        learning_rate=1e-3,
+        kl_target=1.0,
+        whiten_rewards=True,
+        value_model=value_model,
+        lora_r=lora_r,
+        eval_fraction=0.2,
+        reward_addr=reward_server.address,
+        **{**SMALL, "batch_size": 2, "eval_prompts": 4},
+    )
+    result = train_policy(
+        cfg,
+        PairSource(files=(data,)),
+        registry,
+        publish=PolicyPublishOptions(promote=True),
+        output_dir=tmp_path / "run",
+    )
+    m = result.metrics
+    assert m["train/steps"] == 2 * 2 * 2 and m["train/rollout_batches"] == 2
+    keys = {"rl/score", "rl/kl", "rl/reward", "rl/entropy", "rl/clip_fraction", "rl/value_loss"}
+    assert keys <= set(m) and all(math.isfinite(m[k]) for k in keys)
+    assert m["rl/value_loss"] >= 0 and 0 <= m["rl/clip_fraction"] <= 1
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    coefs = [r["rl/kl_coef"] for r in log if "rl/kl_coef" in r]
+    assert coefs[0] == cfg.kl_coef and len(set(coefs)) == 2  # adapted after the first batch
+    manifest = result.manifest
+    assert manifest is not None and manifest.notes["training"]["method"] == "ppo"
+    promotion = manifest.promotion
+    assert promotion is not None and promotion["requested"] is True
+    assert promotion["promoted"] == promotion["passed"]
+    assert registry.promoted() == (manifest.version if promotion["promoted"] else None)
+    # the value head (and value model) trained with the policy but are not part of it
+    assert result.model is not None
+    assert not any("plaudit_value" in name for name in result.model.state_dict())
+    with safe_open(str(result.checkpoint / "model.safetensors"), "pt") as saved:
+        assert not any("plaudit_value" in name for name in saved.keys())  # noqa: SIM118
+    assert (tmp_path / "run" / "training.png").is_file()
+
+
 class LengthScorer:
     """A stand-in reward model that prefers longer completions."""
 
@@ -252,6 +362,16 @@ def test_settings_pick_the_methods_defaults_and_refuse_foreign_flags(tmp_path: P
     assert dpo.promotion_min_win_rate == 0.5
     with pytest.raises(ValueError, match="--beta: not a setting of --method rl"):
         TrainPolicySettings(method="rl", data=data, beta=0.2)
+    grpo = TrainPolicySettings(method="grpo", data=data, steps=3).policy_config()
+    assert isinstance(grpo, GRPOConfig) and grpo.kl_coef == 0.04 and grpo.steps == 3
+    assert grpo.loss_aggregation == "sequence-mean" and grpo.grpo_epochs == 1
+    ppo = TrainPolicySettings(method="ppo", data=data, kl_coef=0.2).policy_config()
+    assert isinstance(ppo, PPOConfig) and ppo.kl_coef == 0.2 and ppo.ppo_epochs == 4
+    assert (ppo.gamma, ppo.lam, ppo.vf_coef, ppo.cliprange_value) == (1.0, 0.95, 0.1, 0.2)
+    with pytest.raises(ValueError, match="--rloo-k: not a setting of --method grpo"):
+        TrainPolicySettings(method="grpo", data=data, rloo_k=2)
+    with pytest.raises(ValueError, match="--group-size: not a setting of --method ppo"):
+        TrainPolicySettings(method="ppo", data=data, group_size=2)
     with pytest.raises(ValueError, match="either --data"):
         TrainPolicySettings(method="dpo")
     with pytest.raises(ValueError, match="invalid dpo settings: max_prompt_length"):

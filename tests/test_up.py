@@ -25,7 +25,7 @@ from plaudit.services.feedback.export import FeedbackReader
 from plaudit.services.feedback.store import FeedbackStore
 from plaudit.services.generation.client import GenerationClient
 from plaudit.services.reward.client import RewardClient, wait_until_serving
-from plaudit.up import RewardRetraining, UpSettings, gate_line, stop_child
+from plaudit.up import PolicyRetraining, RewardRetraining, UpSettings, gate_line, stop_child
 from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 from tests.conftest import REPO, toy_pairs
 
@@ -156,6 +156,24 @@ def test_memory_of_another_database_is_ignored(tmp_path: Path) -> None:
     with FeedbackReader(settings.feedback_url) as store:
         scheduler = RewardRetraining(settings, store)
         assert scheduler.last_tried is None and scheduler.new_pairs() == 3
+
+
+@pytest.mark.parametrize("method", ["dpo", "rejection-sampling", "rl", "grpo", "ppo"])
+def test_every_policy_method_gets_a_training_command_it_accepts(
+    method: str, tmp_path: Path
+) -> None:
+    """The budget and learning-rate flags ``plaudit up`` passes are settings of the method."""
+    from plaudit.cli import TrainPolicySettings, build_parser
+    from plaudit.services.common.settings import settings_from_args
+
+    settings = UpSettings(home=tmp_path, policy_method=method, policy_budget=7)
+    _store_pairs(settings.feedback_url, 0, 1)
+    with FeedbackReader(settings.feedback_url) as store:
+        args = PolicyRetraining(settings, store).training_args()
+    cfg = settings_from_args(TrainPolicySettings, build_parser().parse_args(args)).policy_config()
+    assert cfg.method == method
+    budget = {"dpo": "max_steps", "rejection-sampling": "max_prompts"}.get(method, "steps")
+    assert getattr(cfg, budget) == 7
 
 
 # -- stopping -------------------------------------------------------------------------------------

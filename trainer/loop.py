@@ -4,8 +4,9 @@ evaluation, early stopping with the best weights kept, the progress bar).
 
 Methods: the Bradley-Terry reward objective (:mod:`plaudit.trainer.reward`); DPO and the
 rejection-sampling
-fine-tune (epochs of length-grouped batches, :func:`epoch_steps`); RLOO, whose steps are rollouts
-sampled when the loop asks for the next one (:mod:`plaudit.trainer.policy`). Under ``torchrun`` each
+fine-tune (epochs of length-grouped batches, :func:`epoch_steps`); RLOO, GRPO and PPO, whose steps
+are rollouts sampled when the loop asks for the next one (GRPO and PPO take several steps on each
+rollout batch; :mod:`plaudit.trainer.policy`). Under ``torchrun`` each
 process runs the loop on its shard of every global batch; DDP (or FSDP, with ``--strategy fsdp``:
 :mod:`plaudit.trainer.sharding`) averages the gradients on a step's last micro-batch, and the
 logged loss and throughput are reduced over processes, so all processes log the same numbers and

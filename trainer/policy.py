@@ -1,5 +1,5 @@
-"""Train a policy with DPO, rejection sampling or RL (RLOO), evaluate it on held-out prompts and
-publish it to the registry behind a win-rate promotion gate.
+"""Train a policy with DPO, rejection sampling or RL (RLOO, GRPO or PPO), evaluate it on
+held-out prompts and publish it to the registry behind a win-rate promotion gate.
 
 ``train_policy`` reads pairs, prompts and supervised examples (JSONL files, or the feedback
 store's consensus pairs and corrections), holds out prompts by hash (as reward training does),
@@ -13,11 +13,15 @@ manifest either way, and the version is promoted only when asked to and the gate
 DPO also runs under ``torchrun`` (``--strategy ddp`` or ``fsdp``, :mod:`plaudit.trainer.sharding`):
 rank 0 reads the data, every rank trains its shard of each global batch, and rank 0 gathers the
 weights (sharded ones into one model) to evaluate, save and publish them. Rejection sampling and
-RL sample as they train, and sampling is not sharded here: they run in one process.
+the RL methods sample as they train, and sampling is not sharded here: they run in one process.
+The RL methods share the sampling and reward path (:func:`_prompt_batches`,
+:func:`_sample_and_score`), the rollout metrics (:func:`_rollout_record`) and the one loop:
+each yields its rollout batch's optimizer steps as the loop asks for them.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -49,16 +53,30 @@ from plaudit.trainer.loop import (
     train_loop,
 )
 from plaudit.trainer.objective import prompt_bucket, split_by_prompt
-from plaudit.trainer.policy_config import DPOConfig, PolicyConfig, RejectionSamplingConfig, RLConfig
+from plaudit.trainer.policy_config import (
+    DPOConfig,
+    GRPOConfig,
+    PolicyConfig,
+    PPOConfig,
+    RejectionSamplingConfig,
+    RLConfig,
+)
 from plaudit.trainer.policy_data import PolicyTokenizer, TokenRow, collate_rows
 from plaudit.trainer.policy_objective import (
+    adaptive_kl_coef,
     best_of_n,
     dpo_loss,
     dpo_metrics,
+    gae,
+    group_advantages,
+    grpo_loss,
     kl_penalized_rewards,
+    per_token_rewards,
     policy_gradient_loss,
+    ppo_loss,
     rloo_advantages,
     sft_loss,
+    whiten,
 )
 from plaudit.trainer.policy_sampling import (
     Reference,
@@ -67,10 +85,13 @@ from plaudit.trainer.policy_sampling import (
     SamplingParams,
     Scorer,
     completion_logprobs,
+    completion_mask,
     completion_token_logprobs,
     evaluate_policy,
     forward_logprobs,
     generate_rows,
+    token_outputs,
+    token_outputs_no_grad,
     torch_sampler,
 )
 from plaudit.trainer.report import RunReporter
@@ -102,7 +123,7 @@ class PolicyTrainingResult:
     metrics: dict[str, float]
     promotion: dict[str, Any]
     data_cursor: str | None
-    train_items: int  # pairs (DPO) or prompts (rejection sampling, RL)
+    train_items: int  # pairs (DPO) or prompts (rejection sampling, the RL methods)
     eval_prompts: int
     manifest: ModelManifest | None = None  # None when no registry was given
     model: PreTrainedModel | None = field(default=None, repr=False)  # merged, trained weights
@@ -225,7 +246,7 @@ class _Run:
     scorer: Scorer | None
     env: DistEnv = field(default_factory=DistEnv)
     sharding: Sharding = field(default_factory=Sharding)
-    checkpointer: Checkpointer | None = None  # DPO and RL (one fit each)
+    checkpointer: Checkpointer | None = None  # DPO and the RL methods (one fit each)
     step: int = 0  # optimizer steps so far (rejection sampling runs several fits)
 
     def epochs(self, lengths: np.ndarray, epochs: int, max_steps: int | None) -> list[Step]:
@@ -445,31 +466,75 @@ def train_rejection_sampling(
     }
 
 
+# -- RL: shared sampling --------------------------------------------------------------------------
+def _prompt_batches(prompts: Sequence[str], per_step: int, seed: int) -> Iterator[list[str]]:
+    """Endless batches of ``per_step`` prompts (all of them when fewer), drawn without
+    replacement from a reshuffled queue."""
+    rng = np.random.default_rng(seed)
+    queue: list[int] = []
+    while True:
+        batch = []
+        for _ in range(min(per_step, len(prompts))):
+            if not queue:
+                queue = list(rng.permutation(len(prompts)))
+            batch.append(prompts[queue.pop()])
+        yield batch
+
+
+def _sample_and_score(
+    run: _Run, params: SamplingParams, prompts: Sequence[str]
+) -> tuple[list[TokenRow], np.ndarray]:
+    """One completion per prompt (repeat prompts for more) from the policy as it is now, and
+    their rewards from the scorer (the reward service)."""
+    assert run.scorer is not None
+    tok = run.tokens
+    rows = generate_rows(run.model, tok, prompts, params, run.device, batch_size=GENERATION_BATCH)
+    return rows, run.scorer(prompts, [tok.decode(r.completion) for r in rows])
+
+
+def _rollout_record(
+    rows: Sequence[TokenRow], scores: np.ndarray, policy_logp: np.ndarray, ref_logp: np.ndarray
+) -> dict[str, float]:
+    """A rollout batch's numbers every RL method logs: the reward-model score, the KL estimate
+    (mean over samples of the sequence ``logp - ref_logp``), the entropy estimate (nats per
+    token: minus the mean log-prob of the sampled tokens, at the sampling temperature) and the
+    completion length."""
+    tokens = sum(len(r.completion) for r in rows)
+    return {
+        "rl/score": float(np.mean(scores)),
+        "rl/kl": float(np.mean(policy_logp - ref_logp)),
+        "rl/entropy": float(-np.sum(policy_logp) / max(tokens, 1)),
+        "rl/completion_tokens": float(tokens / max(len(rows), 1)),
+    }
+
+
+def _rl_metrics(fit: LoopResult, keys: Sequence[str]) -> dict[str, float]:
+    """The RL methods' summary: the tail means of ``keys`` and the first batch's score."""
+    return {
+        **{key: tail_mean([r[key] for r in fit.history if key in r]) for key in keys},
+        "rl/initial_score": fit.history[0]["rl/score"] if fit.history else float("nan"),
+        "train/steps": float(fit.steps),
+        "train/samples_per_s": fit.items_per_s,
+    }
+
+
+RL_KEYS = ("train/loss", "rl/score", "rl/kl", "rl/reward", "rl/entropy", "rl/completion_tokens")
+
+
 # -- RL (RLOO) ----------------------------------------------------------------------------------
 def train_rl(run: _Run, cfg: RLConfig, prompts: Sequence[str]) -> dict[str, float]:
     """RLOO: each step samples ``rloo_k`` completions for ``prompts_per_step`` prompts, scores
     them (reward model minus the KL penalty), and takes one policy-gradient step with the
     leave-one-out baseline. Log-probs are taken at the sampling temperature."""
-    assert run.scorer is not None
-    scorer, tok, pad, device = run.scorer, run.tokens, run.tokens.pad_id, run.device
+    pad, device = run.tokens.pad_id, run.device
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
 
     def rollouts() -> Iterator[Step]:
         """Each step's batch, sampled from the policy as it is when the loop asks for it:
         micro-batches of (rows, advantages), weighted by their share of the samples."""
-        rng = np.random.default_rng(cfg.seed)
-        queue: list[int] = []
-        while True:
-            batch_prompts = []
-            for _ in range(min(cfg.prompts_per_step, len(prompts))):
-                if not queue:
-                    queue = list(rng.permutation(len(prompts)))
-                batch_prompts.append(prompts[queue.pop()])
+        for batch_prompts in _prompt_batches(prompts, cfg.prompts_per_step, cfg.seed):
             repeated = [p for p in batch_prompts for _ in range(cfg.rloo_k)]
-            rows = generate_rows(
-                run.model, tok, repeated, params, device, batch_size=GENERATION_BATCH
-            )
-            scores = scorer(repeated, [tok.decode(r.completion) for r in rows])
+            rows, scores = _sample_and_score(run, params, repeated)
             policy_logp = completion_logprobs(
                 run.model, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
             )
@@ -490,10 +555,8 @@ def train_rl(run: _Run, cfg: RLConfig, prompts: Sequence[str]) -> dict[str, floa
                 len(rows),
                 shares=[len(r) / len(rows) for r, _ in micro],  # the loss: a mean over samples
                 record={
-                    "rl/score": float(np.mean(scores)),
-                    "rl/kl": float(np.mean(policy_logp - ref_logp)),
+                    **_rollout_record(rows, scores, policy_logp, ref_logp),
                     "rl/reward": float(rewards.mean()),
-                    "rl/completion_tokens": float(np.mean([len(r.completion) for r in rows])),
                 },
             )
 
@@ -506,12 +569,199 @@ def train_rl(run: _Run, cfg: RLConfig, prompts: Sequence[str]) -> dict[str, floa
         cfg, schedule="constant", desc="rloo", bar_keys=("rl/score", "rl/kl")
     )
     fit = run.fit(rollouts(), cfg.steps, loss, settings)
-    keys = ("train/loss", "rl/score", "rl/kl", "rl/reward", "rl/completion_tokens")
+    return _rl_metrics(fit, RL_KEYS)
+
+
+# -- RL (GRPO) ----------------------------------------------------------------------------------
+def train_grpo(run: _Run, cfg: GRPOConfig, prompts: Sequence[str]) -> dict[str, float]:
+    """GRPO (Shao et al. 2024): each rollout batch samples ``group_size`` completions for
+    ``prompts_per_step`` prompts; a completion's advantage is its score normalized within its
+    group (:func:`group_advantages`); then ``grpo_epochs`` optimizer steps on
+    :func:`grpo_loss` (clipped ratio to the sampling policy, k3 KL to the reference). Log-probs
+    at the sampling temperature; no value model."""
+    pad, device, k = run.tokens.pad_id, run.device, cfg.group_size
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    by_tokens = cfg.loss_aggregation == "token-mean"
+
+    def rollouts() -> Iterator[Step]:
+        for batch_prompts in _prompt_batches(prompts, cfg.prompts_per_step, cfg.seed):
+            repeated = [p for p in batch_prompts for _ in range(k)]
+            rows, scores = _sample_and_score(run, params, repeated)
+            old, _ = token_outputs_no_grad(
+                run.model, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
+            )
+            with run.reference.use(run.model) as ref_model:
+                ref, _ = token_outputs_no_grad(
+                    ref_model, rows, pad, device, temperature=cfg.temperature,
+                    batch_size=cfg.batch_size,
+                )  # fmt: skip
+            mask = completion_mask(rows, device)
+            grouped = torch.from_numpy(scores).view(len(batch_prompts), k)
+            advantages = group_advantages(grouped, cfg.scale_rewards).flatten()
+            advantages = advantages.to(device=device, dtype=torch.float32)
+            micro, shares = _micro_batches(
+                rows, mask, cfg.batch_size, by_tokens, old, ref, advantages
+            )
+            record = {
+                **_rollout_record(
+                    rows, scores, (old * mask).sum(-1).cpu().double().numpy(),
+                    (ref * mask).sum(-1).cpu().double().numpy(),
+                ),
+                "rl/reward": float(np.mean(scores)),  # GRPO's KL is in the loss, not the reward
+            }  # fmt: skip
+            for epoch in range(cfg.grpo_epochs):  # the samples count once, for throughput
+                yield Step(micro, len(rows) if epoch == 0 else 0, shares=shares, record=record)
+
+    def loss(model: Any, micro: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        rows, mask, old, ref, advantages = micro
+        logp, _ = token_outputs(model, rows, pad, device, cfg.temperature)
+        return grpo_loss(
+            logp, old, ref, advantages, mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+            aggregation=cfg.loss_aggregation, constant=float(cfg.max_new_tokens),
+        )  # fmt: skip
+
+    settings = LoopSettings.of(
+        cfg, schedule="constant", desc="grpo", bar_keys=("rl/score", "rl/kl")
+    )
+    fit = run.fit(rollouts(), cfg.steps * cfg.grpo_epochs, loss, settings)
     return {
-        **{key: tail_mean([r[key] for r in fit.history]) for key in keys},
-        "rl/initial_score": fit.history[0]["rl/score"],
-        "train/steps": float(cfg.steps),
-        "train/samples_per_s": fit.items_per_s,
+        **_rl_metrics(fit, (*RL_KEYS, "rl/clip_fraction", "rl/k3_kl")),
+        "train/rollout_batches": float(cfg.steps),
+    }
+
+
+def _micro_batches(
+    rows: Sequence[TokenRow],
+    mask: torch.Tensor,
+    batch_size: int,
+    by_tokens: bool,
+    *per_row: torch.Tensor,
+) -> tuple[list[tuple[Any, ...]], list[float]]:
+    """``rows`` in micro-batches of ``batch_size``: (rows, mask, *per_row), the per-token
+    tensors cut to the micro-batch's longest completion, and each micro-batch's share of the
+    step's loss (of its samples, or of its tokens when the loss is a token mean)."""
+    micro: list[tuple[Any, ...]] = []
+    weights: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        part = slice(start, start + batch_size)
+        width = max(len(r.completion) for r in rows[part])
+        cut = [t[part, :width] if t.dim() == 2 else t[part] for t in per_row]
+        micro.append((list(rows[part]), mask[part, :width], *cut))
+        weights.append(float(mask[part].sum()) if by_tokens else float(len(rows[part])))
+    total = sum(weights) or 1.0
+    return micro, [w / total for w in weights]
+
+
+# -- RL (PPO) -----------------------------------------------------------------------------------
+VALUE_HEAD = "plaudit_value_head"  # the value head's name on the policy while PPO trains
+VALUE_MODEL = "plaudit_value_model"  # and the separate value model's
+
+
+def value_head(model: Any) -> torch.nn.Linear:
+    """A scalar value head on the policy's last hidden state, registered on ``model`` (so the
+    loop's optimizer trains it with the policy), its weights N(0, 1/sqrt(d + 1)) and bias 0
+    (Huang et al. 2024's initialisation of a scalar head)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    size = int(lm.config.hidden_size)
+    head = torch.nn.Linear(size, 1)
+    torch.nn.init.normal_(head.weight, std=1 / math.sqrt(size + 1))
+    torch.nn.init.zeros_(head.bias)
+    head.to(next(model.parameters()).device)
+    model.add_module(VALUE_HEAD, head)
+    return head
+
+
+def train_ppo(run: _Run, cfg: PPOConfig, prompts: Sequence[str]) -> dict[str, float]:
+    """PPO (Schulman et al. 2017) for RLHF as in InstructGPT (Ouyang et al. 2022) and Huang et
+    al. 2024: each rollout batch samples one completion for each of ``prompts_per_step``
+    prompts; per-token rewards are the KL penalty with the score at the last token
+    (:func:`per_token_rewards`); advantages by GAE (:func:`gae`) from the value head's values
+    at sampling time, whitened over the batch; then ``ppo_epochs`` passes over the batch in
+    ``num_minibatches`` shuffled minibatches, one optimizer step each, on :func:`ppo_loss`.
+
+    The value head shares the policy's trunk (the value loss, scaled by ``vf_coef``, reaches
+    the policy weights or LoRA adapters too), or with ``value_model="separate"`` sits on a
+    trainable copy of the starting policy (with LoRA: its own adapters). Either is registered
+    on the policy while it trains, so the loop's one optimizer trains it, and removed before
+    the policy is saved. With ``kl_target`` the KL coefficient adapts after each batch
+    (:func:`adaptive_kl_coef`)."""
+    pad, device = run.tokens.pad_id, run.device
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    per_batch = min(cfg.prompts_per_step, len(prompts))
+    minibatches = min(cfg.num_minibatches, per_batch)
+    critic = None
+    if cfg.value_model == "separate":
+        critic = copy.deepcopy(run.model)  # the starting weights: nothing has trained yet
+        run.model.add_module(VALUE_MODEL, critic)
+    head = value_head(run.model)
+    kl_coef = cfg.kl_coef
+
+    def rollouts() -> Iterator[Step]:
+        nonlocal kl_coef
+        rng = np.random.default_rng([cfg.seed, 1])
+        for batch_prompts in _prompt_batches(prompts, cfg.prompts_per_step, cfg.seed):
+            rows, scores = _sample_and_score(run, params, batch_prompts)
+            old, old_values = token_outputs_no_grad(
+                run.model, rows, pad, device, temperature=cfg.temperature,
+                batch_size=cfg.batch_size, value_head=head, value_model=critic,
+            )  # fmt: skip
+            assert old_values is not None
+            with run.reference.use(run.model) as ref_model:
+                ref, _ = token_outputs_no_grad(
+                    ref_model, rows, pad, device, temperature=cfg.temperature,
+                    batch_size=cfg.batch_size,
+                )  # fmt: skip
+            mask = completion_mask(rows, device)
+            score_t = torch.tensor(scores, dtype=torch.float32, device=device)
+            rewards = per_token_rewards(score_t, old, ref, mask, kl_coef)
+            record = {
+                **_rollout_record(
+                    rows, scores, (old * mask).sum(-1).cpu().double().numpy(),
+                    (ref * mask).sum(-1).cpu().double().numpy(),
+                ),
+                "rl/reward": float(rewards.sum(-1).mean()),
+                "rl/kl_coef": kl_coef,
+            }  # fmt: skip
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, mask)
+            first = True
+            for _ in range(cfg.ppo_epochs):
+                for part in np.array_split(rng.permutation(len(rows)), minibatches):
+                    index = torch.from_numpy(part).to(device)
+                    micro, shares = _micro_batches(
+                        [rows[i] for i in part], mask[index], cfg.batch_size, True,
+                        old[index], advantages[index], old_values[index], returns[index],
+                    )  # fmt: skip
+                    yield Step(micro, len(rows) if first else 0, shares=shares, record=record)
+                    first = False
+            if cfg.kl_target:
+                kl_coef = adaptive_kl_coef(
+                    kl_coef, record["rl/kl"], cfg.kl_target, cfg.kl_horizon, len(rows)
+                )
+
+    def loss(model: Any, micro: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        rows, mask, old, advantages, old_values, returns = micro
+        logp, values = token_outputs(model, rows, pad, device, cfg.temperature, head, critic)
+        assert values is not None
+        return ppo_loss(
+            logp, old, advantages, values, old_values, returns, mask, clip_eps=cfg.clip_eps,
+            cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+        )  # fmt: skip
+
+    settings = LoopSettings.of(cfg, schedule="constant", desc="ppo", bar_keys=("rl/score", "rl/kl"))
+    total = cfg.steps * cfg.ppo_epochs * minibatches
+    try:
+        fit = run.fit(rollouts(), total, loss, settings)
+    finally:
+        delattr(run.model, VALUE_HEAD)  # the policy is saved and exported without them
+        if critic is not None:
+            delattr(run.model, VALUE_MODEL)
+    keys = (*RL_KEYS, "rl/clip_fraction", "rl/policy_loss", "rl/value_loss")
+    return {
+        **_rl_metrics(fit, (*keys, "rl/value_clip_fraction", "rl/kl_coef")),
+        "train/rollout_batches": float(cfg.steps),
     }
 
 
@@ -806,7 +1056,12 @@ def _train(
             metrics = train_rejection_sampling(run, cfg, prompts_train, supervised_train)
             train_items = len(prompts_train)
         else:
-            metrics = train_rl(run, cfg, prompts_train)
+            if isinstance(cfg, GRPOConfig):
+                metrics = train_grpo(run, cfg, prompts_train)
+            elif isinstance(cfg, PPOConfig):
+                metrics = train_ppo(run, cfg, prompts_train)
+            else:
+                metrics = train_rl(run, cfg, prompts_train)
             train_items = len(prompts_train)
         params = SamplingParams(cfg.eval_temperature, cfg.eval_top_p, cfg.eval_max_new_tokens)
         eval_prompts = prompts_held[: cfg.eval_prompts]
@@ -926,9 +1181,14 @@ def _plot(reporter: RunReporter, cfg: PolicyConfig) -> None:
             right_ylim=None,
         )
     else:
+        name, loss = {
+            "rl": ("RLOO", "policy-gradient loss"),
+            "grpo": ("GRPO", "clipped surrogate + KL loss"),
+            "ppo": ("PPO", "clipped policy + value loss"),
+        }[cfg.method]
         reporter.plot(
-            title="policy training (RLOO)",
-            loss_label="policy-gradient loss",
+            title=f"policy training ({name})",
+            loss_label=loss,
             right_key="rl/score",
             right_label="reward-model score",
             right_ylim=None,

@@ -5,7 +5,11 @@ from them). Every run records its resolved config in the manifest of the version
 * :class:`RejectionSamplingConfig`: best-of-n under the reward model, then supervised fine-tuning
   on the winners and on human corrections (Llama 2, Touvron et al. 2023).
 * :class:`RLConfig`: REINFORCE Leave-One-Out against the reward service with a KL penalty to the
-  reference (RLOO, Ahmadian et al. 2024); see docs/policy.md for why RLOO rather than PPO.
+  reference (RLOO, Ahmadian et al. 2024); see docs/policy.md for how it compares with PPO.
+* :class:`GRPOConfig`: Group Relative Policy Optimization (Shao et al. 2024): group-normalized
+  advantages, a clipped ratio objective and a k3 KL estimate to the reference in the loss.
+* :class:`PPOConfig`: PPO with a value head and GAE (Schulman et al. 2017; as in InstructGPT,
+  Ouyang et al. 2022, and Huang et al. 2024's implementation details).
 
 A method's own fields live in a ``*Fields`` class, declared once: its config adds them to the
 shared fields, and ``plaudit train policy`` mixes all of them into its settings.
@@ -19,7 +23,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from plaudit.trainer.config import Device, TrainingConfig
 
-PolicyMethod = Literal["dpo", "rejection-sampling", "rl"]
+PolicyMethod = Literal["dpo", "rejection-sampling", "rl", "grpo", "ppo"]
+LossAggregation = Literal["sequence-mean", "token-mean", "token-sum-constant"]
 
 DEFAULT_MIN_WIN_RATE = 0.5
 DEFAULT_MIN_LC_WIN_RATE = 0.5
@@ -138,6 +143,75 @@ class RLFields(BaseModel):
     )
 
 
+class GRPOFields(BaseModel):
+    """GRPO's own fields (see :class:`GRPOConfig`)."""
+
+    group_size: int = Field(4, ge=2, description="samples per prompt, a group (>= 2)")
+    prompts_per_step: int = Field(2, ge=1, description="prompts per rollout batch")
+    steps: int = Field(50, ge=1, description="rollout batches (each trains grpo_epochs steps)")
+    grpo_epochs: int = Field(
+        1, ge=1, description="optimizer steps over each rollout batch (mu; 1: on-policy)"
+    )
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clip range (epsilon)")
+    kl_coef: float = Field(
+        0.04, ge=0, description="KL penalty coefficient (GRPO: beta of the k3 term; 0: none)"
+    )
+    scale_rewards: bool = Field(
+        True, description="divide group advantages by the group's std (off: Dr. GRPO)"
+    )
+    loss_aggregation: LossAggregation = Field(
+        "sequence-mean",
+        description="token losses to a loss: sequence-mean (GRPO), token-mean (DAPO) or "
+        "token-sum-constant (Dr. GRPO; divides by max_new_tokens)",
+    )
+    learning_rate: float = Field(1e-6, ge=0, description="AdamW peak rate")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (also of log-probs)")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling top-p")
+    max_new_tokens: int = Field(64, ge=1, description="tokens per sample")
+    reward_addr: str = Field(
+        "localhost:50051", min_length=1, description="reward service for rewards and win rate"
+    )
+
+
+class PPOFields(BaseModel):
+    """PPO's own fields (see :class:`PPOConfig`)."""
+
+    prompts_per_step: int = Field(8, ge=1, description="prompts per rollout batch")
+    steps: int = Field(50, ge=1, description="rollout batches (each trains epochs x minibatches)")
+    ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
+    num_minibatches: int = Field(
+        1, ge=1, description="optimizer steps per pass over a rollout batch (PPO)"
+    )
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clip range (epsilon)")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient")
+    kl_target: float = Field(
+        0.0,
+        ge=0,
+        description="adaptive KL: target nats per sequence for kl_coef (Ziegler et al. 2019; "
+        "0: fixed kl_coef)",
+    )
+    kl_horizon: int = Field(10000, ge=1, description="adaptive KL horizon, in samples")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    value_model: Literal["shared", "separate"] = Field(
+        "shared",
+        description="value head on the policy's trunk (shared), or on a trainable copy of the "
+        "starting policy (separate, as InstructGPT's value model: twice the trained weights)",
+    )
+    vf_coef: float = Field(0.1, ge=0, description="value loss weight")
+    cliprange_value: float = Field(0.2, gt=0, description="value clip range")
+    whiten_rewards: bool = Field(
+        False, description="whiten the per-token rewards of each rollout batch (scale only)"
+    )
+    learning_rate: float = Field(1e-6, ge=0, description="AdamW peak rate")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (also of log-probs)")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling top-p")
+    max_new_tokens: int = Field(64, ge=1, description="tokens per sample")
+    reward_addr: str = Field(
+        "localhost:50051", min_length=1, description="reward service for rewards and win rate"
+    )
+
+
 class PolicyTrainingConfig(SharedPolicyConfig):
     """A method's resolved config: the shared fields, then the method's own."""
 
@@ -176,10 +250,30 @@ class RLConfig(RLFields, PolicyTrainingConfig):
     method: ClassVar[PolicyMethod] = "rl"
 
 
-PolicyConfig = DPOConfig | RejectionSamplingConfig | RLConfig
+class GRPOConfig(GRPOFields, PolicyTrainingConfig):
+    """GRPO: per rollout batch, ``group_size`` samples for each of ``prompts_per_step``
+    prompts; a sample's advantage is its reward-model score normalized within its group; then
+    ``grpo_epochs`` optimizer steps on the clipped ratio objective plus ``kl_coef`` times the k3
+    estimate of the per-token KL to the reference."""
 
-CONFIGS: dict[str, type[DPOConfig] | type[RejectionSamplingConfig] | type[RLConfig]] = {
+    method: ClassVar[PolicyMethod] = "grpo"
+
+
+class PPOConfig(PPOFields, PolicyTrainingConfig):
+    """PPO: per rollout batch, one sample for each of ``prompts_per_step`` prompts; per-token
+    rewards ``-kl_coef * (logp - ref_logp)`` with the score added at the last token, GAE
+    advantages from a value head on the policy, then ``ppo_epochs`` passes of
+    ``num_minibatches`` optimizer steps on the clipped policy and value losses."""
+
+    method: ClassVar[PolicyMethod] = "ppo"
+
+
+PolicyConfig = DPOConfig | RejectionSamplingConfig | RLConfig | GRPOConfig | PPOConfig
+
+CONFIGS: dict[str, type[PolicyConfig]] = {
     "dpo": DPOConfig,
     "rejection-sampling": RejectionSamplingConfig,
     "rl": RLConfig,
+    "grpo": GRPOConfig,
+    "ppo": PPOConfig,
 }

@@ -1,7 +1,10 @@
-"""Policy objectives: sequence log-probs, DPO, RLOO, supervised fine-tuning, best-of-n.
+"""Policy objectives: sequence log-probs, DPO, RLOO, GRPO, PPO, supervised fine-tuning,
+best-of-n.
 
 All log-probs are sums over completion tokens only: ``completion_mask`` marks them, so prompt
 and padding tokens never count. Row ``b``'s token ``t`` is predicted by the logits at ``t - 1``.
+The per-token objectives (GRPO, PPO) take (batch, T) tensors of completion tokens, right-padded,
+with a ``mask`` of the real ones; padded positions never count.
 """
 
 from __future__ import annotations
@@ -99,6 +102,201 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
 def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """REINFORCE: ``-mean(A * log pi(y|x))`` with the advantages held constant."""
     return -(advantages.detach() * logprobs).mean()
+
+
+# -- per-token objectives (GRPO, PPO) ------------------------------------------------------------
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is set (0 when nothing is)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate_token_losses(
+    losses: torch.Tensor, mask: torch.Tensor, how: str, constant: float = 1.0
+) -> torch.Tensor:
+    """A batch's loss from its per-token losses (batch, T):
+
+    * ``sequence-mean``: each sequence's mean over its tokens, then the mean over sequences
+      (GRPO, Shao et al. 2024, eq. 3; favours short sequences per token);
+    * ``token-mean``: the mean over every token of the batch (DAPO's token-level loss, Yu et al.
+      2025, arXiv:2503.14476; PPO as TRL implements it);
+    * ``token-sum-constant``: each sequence's token sum divided by ``constant`` (the generation
+      budget), then the mean over sequences (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783, which
+      removes GRPO's length bias).
+    """
+    m = mask.to(losses.dtype)
+    if how == "sequence-mean":
+        return ((losses * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if how == "token-mean":
+        return masked_mean(losses, mask)
+    if how == "token-sum-constant":
+        return ((losses * m).sum(-1) / constant).mean()
+    raise ValueError(f"unknown loss aggregation {how!r}")
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantages (Shao et al. 2024, sec. 4.1.2): for ``k`` samples of a prompt
+    (a row of ``rewards``, shape (prompts, k), k >= 2), ``(r_i - mean(r)) / (std(r) + eps)``
+    with the sample (Bessel-corrected) std as TRL computes it; ``scale=False`` keeps
+    ``r_i - mean(r)`` (Dr. GRPO, Liu et al. 2025, sec. 3.2: the std favours easy and hard
+    prompts). Each row sums to zero."""
+    if rewards.shape[-1] < 2:
+        raise ValueError("group advantages need at least two samples per prompt")
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred / (rewards.std(-1, keepdim=True) + eps) if scale else centred
+
+
+def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k3 (Schulman 2020, "Approximating KL divergence"), the
+    one GRPO uses (eq. 4): ``exp(ref - logp) - (ref - logp) - 1``, unbiased under samples from
+    pi and never negative."""
+    d = reference_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective (Schulman et al. 2017, eq. 7) as a per-token loss:
+    ``-min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)`` with ``rho = exp(logp - logp_old)``
+    (advantages and old log-probs held constant); and where the clipped term is the one taken
+    (the clip fraction's numerator, as TRL counts it)."""
+    advantages, old_logprobs = advantages.detach(), old_logprobs.detach()
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float,
+    kl_coef: float,
+    aggregation: str = "sequence-mean",
+    constant: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO (Shao et al. 2024, eq. 3): per token the clipped surrogate with the sequence's
+    advantage (shape (batch,), broadcast over its tokens) plus ``kl_coef`` times the k3 KL to
+    the reference, aggregated by :func:`aggregate_token_losses`. Also the clip fraction and the
+    mean k3 per token."""
+    surrogate, clipped = clipped_surrogate(
+        logprobs, old_logprobs, advantages.unsqueeze(-1), clip_eps
+    )
+    kl = k3_kl(logprobs, reference_logprobs.detach())
+    loss = aggregate_token_losses(surrogate + kl_coef * kl, mask, aggregation, constant)
+    return loss, {
+        "rl/clip_fraction": float(masked_mean(clipped.float(), mask)),
+        "rl/k3_kl": float(masked_mean(kl.detach(), mask)),
+    }
+
+
+def per_token_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """RLHF's per-token reward (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024):
+    ``-kl_coef * (logp - ref_logp)`` at every completion token, plus the sequence's score at its
+    last one; 0 on padding."""
+    m = mask.to(logprobs.dtype)
+    rewards = -kl_coef * (logprobs - reference_logprobs) * m
+    last = (m.sum(-1).long() - 1).clamp(min=0)
+    rows = torch.arange(len(scores), device=rewards.device)
+    return rewards.index_put((rows, last), rewards[rows, last] + scores.to(rewards.dtype))
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16), right to left:
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``, with
+    ``V`` and ``A`` zero after a sequence's last token. Returns the advantages and the value
+    targets ``A + V`` (0 on padding)."""
+    m = mask.to(values.dtype)
+    after = torch.zeros_like(m[:, :1])
+    next_mask = torch.cat([m[:, 1:], after], dim=1)  # 0 after the last token
+    deltas = rewards + gamma * torch.cat([values[:, 1:], after], dim=1) * next_mask - values
+    carry, columns = torch.zeros_like(values[:, 0]), []
+    for t in reversed(range(values.shape[1])):
+        carry = deltas[:, t] + gamma * lam * next_mask[:, t] * carry
+        columns.append(carry)
+    advantages = torch.stack(columns[::-1], dim=1) * m
+    return advantages, (advantages + values) * m
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries (population variance); with
+    ``shift_mean=False`` the mean is added back (rewards: only their scale changes). Padding
+    stays 0."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(values.dtype)
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped value loss (as in OpenAI's baselines and InstructGPT; Huang et al. 2024,
+    detail 9): ``0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``, the mean over
+    tokens; also the share of tokens where the clipped term is taken."""
+    old_values, returns = old_values.detach(), returns.detach()
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    plain_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(plain_sq, clipped_sq), mask)
+    return loss, {
+        "rl/value_clip_fraction": float(masked_mean((clipped_sq > plain_sq).float(), mask))
+    }
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float,
+    cliprange_value: float,
+    vf_coef: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip (Schulman et al. 2017, eq. 9 without the entropy bonus): the token-mean clipped
+    surrogate with per-token advantages plus ``vf_coef`` times :func:`clipped_value_loss`."""
+    surrogate, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
+    policy = masked_mean(surrogate, mask)
+    value, value_numbers = clipped_value_loss(values, old_values, returns, mask, cliprange_value)
+    return policy + vf_coef * value, {
+        "rl/policy_loss": float(policy.detach()),
+        "rl/value_loss": float(value.detach()),
+        "rl/clip_fraction": float(masked_mean(clipped.float(), mask)),
+        **value_numbers,
+    }
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, samples: int) -> float:
+    """Ziegler et al. 2019's adaptive KL controller (sec. 2.2): ``coef * (1 + e * samples /
+    horizon)`` with ``e = clip(kl / target - 1, -0.2, 0.2)``, after a batch of ``samples``
+    whose mean KL was ``kl``."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * samples / horizon)
 
 
 def sft_loss(completion_logprobs: torch.Tensor) -> torch.Tensor:

@@ -98,18 +98,120 @@ def completion_token_logprobs(
     positions only, not on prompt and padding; models whose head does more than a projection
     take the full-logits path (:func:`plaudit.trainer.policy_objective.token_logprobs`).
     """
+    logps, rows, _ = completion_token_outputs(model, batch, temperature)
+    return logps, rows
+
+
+def completion_token_outputs(
+    model: Any, batch: TokenBatch, temperature: float = 1.0, *, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`completion_token_logprobs`, and with ``hidden`` the decoder's last hidden state
+    at the positions that predict those tokens (flattened alike, for a value head)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: injected
     target = batch.completion_mask[:, 1:].bool()  # token t is predicted at position t - 1
     rows = torch.arange(len(target), device=target.device).unsqueeze(1).expand_as(target)[target]
     if not _plain_head(lm) or is_sharded(model):  # FSDP: through the root's forward
-        logits = model(**batch.model_inputs(), use_cache=False).logits
-        return token_logprobs(logits, batch.input_ids, temperature)[target], rows
-    hidden = lm.get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
-    logits = lm.get_output_embeddings()(hidden[:, :-1][target]).float()
+        out = model(**batch.model_inputs(), use_cache=False, output_hidden_states=hidden)
+        states = out.hidden_states[-1][:, :-1][target] if hidden else None
+        return token_logprobs(out.logits, batch.input_ids, temperature)[target], rows, states
+    last = lm.get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+    states = last[:, :-1][target]
+    logits = lm.get_output_embeddings()(states).float()
     if temperature != 1.0:
         logits = logits / temperature
     labels = batch.input_ids[:, 1:][target].unsqueeze(-1)
-    return torch.gather(logits.log_softmax(-1), 1, labels).squeeze(-1), rows
+    logps = torch.gather(logits.log_softmax(-1), 1, labels).squeeze(-1)
+    return logps, rows, states if hidden else None
+
+
+def completion_token_hidden(model: Any, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden state at the positions that predict the completion tokens
+    (no output projection), flattened as :func:`completion_token_logprobs` flattens, and the
+    row of each."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = batch.completion_mask[:, 1:].bool()
+    rows = torch.arange(len(target), device=target.device).unsqueeze(1).expand_as(target)[target]
+    if not _plain_head(lm) or is_sharded(model):
+        out = model(**batch.model_inputs(), use_cache=False, output_hidden_states=True)
+        return out.hidden_states[-1][:, :-1][target], rows
+    last = lm.get_decoder()(**batch.model_inputs(), use_cache=False).last_hidden_state
+    return last[:, :-1][target], rows
+
+
+def pad_tokens(flat: torch.Tensor, rows: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """Per-token numbers of ``count`` rows, flattened row by row (as
+    :func:`completion_token_outputs` gives them), as (count, width), 0-padded on the right."""
+    lengths = torch.bincount(rows, minlength=count)
+    mask = torch.arange(width, device=flat.device) < lengths.unsqueeze(1)
+    return flat.new_zeros((count, width)).masked_scatter(mask, flat)
+
+
+def completion_mask(rows: Sequence[TokenRow], device: torch.device) -> torch.Tensor:
+    """(len(rows), longest completion) bool mask of each row's completion tokens."""
+    lengths = torch.tensor([len(r.completion) for r in rows], device=device)
+    width = int(lengths.max()) if len(rows) else 0
+    return torch.arange(width, device=device) < lengths.unsqueeze(1)
+
+
+def token_outputs(
+    model: Any,
+    rows: Sequence[TokenRow],
+    pad_id: int,
+    device: torch.device,
+    temperature: float = 1.0,
+    value_head: torch.nn.Module | None = None,
+    value_model: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token completion log-probs of ``rows`` in one forward pass (keeps the graph), and
+    ``value_head``'s values at the same positions, each (len(rows), longest completion),
+    0-padded like :func:`completion_mask`. The head reads ``model``'s last hidden state, or
+    ``value_model``'s when one is given (a separate value model: its own forward pass)."""
+    batch = collate_rows(rows, pad_id).to(device)
+    shared = value_head is not None and value_model is None
+    logps, row, states = completion_token_outputs(model, batch, temperature, hidden=shared)
+    width = max((len(r.completion) for r in rows), default=0)
+    if value_head is not None and value_model is not None:
+        states, row_v = completion_token_hidden(value_model, batch)
+        values = value_head(states).squeeze(-1).float()
+        return pad_tokens(logps, row, len(rows), width), pad_tokens(values, row_v, len(rows), width)
+    values = None
+    if value_head is not None and states is not None:
+        values = pad_tokens(value_head(states).squeeze(-1).float(), row, len(rows), width)
+    return pad_tokens(logps, row, len(rows), width), values
+
+
+def token_outputs_no_grad(
+    model: Any,
+    rows: Sequence[TokenRow],
+    pad_id: int,
+    device: torch.device,
+    *,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    value_head: torch.nn.Module | None = None,
+    value_model: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_outputs` without gradients, ``batch_size`` rows per forward pass, in eval
+    mode; both (len(rows), longest completion) on ``device``."""
+    width = max((len(r.completion) for r in rows), default=0)
+    logps = torch.zeros((len(rows), width), device=device)
+    values = torch.zeros((len(rows), width), device=device) if value_head is not None else None
+    models = [m for m in (model, value_model) if m is not None]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            lp, v = token_outputs(
+                model, chunk, pad_id, device, temperature, value_head, value_model
+            )
+            logps[start : start + len(chunk), : lp.shape[1]] = lp
+            if values is not None and v is not None:
+                values[start : start + len(chunk), : v.shape[1]] = v
+    for m, mode in zip(models, was_training, strict=True):
+        m.train(mode)
+    return logps, values
 
 
 def forward_logprobs(
