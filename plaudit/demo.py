@@ -43,6 +43,7 @@ from plaudit.v1 import feedback_pb2, feedback_pb2_grpc
 # 1,800 HH-RLHF harmless pairs shipped with Plaudit (MIT, Anthropic; see data/hh-harmless/).
 HH_PAIRS = Path(__file__).resolve().parent / "data" / "hh-harmless" / "pairs.jsonl"
 PROBES = 3
+GENERATION_START_TIMEOUT_S = 300.0
 
 
 class DemoSettings(ClientSecuritySettings):
@@ -108,9 +109,10 @@ def _say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def _serving(address: str, credentials: ClientCredentials) -> bool:
+def _serving(address: str, credentials: ClientCredentials, timeout: float) -> bool:
+    """Whether ``address`` answers SERVING within ``timeout`` seconds."""
     try:
-        wait_until_serving(address, timeout=2, credentials=credentials)
+        wait_until_serving(address, timeout=timeout, credentials=credentials)
     except TimeoutError:
         return False
     return True
@@ -324,8 +326,8 @@ def run_demo(settings: DemoSettings) -> int:
     up: subprocess.Popen[bytes] | None = None
     credentials = settings.credentials
     if not (
-        _serving(settings.feedback_addr, credentials)
-        and _serving(settings.reward_addr, credentials)
+        _serving(settings.feedback_addr, credentials, 2)
+        and _serving(settings.reward_addr, credentials, 2)
     ):
         if not settings.start:
             _say(f"nothing serves at {settings.feedback_addr} / {settings.reward_addr}")
@@ -334,7 +336,9 @@ def run_demo(settings: DemoSettings) -> int:
         _say(f"[1/3] starting `plaudit up` ({half} services, SQLite, local registry)")
         up = subprocess.Popen(_up_command(settings, wave_size))
     try:
-        return _drive(settings, probes, pool, wave_size)
+        # a `plaudit up` started here brings generation up last; one already running has it or not
+        generation_wait_s = GENERATION_START_TIMEOUT_S if up is not None else 2.0
+        return _drive(settings, probes, pool, wave_size, generation_wait_s)
     finally:
         if up is not None:
             _say("stopping `plaudit up` (SIGTERM: services drain and exit)")
@@ -343,12 +347,17 @@ def run_demo(settings: DemoSettings) -> int:
 
 
 def _drive(
-    settings: DemoSettings, probes: list[PreferencePair], pool: list[PreferencePair], size: int
+    settings: DemoSettings,
+    probes: list[PreferencePair],
+    pool: list[PreferencePair],
+    size: int,
+    generation_wait_s: float,
 ) -> int:
     credentials = settings.credentials
     for address in (settings.feedback_addr, settings.reward_addr):
         wait_until_serving(address, timeout=900, credentials=credentials)
-    policy = settings.policy and _serving(settings.generation_addr, credentials)
+    # a bootstrap that failed leaves generation down: the demo goes on without the policy half
+    policy = settings.policy and _serving(settings.generation_addr, credentials, generation_wait_s)
     if settings.policy and not policy:
         _say(f"no generation service at {settings.generation_addr}: the policy half is skipped")
     rewards = ModelRegistry(settings.home / "registry", "reward")
