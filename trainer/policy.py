@@ -522,6 +522,18 @@ RL_KEYS = ("train/loss", "rl/score", "rl/kl", "rl/reward", "rl/entropy", "rl/com
 
 
 # -- RL (RLOO) ----------------------------------------------------------------------------------
+def _reference_token_logprobs(
+    run: _Run, rows: Sequence[TokenRow], pad: int, temperature: float, batch_size: int
+) -> torch.Tensor:
+    """Per-token log-probs of ``rows`` under the frozen reference, padded and batched as the
+    policy's own (:func:`token_outputs_no_grad`), so equal models give equal numbers."""
+    with run.reference.use(run.model) as ref_model:
+        ref, _ = token_outputs_no_grad(
+            ref_model, rows, pad, run.device, temperature=temperature, batch_size=batch_size
+        )
+    return ref
+
+
 def train_rl(run: _Run, cfg: RLConfig, prompts: Sequence[str]) -> dict[str, float]:
     """RLOO: each step samples ``rloo_k`` completions for ``prompts_per_step`` prompts, scores
     them (reward model minus the KL penalty), and takes one policy-gradient step with the
@@ -590,11 +602,7 @@ def train_grpo(run: _Run, cfg: GRPOConfig, prompts: Sequence[str]) -> dict[str, 
             old, _ = token_outputs_no_grad(
                 run.model, rows, pad, device, temperature=cfg.temperature, batch_size=cfg.batch_size
             )
-            with run.reference.use(run.model) as ref_model:
-                ref, _ = token_outputs_no_grad(
-                    ref_model, rows, pad, device, temperature=cfg.temperature,
-                    batch_size=cfg.batch_size,
-                )  # fmt: skip
+            ref = _reference_token_logprobs(run, rows, pad, cfg.temperature, cfg.batch_size)
             mask = completion_mask(rows, device)
             grouped = torch.from_numpy(scores).view(len(batch_prompts), k)
             advantages = group_advantages(grouped, cfg.scale_rewards).flatten()
@@ -706,11 +714,7 @@ def train_ppo(run: _Run, cfg: PPOConfig, prompts: Sequence[str]) -> dict[str, fl
                 batch_size=cfg.batch_size, value_head=head, value_model=critic,
             )  # fmt: skip
             assert old_values is not None
-            with run.reference.use(run.model) as ref_model:
-                ref, _ = token_outputs_no_grad(
-                    ref_model, rows, pad, device, temperature=cfg.temperature,
-                    batch_size=cfg.batch_size,
-                )  # fmt: skip
+            ref = _reference_token_logprobs(run, rows, pad, cfg.temperature, cfg.batch_size)
             mask = completion_mask(rows, device)
             score_t = torch.tensor(scores, dtype=torch.float32, device=device)
             rewards = per_token_rewards(score_t, old, ref, mask, kl_coef)

@@ -127,13 +127,10 @@ class RejectionSamplingFields(BaseModel):
     sft_learning_rate: float = Field(1e-5, ge=0, description="fine-tuning peak rate")
 
 
-class RLFields(BaseModel):
-    """RLOO's own fields (see :class:`RLConfig`)."""
+class OnPolicyFields(BaseModel):
+    """What the methods that sample as they train (RLOO, GRPO, PPO) share: the optimizer rate,
+    sampling and the reward service that scores the samples."""
 
-    rloo_k: int = Field(4, ge=2, description="samples per prompt (>= 2: leave-one-out)")
-    prompts_per_step: int = Field(2, ge=1, description="prompts per step")
-    steps: int = Field(50, ge=1, description="optimizer steps (one per batch: on-policy)")
-    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient")
     learning_rate: float = Field(1e-6, ge=0, description="AdamW peak rate")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (also of log-probs)")
     top_p: float = Field(1.0, gt=0, le=1, description="sampling top-p")
@@ -143,7 +140,16 @@ class RLFields(BaseModel):
     )
 
 
-class GRPOFields(BaseModel):
+class RLFields(OnPolicyFields):
+    """RLOO's own fields (see :class:`RLConfig`)."""
+
+    rloo_k: int = Field(4, ge=2, description="samples per prompt (>= 2: leave-one-out)")
+    prompts_per_step: int = Field(2, ge=1, description="prompts per step")
+    steps: int = Field(50, ge=1, description="optimizer steps (one per batch: on-policy)")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient")
+
+
+class GRPOFields(OnPolicyFields):
     """GRPO's own fields (see :class:`GRPOConfig`)."""
 
     group_size: int = Field(4, ge=2, description="samples per prompt, a group (>= 2)")
@@ -164,16 +170,9 @@ class GRPOFields(BaseModel):
         description="token losses to a loss: sequence-mean (GRPO), token-mean (DAPO) or "
         "token-sum-constant (Dr. GRPO; divides by max_new_tokens)",
     )
-    learning_rate: float = Field(1e-6, ge=0, description="AdamW peak rate")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (also of log-probs)")
-    top_p: float = Field(1.0, gt=0, le=1, description="sampling top-p")
-    max_new_tokens: int = Field(64, ge=1, description="tokens per sample")
-    reward_addr: str = Field(
-        "localhost:50051", min_length=1, description="reward service for rewards and win rate"
-    )
 
 
-class PPOFields(BaseModel):
+class PPOFields(OnPolicyFields):
     """PPO's own fields (see :class:`PPOConfig`)."""
 
     prompts_per_step: int = Field(8, ge=1, description="prompts per rollout batch")
@@ -202,13 +201,6 @@ class PPOFields(BaseModel):
     cliprange_value: float = Field(0.2, gt=0, description="value clip range")
     whiten_rewards: bool = Field(
         False, description="whiten the per-token rewards of each rollout batch (scale only)"
-    )
-    learning_rate: float = Field(1e-6, ge=0, description="AdamW peak rate")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (also of log-probs)")
-    top_p: float = Field(1.0, gt=0, le=1, description="sampling top-p")
-    max_new_tokens: int = Field(64, ge=1, description="tokens per sample")
-    reward_addr: str = Field(
-        "localhost:50051", min_length=1, description="reward service for rewards and win rate"
     )
 
 
