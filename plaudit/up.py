@@ -54,6 +54,7 @@ from plaudit.services.common.security.client import ClientSecuritySettings
 from plaudit.services.common.server import wait_for_termination
 from plaudit.services.feedback.export import FeedbackReader
 from plaudit.services.reward.client import wait_until_serving
+from plaudit.trainer.policy_config import CONFIGS as POLICY_CONFIGS
 from plaudit.trainer.policy_config import (  # pydantic models: no torch import
     DEFAULT_MAX_KL,
     DEFAULT_MIN_LC_WIN_RATE,
@@ -516,14 +517,8 @@ class PolicyRetraining(Retraining):
         if s.policy_method != "dpo":
             args += ["--max-new-tokens", str(s.policy_max_new_tokens)]
         if s.policy_budget:
-            flag = {
-                "rejection-sampling": "--max-prompts",
-                "rl": "--steps",
-                "grpo": "--steps",
-                "ppo": "--steps",
-                "dpo": "--max-steps",
-            }
-            args += [flag[s.policy_method], str(s.policy_budget)]
+            budget = POLICY_CONFIGS[s.policy_method].budget_field
+            args += ["--" + budget.replace("_", "-"), str(s.policy_budget)]
         sft = s.policy_method == "rejection-sampling"
         args += ["--sft-learning-rate" if sft else "--learning-rate", str(s.policy_learning_rate)]
         return args

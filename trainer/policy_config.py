@@ -208,6 +208,7 @@ class PolicyTrainingConfig(SharedPolicyConfig):
     """A method's resolved config: the shared fields, then the method's own."""
 
     method: ClassVar[PolicyMethod]
+    budget_field: ClassVar[str]  # the one field that sizes a run (plaudit up's policy_budget)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> PolicyTrainingConfig:
@@ -224,6 +225,7 @@ class DPOConfig(DPOFields, PolicyTrainingConfig):
     the completions; the reference log-probs are computed once, before the first step."""
 
     method: ClassVar[PolicyMethod] = "dpo"
+    budget_field: ClassVar[str] = "max_steps"
 
 
 class RejectionSamplingConfig(RejectionSamplingFields, PolicyTrainingConfig):
@@ -232,6 +234,7 @@ class RejectionSamplingConfig(RejectionSamplingFields, PolicyTrainingConfig):
     cross-entropy on completion tokens; ``rounds`` repeats it with the improved policy."""
 
     method: ClassVar[PolicyMethod] = "rejection-sampling"
+    budget_field: ClassVar[str] = "max_prompts"
 
 
 class RLConfig(RLFields, PolicyTrainingConfig):
@@ -240,6 +243,7 @@ class RLConfig(RLFields, PolicyTrainingConfig):
     each sample's baseline is the mean reward of the other k-1 samples of its prompt."""
 
     method: ClassVar[PolicyMethod] = "rl"
+    budget_field: ClassVar[str] = "steps"
 
 
 class GRPOConfig(GRPOFields, PolicyTrainingConfig):
@@ -249,6 +253,7 @@ class GRPOConfig(GRPOFields, PolicyTrainingConfig):
     estimate of the per-token KL to the reference."""
 
     method: ClassVar[PolicyMethod] = "grpo"
+    budget_field: ClassVar[str] = "steps"
 
 
 class PPOConfig(PPOFields, PolicyTrainingConfig):
@@ -258,6 +263,7 @@ class PPOConfig(PPOFields, PolicyTrainingConfig):
     ``num_minibatches`` optimizer steps on the clipped policy and value losses."""
 
     method: ClassVar[PolicyMethod] = "ppo"
+    budget_field: ClassVar[str] = "steps"
 
 
 PolicyConfig = DPOConfig | RejectionSamplingConfig | RLConfig | GRPOConfig | PPOConfig
