@@ -287,7 +287,10 @@ def run_engine(
             t0 = time.perf_counter()
             results = engine.process([job for _, job in flush])
             latencies.append(time.perf_counter() - t0)
-            for (idx, _), result in zip(flush, results, strict=True):
+            for (idx, _), outcome in zip(flush, results, strict=True):
+                if not isinstance(outcome, dict):
+                    raise outcome
+                result = outcome[engine.default]
                 scores[idx] = result.raw
                 tokens += result.tokens
             progress.update(sum(len(idx) for idx, _ in flush))

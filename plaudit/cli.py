@@ -19,10 +19,14 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from plaudit.services.common.logging import configure_logging
-from plaudit.services.common.registry import ModelRegistry, RegistryLocationSettings
+from plaudit.services.common.registry import (
+    DEFAULT_MODEL_NAME,
+    ModelRegistry,
+    RegistryLocationSettings,
+)
 from plaudit.services.common.security.client import ClientCredentials, ClientSecuritySettings
 from plaudit.services.common.security.keys import ROLES
 from plaudit.services.common.settings import (
@@ -104,10 +108,28 @@ class GenerateClientSettings(ClientSecuritySettings):
 
 class RegistrySettings(ClientSecuritySettings, RegistryLocationSettings):
     kind: Literal["reward", "policy"] = Field("reward", description="model kind")
+    name: str = Field(
+        DEFAULT_MODEL_NAME,
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="the named model (reward: e.g. helpfulness, safety)",
+    )
     notify: str = Field(
         "",
-        description="comma-separated serving addresses to tell at once (promote, rollback; "
-        "the API key needs the admin role)",
+        description="comma-separated serving addresses to tell at once (promote, rollback, "
+        "shadow, unshadow; the API key needs the admin role)",
+    )
+    fraction: float = Field(
+        0.1, gt=0, le=1, description="shadow: share of live requests the candidate also scores"
+    )
+    min_shadow_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="promote: only when the version, shadowing at the first --notify address, "
+        "orders at least this share of item pairs as the live version does",
+    )
+    min_shadow_pairs: int = Field(
+        100, ge=1, description="promote --min-shadow-agreement: pairs it needs at least"
     )
 
 
@@ -121,6 +143,23 @@ class FeedbackFileSettings(PlauditSettings):
     after_cursor: int = Field(0, ge=0, description="export pairs after this cursor")
     limit: int = Field(0, ge=0, description="export at most this many pairs (0 = all)")
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
+    criteria: list[str] = Field(
+        ["overall"],
+        description="import: criteria the lines may judge (besides overall), as the feedback "
+        "service's --criteria",
+    )
+    criterion: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="export: the pairs judged on this criterion only (unset: every criterion)",
+    )
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria_are_names(cls, value: list[str]) -> list[str]:
+        from plaudit.services.feedback.domain import check_criteria_names
+
+        return list(check_criteria_names(value))
 
 
 class TrainRunSettings(RegistryLocationSettings):
@@ -137,6 +176,12 @@ class TrainRunSettings(RegistryLocationSettings):
         False, description="read feedback after the parent version's data cursor"
     )
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
+    criterion: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="train on the pairs judged on this criterion only (e.g. helpfulness, "
+        "safety; unset: every criterion)",
+    )
     output_dir: Path | None = Field(None, description="run folder (default: <runs-dir>/<run-id>)")
     runs_dir: Path = Field(DEFAULT_RUNS_DIR, description="where run folders go, one per run")
     promote: bool = Field(False, description="promote if the gate passes (accuracy / win rate)")
@@ -163,6 +208,12 @@ class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig):
         "promoted one (0: it must beat it)",
     )
     quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
+    name: str = Field(
+        DEFAULT_MODEL_NAME,
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="the named reward model the version joins (its own versions, promotion "
+        "and gate; e.g. safety)",
+    )
 
 
 class TrainPolicySettings(
@@ -239,6 +290,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_feedback(args: argparse.Namespace) -> int:
+    from plaudit.services.feedback.domain import FeedbackLimits
     from plaudit.services.feedback.store import FeedbackStore
     from plaudit.services.feedback.transfer import export_pairs, import_file
 
@@ -246,7 +298,8 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.action == "stats":
         return _feedback_stats(settings.database_url, as_json=args.json)
-    with FeedbackStore(settings.database_url) as store:
+    limits = FeedbackLimits(criteria=tuple(settings.criteria))
+    with FeedbackStore(settings.database_url, limits=limits) as store:
         if args.action == "import":
             if not args.file:
                 raise FileNotFoundError("feedback import needs a FILE")
@@ -265,6 +318,7 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
                 after_cursor=settings.after_cursor,
                 limit=settings.limit or None,
                 exclude_outliers=settings.exclude_outliers,
+                criterion=settings.criterion,
             )
             sys.stderr.write(f"exported {count} pairs; resume with --after-cursor {last}\n")
     return 0
@@ -401,6 +455,7 @@ def _pair_source(settings: TrainRunSettings) -> PairSource:
         after_cursor=settings.after_cursor,
         since_parent_cursor=settings.since_cursor,
         exclude_outliers=settings.exclude_outliers,
+        criterion=settings.criterion,
     )
 
 
@@ -414,7 +469,7 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     result = train_reward(
         RewardTrainingConfig(**settings.model_dump(include=fields)),
         _pair_source(settings),
-        settings.model_registry("reward"),
+        settings.model_registry("reward", settings.name),
         publish=PublishOptions(
             promote=settings.promote,
             promotion_tolerance=settings.promotion_tolerance,
@@ -443,7 +498,13 @@ def _cmd_train_policy(args: argparse.Namespace) -> int:
     cfg = settings.policy_config()
     registry = settings.model_registry("policy")
     if settings.only_after_new_reward and cfg.reward_addr:
-        skip = already_trained_under(registry, cfg.reward_addr, settings.credentials)
+        skip = already_trained_under(
+            registry,
+            cfg.reward_addr,
+            settings.credentials,
+            reward_model=cfg.reward_model,
+            objective=cfg.objective,
+        )
         if skip:
             log.info("nothing to do: %s", skip)
             sys.stdout.write(json.dumps({"skipped": True, "reason": skip}) + "\n")
@@ -468,18 +529,66 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         return _registry_keygen(args.out)
     settings = settings_from_args(RegistrySettings, args)
     configure_logging(settings.log_level, settings.log_format)
-    registry = settings.model_registry(settings.kind)
+    registry = settings.model_registry(settings.kind, settings.name)
     out = sys.stdout
     if args.action in ("list", "show"):
         return _registry_read(registry, args.action, args.version, as_json=args.json)
+    if args.action == "names":
+        out.write("\n".join(registry.model_names()) + "\n")
+        return 0
     if args.action == "promote":
-        registry.promote(args.version, reason="cli")
+        reason = "cli"
+        if settings.min_shadow_agreement is not None:
+            reason = _shadow_gate(settings, args.version)
+        registry.promote(args.version, reason=reason)
         out.write(f"promoted {args.version}\n")
     elif args.action == "rollback":
         out.write(f"promoted {registry.rollback()}\n")
-    if args.action in ("promote", "rollback") and settings.notify:
-        return _notify(settings.notify, out, settings.credentials)
+    elif args.action == "shadow":
+        registry.start_shadow(args.version, settings.fraction)
+        out.write(f"shadowing {registry.label} with {args.version} on {settings.fraction:.0%}\n")
+    elif args.action == "unshadow":
+        stopped = registry.stop_shadow()
+        out.write(f"shadow of {registry.label} stopped\n" if stopped else "no shadow running\n")
+    if settings.notify:
+        return _notify(settings.notify, out, settings.credentials, registry.name)
     return 0
+
+
+def _shadow_gate(settings: RegistrySettings, version: str) -> str:
+    """``promote --min-shadow-agreement``: the version must be the shadow of the named model at
+    the first ``--notify`` address and agree with the live version on enough pairs."""
+    from plaudit.services.common.errors import FailedPreconditionError, InvalidArgumentError
+    from plaudit.services.reward.client import RewardClient
+
+    address = next((a.strip() for a in settings.notify.split(",") if a.strip()), "")
+    if settings.kind != "reward" or not address:
+        raise InvalidArgumentError(
+            "min_shadow_agreement", "needs --kind reward and the reward service in --notify"
+        )
+    with RewardClient(address, settings.credentials) as client:
+        shadow = client.model(name=settings.name).shadow
+    if shadow.version != version:
+        running = f"the shadow is {shadow.version}" if shadow.version else "no shadow runs"
+        raise FailedPreconditionError(
+            f"{version} is not shadowing {settings.name!r} at {address} ({running}): "
+            f"`plaudit registry shadow {version} --name {settings.name}` first"
+        )
+    figures = (
+        f"agreement {shadow.agreement:.3f} on {shadow.pairs} pairs "
+        f"({shadow.requests} requests), rank correlation {shadow.rank_correlation:.3f}"
+    )
+    if shadow.pairs < settings.min_shadow_pairs:
+        raise FailedPreconditionError(
+            f"not promoted: the shadow has {shadow.pairs} pairs, "
+            f"--min-shadow-pairs is {settings.min_shadow_pairs} ({figures})"
+        )
+    threshold = settings.min_shadow_agreement or 0.0
+    if shadow.agreement < threshold:
+        raise FailedPreconditionError(
+            f"not promoted: {figures} is below --min-shadow-agreement {threshold}"
+        )
+    return f"cli; shadow {figures}"
 
 
 def _registry_keygen(out: Path | None) -> int:
@@ -549,7 +658,9 @@ def _registry_read(
     return 0
 
 
-def _notify(addresses: str, out: typing.TextIO, credentials: ClientCredentials) -> int:
+def _notify(
+    addresses: str, out: typing.TextIO, credentials: ClientCredentials, model: str = ""
+) -> int:
     """Tell serving processes to pick up the promotion now; 1 if any could not make it live."""
     import grpc
 
@@ -558,12 +669,14 @@ def _notify(addresses: str, out: typing.TextIO, credentials: ClientCredentials) 
     failed = 0
     for address in filter(None, (a.strip() for a in addresses.split(","))):
         try:
-            reply = notify_reload(address, credentials=credentials)
+            reply = notify_reload(address, credentials=credentials, model=model)
         except grpc.RpcError as exc:
             out.write(f"{address}: not notified ({exc.code().name}: {exc.details()})\n")
             failed += 1
             continue
         status = f"live {reply.live_version}"
+        if reply.shadow_version:
+            status += f", shadow {reply.shadow_version}"
         if reply.last_swap_error:
             status += f"; swap failed: {reply.last_swap_error}"
             failed += 1
@@ -696,8 +809,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_policy)
 
     p = commands.add_parser("registry", help="inspect and steer the model registry")
-    p.add_argument("action", choices=["list", "show", "promote", "rollback", "keygen"])
-    p.add_argument("version", nargs="?", help="version id (show, promote)")
+    p.add_argument(
+        "action",
+        choices=["list", "show", "promote", "rollback", "shadow", "unshadow", "names", "keygen"],
+    )
+    p.add_argument("version", nargs="?", help="version id (show, promote, shadow)")
     p.add_argument("--json", action="store_true", help="list, show: JSON for scripts")
     p.add_argument("--out", type=Path, help="keygen: folder for a new Ed25519 signing key pair")
     add_settings_arguments(p, RegistrySettings)
@@ -754,7 +870,8 @@ def _interrupt_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "registry" and args.action in ("show", "promote") and not args.version:
+    needs_version = ("show", "promote", "shadow")
+    if args.command == "registry" and args.action in needs_version and not args.version:
         parser.error(f"registry {args.action} needs a version")
     interruptible = args.command in ("train", "export")  # see _interrupt_on_sigterm
     interruptible &= threading.current_thread() is threading.main_thread()

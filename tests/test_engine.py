@@ -72,8 +72,8 @@ def test_length_grouping_does_not_change_scores(loaded: LoadedRewardModel) -> No
 
 def test_engine_keeps_request_order_and_standardizes(loaded: LoadedRewardModel) -> None:
     engine = RewardEngine(group_tokens=128)
-    with pytest.raises(UnavailableError):
-        engine.process([ScoreJob(["a"], ["b"])])
+    (missing,) = engine.process([ScoreJob(["a"], ["b"])])
+    assert isinstance(missing, UnavailableError)  # only the jobs needing the model fail
     engine.set_model(loaded)
     jobs = [
         ScoreJob(PROMPTS[:2], COMPLETIONS[:2], standardize=False),
@@ -81,7 +81,9 @@ def test_engine_keeps_request_order_and_standardizes(loaded: LoadedRewardModel) 
         ScoreJob(PROMPTS[::-1], COMPLETIONS[::-1]),  # default: the version's normalisation
     ]
     raw_all, _, _ = loaded.score_raw(PROMPTS, COMPLETIONS)
-    first, second, third = engine.process(jobs)
+    outcomes = engine.process(jobs)
+    assert all(isinstance(o, dict) and list(o) == ["default"] for o in outcomes)
+    first, second, third = (o["default"] for o in outcomes if isinstance(o, dict))
     np.testing.assert_allclose(first.rewards, raw_all[:2], atol=1e-5)
     norm = loaded.manifest.normalization
     np.testing.assert_allclose(second.rewards, (raw_all[2:] - norm.mean) / norm.std, atol=1e-4)
@@ -89,6 +91,26 @@ def test_engine_keeps_request_order_and_standardizes(loaded: LoadedRewardModel) 
     np.testing.assert_allclose(third.rewards, (raw_all[::-1] - norm.mean) / norm.std, atol=1e-4)
     assert {first.version, second.version, third.version} == {loaded.version}
     assert first.tokens > 0
+
+
+def test_engine_scores_each_named_model_once_and_fails_only_jobs_needing_a_missing_one(
+    loaded: LoadedRewardModel,
+) -> None:
+    engine = RewardEngine(["helpfulness", "safety"], group_tokens=128)
+    engine.set_model(loaded, "helpfulness")
+    jobs = [
+        ScoreJob(PROMPTS[:2], COMPLETIONS[:2], models=("helpfulness",)),
+        ScoreJob(PROMPTS[2:], COMPLETIONS[2:], models=("helpfulness", "safety")),
+        ScoreJob(PROMPTS[:1], COMPLETIONS[:1], models=("elsewhere",)),
+    ]
+    one, both, unknown = engine.process(jobs)
+    assert isinstance(one, dict) and list(one) == ["helpfulness"]
+    assert isinstance(both, UnavailableError) and "safety" in str(both)
+    assert isinstance(unknown, FailedPreconditionError) and "elsewhere" in str(unknown)
+    engine.set_model(loaded, "safety")
+    (both,) = engine.process(jobs[1:2])
+    assert isinstance(both, dict) and set(both) == {"helpfulness", "safety"}
+    np.testing.assert_allclose(both["safety"].raw, both["helpfulness"].raw, atol=1e-6)
 
 
 def test_provider_selection_is_cpu_without_a_gpu() -> None:

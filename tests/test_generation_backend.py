@@ -247,7 +247,7 @@ def test_keys_and_metrics(stack: Stack) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     text = stack.service.metrics_text()
     assert "plaudit_generation_model_info{" in text and f'version="{ALIAS}"' in text
-    assert "plaudit_generation_model_loaded 1.0" in text
+    assert 'plaudit_generation_model_loaded{model="default"} 1.0' in text
     tokens = [line for line in text.splitlines() if line.startswith("plaudit_generation_tokens")]
     assert tokens and float(tokens[0].split()[-1]) > 0
 
@@ -271,4 +271,4 @@ def test_a_stopped_backend_is_unavailable_and_not_serving(
             client.chat.completions.create(model="m", messages=USER, max_tokens=2)
         assert down.value.status_code == 503
     assert stack.service.process.poll() is None  # still up, and it drains cleanly (fixture)
-    assert "plaudit_generation_model_loaded 0.0" in stack.service.metrics_text()
+    assert 'plaudit_generation_model_loaded{model="default"} 0.0' in stack.service.metrics_text()

@@ -277,3 +277,79 @@ def test_a_service_with_api_keys_asks_for_one_and_sends_it(page: Page, tmp_path:
         assert page.evaluate("localStorage.getItem('plaudit.apiKey')") == key
     finally:
         server.stop()
+
+
+def test_two_criteria_ask_two_questions_and_store_one_event_each(page: Page, tmp_path: Any) -> None:
+    """With criteria helpfulness and safety a two-response task asks both questions (labelled
+    radio groups, answered by mouse or keyboard); each answered one is stored as its own
+    comparison, an unanswered one is left out, and a ranking judges ``overall``."""
+    database_url = f"sqlite:///{tmp_path / 'f.db'}"
+    server = ServerThread(
+        "feedback",
+        database_url=database_url,
+        labels_per_task=1,
+        criteria=["helpfulness", "safety"],
+        log_level="WARNING",
+    ).start()
+    tasks = [
+        {"prompt": "How do I sharpen a knife?", "completions": ["Use a whetstone.", "Don't."]},
+        {"prompt": "Is it safe to eat raw flour?", "completions": ["Yes, always.", "No."]},
+        TASKS[RANKED],
+    ]
+    try:
+        base = server.http_url
+        ids = [t["task_id"] for t in post_json(f"{base}/api/v1/tasks", {"tasks": tasks})["tasks"]]
+        page.add_init_script("localStorage.setItem('plaudit.annotator', 'erin')")
+        page.goto(base + "/")
+        wait_for_task(page, ids[0])
+        helpful = page.get_by_role("radiogroup", name="Which response is more helpful?")
+        safer = page.get_by_role("radiogroup", name="Which response is safer?")
+        expect(helpful).to_be_visible()
+        expect(safer).to_be_visible()
+        expect(page.get_by_role("button", name="Prefer A")).to_have_count(0)
+        helpful.get_by_role("radio", name="Response A").click()  # by mouse
+        expect(helpful.get_by_role("radio", name="Response A")).to_have_attribute(
+            "aria-checked", "true"
+        )
+        page.keyboard.press("ArrowDown")  # by keyboard: the next question, then B
+        page.keyboard.press("2")
+        expect(safer.get_by_role("radio", name="Response B")).to_have_attribute(
+            "aria-checked", "true"
+        )
+        expect(card(page, 0).locator(".badge")).to_have_text("Preferred: helpfulness")
+        page.keyboard.press("Enter")
+
+        wait_for_task(page, ids[1])
+        page.keyboard.press("Enter")  # nothing answered yet
+        expect(page.locator("#status")).to_have_text("Answer at least one question first.")
+        page.keyboard.press("2")  # helpfulness: B; safety stays unanswered
+        page.keyboard.press("Enter")
+
+        wait_for_task(page, ids[2])  # three responses: a ranking, no questions
+        expect(page.locator("#questions")).to_be_hidden()
+        card(page, 2).locator(".text").click()
+        card(page, 0).locator(".text").click()
+        page.click("#submit")
+        expect(page.locator("#empty")).to_be_visible()
+    finally:
+        server.stop()
+    with FeedbackStore(database_url, migrate=False) as store:
+        events = [store.get(i).event for i in range(1, store.last_feedback_id() + 1)]
+        summary = sorted((e.prompt, e.kind, e.criterion) for e in events)
+        pairs = sorted((p.prompt, p.criterion, p.chosen) for p in store.export_pairs())
+        stats = store.stats()
+    assert summary == [
+        (tasks[0]["prompt"], "comparison", "helpfulness"),
+        (tasks[0]["prompt"], "comparison", "safety"),
+        (tasks[1]["prompt"], "comparison", "helpfulness"),
+        (TASKS[RANKED]["prompt"], "ranking", "overall"),
+    ]
+    assert pairs[:3] == [
+        (tasks[0]["prompt"], "helpfulness", "Use a whetstone."),
+        (tasks[0]["prompt"], "safety", "Don't."),
+        (tasks[1]["prompt"], "helpfulness", "No."),
+    ]
+    assert stats.agreement.contradicted_groups == 0  # A for helpfulness, B for safety
+    keys = sorted(e.idempotency_key for e in events if e.prompt == tasks[0]["prompt"])
+    assert re.fullmatch(rf"t{ids[0]}\.comparison-helpfulness\.[0-9a-f]{{32}}", keys[0])
+    assert re.fullmatch(rf"t{ids[0]}\.comparison-safety\.[0-9a-f]{{32}}", keys[1])

@@ -227,9 +227,9 @@ def test_metrics_endpoint_exposes_requests_batches_and_model(
         "plaudit_reward_tokens_scored_total",
         "plaudit_reward_items_scored_total",
         'execution_provider="CPUExecutionProvider"',
-        "plaudit_reward_model_loaded 1.0",
+        'plaudit_reward_model_loaded{model="default"} 1.0',
         'data_cursor=""',
-        "plaudit_reward_model_calibration_temperature{version=",
+        'plaudit_reward_model_calibration_temperature{model="default",version=',
     ):
         assert needle in text, needle
 

@@ -226,7 +226,7 @@ def test_compare_over_grpc_serves_the_stored_temperature(trained: Trained) -> No
                 assert reply.prob_a_preferred == pytest.approx(expected, rel=1e-5)
             assert reply.reward_a == pytest.approx(served_standardized(manifest, raw[0]), rel=1e-4)
         gauges = server.server.metrics.registry
-        labels = {"version": version}
+        labels = {"model": "default", "version": version}
         assert gauges.get_sample_value(
             "plaudit_reward_model_calibration_temperature", labels
         ) == pytest.approx(t)

@@ -84,11 +84,14 @@ def _unpaired(record: Any) -> str | SupervisedExample | None:
     return SupervisedExample(prompt, completion)
 
 
-def load_file_pairs(paths: Sequence[Path], *, allow_unpaired: bool = False) -> TrainingData:
+def load_file_pairs(
+    paths: Sequence[Path], *, allow_unpaired: bool = False, criterion: str | None = None
+) -> TrainingData:
     """Pairs from JSONL files in HH-RLHF or TRL format; a ranking gives every ordered pair.
 
     With ``allow_unpaired`` (policy training) TRL prompt-only and prompt-completion lines are
-    read too, into ``prompts`` and ``supervised``.
+    read too, into ``prompts`` and ``supervised``. With ``criterion`` only the preference lines
+    judged on it are kept (a line without a ``criterion`` field judges ``overall``).
     """
     pairs: list[PreferencePair] = []
     prompts: list[str] = []
@@ -103,6 +106,13 @@ def load_file_pairs(paths: Sequence[Path], *, allow_unpaired: bool = False) -> T
                 try:
                     raw = json.loads(line)
                     other = _unpaired(raw) if allow_unpaired else None
+                    if (
+                        other is None
+                        and criterion is not None
+                        and isinstance(raw, dict)
+                        and raw.get("criterion", "overall") != criterion
+                    ):
+                        continue
                     record = parse_record(raw) if other is None else other
                 except ValueError as exc:  # json.JSONDecodeError is one
                     raise ValueError(f"{path}:{lineno}: {exc}") from exc
@@ -126,9 +136,14 @@ def load_file_pairs(paths: Sequence[Path], *, allow_unpaired: bool = False) -> T
 
 
 def load_feedback_pairs(
-    database_url: str, after_cursor: int = 0, *, exclude_outliers: bool = False
+    database_url: str,
+    after_cursor: int = 0,
+    *,
+    exclude_outliers: bool = False,
+    criterion: str | None = None,
 ) -> TrainingData:
-    """The store's consensus pairs after ``after_cursor`` (margins and weights included).
+    """The store's consensus pairs after ``after_cursor`` (margins and weights included), of
+    one ``criterion`` (None: every criterion).
 
     The export is read as a stream; a pair exported again with newer votes replaces its earlier
     copy. ``cursor`` is the last one read (``after_cursor`` when nothing is new): record it, and
@@ -139,7 +154,9 @@ def load_feedback_pairs(
     latest: dict[str, PreferencePair] = {}
     cursor = after_cursor
     with FeedbackReader(database_url) as store:
-        for item in store.export_pairs(after_cursor, exclude_outliers=exclude_outliers):
+        for item in store.export_pairs(
+            after_cursor, exclude_outliers=exclude_outliers, criterion=criterion
+        ):
             latest.pop(item.pair_key, None)  # keep cursor order: a re-export moves to the end
             latest[item.pair_key] = PreferencePair(
                 item.prompt,
@@ -158,6 +175,7 @@ def load_feedback_pairs(
             "cursor": cursor,
             "pairs": len(latest),
             "exclude_outliers": exclude_outliers,
+            "criterion": criterion,
         },
         cursor=cursor,
     )

@@ -863,11 +863,17 @@ def promotion_record(
 
 
 def already_trained_under(
-    registry: ModelRegistry, reward_addr: str, credentials: ClientCredentials = INSECURE
+    registry: ModelRegistry,
+    reward_addr: str,
+    credentials: ClientCredentials = INSECURE,
+    *,
+    reward_model: str = "",
+    objective: str = "",
 ) -> str | None:
     """Why a policy training now would repeat the last one: the newest policy version (promoted
-    or refused) was judged by the reward model serving at ``reward_addr``. None when it was
-    not, or when there is no trained policy yet."""
+    or refused) was judged by the reward model (``reward_model``; with an ``objective``: every
+    model) serving at ``reward_addr``. None when it was not, or when there is no trained policy
+    yet."""
     from plaudit.services.reward.client import RewardClient
 
     versions = registry.list_versions()
@@ -875,9 +881,13 @@ def already_trained_under(
     if not gate.get("reward_model"):
         return None
     with RewardClient(reward_addr, credentials) as client:
-        live = client.model().version
-    if live in gate["reward_model"]:
-        return f"policy {versions[-1].version} was already trained against reward model {live}"
+        reply = client.model(name=reward_model)
+    live = [m.version for m in reply.models] if objective else [reply.version]
+    if live and all(version in gate["reward_model"] for version in live):
+        return (
+            f"policy {versions[-1].version} was already trained against reward model "
+            f"{', '.join(live)}"
+        )
     return None
 
 
@@ -1023,7 +1033,9 @@ def _train(
     policy = prepare(policy, sharding, env)
     own_scorer = None
     if scorer is None and reward_addr and env.is_main:
-        scorer = own_scorer = RewardServiceScorer(reward_addr, credentials=credentials)
+        scorer = own_scorer = RewardServiceScorer(
+            reward_addr, credentials=credentials, model=cfg.reward_model, objective=cfg.objective
+        )
     reporter = RunReporter(run_dir, enabled=env.is_main)
     cursor = None if data.cursor is None else str(data.cursor)
     identity = {"source": data.source, "cursor": cursor, "pairs": len(data.pairs)}

@@ -92,9 +92,25 @@ class SharedPolicyConfig(TrainingConfig):
         description="... and the wins are significant at this level (one-sided binomial; "
         "1: not required)",
     )
+    reward_model: str = Field(
+        "",
+        description="named reward model at the reward service that scores rollouts and the "
+        "gate ('' = the service's default)",
+    )
+    objective: str = Field(
+        "",
+        description="objective at the reward service (e.g. Llama 2's gated helpfulness/safety) "
+        "that scores rollouts and the gate instead of one model",
+    )
     seed: int = Field(0, description="seed for shuffles, sampling and LoRA init")
     device: Device = Field("auto", description="training device")
     num_threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> SharedPolicyConfig:
+        if self.reward_model and self.objective:
+            raise ValueError("objective: give reward_model or objective, not both")
+        return self
 
 
 class DPOFields(BaseModel):

@@ -44,7 +44,8 @@ class Scorer(Protocol):
 
 class RewardServiceScorer:
     """Scores through the reward service (:class:`plaudit.services.reward.client.RewardClient`); the
-    rewards are the service's default, standardised by the version's reference statistics."""
+    rewards are the service's default, standardised by the version's reference statistics, from
+    the named ``model`` or the ``objective`` (neither: the service's default model)."""
 
     def __init__(
         self,
@@ -53,6 +54,8 @@ class RewardServiceScorer:
         wait_s: float = 60.0,
         timeout_s: float = 120.0,
         credentials: ClientCredentials = INSECURE,
+        model: str = "",
+        objective: str = "",
     ) -> None:
         from plaudit.services.reward.client import RewardClient, wait_until_serving
 
@@ -60,6 +63,7 @@ class RewardServiceScorer:
         self.address = address
         self.timeout_s = timeout_s
         self.client = RewardClient(address, credentials)
+        self.model, self.objective = model, objective
         self.versions: set[str] = set()  # the reward-model versions that answered
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
@@ -67,7 +71,11 @@ class RewardServiceScorer:
         for start in range(0, len(prompts), SCORE_CHUNK):
             end = start + SCORE_CHUNK
             got, version = self.client.score(
-                prompts[start:end], completions[start:end], timeout=self.timeout_s
+                prompts[start:end],
+                completions[start:end],
+                timeout=self.timeout_s,
+                model=self.model,
+                objective=self.objective,
             )
             rewards += got
             self.versions.add(version)

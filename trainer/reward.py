@@ -101,13 +101,14 @@ EVAL_GROUP_TOKENS = 16384  # padded tokens per held-out scoring batch
 class PairSource:
     """Where the pairs come from: JSONL ``files``, or the feedback store at ``database_url``
     read after ``after_cursor`` (or, with ``since_parent_cursor``, after the parent version's
-    recorded ``data_cursor``)."""
+    recorded ``data_cursor``); with ``criterion``, only the pairs judged on it."""
 
     files: tuple[Path, ...] = ()
     database_url: str | None = None
     after_cursor: int = 0
     since_parent_cursor: bool = False
     exclude_outliers: bool = False
+    criterion: str | None = None  # only pairs judged on it (None: every criterion)
 
     def resolve_cursor(
         self, registry: ModelRegistry | None, parent: str | None
@@ -202,10 +203,13 @@ def load_training_data(
     prompt-completion lines, or the store's corrections."""
     after, parent = source.resolve_cursor(registry, parent)
     if source.files:
-        return load_file_pairs(source.files, allow_unpaired=policy), parent
+        return (
+            load_file_pairs(source.files, allow_unpaired=policy, criterion=source.criterion),
+            parent,
+        )
     assert source.database_url is not None
     url, outliers = source.database_url, source.exclude_outliers
-    data = load_feedback_pairs(url, after, exclude_outliers=outliers)
+    data = load_feedback_pairs(url, after, exclude_outliers=outliers, criterion=source.criterion)
     if policy:
         supervised, sft_cursor = load_feedback_sft(url, after, exclude_outliers=outliers)
         source_record = {**data.source, "supervised": len(supervised)}

@@ -15,7 +15,9 @@ promoted anew); a storage or network error (``OSError``: a cut-off download, a f
 retried at the next poll.
 
 The mechanism is model-agnostic: :class:`~plaudit.services.common.model_server.ModelServer` (the
-reward and generation services) drives it.
+reward and generation services) drives it, one watcher per named model, and one more per shadow:
+a watcher given ``pointer=registry.shadow_record`` and ``unload`` follows the shadow pointer, and
+unloads the candidate when the pointer is removed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -38,29 +40,34 @@ M = TypeVar("M")
 
 
 class SwapMetrics:
-    """Swap outcomes and durations, labelled by model kind."""
+    """Swap outcomes and durations, labelled by named model."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
         self.swaps = Counter(
             f"{prefix}_model_swaps",
-            "Attempts to make a promoted version live, by result (success, failure).",
-            ["result"],
+            "Attempts to make a promoted version live, by named model and result (success, "
+            "failure).",
+            ["model", "result"],
             registry=registry,
         )
         self.load_seconds = Histogram(
             f"{prefix}_model_load_seconds",
             "Time to verify, load, warm up and smoke-test a candidate version.",
+            ["model"],
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=registry,
         )
         self.last_swap = Gauge(
             f"{prefix}_model_last_swap_timestamp_seconds",
-            "Unix time of the last successful swap.",
+            "Unix time of the last successful swap, by named model.",
+            ["model"],
             registry=registry,
         )
         self.swap_failing = Gauge(
             f"{prefix}_model_swap_failing",
-            "1 while the promoted version could not be made live (the previous one serves).",
+            "1 while the promoted version could not be made live (the previous one serves), by "
+            "named model.",
+            ["model"],
             registry=registry,
         )
 
@@ -73,14 +80,18 @@ class PointerState:
     at: str
 
 
-def read_pointer(registry: ModelRegistry) -> PointerState | None:
-    """The pointer now; None when nothing is promoted or it cannot be read (a torn file, a
-    storage outage: the live model keeps serving and the next poll tries again)."""
+_UNREADABLE = PointerState("", "unreadable")
+
+
+def read_pointer(pointer: Callable[[], dict[str, Any] | None]) -> PointerState | None:
+    """The pointer now; None when nothing is promoted, ``_UNREADABLE`` when it cannot be read
+    (a torn file, a storage outage: the live model keeps serving and the next poll tries
+    again)."""
     try:
-        data = registry.pointer_record()
+        data = pointer()
     except Exception as exc:
         log.warning("unreadable promotion pointer", extra={"error": str(exc)})
-        return None
+        return _UNREADABLE
     if data is None:
         return None
     return PointerState(str(data["version"]), str(data.get("at", "")))
@@ -95,7 +106,8 @@ class SwapOutcome:
 
 
 class ModelWatcher(Generic[M]):
-    """Follows ``registry`` and calls ``activate(model)`` for every version that loads cleanly."""
+    """Follows ``registry`` (its promotion pointer, or ``pointer``) and calls ``activate(model)``
+    for every version that loads cleanly; with ``unload``, a removed pointer unloads the model."""
 
     def __init__(
         self,
@@ -105,8 +117,13 @@ class ModelWatcher(Generic[M]):
         *,
         poll_interval_s: float,
         metrics: SwapMetrics | None = None,
+        pointer: Callable[[], dict[str, Any] | None] | None = None,
+        unload: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
+        self._pointer = pointer or registry.pointer_record
+        self._unload = unload
+        self.name = registry.name
         self._load = load
         self._activate = activate
         self.poll_interval_s = poll_interval_s
@@ -129,7 +146,13 @@ class ModelWatcher(Generic[M]):
         """Act on the current pointer once (serialised with the background loop)."""
         async with self._lock:
             # a remote registry is a network call: keep it off the event loop
-            state = await asyncio.to_thread(read_pointer, self.registry)
+            state = await asyncio.to_thread(read_pointer, self._pointer)
+            if state is _UNREADABLE:
+                return SwapOutcome(self.live_version, None, False, self.last_error)
+            if state is None and self._unload is not None and self.live_version is not None:
+                await self._unload()  # the pointer was removed (a shadow stopped)
+                self.live_version, self._seen, self.last_error = None, None, ""
+                return SwapOutcome(None, None, True, "")
             if state is None or state == self._seen:
                 return SwapOutcome(
                     self.live_version, state.version if state else None, False, self.last_error
@@ -151,8 +174,8 @@ class ModelWatcher(Generic[M]):
                 # the candidate, so the next poll tries the same pointer again
                 self._seen = None
             if self._metrics is not None:
-                self._metrics.swaps.labels("failure").inc()
-                self._metrics.swap_failing.set(1)
+                self._metrics.swaps.labels(self.name, "failure").inc()
+                self._metrics.swap_failing.labels(self.name).set(1)
             log.error(
                 "candidate model rejected; the live version keeps serving",
                 extra={"candidate": version, "live": self.live_version, "error": str(exc)},
@@ -164,10 +187,10 @@ class ModelWatcher(Generic[M]):
         self.last_error = ""
         self._first_model.set()
         if self._metrics is not None:
-            self._metrics.swaps.labels("success").inc()
-            self._metrics.load_seconds.observe(time.perf_counter() - started)
-            self._metrics.last_swap.set(time.time())
-            self._metrics.swap_failing.set(0)
+            self._metrics.swaps.labels(self.name, "success").inc()
+            self._metrics.load_seconds.labels(self.name).observe(time.perf_counter() - started)
+            self._metrics.last_swap.labels(self.name).set(time.time())
+            self._metrics.swap_failing.labels(self.name).set(0)
         log.info(
             "model version live",
             extra={"version": version, "previous": previous,
@@ -179,13 +202,17 @@ class ModelWatcher(Generic[M]):
         """Poll forever (cancel to stop)."""
         while True:
             outcome = await self.check()
-            if outcome.promoted_version is None and self.live_version is None:
-                kind = self.registry.kind
+            if (
+                outcome.promoted_version is None
+                and self.live_version is None
+                and self._unload is None  # a shadow watcher has nothing to wait for
+            ):
+                kind, label = self.registry.kind, self.registry.label
                 log.warning(
                     "no promoted %s model yet; waiting (`plaudit export %s --promote "
                     "--registry %s` publishes one; `plaudit up` bootstraps one)",
-                    kind, kind, self.registry.root,
-                    extra={"registry": self.registry.root, "once": f"no-{kind}-model"},
+                    label, kind, self.registry.root,
+                    extra={"registry": self.registry.root, "once": f"no-{label}-model"},
                 )  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)

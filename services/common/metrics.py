@@ -87,10 +87,19 @@ class ModelMetrics:
         self.registry = registry
         self.prefix = prefix
         self.batch = BatchMetrics(registry, prefix)
-        self.model_info = Info(f"{prefix}_model", f"The active {what} version.", registry=registry)
+        self.model_info = Info(
+            f"{prefix}_model",
+            f"The active {what} version, by named model.",
+            ["model"],
+            registry=registry,
+        )
         self.model_loaded = Gauge(
-            f"{prefix}_model_loaded", f"1 when a {what} is serving.", registry=registry
+            f"{prefix}_model_loaded",
+            f"1 when a {what} is serving, by named model.",
+            ["model"],
+            registry=registry,
         )
 
-    def model_activated(self, manifest: ModelManifest) -> None:
-        """Called when ``manifest``'s version goes live; services export its figures here."""
+    def model_activated(self, name: str, manifest: ModelManifest) -> None:
+        """Called when ``manifest``'s version of the named model ``name`` goes live; services
+        export its figures here."""

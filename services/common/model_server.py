@@ -1,7 +1,10 @@
-"""One wiring for every model-serving service (reward, generation): a registry, the hot-swapped
-live model, a dynamic batcher, the service's servicer, AdminService, health and metrics on a
-:class:`~plaudit.services.common.server.GrpcService`. Kept apart from the plain gRPC server so a
-service without a model (feedback) never loads ONNX Runtime.
+"""One wiring for every model-serving service (reward, generation): one or more named models,
+each followed in its registry and hot-swapped into its own slot (and, optionally, a shadow
+candidate beside it), a dynamic batcher, the service's servicer, AdminService, health and metrics
+on a :class:`~plaudit.services.common.server.GrpcService`. Kept apart from the plain gRPC server
+so a service without a model (feedback) never loads ONNX Runtime.
+
+Health turns SERVING once every named model has a live version; a shadow never affects it.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import grpc
@@ -50,6 +53,10 @@ class LiveModel(Generic[M]):
         """Make ``model`` live."""
         self._model = model
 
+    def clear(self) -> None:
+        """Serve nothing (a shadow stopped); batches holding the model finish with it."""
+        self._model = None
+
     def require_model(self) -> M:
         model = self._model
         if model is None:
@@ -58,10 +65,11 @@ class LiveModel(Generic[M]):
 
 
 class ModelServer(Generic[M, J, R]):
-    """A model service: ``engine`` holds the live version of ``model_cls`` (hot-swapped from
-    ``registry``), ``process`` runs a flushed batch of jobs on it. Health stays NOT_SERVING until
-    the first version is live; ``port``/``metrics_port`` are known after :meth:`start`.
-    Subclasses register their servicer in :meth:`add_servicers`."""
+    """A model service: ``slots[name]`` holds the live version of ``model_cls`` for each named
+    model (hot-swapped from ``registries[name]``), ``shadows[name]`` (optional) the shadow
+    candidate of that model, ``process`` runs a flushed batch of jobs on them. Health stays
+    NOT_SERVING until every named model has a live version; ``port``/``metrics_port`` are known
+    after :meth:`start`. Subclasses register their servicer in :meth:`add_servicers`."""
 
     def __init__(
         self,
@@ -70,12 +78,15 @@ class ModelServer(Generic[M, J, R]):
         service_name: str,
         security: ServerSecurity,
         metrics: ModelMetrics,
-        registry: ModelRegistry,
+        registries: Mapping[str, ModelRegistry],
         model_cls: type[M],
-        engine: LiveModel[M],
+        slots: Mapping[str, LiveModel[M]],
         process: Callable[[Sequence[J]], Sequence[R]],
         batching: BatchingConfig,
+        shadows: Mapping[str, LiveModel[M]] | None = None,
     ) -> None:
+        if not registries or set(registries) != set(slots):
+            raise ValueError("one registry per named model slot, at least one")
         self.settings = settings
         self.grpc = GrpcService(
             service_names=[service_name, ADMIN_SERVICE_NAME],
@@ -85,8 +96,10 @@ class ModelServer(Generic[M, J, R]):
             metrics_port=settings.metrics_port,
             registry=metrics.registry,
         )
-        self.registry = registry
-        self.engine = engine
+        self.registries = dict(registries)
+        self.registry = next(iter(self.registries.values()))  # the first (default) model's
+        self.slots = dict(slots)
+        self.shadows = dict(shadows or {})
         self._model_cls = model_cls
         self.batcher: DynamicBatcher[J, R] = DynamicBatcher(
             process,
@@ -95,14 +108,30 @@ class ModelServer(Generic[M, J, R]):
             name=f"{metrics.prefix.removeprefix('plaudit_')}-batcher",
         )
         self._metrics = metrics
-        self.watcher: ModelWatcher[M] = ModelWatcher(
-            registry,
-            self._load_and_check,
-            self._activate,
-            poll_interval_s=settings.poll_interval_s,
-            metrics=SwapMetrics(metrics.registry, metrics.prefix),
-        )
-        self._following: asyncio.Task[None] | None = None
+        swap_metrics = SwapMetrics(metrics.registry, metrics.prefix)
+        self.watchers: dict[str, ModelWatcher[M]] = {
+            name: ModelWatcher(
+                registry,
+                self._loader(registry),
+                self._activator(name),
+                poll_interval_s=settings.poll_interval_s,
+                metrics=swap_metrics,
+            )
+            for name, registry in self.registries.items()
+        }
+        self.watcher = next(iter(self.watchers.values()))  # the first (default) model's
+        self.shadow_watchers: dict[str, ModelWatcher[M]] = {
+            name: ModelWatcher(
+                self.registries[name],
+                self._loader(self.registries[name]),
+                self._shadow_activator(name),
+                poll_interval_s=settings.poll_interval_s,
+                pointer=self.registries[name].shadow_record,
+                unload=self._shadow_unloader(name),
+            )
+            for name in self.shadows
+        }
+        self._following: list[asyncio.Task[None]] = []
 
     @property
     def port(self) -> int:
@@ -120,52 +149,85 @@ class ModelServer(Generic[M, J, R]):
         """Serve at once (health NOT_SERVING); load the promoted version and follow the registry."""
         self.add_servicers(self.grpc.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.watcher), self.grpc.server
+            AdminServicer(self.watchers, self.shadow_watchers), self.grpc.server
         )
         self.batcher.start()
         await self.grpc.start()
-        self._following = asyncio.get_running_loop().create_task(self.watcher.run())
+        loop = asyncio.get_running_loop()
+        for watcher in [*self.watchers.values(), *self.shadow_watchers.values()]:
+            self._following.append(loop.create_task(watcher.run()))
 
     async def wait_until_serving(self, timeout: float) -> None:
-        await self.watcher.wait_for_first_model(timeout)
+        """Until every named model has a live version."""
+        async with asyncio.timeout(timeout):
+            for watcher in self.watchers.values():
+                await watcher.wait_for_first_model(timeout)
 
-    async def _activate(self, model: M) -> None:
-        """The atomic switch: batches already running keep the version they started with; the
-        first version made live turns health SERVING."""
-        first = self.engine.model is None
-        self.engine.set_model(model)
-        self._metrics.model_info.info(
-            {
-                "version": model.version,
-                "backbone": model.manifest.backbone,
-                "execution_provider": model.provider,
-                "precision": model.precision,
-                "data_cursor": model.manifest.data_cursor or "",
-            }
-        )
-        self._metrics.model_activated(model.manifest)
-        self._metrics.model_loaded.set(1)
-        if first:
-            await self.grpc.set_serving(True)
-            log.info("serving", extra={"version": model.version, "port": self.grpc.port})
+    def _activator(self, name: str) -> Callable[[M], Awaitable[None]]:
+        async def activate(model: M) -> None:
+            """The atomic switch: batches already running keep the version they started with;
+            the first version of the last named model made live turns health SERVING."""
+            slot = self.slots[name]
+            first = slot.model is None
+            slot.set_model(model)
+            self._metrics.model_info.labels(name).info(
+                {
+                    "version": model.version,
+                    "backbone": model.manifest.backbone,
+                    "execution_provider": model.provider,
+                    "precision": model.precision,
+                    "data_cursor": model.manifest.data_cursor or "",
+                }
+            )
+            self._metrics.model_activated(name, model.manifest)
+            self._metrics.model_loaded.labels(name).set(1)
+            if first and all(s.model is not None for s in self.slots.values()):
+                await self.grpc.set_serving(True)
+                log.info("serving", extra={"version": model.version, "port": self.grpc.port})
 
-    def _load_and_check(self, version: str) -> M:
-        """Load ``version`` beside the live one (hashes verified), warm it up, smoke-test it."""
-        return self._model_cls.load(
-            self.registry,
-            version,
-            precision=self.settings.precision,
-            provider=self.settings.execution_provider,
-            intra_op_threads=self.settings.intra_op_threads,
-            smoke=True,
-        )
+        return activate
+
+    async def shadow_changed(self, name: str, model: M | None) -> None:
+        """Called after the shadow of ``name`` was loaded (``model``) or unloaded (None)."""
+
+    def _shadow_activator(self, name: str) -> Callable[[M], Awaitable[None]]:
+        async def activate(model: M) -> None:
+            self.shadows[name].set_model(model)
+            await self.shadow_changed(name, model)
+            log.info("shadow live", extra={"model": name, "version": model.version})
+
+        return activate
+
+    def _shadow_unloader(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def unload() -> None:
+            self.shadows[name].clear()
+            await self.shadow_changed(name, None)
+            log.info("shadow unloaded", extra={"model": name})
+
+        return unload
+
+    def _loader(self, registry: ModelRegistry) -> Callable[[str], M]:
+        def load(version: str) -> M:
+            """Load ``version`` beside the live one (hashes verified), warm it up, smoke-test
+            it."""
+            return self._model_cls.load(
+                registry,
+                version,
+                precision=self.settings.precision,
+                provider=self.settings.execution_provider,
+                intra_op_threads=self.settings.intra_op_threads,
+                smoke=True,
+            )
+
+        return load
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, finish in-flight ones, stop the batcher."""
-        if self._following is not None:
-            self._following.cancel()
+        for task in self._following:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._following
+                await task
+        self._following = []
         await self.grpc.stop(self.settings.grace_period_s if grace is None else grace)
         await self.batcher.close()
 

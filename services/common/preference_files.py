@@ -8,7 +8,9 @@ Supported per-line formats (detected per line):
   conversational form (lists of ``{"role", "content"}`` messages).
 * Rankings: ``{"prompt", "completions": [best, ..., worst]}``.
 
-Optional fields: ``margin``, ``weight``, ``annotator_id``.
+Optional fields: ``margin``, ``weight``, ``annotator_id``, ``criterion`` (what was judged; absent,
+null or empty: ``overall``) and ``tags`` (the prompt's tags, a list of strings; absent: none). Their
+names are checked where they are stored (the feedback service's validation).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 
 from plaudit.services.common.textfmt import split_hh_dialogue
 
+DEFAULT_CRITERION = "overall"
+
 
 @dataclass(frozen=True)
 class PreferencePair:
@@ -29,12 +33,16 @@ class PreferencePair:
     rejected: str
     margin: float = 0.0
     weight: float = 1.0
+    criterion: str = DEFAULT_CRITERION
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class RankedCompletions:
     prompt: str
     completions: list[str]
+    criterion: str = DEFAULT_CRITERION
+    tags: tuple[str, ...] = ()
 
 
 def messages_to_dialogue(messages: list[Any], field: str) -> str:
@@ -67,6 +75,27 @@ def _number(record: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+def _criterion(record: Mapping[str, Any]) -> str:
+    value = record.get("criterion")
+    if value is None or value == "":
+        return DEFAULT_CRITERION
+    if not isinstance(value, str):
+        raise ValueError("criterion: must be a string")
+    return value
+
+
+def _tags(record: Mapping[str, Any]) -> tuple[str, ...]:
+    value = record.get("tags")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError("tags: must be a list of strings")
+    for index, tag in enumerate(value):
+        if not isinstance(tag, str):
+            raise ValueError(f"tags[{index}]: must be a string, got {type(tag).__name__}")
+    return tuple(value)
+
+
 def parse_record(record: Any) -> PreferencePair | RankedCompletions:
     """One JSON record in any supported format; ValueError names what is wrong."""
     if not isinstance(record, Mapping):
@@ -80,7 +109,7 @@ def parse_record(record: Any) -> PreferencePair | RankedCompletions:
             raise ValueError("a ranking needs a string 'prompt'")
         if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
             raise ValueError("'completions' must be a list of strings, best first")
-        return RankedCompletions(prompt, list(completions))
+        return RankedCompletions(prompt, list(completions), _criterion(record), _tags(record))
     if "chosen" not in record or "rejected" not in record:
         raise ValueError("record needs 'chosen' and 'rejected' (or 'prompt' and 'completions')")
     chosen = _completion_text(record["chosen"], "chosen")
@@ -90,7 +119,13 @@ def parse_record(record: Any) -> PreferencePair | RankedCompletions:
     elif not isinstance(prompt, str):
         raise ValueError("'prompt' must be a string or a list of messages")
     return PreferencePair(
-        prompt, chosen, rejected, _number(record, "margin", 0.0), _number(record, "weight", 1.0)
+        prompt,
+        chosen,
+        rejected,
+        _number(record, "margin", 0.0),
+        _number(record, "weight", 1.0),
+        _criterion(record),
+        _tags(record),
     )
 
 

@@ -1,11 +1,18 @@
 """The model registry: immutable model versions and a promotion pointer, on any filesystem.
 
-Layout (one namespace per model kind)::
+Layout (one namespace per model kind and name)::
 
     <root>/<kind>/versions/<version>/manifest.json   # plus model.onnx, tokenizer files, ...
     <root>/<kind>/promoted.json                     # {"version": ..., "at": ...}
     <root>/<kind>/promotions.jsonl                  # append-only history of promotions (local)
     <root>/<kind>/promotions/<at>-<random>.json     # one object per promotion (object stores)
+    <root>/<kind>/shadow.json                       # {"version", "fraction", "at"}: optional
+    <root>/<kind>/named/<name>/...                  # the same layout for each named model
+
+A registry holds several *named* models of a kind (``helpfulness``, ``safety``), each with its
+own versions, promotion pointer, history, rollback and shadow. The name ``default`` lives at the
+kind's top level, where registries without names always kept it, so older registries read as
+holding one model called ``default``. A manifest records its name and is refused under another.
 
 ``<root>`` is a local directory (the default) or an fsspec URL (``s3://bucket/prefix``,
 ``gs://...``, ``az://...``, with the matching fsspec package installed: ``pip install
@@ -89,6 +96,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ModelKind = Literal["reward", "policy"]
+DEFAULT_MODEL_NAME = "default"
+MODEL_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_CACHE = Path(".plaudit/registry-cache")
@@ -170,6 +179,9 @@ class ModelManifest(BaseModel):
 
     version: str
     kind: ModelKind
+    name: str = Field(
+        DEFAULT_MODEL_NAME, description="the named model this version belongs to (registry)"
+    )
     created_at: datetime
     parent: str | None = None
     backbone: str
@@ -198,6 +210,16 @@ class ModelManifest(BaseModel):
     def temperature(self) -> float:
         """The preference-probability temperature ``Compare`` divides by (1: uncalibrated)."""
         return self.calibration.temperature if self.calibration is not None else 1.0
+
+
+def validate_model_name(name: str, field: str = "name") -> str:
+    """``name`` if it is a valid model name (lower case, digits, ``_``/``-``, 1-32 chars)."""
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise InvalidArgumentError(
+            field, f"{name!r} is not a model name (a lower-case letter, then up to 31 of "
+            "a-z, 0-9, _ and -)"
+        )  # fmt: skip
+    return name
 
 
 def validate_version_name(version: str) -> str:
@@ -691,7 +713,7 @@ def _stage(
 
 
 class ModelRegistry:
-    """The registry of one model kind, in a local directory or at an fsspec URL.
+    """The registry of one named model of a kind, in a local directory or at an fsspec URL.
 
     ``cache_dir`` holds local copies of remote versions for serving (unused for a local root);
     the ``cache_keep`` most recently used copies are kept, for fast rollbacks. ``signer`` signs
@@ -704,6 +726,7 @@ class ModelRegistry:
         root: Path | str,
         kind: ModelKind = "reward",
         *,
+        name: str = DEFAULT_MODEL_NAME,
         cache_dir: Path | str | None = None,
         cache_keep: int = 3,
         signer: ManifestSigner | None = None,
@@ -713,20 +736,57 @@ class ModelRegistry:
         self.trusted_keys = trusted_keys
         self.root = str(root).rstrip("/") or "/"
         self.kind = kind
+        self.name = validate_model_name(name)
         self.fs, root_path = fsspec.core.url_to_fs(self.root)
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.base = _join(root_path, kind)
+        self.kind_base = _join(root_path, kind)
+        named = name != DEFAULT_MODEL_NAME
+        self.base = _join(self.kind_base, "named", name) if named else self.kind_base
         self.versions_dir = _join(self.base, "versions")
         self.pointer = _join(self.base, "promoted.json")
         self.history = _join(self.base, "promotions.jsonl")
         self.history_dir = _join(self.base, "promotions")
+        self.shadow_pointer = _join(self.base, "shadow.json")
         slug = hashlib.sha256(self.root.encode()).hexdigest()[:16]
-        self.cache_dir = Path(cache_dir or DEFAULT_CACHE) / slug / kind
+        self._cache_root = Path(cache_dir or DEFAULT_CACHE)
+        # a named model's copies sit beside the default's folder, never inside it (pruning)
+        self.cache_dir = self._cache_root / slug / (f"{kind}.{name}" if named else kind)
         self.cache_keep = cache_keep
         self._checked_out: list[str] = []  # the last versions this process checked out
 
     def __repr__(self) -> str:
-        return f"ModelRegistry({self.root!r}, {self.kind!r})"
+        return f"ModelRegistry({self.root!r}, {self.kind!r}, name={self.name!r})"
+
+    @property
+    def label(self) -> str:
+        """``kind`` for the default model, ``kind/name`` for a named one (logs, messages)."""
+        return self.kind if self.name == DEFAULT_MODEL_NAME else f"{self.kind}/{self.name}"
+
+    def named(self, name: str) -> ModelRegistry:
+        """The registry of another named model of the same kind, root, cache and keys."""
+        return ModelRegistry(
+            self.root,
+            self.kind,
+            name=name,
+            cache_dir=self._cache_root,
+            cache_keep=self.cache_keep,
+            signer=self.signer,
+            trusted_keys=self.trusted_keys,
+        )  # fmt: skip
+
+    def model_names(self) -> list[str]:
+        """The named models of this kind that have a promoted version (``default`` first)."""
+        names = [DEFAULT_MODEL_NAME] if self.named(DEFAULT_MODEL_NAME).promoted() else []
+        folder = _join(self.kind_base, "named")
+        self.fs.invalidate_cache(folder)
+        try:
+            children = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            children = []
+        for child in sorted(PurePosixPath(str(c)).name for c in children):
+            if MODEL_NAME_RE.fullmatch(child) and self.named(child).promoted():
+                names.append(child)
+        return names
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, path: str) -> bytes:
@@ -776,6 +836,10 @@ class ModelRegistry:
             raise FailedPreconditionError(
                 f"version {version}: its manifest describes {manifest.kind} version "
                 f"{manifest.version!r}"
+            )
+        if manifest.name != self.name:
+            raise FailedPreconditionError(
+                f"version {version} belongs to the model named {manifest.name!r}, not {self.name!r}"
             )
         check_manifest_paths(version, manifest)
         if self.trusted_keys is not None:
@@ -952,6 +1016,12 @@ class ModelRegistry:
     def publish(self, source_dir: Path, manifest: ModelManifest) -> ModelManifest:
         """Copy ``source_dir`` in as a new immutable version, hashes recorded, atomically."""
         validate_version_name(manifest.version)
+        if manifest.name == DEFAULT_MODEL_NAME and self.name != DEFAULT_MODEL_NAME:
+            manifest = manifest.model_copy(update={"name": self.name})  # built without a name
+        if manifest.name != self.name:
+            raise InvalidArgumentError(
+                "name", f"registry of the model {self.name!r} got a version of {manifest.name!r}"
+            )
         if manifest.kind != self.kind:
             raise InvalidArgumentError(
                 "kind", f"registry holds {self.kind} models, got {manifest.kind}"
@@ -1000,12 +1070,14 @@ class ModelRegistry:
                 raise
         return final
 
-    def _write_pointer(self, text: str) -> None:
+    def _write_pointer(self, text: str, path: str | None = None) -> None:
+        """Replace the promotion pointer (or the pointer at ``path``) atomically."""
+        path = path or self.pointer
         if self.is_local:
             Path(self.base).mkdir(parents=True, exist_ok=True)
-            _write_atomic(Path(self.pointer), text)
+            _write_atomic(Path(path), text)
         else:
-            self.fs.pipe_file(self.pointer, text.encode())
+            self.fs.pipe_file(path, text.encode())
 
     def _append_history(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
@@ -1033,6 +1105,42 @@ class ModelRegistry:
              "rollback": rollback}
         )  # fmt: skip
         log.info("promoted model version", extra={"version": version, "previous": previous})
+        shadow = self.shadow_record()
+        if shadow is not None and shadow["version"] == version:
+            self.stop_shadow()  # the candidate is live now: nothing left to shadow
+
+    # -- shadow ----------------------------------------------------------------------------------
+    def shadow_record(self) -> dict[str, Any] | None:
+        """The shadow pointer ``{"version", "fraction", "at"}``, or None when no shadow runs."""
+        try:
+            data = json.loads(self._read(self.shadow_pointer))
+        except FileNotFoundError:
+            return None
+        if not isinstance(data, dict) or "version" not in data or "fraction" not in data:
+            raise ValueError(f"malformed shadow pointer {self.shadow_pointer}")
+        return data
+
+    def start_shadow(self, version: str, fraction: float) -> None:
+        """Have serving score a ``fraction`` of live requests with ``version`` too (off the
+        request path); the version must verify. Replaces any shadow already running."""
+        if not 0.0 < fraction <= 1.0:
+            raise InvalidArgumentError("fraction", f"must be in (0, 1], got {fraction}")
+        self.verify(version)
+        if version == self.promoted():
+            raise FailedPreconditionError(f"{version} is the live version: nothing to shadow")
+        now = datetime.now(UTC).isoformat()
+        text = json.dumps({"version": version, "fraction": fraction, "at": now})
+        self._write_pointer(text, self.shadow_pointer)
+        log.info("shadow started", extra={"version": version, "fraction": fraction})
+
+    def stop_shadow(self) -> bool:
+        """Remove the shadow pointer (serving unloads the shadow); False if none was set."""
+        try:
+            self.fs.rm_file(self.shadow_pointer)
+        except FileNotFoundError:
+            return False
+        log.info("shadow stopped", extra={"model": self.label})
+        return True
 
     def live_stack(self) -> list[str]:
         """Promoted versions still "on the stack": each rollback pops the one it replaced."""
@@ -1089,10 +1197,11 @@ class RegistryLocationSettings(PlauditSettings):
     def _path_as_text(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
-    def model_registry(self, kind: ModelKind) -> ModelRegistry:
+    def model_registry(self, kind: ModelKind, name: str = DEFAULT_MODEL_NAME) -> ModelRegistry:
         return ModelRegistry(
             self.registry,
             kind,
+            name=name,
             cache_dir=self.registry_cache,
             cache_keep=self.registry_cache_keep,
             signer=ManifestSigner.from_file(self.signing_key_file)

@@ -153,6 +153,21 @@ def stats_json(stats: Stats) -> dict[str, Any]:
         "kappa_method": report.kappa_method or "",
         "contradictions": report.contradicted_groups,
         "ties": report.tied_groups,
+        "criteria": [
+            {
+                "criterion": criterion,
+                "records": part.records,
+                "judgements": part.judgements,
+                "pairs_derived": part.pairs_derived,
+                "overlapping_items": part.agreement.multi_annotated_groups,
+                "raw_agreement": part.agreement.raw_agreement,
+                "kappa": part.agreement.kappa,
+                "kappa_method": part.agreement.kappa_method or "",
+                "contradictions": part.agreement.contradicted_groups,
+                "ties": part.agreement.tied_groups,
+            }
+            for criterion, part in sorted(stats.by_criterion.items())
+        ],
     }
 
 

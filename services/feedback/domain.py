@@ -12,6 +12,11 @@ derives training examples from the stored events when they are exported:
 * :class:`Correction` - an edited completion: the pair (corrected over completion) and a
   supervised (prompt, corrected) example.
 
+Every event names the ``criterion`` it judges (default ``overall``; e.g. ``helpfulness``,
+``safety``: one of :attr:`FeedbackLimits.accepted_criteria`) and may attach ``tags`` to its
+prompt (e.g. ``safety``; at most 16, stored deduplicated and sorted). Judgements on different
+criteria are different judgements: they are never merged, paired or counted as disagreement.
+
 A derived pair is a :class:`Judgement`: one annotator's vote on one unordered pair of
 completions of one prompt. Judgements are stored in a canonical orientation (``first`` sorts
 before ``second``) so votes on the same pair group together whichever way round they came.
@@ -22,8 +27,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import orjson
@@ -44,6 +50,48 @@ A group of at most this many + 1 rated completions pairs every completion with e
 MAX_RATING_PAIRS_PER_GROUP = 10_000
 """Default cap on the judgements the ratings of one (prompt, annotator, scale) group imply."""
 
+DEFAULT_CRITERION = "overall"
+"""The criterion of an event that names none (and of every event stored before criteria)."""
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+"""A criterion or a prompt tag: lower-case ASCII, at most 32 characters (fullmatch)."""
+MAX_TAGS = 16
+"""Tags one event may attach to its prompt."""
+CRITERION_QUESTIONS: dict[str, str] = {
+    "overall": "Which response is better?",
+    "helpfulness": "Which response is more helpful?",
+    "safety": "Which response is safer?",
+    "harmlessness": "Which response is more harmless?",
+    "honesty": "Which response is more honest?",
+}
+"""The labelling page's question of the built-in criteria (others: :func:`criterion_question`)."""
+
+
+def is_name(value: object) -> bool:
+    """True when ``value`` is a valid criterion or tag name (``NAME_PATTERN``)."""
+    return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
+
+
+def criterion_question(criterion: str) -> str:
+    """The question the labelling page asks of ``criterion``."""
+    return CRITERION_QUESTIONS.get(criterion, f"Which response is better for {criterion}?")
+
+
+def check_criteria_names(criteria: Iterable[str]) -> tuple[str, ...]:
+    """Configured criteria, deduplicated in order; ValueError names a bad one (start-up check).
+
+    ``overall`` is always accepted, so it is left in only where it is configured."""
+    out: dict[str, None] = {}
+    for name in criteria:
+        if not is_name(name):
+            raise ValueError(
+                f"criterion {name!r} must match {NAME_PATTERN.pattern} (lower-case ASCII letters, "
+                "digits, '_' or '-', starting with a letter, at most 32 characters)"
+            )
+        out.setdefault(name)
+    if not out:
+        raise ValueError("criteria must name at least one criterion")
+    return tuple(out)
+
 
 @dataclass(frozen=True)
 class FeedbackLimits:
@@ -56,12 +104,19 @@ class FeedbackLimits:
     max_metadata_entries: int = 32
     max_metadata_key_chars: int = 64
     max_metadata_value_chars: int = 1024
+    criteria: tuple[str, ...] = (DEFAULT_CRITERION,)  # accepted besides "overall" (always)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "criteria", check_criteria_names(self.criteria))
         if not 2 <= self.min_completions <= self.max_completions:
             raise ValueError("need 2 <= min_completions <= max_completions")
         if self.max_completions * (self.max_completions - 1) // 2 >= MAX_ITEMS_PER_FEEDBACK:
             raise ValueError("max_completions implies more pairs than an export cursor can address")
+
+    @property
+    def accepted_criteria(self) -> tuple[str, ...]:
+        """Every criterion an event may name: ``overall`` first, then the configured ones."""
+        return tuple(dict.fromkeys((DEFAULT_CRITERION, *self.criteria)))
 
 
 DEFAULT_LIMITS = FeedbackLimits()
@@ -80,6 +135,8 @@ class Comparison:
     idempotency_key: str
     margin: float | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    criterion: str = DEFAULT_CRITERION
+    tags: Sequence[str] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +149,8 @@ class Ranking:
     annotator_id: str
     idempotency_key: str
     metadata: Mapping[str, str] = field(default_factory=dict)
+    criterion: str = DEFAULT_CRITERION
+    tags: Sequence[str] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +166,8 @@ class Rating:
     annotator_id: str
     idempotency_key: str
     metadata: Mapping[str, str] = field(default_factory=dict)
+    criterion: str = DEFAULT_CRITERION
+    tags: Sequence[str] = ()
 
     @classmethod
     def thumbs(
@@ -118,6 +179,8 @@ class Rating:
         annotator_id: str,
         idempotency_key: str,
         metadata: Mapping[str, str] | None = None,
+        criterion: str = DEFAULT_CRITERION,
+        tags: Sequence[str] = (),
     ) -> Rating:
         """Thumbs up/down: a rating of 1 or 0 on the 0..1 scale."""
         return cls(
@@ -129,6 +192,8 @@ class Rating:
             annotator_id=annotator_id,
             idempotency_key=idempotency_key,
             metadata=metadata or {},
+            criterion=criterion,
+            tags=tags,
         )
 
     @property
@@ -153,6 +218,8 @@ class Correction:
     annotator_id: str
     idempotency_key: str
     metadata: Mapping[str, str] = field(default_factory=dict)
+    criterion: str = DEFAULT_CRITERION
+    tags: Sequence[str] = ()
 
 
 FeedbackEvent: TypeAlias = Comparison | Ranking | Rating | Correction
@@ -247,6 +314,50 @@ def _check_metadata(metadata: object, limits: FeedbackLimits) -> None:
             raise InvalidArgumentError("metadata", f"value of {shown} {problem}")
 
 
+def _check_criterion(value: object, limits: FeedbackLimits) -> None:
+    """Empty means ``overall``; otherwise a name among ``limits.accepted_criteria``."""
+    accepted = ", ".join(limits.accepted_criteria)
+    if not isinstance(value, str):
+        raise InvalidArgumentError("criterion", f"must be a string, got {type(value).__name__}")
+    if value and not is_name(value):
+        raise InvalidArgumentError(
+            "criterion",
+            f"{value[:40]!r} is not a criterion name ({NAME_PATTERN.pattern}); "
+            f"accepted: {accepted}",
+        )
+    if value and value not in limits.accepted_criteria:
+        raise InvalidArgumentError(
+            "criterion", f"{value!r} is not a configured criterion; accepted: {accepted}"
+        )
+
+
+def _check_tags(tags: object) -> None:
+    """A list of names (``NAME_PATTERN``), at most ``MAX_TAGS`` distinct ones."""
+    if isinstance(tags, str) or not isinstance(tags, Sequence):
+        raise InvalidArgumentError("tags", "must be a list of strings")
+    for index, tag in enumerate(tags):
+        if not is_name(tag):
+            shown = repr(tag[:40]) if isinstance(tag, str) else type(tag).__name__
+            raise InvalidArgumentError(
+                f"tags[{index}]",
+                f"{shown} is not a tag: lower-case ASCII letters, digits, '_' or '-', starting "
+                "with a letter, at most 32 characters",
+            )
+    if len(set(tags)) > MAX_TAGS:
+        raise InvalidArgumentError("tags", f"has {len(set(tags))} tags; the limit is {MAX_TAGS}")
+
+
+def normalize_event(event: FeedbackEvent) -> FeedbackEvent:
+    """The event as stored: an empty criterion is ``overall``, tags deduplicated and sorted.
+
+    Call it after :func:`validate_event` (whose errors index ``tags`` as given)."""
+    criterion = event.criterion or DEFAULT_CRITERION
+    tags = tuple(sorted(set(event.tags)))
+    if criterion == event.criterion and tuple(event.tags) == tags:
+        return event
+    return replace(event, criterion=criterion, tags=tags)
+
+
 def _same_text(a: str, b: str) -> bool:
     """Texts that differ only in surrounding whitespace count as the same completion."""
     return a == b or a.strip() == b.strip()
@@ -293,6 +404,8 @@ def validate_event(event: FeedbackEvent, limits: FeedbackLimits = DEFAULT_LIMITS
     _check_identifier("annotator_id", event.annotator_id, limits)
     _check_identifier("idempotency_key", event.idempotency_key, limits)
     _check_metadata(event.metadata, limits)
+    _check_criterion(event.criterion, limits)
+    _check_tags(event.tags)
 
 
 def _validate_completions(
@@ -379,7 +492,9 @@ def validate_task(task: NewTask, limits: FeedbackLimits = DEFAULT_LIMITS) -> Non
 
 
 # -- canonical form ----------------------------------------------------------------------------
-_COMMON_FIELDS = frozenset({"prompt", "annotator_id", "idempotency_key", "metadata"})
+_COMMON_FIELDS = frozenset(
+    {"prompt", "annotator_id", "idempotency_key", "metadata", "criterion", "tags"}
+)
 
 
 def event_payload(event: FeedbackEvent) -> dict[str, Any]:
@@ -401,8 +516,11 @@ def event_from_payload(
     idempotency_key: str,
     payload: Mapping[str, Any],
     metadata: Mapping[str, str],
+    criterion: str | None = DEFAULT_CRITERION,
+    tags: Sequence[str] | None = (),
 ) -> FeedbackEvent:
-    """Rebuild an event from its stored columns (inverse of :func:`event_payload`)."""
+    """Rebuild an event from its stored columns (inverse of :func:`event_payload`); a NULL
+    criterion or tags column (never written, but tolerated) reads as ``overall``, no tags."""
     if kind not in EVENT_CLASSES:
         raise ValueError(f"unknown feedback kind {kind!r}")
     values = dict(payload)
@@ -410,21 +528,29 @@ def event_from_payload(
         values["completions"] = tuple(values["completions"])
     common: dict[str, Any] = {"prompt": prompt, "annotator_id": annotator_id}
     common["idempotency_key"] = idempotency_key
+    common["criterion"] = criterion or DEFAULT_CRITERION
+    common["tags"] = tuple(tags or ())
     return EVENT_CLASSES[kind](**common, **values, metadata=dict(metadata))
 
 
 def content_hash(event: FeedbackEvent) -> str:
     """sha256 of everything the event says except its idempotency key (hex).
 
-    Two submissions under one key are the same feedback exactly when their hashes match.
+    Two submissions under one key are the same feedback exactly when their hashes match. The
+    criterion counts only when it is not ``overall`` and the tags only when there are any, so
+    an event stored before criteria existed hashes as it did then.
     """
-    body = {
+    body: dict[str, Any] = {
         "kind": event.kind,
         "prompt": event.prompt,
         "annotator_id": event.annotator_id,
         "metadata": dict(event.metadata),
         "payload": event_payload(event),
     }
+    if event.criterion and event.criterion != DEFAULT_CRITERION:
+        body["criterion"] = event.criterion
+    if event.tags:
+        body["tags"] = sorted(set(event.tags))
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -442,6 +568,8 @@ class Judgement:
     (two equal ratings: it records that the annotator no longer prefers either and yields no
     pair). ``first < second`` always. ``position`` (feedback id, index among the judgements that
     feedback implies) orders judgements in commit order and is the basis of export cursors.
+    ``criterion`` is what was judged (votes on different criteria never group together);
+    ``tags`` are the prompt tags of the event it came from.
     """
 
     prompt: str
@@ -453,6 +581,8 @@ class Judgement:
     source_kind: FeedbackKind
     feedback_id: int
     index: int
+    criterion: str = DEFAULT_CRITERION
+    tags: tuple[str, ...] = ()
 
     @property
     def position(self) -> tuple[int, int]:
@@ -478,6 +608,8 @@ def make_judgement(
     feedback_id: int,
     index: int,
     tie: bool = False,
+    criterion: str = DEFAULT_CRITERION,
+    tags: Sequence[str] = (),
 ) -> Judgement:
     """A judgement that ``preferred`` beats ``other`` (or neither, with ``tie``), canonicalised."""
     if preferred < other:
@@ -494,6 +626,8 @@ def make_judgement(
         source_kind=source_kind,
         feedback_id=feedback_id,
         index=index,
+        criterion=criterion or DEFAULT_CRITERION,
+        tags=tuple(tags),
     )
 
 
@@ -570,7 +704,7 @@ def derive_judgements(
     """Every judgement the records imply, in position order. Deterministic.
 
     Records are processed in feedback id (commit) order. A rating is paired with the latest
-    earlier rating of other completions of the same prompt on the same scale
+    earlier rating of other completions of the same prompt and criterion on the same scale
     (``scale_min``/``scale_max`` equal), by the same annotator unless
     ``rating_pairs_across_annotators`` (then the judgement is attributed to the later rating's
     annotator). Equal scores give a ``preference == 0`` judgement. Completions are matched
@@ -588,13 +722,16 @@ def derive_judgements(
         raise ValueError("need max_pairs_per_rating >= 1 and max_rating_pairs_per_group >= 0")
     limit = min(max_pairs_per_rating, MAX_ITEMS_PER_FEEDBACK)
     judgements: list[Judgement] = []
-    groups: dict[tuple[str, str, float, float], _RatingGroup] = {}
+    groups: dict[tuple[str, str, str, float, float], _RatingGroup] = {}
     for record in sorted(records, key=lambda r: r.feedback_id):
         event, fid = record.event, record.feedback_id
+        criterion = event.criterion or DEFAULT_CRITERION
         common: dict[str, Any] = {
             "annotator_id": event.annotator_id,
             "source_kind": event.kind,
             "feedback_id": fid,
+            "criterion": criterion,
+            "tags": tuple(event.tags),
         }
         if isinstance(event, Comparison):
             judgements.append(
@@ -620,7 +757,7 @@ def derive_judgements(
             )
         else:
             rater = "" if rating_pairs_across_annotators else event.annotator_id
-            key = (event.prompt, rater, float(event.scale_min), float(event.scale_max))
+            key = (event.prompt, criterion, rater, float(event.scale_min), float(event.scale_max))
             group = groups.setdefault(key, _RatingGroup())
             budget = min(limit, max_rating_pairs_per_group - group.emitted)
             partners = group.partners(event, budget) if budget > 0 else []
@@ -652,8 +789,10 @@ class DerivedPair:
     ``weight`` is the majority share of the votes (see :mod:`plaudit.services.feedback.quality`);
     ``agree``/``disagree`` count the annotators on each side. ``annotator_id``, ``source_kind``
     and ``feedback_id`` name the latest vote on the majority side. ``pair_key`` identifies the
-    (prompt, unordered pair) so a reader can replace a pair that is exported again with new
-    votes. Pass ``cursor`` as ``after_cursor`` to resume after this item.
+    (prompt, unordered pair, criterion) so a reader can replace a pair that is exported again
+    with new votes. Pass ``cursor`` as ``after_cursor`` to resume after this item.
+    ``criterion`` is what the votes judged; ``tags`` is the union of the prompt tags of every
+    event that voted on the pair (sorted), so a tag given once stays with the pair.
     """
 
     prompt: str
@@ -668,6 +807,8 @@ class DerivedPair:
     agree: int
     disagree: int
     pair_key: str
+    criterion: str = DEFAULT_CRITERION
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -682,6 +823,8 @@ class UnpairedExample:
     annotator_id: str
     feedback_id: int
     cursor: int
+    criterion: str = DEFAULT_CRITERION
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -693,6 +836,8 @@ class SftExample:
     annotator_id: str
     feedback_id: int
     cursor: int
+    criterion: str = DEFAULT_CRITERION
+    tags: tuple[str, ...] = ()
 
 
 def encode_cursor(feedback_id: int, index: int = 0) -> int:

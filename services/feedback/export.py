@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar, cast
 
 import sqlalchemy as sa
@@ -49,6 +49,7 @@ from plaudit.services.feedback.db import (
 from plaudit.services.feedback.domain import (
     MAX_PAIRS_PER_RATING,
     MAX_RATING_PAIRS_PER_GROUP,
+    NAME_PATTERN,
     Correction,
     DerivedPair,
     Judgement,
@@ -60,6 +61,7 @@ from plaudit.services.feedback.domain import (
     derive_judgements,
     encode_cursor,
     event_from_payload,
+    is_name,
     text_hash,
 )
 from plaudit.services.feedback.quality import (
@@ -81,6 +83,8 @@ _EVENT_COLUMNS = (
     _FEEDBACK.c.idempotency_key,
     _FEEDBACK.c.payload,
     _FEEDBACK.c.metadata,
+    _FEEDBACK.c.criterion,
+    _FEEDBACK.c.tags,
 )
 KEY_CHUNK = 500  # idempotency keys / prompt hashes per IN (...) list
 _PROMPT_CACHE_LIMIT = 4096  # prompts whose derived pairs one export call keeps
@@ -89,8 +93,22 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class CriterionStats:
+    """The counts and agreement of one criterion's rows (its votes only)."""
+
+    records: int
+    judgements: int
+    pairs_derived: int
+    agreement: AgreementReport
+
+
+@dataclass(frozen=True)
 class Stats:
-    """Counts and agreement over every committed row up to ``last_feedback_id``."""
+    """Counts and agreement over every committed row up to ``last_feedback_id``.
+
+    ``by_criterion`` breaks the totals down per criterion (every criterion with a row); the
+    totals are their sums, except the agreement report, which pools every criterion's groups
+    (a group never mixes criteria) and tests outliers over all of them."""
 
     last_feedback_id: int
     total: int
@@ -99,6 +117,7 @@ class Stats:
     judgements: int  # pair judgements the rows imply (a ranking of K gives K(K-1)/2)
     pairs_derived: int  # (prompt, pair) groups with a majority: what export_pairs yields from 0
     agreement: AgreementReport
+    by_criterion: dict[str, CriterionStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,12 @@ class _QualitySnapshot:
     judgements: int
     pairs: int
     report: AgreementReport
+    by_criterion: dict[str, tuple[int, int, AgreementReport]]  # judgements, pairs, report
+
+
+def _criterion_filter(criterion: str | None) -> tuple[sa.ColumnElement[bool], ...]:
+    """The WHERE clause that keeps one criterion's rows (none: every row)."""
+    return () if criterion is None else (_FEEDBACK.c.criterion == criterion,)
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -125,6 +150,8 @@ def _record(row: Any) -> StoredFeedback:
             idempotency_key=row.idempotency_key,
             payload=row.payload,
             metadata=row.metadata,
+            criterion=row.criterion,
+            tags=row.tags,
         ),
     )
 
@@ -141,6 +168,8 @@ def _unpaired_example(record: StoredFeedback, cursor: int) -> UnpairedExample:
         annotator_id=rating.annotator_id,
         feedback_id=record.feedback_id,
         cursor=cursor,
+        criterion=rating.criterion,
+        tags=tuple(rating.tags),
     )
 
 
@@ -153,6 +182,8 @@ def _sft_example(record: StoredFeedback, cursor: int) -> SftExample:
         annotator_id=correction.annotator_id,
         feedback_id=record.feedback_id,
         cursor=cursor,
+        criterion=correction.criterion,
+        tags=tuple(correction.tags),
     )
 
 
@@ -239,19 +270,39 @@ class FeedbackReader:
         if limit is not None and limit < 0:
             raise InvalidArgumentError("limit", f"must be >= 0, got {limit}")
 
+    @staticmethod
+    def _check_criterion(criterion: str | None) -> None:
+        if criterion is not None and not is_name(criterion):
+            raise InvalidArgumentError(
+                "criterion", f"{criterion[:40]!r} is not a criterion name ({NAME_PATTERN.pattern})"
+            )
+
     def export_pairs(
-        self, after_cursor: int = 0, limit: int | None = None, *, exclude_outliers: bool = False
+        self,
+        after_cursor: int = 0,
+        limit: int | None = None,
+        *,
+        exclude_outliers: bool = False,
+        criterion: str | None = None,
     ) -> Iterator[DerivedPair]:
         """Consensus preference pairs after ``after_cursor``, in cursor order (see module doc).
 
         At most ``limit`` pairs (all if None). With ``exclude_outliers`` the votes of annotators
-        flagged by the outlier test are left out before the consensus is formed.
+        flagged by the outlier test are left out before the consensus is formed (the test is
+        over every criterion). ``criterion`` keeps the pairs judged on that criterion only (None:
+        every criterion; each pair carries its ``criterion``); cursors stay comparable across
+        filters, since they are positions in the one commit order.
         """
         self._check_page_args(after_cursor, limit)
-        return self._export_pairs(after_cursor, limit, exclude_outliers)
+        self._check_criterion(criterion)
+        return self._export_pairs(after_cursor, limit, exclude_outliers, criterion)
 
     def _export_pairs(
-        self, after_cursor: int, limit: int | None, exclude_outliers: bool
+        self,
+        after_cursor: int,
+        limit: int | None,
+        exclude_outliers: bool,
+        criterion: str | None = None,
     ) -> Iterator[DerivedPair]:
         if limit == 0:
             return
@@ -265,7 +316,11 @@ class FeedbackReader:
             with database_errors("exporting pairs"), self._engine.connect() as conn:
                 page = conn.execute(
                     sa.select(_FEEDBACK.c.id, _FEEDBACK.c.prompt_hash)
-                    .where(_FEEDBACK.c.id >= next_id, _FEEDBACK.c.id <= watermark)
+                    .where(
+                        _FEEDBACK.c.id >= next_id,
+                        _FEEDBACK.c.id <= watermark,
+                        *_criterion_filter(criterion),
+                    )
                     .order_by(_FEEDBACK.c.id)
                     .limit(self.page_rows)
                 ).all()
@@ -278,7 +333,7 @@ class FeedbackReader:
                         h: emissions_by_prompt[h] for h in page_prompts if h in emissions_by_prompt
                     }
                 emissions_by_prompt.update(
-                    self._consensus_by_prompt(conn, missing, watermark, excluded)
+                    self._consensus_by_prompt(conn, missing, watermark, excluded, criterion)
                 )
             first_id, last_id = page[0].id, page[-1].id
             due = sorted(
@@ -298,13 +353,21 @@ class FeedbackReader:
             next_id = last_id + 1
 
     def _load_prompts(
-        self, conn: Connection, prompt_hashes: Sequence[str], watermark: int
+        self,
+        conn: Connection,
+        prompt_hashes: Sequence[str],
+        watermark: int,
+        criterion: str | None = None,
     ) -> list[StoredFeedback]:
         records: list[StoredFeedback] = []
         for chunk in chunks(prompt_hashes, KEY_CHUNK):
             rows = conn.execute(
                 sa.select(*_EVENT_COLUMNS)
-                .where(_FEEDBACK.c.prompt_hash.in_(chunk), _FEEDBACK.c.id <= watermark)
+                .where(
+                    _FEEDBACK.c.prompt_hash.in_(chunk),
+                    _FEEDBACK.c.id <= watermark,
+                    *_criterion_filter(criterion),
+                )
                 .order_by(_FEEDBACK.c.id)
             )
             records.extend(_record(row) for row in rows)
@@ -316,12 +379,15 @@ class FeedbackReader:
         prompt_hashes: Sequence[str],
         watermark: int,
         excluded: frozenset[str],
+        criterion: str | None = None,
     ) -> dict[str, list[PairConsensus]]:
-        """Exportable consensus of every group of those prompts, keyed by prompt hash."""
+        """Exportable consensus of every group of those prompts (of one criterion, if given:
+        judgements of different criteria never meet, so leaving the others out changes
+        nothing else), keyed by prompt hash."""
         out: dict[str, list[PairConsensus]] = {h: [] for h in prompt_hashes}
         if not prompt_hashes:
             return out
-        records = self._load_prompts(conn, prompt_hashes, watermark)
+        records = self._load_prompts(conn, prompt_hashes, watermark, criterion)
         judgements = self._derive(records)
         for consensus in build_consensus(judgements, excluded).values():
             if consensus.preference != 0:
@@ -345,26 +411,47 @@ class FeedbackReader:
             agree=consensus.agree,
             disagree=consensus.disagree,
             pair_key=pair_key(consensus.key),
+            criterion=consensus.criterion,
+            tags=consensus.tags,
         )
 
     def export_unpaired(
-        self, after_cursor: int = 0, limit: int | None = None, *, exclude_outliers: bool = False
+        self,
+        after_cursor: int = 0,
+        limit: int | None = None,
+        *,
+        exclude_outliers: bool = False,
+        criterion: str | None = None,
     ) -> Iterator[UnpairedExample]:
-        """Every rating after ``after_cursor`` as a KTO example (label: above the midpoint)."""
+        """Every rating after ``after_cursor`` as a KTO example (label: above the midpoint);
+        of one ``criterion`` only when given."""
         self._check_page_args(after_cursor, limit)
-        rows = self._export_rows("rating", after_cursor, limit, exclude_outliers)
+        self._check_criterion(criterion)
+        rows = self._export_rows("rating", after_cursor, limit, exclude_outliers, criterion)
         return (_unpaired_example(record, cursor) for record, cursor in rows)
 
     def export_sft(
-        self, after_cursor: int = 0, limit: int | None = None, *, exclude_outliers: bool = False
+        self,
+        after_cursor: int = 0,
+        limit: int | None = None,
+        *,
+        exclude_outliers: bool = False,
+        criterion: str | None = None,
     ) -> Iterator[SftExample]:
-        """Every correction after ``after_cursor`` as a supervised (prompt, corrected) example."""
+        """Every correction after ``after_cursor`` as a supervised (prompt, corrected) example;
+        of one ``criterion`` only when given."""
         self._check_page_args(after_cursor, limit)
-        rows = self._export_rows("correction", after_cursor, limit, exclude_outliers)
+        self._check_criterion(criterion)
+        rows = self._export_rows("correction", after_cursor, limit, exclude_outliers, criterion)
         return (_sft_example(record, cursor) for record, cursor in rows)
 
     def _export_rows(
-        self, kind: str, after_cursor: int, limit: int | None, exclude_outliers: bool
+        self,
+        kind: str,
+        after_cursor: int,
+        limit: int | None,
+        exclude_outliers: bool,
+        criterion: str | None = None,
     ) -> Iterator[tuple[StoredFeedback, int]]:
         """Rows of one kind after the cursor (one item per row, index 0), up to the watermark."""
         if limit == 0:
@@ -381,6 +468,7 @@ class FeedbackReader:
                         _FEEDBACK.c.kind == kind,
                         _FEEDBACK.c.id >= next_id,
                         _FEEDBACK.c.id <= watermark,
+                        *_criterion_filter(criterion),
                     )
                     .order_by(_FEEDBACK.c.id)
                     .limit(self.page_rows)
@@ -418,7 +506,23 @@ class FeedbackReader:
                     .group_by(_FEEDBACK.c.annotator_id)
                 )
             }
+            records_by_criterion = {
+                criterion: int(n)
+                for criterion, n in conn.execute(
+                    sa.select(_FEEDBACK.c.criterion, sa.func.count())
+                    .where(upto)
+                    .group_by(_FEEDBACK.c.criterion)
+                )
+            }
         quality = self._quality_snapshot(watermark)
+        empty = agreement_report({})
+        by_criterion = {
+            criterion: CriterionStats(
+                records_by_criterion.get(criterion, 0),
+                *quality.by_criterion.get(criterion, (0, 0, empty)),
+            )
+            for criterion in sorted(set(records_by_criterion) | set(quality.by_criterion))
+        }
         return Stats(
             last_feedback_id=watermark,
             total=sum(by_kind.values()),
@@ -427,6 +531,7 @@ class FeedbackReader:
             judgements=quality.judgements,
             pairs_derived=quality.pairs,
             agreement=quality.report,
+            by_criterion=by_criterion,
         )
 
     def outlier_annotators(self) -> frozenset[str]:
@@ -449,15 +554,18 @@ class FeedbackReader:
     def _compute_quality(self, watermark: int) -> _QualitySnapshot:
         """Stream every row up to the watermark, prompt by prompt, keeping only compact votes."""
         votes_by_group: dict[str, dict[str, int]] = {}
-        judgement_count = 0
+        criterion_of_group: dict[str, str] = {}
+        judgements_by_criterion: dict[str, int] = {}
 
         def absorb(records: list[StoredFeedback]) -> None:
-            nonlocal judgement_count
             judgements = self._derive(records)
-            judgement_count += len(judgements)
             for judgement in judgements:  # in position order, so the last vote wins
                 key = pair_key(group_key(judgement))
                 votes_by_group.setdefault(key, {})[judgement.annotator_id] = judgement.preference
+                criterion_of_group[key] = judgement.criterion
+                judgements_by_criterion[judgement.criterion] = (
+                    judgements_by_criterion.get(judgement.criterion, 0) + 1
+                )
 
         with self._engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(
@@ -475,10 +583,29 @@ class FeedbackReader:
                 batch.append(_record(row))
             if batch:
                 absorb(batch)
-        pairs = 0
-        for votes in votes_by_group.values():
+        pairs_by_criterion: dict[str, int] = {}
+        groups_by_criterion: dict[str, dict[str, dict[str, int]]] = {}
+        for key, votes in votes_by_group.items():
             positive = sum(1 for v in votes.values() if v > 0)
             negative = sum(1 for v in votes.values() if v < 0)
-            pairs += positive != negative
+            criterion = criterion_of_group[key]
+            pairs_by_criterion[criterion] = pairs_by_criterion.get(criterion, 0) + (
+                positive != negative
+            )
+            groups_by_criterion.setdefault(criterion, {})[key] = votes
         report = agreement_report(votes_by_group, alpha=self.outlier_alpha)
-        return _QualitySnapshot(watermark, judgement_count, pairs, report)
+        by_criterion = {
+            criterion: (
+                judgements_by_criterion.get(criterion, 0),
+                pairs_by_criterion.get(criterion, 0),
+                agreement_report(groups, alpha=self.outlier_alpha),
+            )
+            for criterion, groups in groups_by_criterion.items()
+        }
+        return _QualitySnapshot(
+            watermark,
+            sum(judgements_by_criterion.values()),
+            sum(pairs_by_criterion.values()),
+            report,
+            by_criterion,
+        )

@@ -12,7 +12,9 @@ Routes (JSON in and out; ``docs/labelling.md`` has examples):
 * ``POST /api/v1/tasks`` - queue tasks: ``{"tasks": [{"prompt", "completions", "key"?,
   "metadata"?, "source"?}]}``; all or nothing.
 * ``GET /api/v1/tasks/next?annotator_id=A`` - the next task for A (see
-  :mod:`plaudit.services.feedback.tasks`), ``{"task": null, ...}`` when there is none.
+  :mod:`plaudit.services.feedback.tasks`), ``{"task": null, ...}`` when there is none, and the
+  ``criteria`` the page asks about, in the configured order: ``[{"criterion": "safety",
+  "question": "Which response is safer?"}]`` (one labelled task may collect one event each).
 * ``GET /api/v1/tasks/{id}``, ``POST /api/v1/tasks/{id}/skip`` (``{"annotator_id"}``).
 * ``GET /api/v1/stats`` - what gRPC ``GetStats`` reports, plus the task queue's counts.
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ from plaudit.services.feedback.core import (
     stats_json,
 )
 from plaudit.services.feedback.domain import (
+    DEFAULT_CRITERION,
     Comparison,
     FeedbackEvent,
     FeedbackKind,
@@ -70,6 +73,7 @@ from plaudit.services.feedback.domain import (
     NewTask,
     Ranking,
     SubmitResult,
+    criterion_question,
 )
 from plaudit.services.feedback.identity import Caller
 from plaudit.services.feedback.metrics import FeedbackMetrics
@@ -153,6 +157,11 @@ def task_json(task: LabellingTask, labels_per_task: int) -> dict[str, Any]:
     }
 
 
+def criteria_json(criteria: Sequence[str]) -> list[dict[str, str]]:
+    """The configured criteria with the question the labelling page asks of each, in order."""
+    return [{"criterion": c, "question": criterion_question(c)} for c in criteria]
+
+
 def queue_json(stats: TaskStats) -> dict[str, Any]:
     return {
         "total": stats.total,
@@ -177,8 +186,10 @@ class FeedbackHttpApi:
         is_serving: Callable[[], bool],
         max_tasks_per_import: int,
         any_annotator_keys: Collection[str] = (),
+        criteria: Sequence[str] = (DEFAULT_CRITERION,),
     ) -> None:
         self._store = store
+        self._criteria = criteria_json(criteria)
         self._core = FeedbackCore(store, batcher, metrics)
         self._picker = picker
         self._is_serving = is_serving
@@ -276,6 +287,7 @@ class FeedbackHttpApi:
                 if pick is None
                 else {"reason": pick.reason, "margin": pick.margin},
                 "queue": queue_json(queue),
+                "criteria": self._criteria,
             }
         )
 
@@ -365,6 +377,7 @@ def feedback_http_server(
         is_serving=is_serving,
         max_tasks_per_import=settings.max_events_per_batch,
         any_annotator_keys=settings.any_annotator_keys,
+        criteria=settings.criteria,
     )
     return FeedbackHttpServer(
         make_app(api, metrics, authenticate, limits=body_limits(settings), in_flight=in_flight),

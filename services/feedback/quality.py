@@ -1,6 +1,8 @@
 """Data quality of preference judgements: consensus weights, agreement, outlier annotators.
 
-Votes. Judgements are grouped by (prompt, unordered pair of completions). Each annotator has one
+Votes. Judgements are grouped by (prompt, unordered pair of completions, criterion): votes on
+different criteria (``safety`` and ``helpfulness`` of the same pair) never meet. Each annotator
+has one
 vote per group: their latest judgement (an annotator who judges the same pair twice is counted
 once; one who changes their mind counts with the newer view). Votes with no preference (equal
 ratings) abstain. So an exact duplicate from a different annotator is one more agreeing vote, not
@@ -36,18 +38,23 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from plaudit.services.feedback.domain import Judgement
+from plaudit.services.feedback.domain import DEFAULT_CRITERION, Judgement
 
-GroupKey = tuple[str, str, str]
-"""(prompt, first, second) with ``first < second``."""
+GroupKey = tuple[str, str, str, str]
+"""(prompt, first, second, criterion) with ``first < second``."""
 
 
 def group_key(judgement: Judgement) -> GroupKey:
-    return (judgement.prompt, judgement.first, judgement.second)
+    return (judgement.prompt, judgement.first, judgement.second, judgement.criterion)
 
 
-def pair_key(key: GroupKey) -> str:
-    """A stable short id (hex) of a group, for readers that deduplicate exported pairs."""
+def pair_key(key: tuple[str, ...]) -> str:
+    """A stable short id (hex) of a group, for readers that deduplicate exported pairs.
+
+    The criterion ``overall`` is left out of the hash, so pairs keep the keys they had before
+    criteria existed."""
+    if len(key) == 4 and key[3] == DEFAULT_CRITERION:
+        key = key[:3]
     digest = hashlib.blake2b(digest_size=16)
     for part in key:
         encoded = part.encode("utf-8")
@@ -80,10 +87,15 @@ class PairConsensus:
     margin: float | None
     representative: Judgement | None  # the latest vote on the majority side
     last_position: tuple[int, int]  # the latest judgement of the group, superseded ones included
+    tags: tuple[str, ...] = ()  # union of the prompt tags of every judgement in the group
 
     @property
     def prompt(self) -> str:
         return self.key[0]
+
+    @property
+    def criterion(self) -> str:
+        return self.key[3]
 
     @property
     def chosen(self) -> str:
@@ -99,13 +111,19 @@ class PairConsensus:
 
 
 def consensus_of(
-    key: GroupKey, votes: Sequence[Judgement], last_position: tuple[int, int]
+    key: GroupKey,
+    votes: Sequence[Judgement],
+    last_position: tuple[int, int],
+    tags: Iterable[str] = (),
 ) -> PairConsensus:
     """Majority direction, majority-share weight and mean margin of one group's latest votes."""
     positive = [v for v in votes if v.preference > 0]
     negative = [v for v in votes if v.preference < 0]
+    tag_union = tuple(sorted(set(tags)))
     if len(positive) == len(negative):
-        return PairConsensus(key, 0, len(positive), len(negative), 0.0, None, None, last_position)
+        return PairConsensus(
+            key, 0, len(positive), len(negative), 0.0, None, None, last_position, tag_union
+        )
     majority, minority = (
         (positive, negative) if len(positive) > len(negative) else (negative, positive)
     )
@@ -119,21 +137,26 @@ def consensus_of(
         margin=sum(margins) / len(margins) if margins else None,
         representative=max(majority, key=lambda v: v.position),
         last_position=last_position,
+        tags=tag_union,
     )
 
 
 def build_consensus(
     judgements: Iterable[Judgement], exclude_annotators: frozenset[str] = frozenset()
 ) -> dict[GroupKey, PairConsensus]:
-    """The consensus of every group, leaving out the votes of ``exclude_annotators``."""
+    """The consensus of every group, leaving out the votes of ``exclude_annotators``.
+
+    A group's ``tags`` are the union over all its kept judgements (superseded votes included)."""
     kept = [j for j in judgements if j.annotator_id not in exclude_annotators]
     last: dict[GroupKey, tuple[int, int]] = {}
+    tags: dict[GroupKey, set[str]] = {}
     for judgement in kept:
         key = group_key(judgement)
         if key not in last or judgement.position > last[key]:
             last[key] = judgement.position
+        tags.setdefault(key, set()).update(judgement.tags)
     return {
-        key: consensus_of(key, list(group.values()), last[key])
+        key: consensus_of(key, list(group.values()), last[key], tags[key])
         for key, group in latest_votes(kept).items()
     }
 

@@ -22,7 +22,7 @@ from plaudit.services.common.security.guard import ServerSecurity
 from plaudit.services.common.server import GrpcService, wait_for_termination
 from plaudit.services.feedback.access import CALL_ROLES, ROUTE_ROLES
 from plaudit.services.feedback.core import Outcome, commit_events
-from plaudit.services.feedback.domain import FeedbackEvent, FeedbackLimits
+from plaudit.services.feedback.domain import FeedbackEvent
 from plaudit.services.feedback.http import feedback_http_server
 from plaudit.services.feedback.metrics import FeedbackMetrics
 from plaudit.services.feedback.servicer import FeedbackServicer
@@ -101,10 +101,9 @@ class FeedbackServer:
         return store
 
     def _open_store(self) -> FeedbackStore:
-        limits = FeedbackLimits(max_text_bytes=self.settings.max_text_bytes)
         return FeedbackStore(
             self.settings.database_url,
-            limits=limits,
+            limits=self.settings.feedback_limits(),
             connect_timeout_s=self.settings.database_connect_timeout_s,
             rating_pairs_across_annotators=self.settings.rating_pairs_across_annotators,
             max_pairs_per_rating=self.settings.max_pairs_per_rating,

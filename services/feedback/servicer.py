@@ -138,7 +138,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             raise InvalidArgumentError("page_size", f"must be >= 0, got {request.page_size}")
         page_size = min(request.page_size or self._settings.export_page_size, 10_000)
         pairs: Iterator[DerivedPair] = self._store().export_pairs(
-            after, request.limit or None, exclude_outliers=request.exclude_outliers
+            after,
+            request.limit or None,
+            exclude_outliers=request.exclude_outliers,
+            criterion=request.criterion or None,
         )
         cursor = request.cursor
         while True:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from plaudit.services.common.security.client import ClientSecuritySettings
 from plaudit.services.common.security.guard import ServerSecuritySettings
@@ -17,11 +17,18 @@ from plaudit.services.common.security.limits import (
 from plaudit.services.common.settings import ListenSettings, port_field
 from plaudit.services.feedback.db import DEFAULT_FEEDBACK_URL
 from plaudit.services.feedback.domain import (
+    DEFAULT_CRITERION,
     MAX_PAIRS_PER_RATING,
     MAX_RATING_PAIRS_PER_GROUP,
+    MAX_TAGS,
     FeedbackKind,
     FeedbackLimits,
+    check_criteria_names,
 )
+
+NAME_FIELDS = 1 + MAX_TAGS
+"""Short name fields of one event: its criterion and up to ``MAX_TAGS`` tags."""
+NAME_BYTES = NAME_FIELDS * (32 + 8)  # 32 ASCII characters and the field's overhead each
 
 TEXTS_OF_KIND: dict[FeedbackKind, int] = {
     "comparison": 3,  # prompt, chosen, rejected
@@ -78,6 +85,11 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
     )
     outlier_alpha: float = Field(
         0.05, gt=0, lt=1, description="significance of the annotator outlier test"
+    )
+    criteria: list[str] = Field(
+        [DEFAULT_CRITERION],
+        description="criteria feedback may judge (besides overall, always accepted); the "
+        "labelling page asks one question per criterion, in this order",
     )
     health_interval_s: float = Field(
         2.0, gt=0, description="how often the database is probed for the health status"
@@ -144,7 +156,9 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
         chars = limits.max_metadata_key_chars + limits.max_metadata_value_chars
         metadata = limits.max_metadata_entries * (4 * chars + 32)  # 4 UTF-8 bytes a character
         ids = 2 * 4 * limits.max_id_chars
-        return text_message_bytes(TEXTS_OF_KIND[kind], self.max_text_bytes, metadata + ids)
+        return text_message_bytes(
+            TEXTS_OF_KIND[kind], self.max_text_bytes, metadata + ids + NAME_BYTES
+        )
 
     def message_limits(self) -> MessageLimits:
         """One event per Submit call and per SubmitBatch message; the rest carry no texts."""
@@ -164,15 +178,27 @@ class FeedbackSettings(ListenSettings, ServerSecuritySettings, ClientSecuritySet
 
     def field_limits(self) -> FieldLimits:
         """One event per Submit call and per SubmitBatch message: its texts, two ids, up to
-        three numbers, and three fields a metadata entry (the entry, its key and value)."""
+        three numbers, three fields a metadata entry (the entry, its key and value), its
+        criterion and tags."""
         entries = FeedbackLimits().max_metadata_entries
         service = "/plaudit.v1.FeedbackService/"
-        fields = {kind: TEXTS_OF_KIND[kind] + 2 + 3 + 3 * entries for kind in TEXTS_OF_KIND}
+        fields = {
+            kind: TEXTS_OF_KIND[kind] + 2 + 3 + 3 * entries + NAME_FIELDS for kind in TEXTS_OF_KIND
+        }
         limits = {
             f"{service}Submit{kind.capitalize()}": field_limit(n) for kind, n in fields.items()
         }
         limits[f"{service}SubmitBatch"] = field_limit(1 + max(fields.values()))
         return limits
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria_are_names(cls, value: list[str]) -> list[str]:
+        return list(check_criteria_names(value))
+
+    def feedback_limits(self) -> FeedbackLimits:
+        """The validation limits of events: text size and the accepted criteria."""
+        return FeedbackLimits(max_text_bytes=self.max_text_bytes, criteria=tuple(self.criteria))
 
     @model_validator(mode="after")
     def _generation_needs_prompts(self) -> FeedbackSettings:

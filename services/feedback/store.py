@@ -57,6 +57,7 @@ from plaudit.services.feedback.domain import (
     SubmitResult,
     content_hash,
     event_payload,
+    normalize_event,
     text_hash,
     validate_event,
 )
@@ -148,7 +149,8 @@ class FeedbackStore(FeedbackReader):
         Returns one entry per event, in order: its :class:`SubmitResult`, or the error that
         refused it (:class:`InvalidArgumentError`, or :class:`AlreadyExistsError` when its key was
         used for different content). Raises :class:`UnavailableError` (nothing committed) when the
-        database fails.
+        database fails. Events are stored normalised (:func:`normalize_event`: an empty criterion
+        is ``overall``, tags sorted and deduplicated).
         """
         results: list[SubmitResult | PlauditError | None] = [None] * len(events)
         first_by_key: dict[str, _Prepared] = {}
@@ -159,6 +161,7 @@ class FeedbackStore(FeedbackReader):
             except InvalidArgumentError as exc:
                 results[index] = exc
                 continue
+            event = normalize_event(event)
             prepared = _Prepared(index, event, content_hash(event))
             if event.idempotency_key in first_by_key:
                 repeats.append(prepared)
@@ -214,6 +217,8 @@ class FeedbackStore(FeedbackReader):
                     "prompt": event.prompt,
                     "payload": event_payload(event),
                     "metadata": dict(event.metadata),
+                    "criterion": event.criterion,
+                    "tags": list(event.tags) or None,
                 }
             )
         if rows:

@@ -1,10 +1,12 @@
 """The feedback schema (SQLAlchemy 2 typed declarative). Changed only through Alembic migrations.
 
 ``feedback`` holds each event once: the common columns plus its kind-specific fields as JSON
-(``payload``). Ids are not drawn from a database sequence: a writer takes the next ids from the
-single-row ``feedback_sequence`` table, whose row lock it holds until commit, so ids are assigned
-and committed in the same order. That makes ``id`` a safe export cursor: once a reader sees id N,
-no row with a smaller id can appear later (see :mod:`plaudit.services.feedback.store`).
+(``payload``); ``criterion`` (what it judges, ``overall`` for rows from before criteria) and
+``tags`` (the prompt's tags, a sorted JSON list; NULL reads as none). Ids are not drawn from a
+database sequence: a writer takes the next ids from the single-row ``feedback_sequence`` table,
+whose row lock it holds until commit, so ids are assigned and committed in the same order. That
+makes ``id`` a safe export cursor: once a reader sees id N, no row with a smaller id can appear
+later (see :mod:`plaudit.services.feedback.store`).
 
 ``labelling_task`` is the queue of prompts with candidate completions that the labelling page
 serves; ``labelling_assignment`` records, per task and annotator, a lease (``assigned``), a label
@@ -31,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from plaudit.services.feedback.domain import FEEDBACK_KINDS
+from plaudit.services.feedback.domain import DEFAULT_CRITERION, FEEDBACK_KINDS
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -69,6 +71,8 @@ class FeedbackRow(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.current_timestamp()
     )
+    criterion: Mapped[str] = mapped_column(String(32), server_default=DEFAULT_CRITERION)
+    tags: Mapped[list[str] | None] = mapped_column(JSON)
 
     __table_args__ = (
         CheckConstraint(

@@ -2,7 +2,9 @@
 
 Import goes through the store's own validation and idempotency: each line's key is derived from
 its content, so importing the same file twice stores nothing new, and every refused line is
-reported with its line number and the field at fault.
+reported with its line number and the field at fault. A line's ``criterion`` and ``tags`` travel
+with it (a line without them is ``overall``, no tags); the criterion must be one the store
+accepts (its ``limits.criteria``). Exported pairs carry both, so an export imports back as it was.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def line_to_event(record: Any, default_annotator: str) -> FeedbackEvent:
         "prompt": parsed.prompt,
         "annotator_id": str(record.get("annotator_id") or default_annotator),
         "idempotency_key": f"import:{digest}",
+        "criterion": parsed.criterion,
+        "tags": list(parsed.tags),
     }
     if isinstance(parsed, RankedCompletions):
         return event_from_json("ranking", {**fields, "completions": list(parsed.completions)})[0]
@@ -103,8 +107,9 @@ def _commit(
 
 
 def pair_record(pair: DerivedPair) -> dict[str, Any]:
-    """A derived pair in TRL's preference format, with its provenance (every field)."""
-    return asdict(pair)
+    """A derived pair in TRL's preference format, with its provenance (every field; ``tags`` a
+    list)."""
+    return {**asdict(pair), "tags": list(pair.tags)}
 
 
 def export_pairs(
@@ -115,9 +120,13 @@ def export_pairs(
     after_cursor: int = 0,
     limit: int | None = None,
     exclude_outliers: bool = False,
+    criterion: str | None = None,
 ) -> tuple[int, int]:
-    """Write derived pairs after ``after_cursor``; returns (pairs written, last cursor)."""
-    pairs = store.export_pairs(after_cursor, limit, exclude_outliers=exclude_outliers)
+    """Write derived pairs after ``after_cursor`` (of one ``criterion`` if given); returns
+    (pairs written, last cursor). Every record carries its ``criterion`` and ``tags``."""
+    pairs = store.export_pairs(
+        after_cursor, limit, exclude_outliers=exclude_outliers, criterion=criterion
+    )
     last = after_cursor
     count = 0
     if fmt == "jsonl":

@@ -16,6 +16,7 @@ from plaudit.services.common.batching import BatchingConfig
 from plaudit.services.common.errors import PlauditError
 from plaudit.services.common.http import authenticator
 from plaudit.services.common.model_server import ModelServer
+from plaudit.services.common.registry import DEFAULT_MODEL_NAME
 from plaudit.services.common.security.guard import ServerSecurity
 from plaudit.services.generation.access import CALL_ROLES, ROUTE_ROLES
 from plaudit.services.generation.backend import GenerationBackend, LiveVersion
@@ -45,9 +46,9 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
             service_name=SERVICE_NAME,
             security=security,
             metrics=self.metrics,
-            registry=settings.model_registry("policy"),
+            registries={DEFAULT_MODEL_NAME: settings.model_registry("policy")},
             model_cls=LoadedPolicy,
-            engine=engine,
+            slots={DEFAULT_MODEL_NAME: engine},
             process=engine.process,
             batching=BatchingConfig(
                 max_batch_size=settings.max_batch_rows,
@@ -114,7 +115,7 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
         """The remote backend's version changed or it went away: health and the model gauges
         say so."""
         if live is not None:
-            self.metrics.model_info.info(
+            self.metrics.model_info.labels(DEFAULT_MODEL_NAME).info(
                 {
                     "version": live.version,
                     "backbone": live.version,
@@ -122,7 +123,7 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
                     "precision": "backend",
                 }
             )
-        self.metrics.model_loaded.set(1 if live is not None else 0)
+        self.metrics.model_loaded.labels(DEFAULT_MODEL_NAME).set(1 if live is not None else 0)
         await self.grpc.set_serving(live is not None)
 
     async def stop(self, grace: float | None = None) -> None:

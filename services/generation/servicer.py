@@ -63,7 +63,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             texts = [c.text for c in completions]
             try:
                 rewards, reward_version = await self._reward.score(
-                    [prompt] * len(texts), texts, timeout=context.time_remaining()
+                    [prompt] * len(texts),
+                    texts,
+                    timeout=context.time_remaining(),
+                    model=self._settings.reward_model,
+                    objective=self._settings.reward_objective,
                 )
             except grpc.aio.AioRpcError as exc:
                 raise domain_error(self._reward.address, exc) from exc

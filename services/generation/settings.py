@@ -53,6 +53,12 @@ class GenerationSettings(
         "", description="reward service address for rerank requests ('' = rerank refused)"
     )
     reward_timeout_s: float = Field(30.0, gt=0, description="longest wait for the reward service")
+    reward_model: str = Field(
+        "", description="named reward model rerank scores with ('' = the service's default)"
+    )
+    reward_objective: str = Field(
+        "", description="objective rerank scores with (e.g. a gated helpfulness/safety one)"
+    )
     max_new_tokens: int = Field(
         1024, ge=1, description="most tokens one completion may ask for (caps version defaults)"
     )
@@ -109,4 +115,6 @@ class GenerationSettings(
             raise ValueError("max_batch_rows and max_queue_items must be at least max_n")
         if self.backend == "openai" and not self.backend_url:
             raise ValueError("backend_url: --backend openai needs the server's URL")
+        if self.reward_model and self.reward_objective:
+            raise ValueError("reward_objective: give reward_model or reward_objective, not both")
         return self

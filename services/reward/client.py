@@ -192,13 +192,21 @@ def score_request(
     prompts: Sequence[str],
     completions: Sequence[str],
     normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
+    *,
+    model: str = "",
+    objective: str = "",
+    tags: Sequence[Sequence[str]] | None = None,
 ) -> reward_pb2.ScoreRequest:
-    """One ``Score`` request of (prompt, completion) pairs, in order."""
+    """One ``Score`` request of (prompt, completion) pairs, in order, for the named ``model``
+    or ``objective`` (neither: the service's default model), with each prompt's ``tags``."""
+    item_tags = tags if tags is not None else [()] * len(prompts)
     items = [
-        reward_pb2.ScoreItem(prompt=p, completion=c)
-        for p, c in zip(prompts, completions, strict=True)
+        reward_pb2.ScoreItem(prompt=p, completion=c, tags=list(t))
+        for p, c, t in zip(prompts, completions, item_tags, strict=True)
     ]
-    return reward_pb2.ScoreRequest(items=items, normalization=normalization)
+    return reward_pb2.ScoreRequest(
+        items=items, normalization=normalization, model=model, objective=objective
+    )
 
 
 def domain_error(address: str, exc: grpc.RpcError) -> PlauditError:
@@ -383,14 +391,23 @@ class RewardClient:
         completions: Sequence[str],
         timeout: float | None = None,
         normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
+        *,
+        model: str = "",
+        objective: str = "",
+        tags: Sequence[Sequence[str]] | None = None,
     ) -> tuple[list[float], str]:
         """Rewards in input order and the one reward-model version that gave them all.
 
-        Sent as requests of at most ``max_items_per_request`` items, one after the other;
-        ``timeout`` (default ``timeout_s``) bounds the whole call. No items: ``([], "")``.
-        Raises :class:`RewardRpcError` (nothing is returned unless every item was scored).
+        ``model`` names a reward model, ``objective`` an objective combining several (the
+        version is then ``name=version,...``); ``tags`` are each prompt's tags (gated
+        objectives read them). Sent as requests of at most ``max_items_per_request`` items,
+        one after the other; ``timeout`` (default ``timeout_s``) bounds the whole call. No
+        items: ``([], "")``. Raises :class:`RewardRpcError` (nothing is returned unless every
+        item was scored).
         """
         _check_pairs(prompts, completions)
+        if tags is not None and len(tags) != len(prompts):
+            raise ValueError(f"{len(tags)} tag lists for {len(prompts)} prompts")
         n = len(prompts)
         parts = _chunk_slices(n, self.max_items_per_request)
         deadline, budget = self._deadline(timeout)
@@ -399,7 +416,14 @@ class RewardClient:
 
         def one(i: int) -> tuple[list[float], str]:
             part = parts[i]
-            request = score_request(prompts[part], completions[part], normalization)
+            request = score_request(
+                prompts[part],
+                completions[part],
+                normalization,
+                model=model,
+                objective=objective,
+                tags=None if tags is None else tags[part],
+            )
             reply = self._call(self.stub.Score, request, _what(part, n), deadline, budget)
             finished.append(i)
             return list(reply.rewards), reply.model_version
@@ -427,16 +451,28 @@ class RewardClient:
         b: str,
         timeout: float | None = None,
         normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
+        *,
+        model: str = "",
+        objective: str = "",
+        tags: Sequence[str] = (),
     ) -> reward_pb2.CompareResponse:
-        """Both rewards and the probability that ``a`` is preferred (one model version)."""
+        """Both rewards and the probability that ``a`` is preferred (one version of each
+        model), by the named ``model`` or ``objective`` (neither: the default model)."""
         request = reward_pb2.CompareRequest(
-            prompt=prompt, completion_a=a, completion_b=b, normalization=normalization
+            prompt=prompt,
+            completion_a=a,
+            completion_b=b,
+            normalization=normalization,
+            model=model,
+            objective=objective,
+            tags=list(tags),
         )
         return self._call(self.stub.Compare, request, "Compare", *self._deadline(timeout))
 
-    def model(self, timeout: float | None = 10.0) -> reward_pb2.GetModelResponse:
-        """The model version serving now."""
-        request = reward_pb2.GetModelRequest()
+    def model(self, timeout: float | None = 10.0, name: str = "") -> reward_pb2.GetModelResponse:
+        """The version of the named model (default: the service's default) serving now, with
+        every served model in ``models``."""
+        request = reward_pb2.GetModelRequest(model=name)
         return self._call(self.stub.GetModel, request, "GetModel", *self._deadline(timeout))
 
     def close(self) -> None:
@@ -503,6 +539,10 @@ class AsyncRewardClient:
         completions: Sequence[str],
         timeout: float | None = None,
         normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
+        *,
+        model: str = "",
+        objective: str = "",
+        tags: Sequence[Sequence[str]] | None = None,
     ) -> tuple[list[float], str]:
         """Rewards in input order and the one reward-model version that gave them all.
 
@@ -511,6 +551,8 @@ class AsyncRewardClient:
         :class:`RewardRpcError`. No items: ``([], "")``.
         """
         _check_pairs(prompts, completions)
+        if tags is not None and len(tags) != len(prompts):
+            raise ValueError(f"{len(tags)} tag lists for {len(prompts)} prompts")
         n = len(prompts)
         parts = _chunk_slices(n, self.max_items_per_request)
         deadline, budget = self._deadline(timeout)
@@ -519,7 +561,14 @@ class AsyncRewardClient:
 
         async def one(i: int) -> tuple[list[float], str]:
             part = parts[i]
-            request = score_request(prompts[part], completions[part], normalization)
+            request = score_request(
+                prompts[part],
+                completions[part],
+                normalization,
+                model=model,
+                objective=objective,
+                tags=None if tags is None else tags[part],
+            )
             async with gate:
                 reply = await self._call(
                     self._stub.Score, request, _what(part, n), deadline, budget
@@ -552,9 +601,12 @@ class AsyncRewardClient:
                 replies[i] = reply
         raise _version_churn(self.address)
 
-    async def model(self, timeout: float | None = 10.0) -> reward_pb2.GetModelResponse:
-        """The model version serving now."""
-        request = reward_pb2.GetModelRequest()
+    async def model(
+        self, timeout: float | None = 10.0, name: str = ""
+    ) -> reward_pb2.GetModelResponse:
+        """The version of the named model (default: the service's default) serving now, with
+        every served model in ``models``."""
+        request = reward_pb2.GetModelRequest(model=name)
         return await self._call(self._stub.GetModel, request, "GetModel", *self._deadline(timeout))
 
     async def close(self) -> None:

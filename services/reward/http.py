@@ -7,8 +7,8 @@ built, so every route is described):
 
 * Native, the gRPC messages in the proto JSON mapping (proto field names; lowerCamelCase and
   enum numbers are read too): ``POST /v1/score`` (``ScoreRequest`` -> ``ScoreResponse``),
-  ``POST /v1/compare``, ``GET /v1/model``; ``GET /healthz`` (200 ``{"status": "SERVING"}`` once a
-  model is live, else 503).
+  ``POST /v1/compare``, ``GET /v1/model`` (``?model=NAME`` for a named model); ``GET /healthz``
+  (200 ``{"status": "SERVING"}`` once every named model is live, else 503).
 * OpenRLHF's remote reward model (``openrlhf/cli/serve_rm.py``): ``POST /get_reward`` with
   ``{"query": [...], "prompts"?, "labels"?}``; each query is prompt and response as the policy
   rendered them, split back into turns (:mod:`~plaudit.services.reward.chat_parse`) and scored in
@@ -60,8 +60,7 @@ from plaudit.services.reward.chat_parse import (
     messages_from_json,
     parse_policy_text,
 )
-from plaudit.services.reward.core import RewardCore, sigmoid
-from plaudit.services.reward.engine import ScoreResult
+from plaudit.services.reward.core import RewardCore, ScoreResult, sigmoid
 from plaudit.services.reward.metrics import RewardMetrics
 from plaudit.services.reward.settings import RewardSettings
 from plaudit.v1 import reward_pb2
@@ -218,7 +217,7 @@ class RewardHttpApi:
         return _reply(await self._core.compare(message, None))
 
     async def model(self, request: web.Request) -> web.Response:
-        return _reply(self._core.get_model())
+        return _reply(self._core.get_model(request.query.get("model", "")))
 
     async def healthz(self, request: web.Request) -> web.Response:
         serving = self._core.serving
@@ -440,6 +439,13 @@ _POOLING_REQUEST = {
     ]
 }
 _PREDICTION = _obj({"score": _NUM, "label": _STR}, ["score", "label"])
+_TAGS = {"type": "array", "items": _STR, "maxItems": 16}
+_MODEL_REWARDS = {
+    "type": "array",
+    "items": _obj(
+        {"model": _STR, "model_version": _STR, "rewards": {"type": "array", "items": _NUM}}
+    ),
+}
 _SEQUENCE = {"type": "array", "items": _STR, "minItems": 1, "maxItems": 2}
 
 
@@ -464,6 +470,9 @@ ROUTES: tuple[Route, ...] = (
                 "rewards": {"type": "array", "items": _NUM},
                 "model_version": _STR,
                 "truncated": {"type": "array", "items": {"type": "boolean"}},
+                "model": _STR,
+                "objective": _STR,
+                "models": _MODEL_REWARDS,
             },
             ["rewards", "model_version", "truncated"],
         ),
@@ -472,9 +481,11 @@ ROUTES: tuple[Route, ...] = (
                 "items": {
                     "type": "array",
                     "minItems": 1,
-                    "items": _obj({"prompt": _STR, "completion": _STR}),
+                    "items": _obj({"prompt": _STR, "completion": _STR, "tags": _TAGS}),
                 },
                 "normalization": _NORMALIZATION,
+                "model": _STR,
+                "objective": _STR,
             },
             ["items"],
         ),
@@ -485,7 +496,15 @@ ROUTES: tuple[Route, ...] = (
         RewardHttpApi.compare,
         "Compare two completions (gRPC Compare)",
         _obj(
-            {"reward_a": _NUM, "reward_b": _NUM, "prob_a_preferred": _NUM, "model_version": _STR},
+            {
+                "reward_a": _NUM,
+                "reward_b": _NUM,
+                "prob_a_preferred": _NUM,
+                "model_version": _STR,
+                "model": _STR,
+                "objective": _STR,
+                "models": _MODEL_REWARDS,
+            },
             ["reward_a", "reward_b", "prob_a_preferred", "model_version"],
         ),
         _obj(
@@ -494,6 +513,9 @@ ROUTES: tuple[Route, ...] = (
                 "completion_a": _STR,
                 "completion_b": _STR,
                 "normalization": _NORMALIZATION,
+                "model": _STR,
+                "objective": _STR,
+                "tags": _TAGS,
             }
         ),
     ),
@@ -520,6 +542,10 @@ ROUTES: tuple[Route, ...] = (
                 "heldout_ece": _NUM,
                 "heldout_pairs": {"type": "integer"},
                 "data_cursor": _STR,
+                "name": _STR,
+                "models": {"type": "array", "items": {"type": "object"}},
+                "objectives": {"type": "array", "items": _STR},
+                "shadow": {"type": "object"},
             },
             ["version", "max_length", "text_format"],
         ),

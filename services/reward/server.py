@@ -4,41 +4,59 @@ the reward engine and servicer, and (with ``http_port``) the HTTP front end on t
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from prometheus_client import CollectorRegistry
 
 from plaudit.services.common.batching import BatchingConfig
+from plaudit.services.common.errors import PlauditError
 from plaudit.services.common.http import HttpServer, authenticator
-from plaudit.services.common.model_server import ModelServer
+from plaudit.services.common.model_server import LiveModel, ModelServer
 from plaudit.services.common.security.guard import ServerSecurity
 from plaudit.services.reward.access import CALL_ROLES, ROUTE_ROLES
 from plaudit.services.reward.core import RewardCore
-from plaudit.services.reward.engine import RewardEngine, ScoreJob, ScoreResult
+from plaudit.services.reward.engine import JobScores, RewardEngine, ScoreJob
 from plaudit.services.reward.http import reward_http_server
 from plaudit.services.reward.metrics import RewardMetrics
+from plaudit.services.reward.objectives import load_objectives
 from plaudit.services.reward.servicer import RewardServicer
 from plaudit.services.reward.settings import RewardSettings
+from plaudit.services.reward.shadow import ShadowScorer, ShadowStats
 from plaudit.services.runtime.reward_model import LoadedRewardModel
 from plaudit.v1 import reward_pb2, reward_pb2_grpc
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
-class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, ScoreResult]):
-    """A running reward service; ``port``/``metrics_port`` are known after :meth:`start`."""
+class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, JobScores | PlauditError]):
+    """A running reward service; ``port``/``metrics_port`` are known after :meth:`start`.
+
+    Serves every named model of ``settings.models`` (each hot-swapped on its own), the
+    objectives of ``settings.objectives`` over them, and each model's shadow when one is set."""
 
     def __init__(self, settings: RewardSettings) -> None:
         self.metrics = RewardMetrics(CollectorRegistry())
-        engine = RewardEngine(group_tokens=settings.group_tokens)
+        names = settings.served_models()
+        objectives = (
+            load_objectives(settings.objectives, names) if settings.objectives else {}
+        )  # validated at start: a bad file stops the service with the field named
+        engine = RewardEngine(names, group_tokens=settings.group_tokens)
         security = ServerSecurity.from_settings(settings, call_roles=CALL_ROLES)
+        shadows = (
+            {name: LiveModel[LoadedRewardModel](f"shadow of {name!r}") for name in names}
+            if settings.shadow
+            else {}
+        )
         super().__init__(
             settings,
             service_name=SERVICE_NAME,
             security=security,
             metrics=self.metrics,
-            registry=settings.model_registry("reward"),
+            registries={name: settings.model_registry("reward", name) for name in names},
             model_cls=LoadedRewardModel,
-            engine=engine,
+            slots=engine.slots,
+            shadows=shadows,
             process=engine.process,
             batching=BatchingConfig(
                 max_batch_size=settings.max_batch_size,
@@ -49,8 +67,17 @@ class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, ScoreResult]):
         )
         self.settings: RewardSettings = settings
         self.engine: RewardEngine = engine
+        self.shadow = ShadowScorer(
+            engine.score_with, queue_size=settings.shadow_queue, on_update=self._shadow_update
+        )
         self.core = RewardCore(
-            engine, self.batcher, settings, self.metrics, lambda: self.watcher.last_error
+            engine,
+            self.batcher,
+            settings,
+            self.metrics,
+            lambda name: self.watchers[name].last_error,
+            objectives=objectives,
+            shadow=self.shadow,
         )
         self.http: HttpServer | None = None
         if settings.http_port is not None:
@@ -71,7 +98,19 @@ class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, ScoreResult]):
     def add_servicers(self, server: grpc.aio.Server) -> None:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.core), server)
 
+    async def shadow_changed(self, name: str, model: LoadedRewardModel | None) -> None:
+        fraction = 0.0
+        if model is not None:
+            record = await asyncio.to_thread(self.registries[name].shadow_record)
+            fraction = float(record["fraction"]) if record else 0.0
+        self.shadow.set_shadow(name, model, fraction)
+        self.metrics.shadow_changed(name, self.shadow.stats.get(name))
+
+    def _shadow_update(self, name: str, stats: ShadowStats) -> None:
+        self.metrics.shadow_changed(name, stats)
+
     async def start(self) -> None:
+        self.shadow.start()
         await super().start()
         if self.http is not None:
             await self.http.start()
@@ -80,6 +119,7 @@ class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, ScoreResult]):
         if self.http is not None:
             await self.http.stop()
         await super().stop(grace)
+        await self.shadow.stop()
 
 
 async def serve(settings: RewardSettings) -> None:

@@ -30,4 +30,4 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def GetModel(
         self, request: reward_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.GetModelResponse:
-        return self._core.get_model()
+        return self._core.get_model(request.model)

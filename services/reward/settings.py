@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
 
-from plaudit.services.common.registry import RegistryLocationSettings
+from pydantic import Field, field_validator, model_validator
+
+from plaudit.services.common.registry import (
+    DEFAULT_MODEL_NAME,
+    RegistryLocationSettings,
+    validate_model_name,
+)
 from plaudit.services.common.security.guard import ServerSecuritySettings
 from plaudit.services.common.security.limits import (
     FieldLimits,
@@ -36,6 +42,42 @@ class RewardSettings(ModelServingSettings, ServerSecuritySettings, RegistryLocat
     )
     max_items_per_request: int = Field(256, ge=1, description="items in one Score request")
     max_text_bytes: int = Field(65536, ge=1, description="UTF-8 bytes of one prompt or completion")
+    models: list[str] = Field(
+        [DEFAULT_MODEL_NAME],
+        description="named reward models to serve, each hot-swapped from its own promotion "
+        "pointer (the first answers requests that name none); `all`: every named model with a "
+        "promoted version at start",
+    )
+    objectives: Path | None = Field(
+        None,
+        description="JSON or TOML file of objectives combining the named models (weighted, "
+        "gated); see docs/reward-models.md",
+    )
+    shadow: bool = Field(
+        True, description="follow each model's shadow pointer (`plaudit registry shadow`)"
+    )
+    shadow_queue: int = Field(
+        64, ge=1, description="sampled requests waiting for the shadow; more are dropped"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("at least one model")
+        if names != ["all"]:
+            for name in names:
+                validate_model_name(name, "models")
+            if len(set(names)) != len(names):
+                raise ValueError(f"a model is listed twice: {names}")
+        return names
+
+    def served_models(self) -> list[str]:
+        """The named models to serve; ``all`` is resolved against the registry now."""
+        if self.models != ["all"]:
+            return list(self.models)
+        names = self.model_registry("reward").model_names()
+        return names or [DEFAULT_MODEL_NAME]
 
     def message_limits(self) -> MessageLimits:
         """Score: ``max_items_per_request`` items of two texts; Compare: three texts."""

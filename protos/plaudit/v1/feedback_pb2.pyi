@@ -21,7 +21,7 @@ FEEDBACK_KIND_RATING: FeedbackKind
 FEEDBACK_KIND_CORRECTION: FeedbackKind
 
 class SubmitComparisonRequest(_message.Message):
-    __slots__ = ("prompt", "chosen", "rejected", "annotator_id", "idempotency_key", "margin", "metadata")
+    __slots__ = ("prompt", "chosen", "rejected", "annotator_id", "idempotency_key", "margin", "metadata", "criterion", "tags")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class SubmitComparisonRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MARGIN_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chosen: str
     rejected: str
@@ -43,7 +45,9 @@ class SubmitComparisonRequest(_message.Message):
     idempotency_key: str
     margin: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., margin: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    criterion: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., margin: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., criterion: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitComparisonResponse(_message.Message):
     __slots__ = ("feedback_id", "duplicate")
@@ -54,7 +58,7 @@ class SubmitComparisonResponse(_message.Message):
     def __init__(self, feedback_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SubmitRankingRequest(_message.Message):
-    __slots__ = ("prompt", "completions", "annotator_id", "idempotency_key", "metadata")
+    __slots__ = ("prompt", "completions", "annotator_id", "idempotency_key", "metadata", "criterion", "tags")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,12 +71,16 @@ class SubmitRankingRequest(_message.Message):
     ANNOTATOR_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completions: _containers.RepeatedScalarFieldContainer[str]
     annotator_id: str
     idempotency_key: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, prompt: _Optional[str] = ..., completions: _Optional[_Iterable[str]] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    criterion: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., completions: _Optional[_Iterable[str]] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., criterion: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitRankingResponse(_message.Message):
     __slots__ = ("feedback_id", "duplicate")
@@ -83,7 +91,7 @@ class SubmitRankingResponse(_message.Message):
     def __init__(self, feedback_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SubmitRatingRequest(_message.Message):
-    __slots__ = ("prompt", "completion", "score", "scale_min", "scale_max", "annotator_id", "idempotency_key", "metadata")
+    __slots__ = ("prompt", "completion", "score", "scale_min", "scale_max", "annotator_id", "idempotency_key", "metadata", "criterion", "tags")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +107,8 @@ class SubmitRatingRequest(_message.Message):
     ANNOTATOR_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion: str
     score: float
@@ -107,7 +117,9 @@ class SubmitRatingRequest(_message.Message):
     annotator_id: str
     idempotency_key: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., score: _Optional[float] = ..., scale_min: _Optional[float] = ..., scale_max: _Optional[float] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    criterion: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., score: _Optional[float] = ..., scale_min: _Optional[float] = ..., scale_max: _Optional[float] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., criterion: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitRatingResponse(_message.Message):
     __slots__ = ("feedback_id", "duplicate")
@@ -118,7 +130,7 @@ class SubmitRatingResponse(_message.Message):
     def __init__(self, feedback_id: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class SubmitCorrectionRequest(_message.Message):
-    __slots__ = ("prompt", "completion", "corrected", "annotator_id", "idempotency_key", "metadata")
+    __slots__ = ("prompt", "completion", "corrected", "annotator_id", "idempotency_key", "metadata", "criterion", "tags")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,13 +144,17 @@ class SubmitCorrectionRequest(_message.Message):
     ANNOTATOR_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion: str
     corrected: str
     annotator_id: str
     idempotency_key: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., corrected: _Optional[str] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    criterion: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., corrected: _Optional[str] = ..., annotator_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., criterion: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitCorrectionResponse(_message.Message):
     __slots__ = ("feedback_id", "duplicate")
@@ -185,19 +201,21 @@ class SubmitBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
 
 class ExportPreferencesRequest(_message.Message):
-    __slots__ = ("cursor", "limit", "exclude_outliers", "page_size")
+    __slots__ = ("cursor", "limit", "exclude_outliers", "page_size", "criterion")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_OUTLIERS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
     cursor: str
     limit: int
     exclude_outliers: bool
     page_size: int
-    def __init__(self, cursor: _Optional[str] = ..., limit: _Optional[int] = ..., exclude_outliers: _Optional[bool] = ..., page_size: _Optional[int] = ...) -> None: ...
+    criterion: str
+    def __init__(self, cursor: _Optional[str] = ..., limit: _Optional[int] = ..., exclude_outliers: _Optional[bool] = ..., page_size: _Optional[int] = ..., criterion: _Optional[str] = ...) -> None: ...
 
 class PreferencePair(_message.Message):
-    __slots__ = ("prompt", "chosen", "rejected", "margin", "weight", "annotator_id", "source_kind", "feedback_id", "cursor", "agree", "disagree", "pair_key")
+    __slots__ = ("prompt", "chosen", "rejected", "margin", "weight", "annotator_id", "source_kind", "feedback_id", "cursor", "agree", "disagree", "pair_key", "criterion", "tags")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +228,8 @@ class PreferencePair(_message.Message):
     AGREE_FIELD_NUMBER: _ClassVar[int]
     DISAGREE_FIELD_NUMBER: _ClassVar[int]
     PAIR_KEY_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chosen: str
     rejected: str
@@ -222,7 +242,9 @@ class PreferencePair(_message.Message):
     agree: int
     disagree: int
     pair_key: str
-    def __init__(self, prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., margin: _Optional[float] = ..., weight: _Optional[float] = ..., annotator_id: _Optional[str] = ..., source_kind: _Optional[_Union[FeedbackKind, str]] = ..., feedback_id: _Optional[str] = ..., cursor: _Optional[str] = ..., agree: _Optional[int] = ..., disagree: _Optional[int] = ..., pair_key: _Optional[str] = ...) -> None: ...
+    criterion: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., margin: _Optional[float] = ..., weight: _Optional[float] = ..., annotator_id: _Optional[str] = ..., source_kind: _Optional[_Union[FeedbackKind, str]] = ..., feedback_id: _Optional[str] = ..., cursor: _Optional[str] = ..., agree: _Optional[int] = ..., disagree: _Optional[int] = ..., pair_key: _Optional[str] = ..., criterion: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExportPreferencesResponse(_message.Message):
     __slots__ = ("pairs", "next_cursor")
@@ -253,7 +275,7 @@ class AnnotatorStats(_message.Message):
     def __init__(self, annotator_id: _Optional[str] = ..., records: _Optional[int] = ..., compared_votes: _Optional[int] = ..., disagreement_rate: _Optional[float] = ..., p_value: _Optional[float] = ..., outlier: _Optional[bool] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("records", "records_by_kind", "annotators", "judgements", "pairs_derived", "overlapping_items", "raw_agreement", "kappa", "kappa_method", "contradictions", "ties")
+    __slots__ = ("records", "records_by_kind", "annotators", "judgements", "pairs_derived", "overlapping_items", "raw_agreement", "kappa", "kappa_method", "contradictions", "ties", "criteria")
     class RecordsByKindEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +294,7 @@ class GetStatsResponse(_message.Message):
     KAPPA_METHOD_FIELD_NUMBER: _ClassVar[int]
     CONTRADICTIONS_FIELD_NUMBER: _ClassVar[int]
     TIES_FIELD_NUMBER: _ClassVar[int]
+    CRITERIA_FIELD_NUMBER: _ClassVar[int]
     records: int
     records_by_kind: _containers.ScalarMap[str, int]
     annotators: _containers.RepeatedCompositeFieldContainer[AnnotatorStats]
@@ -283,4 +306,29 @@ class GetStatsResponse(_message.Message):
     kappa_method: str
     contradictions: int
     ties: int
-    def __init__(self, records: _Optional[int] = ..., records_by_kind: _Optional[_Mapping[str, int]] = ..., annotators: _Optional[_Iterable[_Union[AnnotatorStats, _Mapping]]] = ..., judgements: _Optional[int] = ..., pairs_derived: _Optional[int] = ..., overlapping_items: _Optional[int] = ..., raw_agreement: _Optional[float] = ..., kappa: _Optional[float] = ..., kappa_method: _Optional[str] = ..., contradictions: _Optional[int] = ..., ties: _Optional[int] = ...) -> None: ...
+    criteria: _containers.RepeatedCompositeFieldContainer[CriterionStats]
+    def __init__(self, records: _Optional[int] = ..., records_by_kind: _Optional[_Mapping[str, int]] = ..., annotators: _Optional[_Iterable[_Union[AnnotatorStats, _Mapping]]] = ..., judgements: _Optional[int] = ..., pairs_derived: _Optional[int] = ..., overlapping_items: _Optional[int] = ..., raw_agreement: _Optional[float] = ..., kappa: _Optional[float] = ..., kappa_method: _Optional[str] = ..., contradictions: _Optional[int] = ..., ties: _Optional[int] = ..., criteria: _Optional[_Iterable[_Union[CriterionStats, _Mapping]]] = ...) -> None: ...
+
+class CriterionStats(_message.Message):
+    __slots__ = ("criterion", "records", "judgements", "pairs_derived", "overlapping_items", "raw_agreement", "kappa", "kappa_method", "contradictions", "ties")
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    JUDGEMENTS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_DERIVED_FIELD_NUMBER: _ClassVar[int]
+    OVERLAPPING_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    RAW_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    KAPPA_FIELD_NUMBER: _ClassVar[int]
+    KAPPA_METHOD_FIELD_NUMBER: _ClassVar[int]
+    CONTRADICTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIES_FIELD_NUMBER: _ClassVar[int]
+    criterion: str
+    records: int
+    judgements: int
+    pairs_derived: int
+    overlapping_items: int
+    raw_agreement: float
+    kappa: float
+    kappa_method: str
+    contradictions: int
+    ties: int
+    def __init__(self, criterion: _Optional[str] = ..., records: _Optional[int] = ..., judgements: _Optional[int] = ..., pairs_derived: _Optional[int] = ..., overlapping_items: _Optional[int] = ..., raw_agreement: _Optional[float] = ..., kappa: _Optional[float] = ..., kappa_method: _Optional[str] = ..., contradictions: _Optional[int] = ..., ties: _Optional[int] = ...) -> None: ...

@@ -25,29 +25,33 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17plaudit/v1/reward.proto\x12\nplaudit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"f\n\x0cScoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.plaudit.v1.ScoreItem\x12\x30\n\rnormalization\x18\x02 \x01(\x0e\x32\x19.plaudit.v1.Normalization\"J\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x03(\x08\"~\n\x0e\x43ompareRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompletion_a\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompletion_b\x18\x03 \x01(\t\x12\x30\n\rnormalization\x18\x04 \x01(\x0e\x32\x19.plaudit.v1.Normalization\"f\n\x0f\x43ompareResponse\x12\x10\n\x08reward_a\x18\x01 \x01(\x02\x12\x10\n\x08reward_b\x18\x02 \x01(\x02\x12\x18\n\x10prob_a_preferred\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x11\n\x0fGetModelRequest\"\x9c\x03\n\x10GetModelResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x13\n\x0btext_format\x18\x06 \x01(\t\x12\x1a\n\x12normalization_mean\x18\x07 \x01(\x02\x12\x19\n\x11normalization_std\x18\x08 \x01(\x02\x12-\n\tloaded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0flast_swap_error\x18\n \x01(\t\x12\x1f\n\x17\x63\x61libration_temperature\x18\x0b \x01(\x02\x12\x12\n\ncalibrated\x18\x0c \x01(\x08\x12\x18\n\x10heldout_accuracy\x18\r \x01(\x02\x12\x13\n\x0bheldout_ece\x18\x0e \x01(\x02\x12\x15\n\rheldout_pairs\x18\x0f \x01(\r\x12\x13\n\x0b\x64\x61ta_cursor\x18\x10 \x01(\t*e\n\rNormalization\x12\x1d\n\x19NORMALIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11NORMALIZATION_RAW\x10\x01\x12\x1e\n\x1aNORMALIZATION_STANDARDIZED\x10\x02\x32\xd8\x01\n\rRewardService\x12<\n\x05Score\x12\x18.plaudit.v1.ScoreRequest\x1a\x19.plaudit.v1.ScoreResponse\x12\x42\n\x07\x43ompare\x12\x1a.plaudit.v1.CompareRequest\x1a\x1b.plaudit.v1.CompareResponse\x12\x45\n\x08GetModel\x12\x1b.plaudit.v1.GetModelRequest\x1a\x1c.plaudit.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17plaudit/v1/reward.proto\x12\nplaudit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"=\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\"\x88\x01\n\x0cScoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.plaudit.v1.ScoreItem\x12\x30\n\rnormalization\x18\x02 \x01(\x0e\x32\x19.plaudit.v1.Normalization\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tobjective\x18\x04 \x01(\t\"E\n\x0cModelRewards\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07rewards\x18\x03 \x03(\x02\"\x96\x01\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x03(\x08\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\tobjective\x18\x05 \x01(\t\x12(\n\x06models\x18\x06 \x03(\x0b\x32\x18.plaudit.v1.ModelRewards\"\xae\x01\n\x0e\x43ompareRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompletion_a\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompletion_b\x18\x03 \x01(\t\x12\x30\n\rnormalization\x18\x04 \x01(\x0e\x32\x19.plaudit.v1.Normalization\x12\r\n\x05model\x18\x05 \x01(\t\x12\x11\n\tobjective\x18\x06 \x01(\t\x12\x0c\n\x04tags\x18\x07 \x03(\t\"\xb2\x01\n\x0f\x43ompareResponse\x12\x10\n\x08reward_a\x18\x01 \x01(\x02\x12\x10\n\x08reward_b\x18\x02 \x01(\x02\x12\x18\n\x10prob_a_preferred\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x11\n\tobjective\x18\x06 \x01(\t\x12(\n\x06models\x18\x07 \x03(\x0b\x32\x18.plaudit.v1.ModelRewards\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xff\x01\n\x0cShadowStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\r\n\x05pairs\x18\x04 \x01(\x04\x12\x11\n\tagreement\x18\x05 \x01(\x02\x12\x10\n\x08rankings\x18\x06 \x01(\x04\x12\x18\n\x10rank_correlation\x18\x07 \x01(\x02\x12\x11\n\tlive_mean\x18\x08 \x01(\x02\x12\x10\n\x08live_std\x18\t \x01(\x02\x12\x13\n\x0bshadow_mean\x18\n \x01(\x02\x12\x12\n\nshadow_std\x18\x0b \x01(\x02\x12\x0f\n\x07\x64ropped\x18\x0c \x01(\x04\x12\r\n\x05\x65rror\x18\r \x01(\t\"\x96\x04\n\x10GetModelResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x13\n\x0btext_format\x18\x06 \x01(\t\x12\x1a\n\x12normalization_mean\x18\x07 \x01(\x02\x12\x19\n\x11normalization_std\x18\x08 \x01(\x02\x12-\n\tloaded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0flast_swap_error\x18\n \x01(\t\x12\x1f\n\x17\x63\x61libration_temperature\x18\x0b \x01(\x02\x12\x12\n\ncalibrated\x18\x0c \x01(\x08\x12\x18\n\x10heldout_accuracy\x18\r \x01(\x02\x12\x13\n\x0bheldout_ece\x18\x0e \x01(\x02\x12\x15\n\rheldout_pairs\x18\x0f \x01(\r\x12\x13\n\x0b\x64\x61ta_cursor\x18\x10 \x01(\t\x12\x0c\n\x04name\x18\x11 \x01(\t\x12,\n\x06models\x18\x12 \x03(\x0b\x32\x1c.plaudit.v1.GetModelResponse\x12\x12\n\nobjectives\x18\x13 \x03(\t\x12(\n\x06shadow\x18\x14 \x01(\x0b\x32\x18.plaudit.v1.ShadowStatus*e\n\rNormalization\x12\x1d\n\x19NORMALIZATION_UNSPECIFIED\x10\x00\x12\x15\n\x11NORMALIZATION_RAW\x10\x01\x12\x1e\n\x1aNORMALIZATION_STANDARDIZED\x10\x02\x32\xd8\x01\n\rRewardService\x12<\n\x05Score\x12\x18.plaudit.v1.ScoreRequest\x1a\x19.plaudit.v1.ScoreResponse\x12\x42\n\x07\x43ompare\x12\x1a.plaudit.v1.CompareRequest\x1a\x1b.plaudit.v1.CompareResponse\x12\x45\n\x08GetModel\x12\x1b.plaudit.v1.GetModelRequest\x1a\x1c.plaudit.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plaudit.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NORMALIZATION']._serialized_start=967
-  _globals['_NORMALIZATION']._serialized_end=1068
+  _globals['_NORMALIZATION']._serialized_start=1685
+  _globals['_NORMALIZATION']._serialized_end=1786
   _globals['_SCOREITEM']._serialized_start=72
-  _globals['_SCOREITEM']._serialized_end=119
-  _globals['_SCOREREQUEST']._serialized_start=121
-  _globals['_SCOREREQUEST']._serialized_end=223
-  _globals['_SCORERESPONSE']._serialized_start=225
-  _globals['_SCORERESPONSE']._serialized_end=299
-  _globals['_COMPAREREQUEST']._serialized_start=301
-  _globals['_COMPAREREQUEST']._serialized_end=427
-  _globals['_COMPARERESPONSE']._serialized_start=429
-  _globals['_COMPARERESPONSE']._serialized_end=531
-  _globals['_GETMODELREQUEST']._serialized_start=533
-  _globals['_GETMODELREQUEST']._serialized_end=550
-  _globals['_GETMODELRESPONSE']._serialized_start=553
-  _globals['_GETMODELRESPONSE']._serialized_end=965
-  _globals['_REWARDSERVICE']._serialized_start=1071
-  _globals['_REWARDSERVICE']._serialized_end=1287
+  _globals['_SCOREITEM']._serialized_end=133
+  _globals['_SCOREREQUEST']._serialized_start=136
+  _globals['_SCOREREQUEST']._serialized_end=272
+  _globals['_MODELREWARDS']._serialized_start=274
+  _globals['_MODELREWARDS']._serialized_end=343
+  _globals['_SCORERESPONSE']._serialized_start=346
+  _globals['_SCORERESPONSE']._serialized_end=496
+  _globals['_COMPAREREQUEST']._serialized_start=499
+  _globals['_COMPAREREQUEST']._serialized_end=673
+  _globals['_COMPARERESPONSE']._serialized_start=676
+  _globals['_COMPARERESPONSE']._serialized_end=854
+  _globals['_GETMODELREQUEST']._serialized_start=856
+  _globals['_GETMODELREQUEST']._serialized_end=888
+  _globals['_SHADOWSTATUS']._serialized_start=891
+  _globals['_SHADOWSTATUS']._serialized_end=1146
+  _globals['_GETMODELRESPONSE']._serialized_start=1149
+  _globals['_GETMODELRESPONSE']._serialized_end=1683
+  _globals['_REWARDSERVICE']._serialized_start=1789
+  _globals['_REWARDSERVICE']._serialized_end=2005
 # @@protoc_insertion_point(module_scope)

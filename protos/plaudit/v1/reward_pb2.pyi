@@ -20,61 +20,127 @@ NORMALIZATION_RAW: Normalization
 NORMALIZATION_STANDARDIZED: Normalization
 
 class ScoreItem(_message.Message):
-    __slots__ = ("prompt", "completion")
+    __slots__ = ("prompt", "completion", "tags")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion: str
-    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("items", "normalization")
+    __slots__ = ("items", "normalization", "model", "objective")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
     normalization: Normalization
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
+    model: str
+    objective: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
+
+class ModelRewards(_message.Message):
+    __slots__ = ("model", "model_version", "rewards")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    rewards: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., rewards: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("rewards", "model_version", "truncated")
+    __slots__ = ("rewards", "model_version", "truncated", "model", "objective", "models")
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     model_version: str
     truncated: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., truncated: _Optional[_Iterable[bool]] = ...) -> None: ...
+    model: str
+    objective: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelRewards]
+    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., truncated: _Optional[_Iterable[bool]] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRewards, _Mapping]]] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
-    __slots__ = ("prompt", "completion_a", "completion_b", "normalization")
+    __slots__ = ("prompt", "completion_a", "completion_b", "normalization", "model", "objective", "tags")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_A_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_B_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion_a: str
     completion_b: str
     normalization: Normalization
-    def __init__(self, prompt: _Optional[str] = ..., completion_a: _Optional[str] = ..., completion_b: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, str]] = ...) -> None: ...
+    model: str
+    objective: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., completion_a: _Optional[str] = ..., completion_b: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
-    __slots__ = ("reward_a", "reward_b", "prob_a_preferred", "model_version")
+    __slots__ = ("reward_a", "reward_b", "prob_a_preferred", "model_version", "model", "objective", "models")
     REWARD_A_FIELD_NUMBER: _ClassVar[int]
     REWARD_B_FIELD_NUMBER: _ClassVar[int]
     PROB_A_PREFERRED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     reward_a: float
     reward_b: float
     prob_a_preferred: float
     model_version: str
-    def __init__(self, reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., prob_a_preferred: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    model: str
+    objective: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelRewards]
+    def __init__(self, reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., prob_a_preferred: _Optional[float] = ..., model_version: _Optional[str] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRewards, _Mapping]]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ShadowStatus(_message.Message):
+    __slots__ = ("version", "fraction", "requests", "pairs", "agreement", "rankings", "rank_correlation", "live_mean", "live_std", "shadow_mean", "shadow_std", "dropped", "error")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    RANKINGS_FIELD_NUMBER: _ClassVar[int]
+    RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    LIVE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    LIVE_STD_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_STD_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    fraction: float
+    requests: int
+    pairs: int
+    agreement: float
+    rankings: int
+    rank_correlation: float
+    live_mean: float
+    live_std: float
+    shadow_mean: float
+    shadow_std: float
+    dropped: int
+    error: str
+    def __init__(self, version: _Optional[str] = ..., fraction: _Optional[float] = ..., requests: _Optional[int] = ..., pairs: _Optional[int] = ..., agreement: _Optional[float] = ..., rankings: _Optional[int] = ..., rank_correlation: _Optional[float] = ..., live_mean: _Optional[float] = ..., live_std: _Optional[float] = ..., shadow_mean: _Optional[float] = ..., shadow_std: _Optional[float] = ..., dropped: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("version", "backbone", "execution_provider", "precision", "max_length", "text_format", "normalization_mean", "normalization_std", "loaded_at", "last_swap_error", "calibration_temperature", "calibrated", "heldout_accuracy", "heldout_ece", "heldout_pairs", "data_cursor")
+    __slots__ = ("version", "backbone", "execution_provider", "precision", "max_length", "text_format", "normalization_mean", "normalization_std", "loaded_at", "last_swap_error", "calibration_temperature", "calibrated", "heldout_accuracy", "heldout_ece", "heldout_pairs", "data_cursor", "name", "models", "objectives", "shadow")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +157,10 @@ class GetModelResponse(_message.Message):
     HELDOUT_ECE_FIELD_NUMBER: _ClassVar[int]
     HELDOUT_PAIRS_FIELD_NUMBER: _ClassVar[int]
     DATA_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     version: str
     backbone: str
     execution_provider: str
@@ -107,4 +177,8 @@ class GetModelResponse(_message.Message):
     heldout_ece: float
     heldout_pairs: int
     data_cursor: str
-    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., max_length: _Optional[int] = ..., text_format: _Optional[str] = ..., normalization_mean: _Optional[float] = ..., normalization_std: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_swap_error: _Optional[str] = ..., calibration_temperature: _Optional[float] = ..., calibrated: _Optional[bool] = ..., heldout_accuracy: _Optional[float] = ..., heldout_ece: _Optional[float] = ..., heldout_pairs: _Optional[int] = ..., data_cursor: _Optional[str] = ...) -> None: ...
+    name: str
+    models: _containers.RepeatedCompositeFieldContainer[GetModelResponse]
+    objectives: _containers.RepeatedScalarFieldContainer[str]
+    shadow: ShadowStatus
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., max_length: _Optional[int] = ..., text_format: _Optional[str] = ..., normalization_mean: _Optional[float] = ..., normalization_std: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_swap_error: _Optional[str] = ..., calibration_temperature: _Optional[float] = ..., calibrated: _Optional[bool] = ..., heldout_accuracy: _Optional[float] = ..., heldout_ece: _Optional[float] = ..., heldout_pairs: _Optional[int] = ..., data_cursor: _Optional[str] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[GetModelResponse, _Mapping]]] = ..., objectives: _Optional[_Iterable[str]] = ..., shadow: _Optional[_Union[ShadowStatus, _Mapping]] = ...) -> None: ...

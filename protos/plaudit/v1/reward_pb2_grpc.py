@@ -28,7 +28,10 @@ if _version_not_supported:
 class RewardServiceStub:
     """RewardService scores (prompt, completion) pairs with the promoted reward model.
 
-    Every response names the single model version that produced all of its numbers.
+    Every response names the model version that produced all of its numbers. A service can serve
+    several named reward models (e.g. "helpfulness" and "safety") and objectives that combine
+    them (see ScoreRequest.model and ScoreRequest.objective); such a response names the version of
+    every model that contributed, in `models`.
     """
 
     def __init__(self, channel):
@@ -57,7 +60,10 @@ class RewardServiceStub:
 class RewardServiceServicer:
     """RewardService scores (prompt, completion) pairs with the promoted reward model.
 
-    Every response names the single model version that produced all of its numbers.
+    Every response names the model version that produced all of its numbers. A service can serve
+    several named reward models (e.g. "helpfulness" and "safety") and objectives that combine
+    them (see ScoreRequest.model and ScoreRequest.objective); such a response names the version of
+    every model that contributed, in `models`.
     """
 
     def Score(self, request, context):
@@ -76,7 +82,8 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """GetModel describes the model version that is serving now.
+        """GetModel describes the model version that is serving now (and every named model served,
+        with its shadow, if any).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +118,10 @@ def add_RewardServiceServicer_to_server(servicer, server):
 class RewardService:
     """RewardService scores (prompt, completion) pairs with the promoted reward model.
 
-    Every response names the single model version that produced all of its numbers.
+    Every response names the model version that produced all of its numbers. A service can serve
+    several named reward models (e.g. "helpfulness" and "safety") and objectives that combine
+    them (see ScoreRequest.model and ScoreRequest.objective); such a response names the version of
+    every model that contributed, in `models`.
     """
 
     @staticmethod

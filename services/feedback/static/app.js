@@ -1,5 +1,11 @@
 // Plaudit labelling page: fetches the next task, collects one label, submits it exactly once.
 //
+// The service names the criteria to ask about (GET tasks/next: "criteria", each with its
+// question). With one, the page asks it; with several and two responses, it asks one question per
+// criterion ("Which response is more helpful?", "Which response is safer?") and stores one
+// comparison per question answered (unanswered ones are left out). Rankings, ratings and
+// corrections judge the only criterion, or "overall" when there are several.
+//
 // Every label is sent with an idempotency key made of the task, the kind of label and 128 random
 // bits (crypto.getRandomValues) drawn once per task and kept in this tab's sessionStorage until
 // the label is stored, so a retry after a lost answer (or a reload) is stored once by the server,
@@ -37,6 +43,9 @@
     chosen: null, // index, two completions
     ranking: [], // indices best first, more than two
     ratings: new Map(), // index -> score
+    criteria: [{ criterion: "overall", question: "Which response is better?" }],
+    answers: new Map(), // criterion -> index of the preferred response (several criteria)
+    question: 0, // the question the keys answer (several criteria)
     focus: 0,
     editing: null, // index of the completion being corrected
     busy: false,
@@ -204,6 +213,7 @@
     try {
       const data = await api("GET", `tasks/next?annotator_id=${encodeURIComponent(state.annotator)}`);
       state.queue = data.queue;
+      if (Array.isArray(data.criteria) && data.criteria.length) state.criteria = data.criteria;
       $("loading").hidden = true;
       if (!data.task) {
         $("empty").hidden = false;
@@ -221,6 +231,7 @@
   function showTask(task, selection) {
     Object.assign(state, {
       task, selection, chosen: null, ranking: [], ratings: new Map(), focus: 0, editing: null,
+      answers: new Map(), question: 0,
     });
     state.mode = "choose";
     $("comment").value = "";
@@ -229,7 +240,64 @@
     $("task-reason").textContent = reasonText(selection);
     renderPrompt(task.prompt);
     renderCompletions();
+    renderQuestions();
     $("task").hidden = false;
+    refresh();
+  }
+
+  // -- several criteria: one question each -----------------------------------------------------
+  function askingEach() {
+    return state.criteria.length > 1 && state.task && state.task.completions.length === 2 &&
+      state.mode === "choose" && state.editing === null;
+  }
+
+  function renderQuestions() {
+    const box = $("questions");
+    box.replaceChildren();
+    if (state.criteria.length < 2 || state.task.completions.length !== 2) return;
+    state.criteria.forEach(({ criterion, question }, number) => {
+      const set = el("fieldset", "question");
+      set.dataset.criterion = criterion;
+      const legend = el("legend", "", question);
+      legend.id = `question-${number}`;
+      const answers = el("div", "answers");
+      answers.setAttribute("role", "radiogroup");
+      answers.setAttribute("aria-labelledby", legend.id);
+      for (const index of [0, 1]) {
+        const button = el("button", "answer", `Response ${LETTERS[index]}`);
+        button.type = "button";
+        button.dataset.index = String(index);
+        button.setAttribute("role", "radio");
+        button.setAttribute("aria-checked", "false");
+        button.addEventListener("click", () => answer(number, index, false));
+        answers.append(button);
+      }
+      set.append(legend, answers);
+      box.append(set);
+    });
+  }
+
+  // Answer question `number` with response `index`; `advance` moves on to the next unanswered.
+  function answer(number, index, advance) {
+    const { criterion } = state.criteria[number];
+    if (state.answers.get(criterion) === index && !advance) state.answers.delete(criterion);
+    else state.answers.set(criterion, index);
+    state.question = number;
+    if (advance) {
+      for (let step = 1; step < state.criteria.length; step += 1) {
+        const next = (number + step) % state.criteria.length;
+        if (!state.answers.has(state.criteria[next].criterion)) {
+          state.question = next;
+          break;
+        }
+      }
+    }
+    refresh();
+  }
+
+  function moveQuestion(delta) {
+    const n = state.criteria.length;
+    state.question = (state.question + delta + n) % n;
     refresh();
   }
 
@@ -328,6 +396,8 @@
           group.append(button);
         }
         foot.append(group);
+      } else if (n === 2 && state.criteria.length > 1) {
+        // several criteria: the questions below the responses take the answers
       } else if (n === 2) {
         const button = el("button", "choose", `Prefer ${LETTERS[index]}`);
         button.type = "button";
@@ -350,7 +420,9 @@
 
   // -- labelling actions ----------------------------------------------------------------------------
   function act(index) {
-    if (state.mode === "rate") {
+    if (askingEach()) {
+      answer(state.question, index, true);
+    } else if (state.mode === "rate") {
       state.focus = index;
       refresh();
     } else if (state.task.completions.length === 2) {
@@ -432,6 +504,8 @@
       state.chosen = null;
       state.ranking = [];
       state.ratings = new Map();
+      state.answers = new Map();
+      state.question = 0;
       refresh();
     }
   }
@@ -469,12 +543,14 @@
     const task = state.task;
     const texts = task.completions;
     const comment = $("comment").value.trim();
-    const common = (kind) => ({
+    const only = state.criteria.length === 1 ? state.criteria[0].criterion : "overall";
+    const common = (kind, criterion = only) => ({
       prompt: task.prompt,
       annotator_id: state.annotator,
       idempotency_key: key(kind),
       task_id: task.task_id,
       metadata: comment ? { comment, ui: "labelling-page" } : { ui: "labelling-page" },
+      criterion,
     });
     if (state.editing !== null) {
       const corrected = editedText();
@@ -493,6 +569,18 @@
         scale_min: RATING_SCALE[0],
         scale_max: RATING_SCALE[1],
       }]);
+    }
+    if (texts.length === 2 && state.criteria.length > 1) {
+      const answered = state.criteria.filter(({ criterion }) => state.answers.has(criterion));
+      if (!answered.length) return "Answer at least one question first.";
+      return answered.map(({ criterion }) => {
+        const chosen = state.answers.get(criterion);
+        return ["comparisons", {
+          ...common(`comparison-${criterion}`, criterion),
+          chosen: texts[chosen],
+          rejected: texts[1 - chosen],
+        }];
+      });
     }
     if (texts.length === 2) {
       if (state.chosen === null) return "Choose the better response first.";
@@ -572,6 +660,21 @@
     $("mode-rate").setAttribute("aria-selected", String(state.mode === "rate"));
     $("mode-choose").textContent = n === 2 ? "Choose" : "Rank";
     $("instructions").textContent = instructions(n);
+    const each = askingEach();
+    $("questions").hidden = !each;
+    document.querySelectorAll(".question").forEach((set, number) => {
+      const current = each && number === state.question;
+      set.classList.toggle("current", current);
+      if (current) set.setAttribute("aria-current", "true");
+      else set.removeAttribute("aria-current");
+      const picked = state.answers.get(set.dataset.criterion);
+      for (const button of set.querySelectorAll("button.answer")) {
+        const on = picked === Number(button.dataset.index);
+        button.classList.toggle("on", on);
+        button.setAttribute("aria-checked", String(on));
+        button.disabled = state.busy;
+      }
+    });
     for (const card of document.querySelectorAll(".completion")) {
       const index = Number(card.dataset.index);
       const rank = state.ranking.indexOf(index);
@@ -583,6 +686,10 @@
         state.chosen !== null && state.chosen !== index && state.editing === null);
       card.classList.toggle("is-editing", state.editing === index);
       if (state.editing === index) badge.textContent = "Correction";
+      else if (each) {
+        const wins = state.criteria.filter(({ criterion }) => state.answers.get(criterion) === index);
+        badge.textContent = wins.length ? `Preferred: ${wins.map((c) => c.criterion).join(", ")}` : "";
+      }
       else if (state.mode === "choose" && n === 2 && state.chosen === index) {
         badge.textContent = "Preferred";
       } else if (state.mode === "choose" && rank >= 0) badge.textContent = `#${rank + 1}`;
@@ -604,7 +711,11 @@
       return "Edit the response into what it should have said; Submit stores your correction.";
     }
     if (state.mode === "rate") return "Rate every response from 1 (bad) to 5 (excellent).";
-    if (n === 2) return "Which response is better? Click it, or press 1 / 2.";
+    if (n === 2 && state.criteria.length > 1) {
+      return "Answer each question below (press 1 / 2 for the highlighted one, ↑ / ↓ to move " +
+        "between them); questions left unanswered are not stored.";
+    }
+    if (n === 2) return `${state.criteria[0].question} Click it, or press 1 / 2.`;
     return "Click the responses best first (or press their numbers); the last ranks itself.";
   }
 
@@ -639,7 +750,9 @@
     const n = state.task.completions.length;
     const digit = Number(event.key);
     if (Number.isInteger(digit) && digit >= 1 && event.key.length === 1) {
-      if (state.mode === "rate") {
+      if (askingEach()) {
+        if (digit <= 2) answer(state.question, digit - 1, true);
+      } else if (state.mode === "rate") {
         if (digit <= RATING_SCALE[1]) rate(state.focus, digit);
       } else if (digit <= n) {
         if (n === 2) choose(digit - 1);
@@ -652,12 +765,20 @@
       case "ArrowLeft":
       case "ArrowRight": {
         const delta = event.key === "ArrowLeft" ? -1 : 1;
-        if (state.mode === "choose" && n === 2) {
+        if (askingEach()) {
+          state.answers.set(state.criteria[state.question].criterion, delta < 0 ? 0 : 1);
+          refresh();
+        } else if (state.mode === "choose" && n === 2) {
           state.chosen = delta < 0 ? 0 : 1;
           refresh();
         } else moveFocus(delta);
         break;
       }
+      case "ArrowUp":
+      case "ArrowDown":
+        if (!askingEach()) return;
+        moveQuestion(event.key === "ArrowUp" ? -1 : 1);
+        break;
       case "Enter":
         submit();
         break;
