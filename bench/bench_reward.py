@@ -321,7 +321,17 @@ def batcher_totals(server: ServiceProcess) -> tuple[float, float]:
     )
 
 
-def run_grpc(server: ServiceProcess, items: Items, clients: int, request_items: int) -> ModeResult:
+def run_grpc(
+    server: ServiceProcess,
+    items: Items,
+    clients: int,
+    request_items: int,
+    *,
+    model: str = "",
+    objective: str = "",
+) -> ModeResult:
+    """``clients`` threads (one channel each) sending ``request_items``-item Score requests (raw
+    rewards) for the named ``model`` or ``objective`` (neither: the service's default model)."""
     requests = chunks(range(len(items)), request_items)
     scores = np.empty(len(items), dtype=np.float32)
     local = threading.local()
@@ -342,6 +352,8 @@ def run_grpc(server: ServiceProcess, items: Items, clients: int, request_items: 
             [items.prompts[i] for i in idx],
             [items.completions[i] for i in idx],
             normalization=reward_pb2.NORMALIZATION_RAW,
+            model=model,
+            objective=objective,
         )
         elapsed = time.perf_counter() - t0
         scores[idx] = rewards

@@ -5,10 +5,12 @@ from the versions' own outputs), swapped one at a time and shadowed under concur
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,16 @@ from tests.conftest import ServerThread, build_tiny_checkpoint, toy_pairs, write
 
 RAW = reward_pb2.NORMALIZATION_RAW
 STANDARDIZED = reward_pb2.NORMALIZATION_STANDARDIZED
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_ends_with_the_test() -> Iterator[None]:
+    """``main`` installs a log handler on the stream pytest captures for that test; drop it."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_plaudit", False):
+            root.removeHandler(handler)
 
 
 @dataclass
@@ -358,3 +370,43 @@ def test_swap_one_model_and_shadow_another_under_eight_clients(
     assert ("safety", criteria.safety) in seen and ("safety", new_safety) in seen
     assert calls[0] > 20
     assert _registry(criteria, "helpfulness").promoted() == criteria.helpfulness
+
+
+def test_generation_reranks_with_an_objective(
+    criteria: Criteria, tiny_policy_registry: Path, tmp_path: Path
+) -> None:
+    from plaudit.services.generation.client import GenerationClient
+    from plaudit.services.generation.settings import GenerationSettings
+
+    with pytest.raises(ValueError, match="reward_objective"):
+        GenerationSettings(reward_model="safety", reward_objective="sum", auth_disabled=True)
+    weights = {"helpfulness": 1, "safety": 1}
+    objectives = tmp_path / "objectives.json"
+    objectives.write_text(json.dumps({"objectives": [{"name": "sum", "kind": "weighted",
+                                                      "weights": weights}]}))  # fmt: skip
+    reward = ServerThread(
+        registry=criteria.root / "registry",
+        models=["helpfulness", "safety"],
+        objectives=objectives,
+        log_level="WARNING",
+    ).start()
+    generation = ServerThread(
+        "generation",
+        registry=tiny_policy_registry,
+        reward_addr=reward.address,
+        reward_objective="sum",
+        log_level="WARNING",
+    ).start()
+    try:
+        with GenerationClient(generation.address) as gen:
+            reply = gen.generate("Say hi.", n=3, seed=1, max_new_tokens=8, rerank=True)
+        texts = [c.text for c in reply.completions]
+        with RewardClient(reward.address) as client:
+            expected, version = client.score(["Say hi."] * 3, texts, objective="sum")
+    finally:
+        generation.stop()
+        reward.stop()
+    assert reply.reward_model_version == version
+    live = {n: _registry(criteria, n).promoted() for n in ("helpfulness", "safety")}
+    assert version == f"helpfulness={live['helpfulness']},safety={live['safety']}"
+    assert [c.reward for c in reply.completions] == pytest.approx(expected, abs=1e-4)
