@@ -201,9 +201,15 @@ def policy_config(method: str, args: argparse.Namespace) -> PolicyConfig:
         },
         "ppo": {"steps": args.steps, "max_new_tokens": args.max_new_tokens},
     }[method]
-    if args.learning_rate is not None:
+    if args.budget_s:  # the same training time for every method: it, not a count, stops them
+        shared["max_train_seconds"] = args.budget_s
+        own |= {"dpo": {"max_steps": None, "epochs": 1000}, "rejection-sampling": {
+            "rounds": 100_000, "max_prompts": min(args.max_prompts, 8)}}.get(
+                method, {"steps": 100_000})  # fmt: skip
+    rate = args.method_lr.get(method, args.learning_rate)
+    if rate is not None:
         key = "sft_learning_rate" if method == "rejection-sampling" else "learning_rate"
-        own[key] = args.learning_rate
+        own[key] = rate
     return CONFIGS[method](**shared, **own)
 
 
@@ -274,13 +280,13 @@ def cpu_flags() -> list[str]:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per method, ready for docs/benchmarks.md."""
     header = (
-        "| method | train s | train CPU min | win J1 | LC win J1 | win J2 | LC win J2 | KL "
+        "| method | train s | train CPU min | steps | win J1 | LC win J1 | win J2 | LC win J2 | KL "
         f"| tokens cand/base | (win - 0.5) per CPU min | J1 win >= {TARGET_WIN_RATE:.2f} |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['train_s']:.0f} | {r['train_cpu_min']:.1f} "
+            f"| {r['method']} | {r['train_s']:.0f} | {r['train_cpu_min']:.1f} | {r['steps']:.0f} "
             f"| {r['win_rate_judge1']:.3f} "
             f"| {r['lc_win_rate_judge1']:.3f} | {r['win_rate_judge2']:.3f} "
             f"| {r['lc_win_rate_judge2']:.3f} | {r['kl_to_base']:.3f} "
@@ -304,6 +310,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="DPO max steps / RL steps")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="training samples")
     parser.add_argument("--learning-rate", type=float, default=None, help="(method default)")
+    parser.add_argument(
+        "--method-lr",
+        default="",
+        help="per-method rates over --learning-rate, e.g. dpo=5e-5,rl=2e-5 (rejection "
+        "sampling: its fine-tuning rate)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="training seconds per method (--max-train-seconds): every method gets the same "
+        "time and runs until it is spent (rejection sampling: rounds of 8 prompts); 0: counts",
+    )
     parser.add_argument("--lora-r", type=int, default=0, help="0: full fine-tuning")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-prompt-length", type=int, default=256)
@@ -320,6 +339,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.max_prompts, args.num_candidates, args.steps = 4, 2, 2
         args.max_new_tokens = args.eval_max_new_tokens = 8
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        args.method_lr = {
+            name.strip(): float(rate)
+            for name, _, rate in (item.partition("=") for item in args.method_lr.split(","))
+            if name.strip()
+        }
+    except ValueError:
+        parser.error(f"--method-lr: expected method=rate,..., got {args.method_lr!r}")
     unknown = [m for m in args.methods if m not in CONFIGS]
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown}; choose from {sorted(CONFIGS)}")
@@ -392,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "train_s": train_s,
                     **numbers,
                     "train_cpu_min": train_cpu_min,
+                    "training_s": result.metrics.get("train/seconds", float("nan")),
+                    "steps": result.metrics.get("train/steps", float("nan")),
                     "win_rate_per_train_min": win / (train_s / 60),
                     "win_gain_per_train_min": (win - 0.5) / (train_s / 60),
                     "win_gain_per_cpu_min": (win - 0.5) / train_cpu_min,

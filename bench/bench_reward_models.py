@@ -28,7 +28,8 @@ Rows:
   so the gap to ``two/h`` is what a shadow costs live traffic on a machine where it shares them.
   The row carries the shadow's status (``GetModel(helpfulness).shadow``) once its queue has
   drained: requests it scored, item pairs it compared, its pair-order agreement with the live
-  version, and samples dropped because its queue was full (the live call never waits).
+  version, and samples dropped because its queue was full (the live call never waits). These
+  counts include the row's untimed warm-up requests (one per client).
 
 Per row: items/s over the timed wall clock; ms/item = 1 / items/s (wall time per item under this
 concurrency, not the latency of one item); p50/p99 latency of one request; the server process's
@@ -281,6 +282,7 @@ def row(
     model: str = "",
     objective: str = "",
 ) -> tuple[dict[str, Any], ModeResult]:
+    print(f"-- {key}", flush=True)  # the progress bar below says c<clients>
     cpu0 = server_cpu_s(service.server)
     result = run_grpc(
         service.server, items, args.clients, args.request_items, model=model, objective=objective

@@ -77,6 +77,8 @@ class LoopSettings:
     desc: str = "train"  # progress-bar label
     rate_key: str = ""  # log the throughput (items per second) under this name; "": do not
     bar_keys: tuple[str, ...] = ()  # logged numbers the progress bar shows besides the loss
+    # time.perf_counter() after which no new step starts (a training-time budget); None: none
+    deadline: float | None = None
 
     @classmethod
     def of(cls, cfg: Any, **overrides: Any) -> LoopSettings:
@@ -98,6 +100,7 @@ class LoopResult:
     wall_s: float
     memory: dict[str, float] = field(default_factory=dict)  # per process, the largest (sharding)
     resumed_from: int = 0  # the step a sharded checkpoint restored (0: started afresh)
+    out_of_time: bool = False  # stopped at ``settings.deadline`` before ``total`` steps
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -207,7 +210,9 @@ def train_loop(
     """Train ``model`` in place for ``total`` steps taken from ``steps`` (fewer when stopped
     early); ``evaluate`` gives held-out metrics, taken before training and at the cadence;
     logged step numbers continue from ``first_step``. Under ``torchrun`` ``model`` is wrapped
-    in DDP or sharded with FSDP (``sharding``; a model sharded already stays as it is)."""
+    in DDP or sharded with FSDP (``sharding``; a model sharded already stays as it is). With
+    ``settings.deadline`` the loop stops after the step that ends past it (every process stops
+    at the same step), evaluating there as at the last step."""
     started = time.perf_counter()
     env = env or DistEnv()
     model = prepare(model, sharding or Sharding(), env)
@@ -244,6 +249,7 @@ def train_loop(
     evals: list[dict[str, float]] = []
     history: list[dict[str, Any]] = []
     step, epoch, evals_without_gain = 0, 0.0, 0
+    out_of_time = False
     items_seen, train_s = 0.0, 0.0
     best: dict[str, float] = {}
     best_step, best_state = 0, dict[str, torch.Tensor]()
@@ -298,7 +304,11 @@ def train_loop(
         train_s += time.perf_counter() - t0
         step += 1
         epoch = work.epoch if work.epoch is not None else epoch
-        loss_total, items_total = all_reduce_sum(env, [loss_sum, work.items])
+        late = settings.deadline is not None and time.perf_counter() >= settings.deadline
+        loss_total, items_total, late_anywhere = all_reduce_sum(
+            env, [loss_sum, work.items, float(late)]
+        )
+        out_of_time = late_anywhere > 0 and step < total
         items_seen += items_total
         record: dict[str, Any] = {"step": first_step + step, "epoch": work.epoch}
         record |= {"train/loss": loss_total / env.world_size, "train/lr": lr}
@@ -313,7 +323,7 @@ def train_loop(
         postfix |= {key.rsplit("/", 1)[-1]: f"{record[key]:.3f}" for key in settings.bar_keys}
         bar.set_postfix(postfix)
         due = step % settings.eval_every == 0 if settings.eval_every else work.end_of_epoch
-        if evaluate is not None and (due or step >= total):
+        if evaluate is not None and (due or step >= total or out_of_time):
             metrics = run_eval(step, epoch)
             if _is_better(metrics, best, settings.early_stopping_metric):
                 best, best_step, best_state = metrics, step, snapshot()
@@ -323,6 +333,9 @@ def train_loop(
             patience = settings.early_stopping_patience
             if patience and evals_without_gain >= patience:
                 break
+        if out_of_time:
+            log.info("training-time budget spent", extra={"step": first_step + step})
+            break
         if checkpointer is not None and checkpointer.due(step) and step < total:
             loop_state = {
                 "step": step,
@@ -357,6 +370,7 @@ def train_loop(
         wall_s=time.perf_counter() - started,
         memory=memory,
         resumed_from=resumed_from,
+        out_of_time=out_of_time,
     )
 
 

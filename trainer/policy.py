@@ -107,6 +107,8 @@ from plaudit.trainer.sharding import Checkpointer, Sharding, full_state_dict, is
 
 log = logging.getLogger(__name__)
 
+EVAL_SAMPLES = "eval_samples.jsonl"  # the run folder's held-out samples the gate judged
+
 GENERATION_BATCH = 16  # prompts per generate() call
 
 
@@ -248,6 +250,11 @@ class _Run:
     sharding: Sharding = field(default_factory=Sharding)
     checkpointer: Checkpointer | None = None  # DPO and the RL methods (one fit each)
     step: int = 0  # optimizer steps so far (rejection sampling runs several fits)
+    deadline: float | None = None  # time.perf_counter() of the training-time budget's end
+    out_of_time: bool = False  # a fit stopped at the deadline
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
 
     def epochs(self, lengths: np.ndarray, epochs: int, max_steps: int | None) -> list[Step]:
         """Epochs of length-grouped micro-batches of item indices (drawn afresh for each fit)."""
@@ -270,13 +277,14 @@ class _Run:
         settings: LoopSettings,
         evaluate: Callable[[], dict[str, float]] | None = None,
     ) -> LoopResult:
-        """The training loop with a fresh optimizer; logged steps continue from ``self.step``."""
+        """The training loop with a fresh optimizer; logged steps continue from ``self.step``;
+        it stops at the run's training-time deadline."""
         result = train_loop(
             self.model,
             steps,
             total,
             loss,
-            settings,
+            replace(settings, deadline=self.deadline),
             self.reporter,
             evaluate=evaluate,
             first_step=self.step,
@@ -286,6 +294,7 @@ class _Run:
             checkpointer=self.checkpointer,
         )
         self.step += result.steps
+        self.out_of_time |= result.out_of_time
         return result
 
     def logprobs(self, model: Any, rows: Sequence[TokenRow], batch_size: int) -> np.ndarray:
@@ -416,7 +425,12 @@ def train_rejection_sampling(
     rng = np.random.default_rng(cfg.seed)
     metrics: dict[str, float] = {}
     losses: list[float] = []
+    rounds = 0
     for round_ in range(cfg.rounds):
+        if rounds and run.past_deadline():  # the first round always runs
+            run.out_of_time = True
+            break
+        rounds += 1
         chosen = list(prompts)
         if cfg.max_prompts and len(chosen) > cfg.max_prompts:
             chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), cfg.max_prompts, False))]
@@ -462,7 +476,7 @@ def train_rejection_sampling(
         **metrics,
         "train/loss": tail_mean(losses),
         "train/steps": float(run.step),
-        "train/rounds": float(cfg.rounds),
+        "train/rounds": float(rounds),
     }
 
 
@@ -1044,9 +1058,11 @@ def _train(
         if isinstance(cfg, RejectionSamplingConfig)
         else Checkpointer.for_run(cfg, run_dir, env, identity)
     )
+    start_training = time.perf_counter()
+    deadline = start_training + cfg.max_train_seconds if cfg.max_train_seconds else None
     run = _Run(
         cfg, policy, reference, tokens, env.device, reporter, progress, scorer,
-        env=env, sharding=sharding, checkpointer=checkpointer,
+        env=env, sharding=sharding, checkpointer=checkpointer, deadline=deadline,
     )  # fmt: skip
     log.info(
         "policy training",
@@ -1079,6 +1095,8 @@ def _train(
             else:
                 metrics = train_rl(run, cfg, prompts_train)
             train_items = len(prompts_train)
+        metrics["train/seconds"] = time.perf_counter() - start_training
+        metrics["train/out_of_time"] = float(run.out_of_time)
         params = SamplingParams(cfg.eval_temperature, cfg.eval_top_p, cfg.eval_max_new_tokens)
         eval_prompts = prompts_held[: cfg.eval_prompts]
         baseline, baseline_name = baseline_sampler(run, registry, parent, params)
@@ -1094,6 +1112,7 @@ def _train(
                 baseline=baseline,
                 seed=cfg.seed,
                 progress=progress,
+                samples_path=run_dir / EVAL_SAMPLES if env.is_main else None,
             )
         )
     finally:

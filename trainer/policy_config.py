@@ -92,6 +92,13 @@ class SharedPolicyConfig(TrainingConfig):
         description="... and the wins are significant at this level (one-sided binomial; "
         "1: not required)",
     )
+    max_train_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="training-time budget: no step (or rejection-sampling round) starts after "
+        "this many seconds from the start of training (reference passes, rollouts and updates; "
+        "the held-out evaluation is outside it); 0: none. The step count still caps the run",
+    )
     reward_model: str = Field(
         "",
         description="named reward model at the reward service that scores rollouts and the "

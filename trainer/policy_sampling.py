@@ -4,10 +4,12 @@ held-out evaluation every policy method ends with (mean reward, win rate, KL to 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -373,8 +375,12 @@ def evaluate_policy(
     baseline: Sampler | None,
     seed: int,
     progress: bool = False,
+    samples_path: Path | None = None,
 ) -> dict[str, float]:
-    """Held-out metrics of the policy on ``prompts``, one sample each (seeded):
+    """Held-out metrics of the policy on ``prompts``, one sample each (seeded); with
+    ``samples_path`` every sample is written there too (JSONL: ``prompt``, ``completion``,
+    ``reward``, and ``baseline`` / ``baseline_reward`` where there is a baseline), so what the
+    gate judged can be read, or judged again by another reward model:
 
     * ``eval/kl``: mean over samples of ``log pi(y|x) - log ref(y|x)`` (sequence sums at the
       sampling temperature): a Monte-Carlo estimate of KL(pi || ref);
@@ -401,18 +407,28 @@ def evaluate_policy(
         "eval/completion_tokens": float(np.mean([len(r.completion) for r in rows])),
         "eval/prompts": float(len(prompts)),
     }
-    if scorer is None:
-        return metrics
     texts = [tokens.decode(r.completion) for r in rows]
+    samples: list[dict[str, Any]] = [
+        {"prompt": p, "completion": t} for p, t in zip(prompts, texts, strict=True)
+    ]
+    if scorer is None:
+        _write_samples(samples_path, samples)
+        return metrics
     rewards = scorer(prompts, texts)
     metrics["eval/reward"] = float(np.mean(rewards))
+    for sample, reward in zip(samples, rewards.tolist(), strict=True):
+        sample["reward"] = reward
     if baseline is not None:
         try:
             baseline_texts = baseline(prompts)
         except Exception:  # no win rate, so the gate refuses; the run's other numbers stand
             log.exception("could not sample the baseline")
+            _write_samples(samples_path, samples)
             return metrics
         baseline_rewards = scorer(prompts, baseline_texts)
+        for sample, text, reward in zip(samples, baseline_texts, baseline_rewards.tolist(),
+                                        strict=True):  # fmt: skip
+            sample["baseline"], sample["baseline_reward"] = text, reward
         chars = np.array([len(t) for t in texts], dtype=np.float64)
         baseline_chars = np.array([len(t) for t in baseline_texts], dtype=np.float64)
         metrics.update(
@@ -427,4 +443,11 @@ def evaluate_policy(
                 "eval/baseline_completion_chars": float(baseline_chars.mean()),
             }
         )
+    _write_samples(samples_path, samples)
     return metrics
+
+
+def _write_samples(path: Path | None, samples: list[dict[str, Any]]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(s) + "\n" for s in samples))
