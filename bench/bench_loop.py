@@ -280,13 +280,15 @@ def cpu_flags() -> list[str]:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per method, ready for docs/benchmarks.md."""
     header = (
-        "| method | train s | train CPU min | steps | win J1 | LC win J1 | win J2 | LC win J2 | KL "
+        "| method | train s | training s | train CPU min | steps | win J1 | LC win J1 | win J2 "
+        "| LC win J2 | KL "
         f"| tokens cand/base | (win - 0.5) per CPU min | J1 win >= {TARGET_WIN_RATE:.2f} |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['train_s']:.0f} | {r['train_cpu_min']:.1f} | {r['steps']:.0f} "
+            f"| {r['method']} | {r['train_s']:.0f} | {r['training_s']:.0f} "
+            f"| {r['train_cpu_min']:.1f} | {r['steps']:.0f} "
             f"| {r['win_rate_judge1']:.3f} "
             f"| {r['lc_win_rate_judge1']:.3f} | {r['win_rate_judge2']:.3f} "
             f"| {r['lc_win_rate_judge2']:.3f} | {r['kl_to_base']:.3f} "

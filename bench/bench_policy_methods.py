@@ -29,7 +29,7 @@ METHODS = "dpo,rejection-sampling,rl,grpo,ppo"
 RACE_LR = "dpo=5e-5,rejection-sampling=2e-5,rl=2e-5,grpo=2e-5,ppo=2e-5"
 RACE = [
     "--methods", METHODS, "--budget-s", "240", "--method-lr", RACE_LR,
-    "--eval-prompts", "100", "--policy-pairs", "480",
+    "--eval-prompts", "100",
     "--max-length", "192", "--max-prompt-length", "128", "--max-new-tokens", "64",
 ]  # fmt: skip
 
