@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from plaudit.services.common.logging import configure_logging
+from plaudit.services.common.names import NAME_PATTERN
 from plaudit.services.common.registry import (
     DEFAULT_MODEL_NAME,
     ModelRegistry,
@@ -110,7 +111,7 @@ class RegistrySettings(ClientSecuritySettings, RegistryLocationSettings):
     kind: Literal["reward", "policy"] = Field("reward", description="model kind")
     name: str = Field(
         DEFAULT_MODEL_NAME,
-        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        pattern=f"^{NAME_PATTERN}$",
         description="the named model (reward: e.g. helpfulness, safety)",
     )
     notify: str = Field(
@@ -131,6 +132,12 @@ class RegistrySettings(ClientSecuritySettings, RegistryLocationSettings):
     min_shadow_pairs: int = Field(
         100, ge=1, description="promote --min-shadow-agreement: pairs it needs at least"
     )
+    min_shadow_requests: int = Field(
+        20,
+        ge=1,
+        description="promote --min-shadow-agreement: live requests it needs at least (a few "
+        "large Scores give many pairs)",
+    )
 
 
 class FeedbackFileSettings(PlauditSettings):
@@ -150,7 +157,7 @@ class FeedbackFileSettings(PlauditSettings):
     )
     criterion: str | None = Field(
         None,
-        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        pattern=f"^{NAME_PATTERN}$",
         description="export: the pairs judged on this criterion only (unset: every criterion)",
     )
 
@@ -178,7 +185,7 @@ class TrainRunSettings(RegistryLocationSettings):
     exclude_outliers: bool = Field(False, description="leave out outlier annotators' votes")
     criterion: str | None = Field(
         None,
-        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        pattern=f"^{NAME_PATTERN}$",
         description="train on the pairs judged on this criterion only (e.g. helpfulness, "
         "safety; unset: every criterion)",
     )
@@ -210,7 +217,7 @@ class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig):
     quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
     name: str = Field(
         DEFAULT_MODEL_NAME,
-        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        pattern=f"^{NAME_PATTERN}$",
         description="the named reward model the version joins (its own versions, promotion "
         "and gate; e.g. safety)",
     )
@@ -547,6 +554,9 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     elif args.action == "shadow":
         registry.start_shadow(args.version, settings.fraction)
         out.write(f"shadowing {registry.label} with {args.version} on {settings.fraction:.0%}\n")
+        if settings.notify:
+            return _notify(settings.notify, out, settings.credentials, registry.name,
+                           expect_shadow=args.version)  # fmt: skip
     elif args.action == "unshadow":
         stopped = registry.stop_shadow()
         out.write(f"shadow of {registry.label} stopped\n" if stopped else "no shadow running\n")
@@ -578,10 +588,17 @@ def _shadow_gate(settings: RegistrySettings, version: str) -> str:
         f"agreement {shadow.agreement:.3f} on {shadow.pairs} pairs "
         f"({shadow.requests} requests), rank correlation {shadow.rank_correlation:.3f}"
     )
-    if shadow.pairs < settings.min_shadow_pairs:
+    if shadow.pairs < settings.min_shadow_pairs or shadow.requests < settings.min_shadow_requests:
         raise FailedPreconditionError(
-            f"not promoted: the shadow has {shadow.pairs} pairs, "
-            f"--min-shadow-pairs is {settings.min_shadow_pairs} ({figures})"
+            f"not promoted: the shadow has {shadow.pairs} pairs from {shadow.requests} requests, "
+            f"--min-shadow-pairs is {settings.min_shadow_pairs} and --min-shadow-requests "
+            f"{settings.min_shadow_requests} ({figures})"
+        )
+    live = settings.model_registry("reward", settings.name).promoted()
+    if shadow.live_version != live:
+        raise FailedPreconditionError(
+            f"not promoted: the shadow was compared with {shadow.live_version or 'nothing'}, "
+            f"but {live} is live now; let it see traffic against {live} first"
         )
     threshold = settings.min_shadow_agreement or 0.0
     if shadow.agreement < threshold:
@@ -659,9 +676,15 @@ def _registry_read(
 
 
 def _notify(
-    addresses: str, out: typing.TextIO, credentials: ClientCredentials, model: str = ""
+    addresses: str,
+    out: typing.TextIO,
+    credentials: ClientCredentials,
+    model: str = "",
+    *,
+    expect_shadow: str = "",
 ) -> int:
-    """Tell serving processes to pick up the promotion now; 1 if any could not make it live."""
+    """Tell serving processes to pick up the promotion (and shadow) now; 1 if any could not
+    make it live (or, with ``expect_shadow``, does not run that shadow)."""
     import grpc
 
     from plaudit.services.common.admin import notify_reload
@@ -679,6 +702,10 @@ def _notify(
             status += f", shadow {reply.shadow_version}"
         if reply.last_swap_error:
             status += f"; swap failed: {reply.last_swap_error}"
+            failed += 1
+        if expect_shadow and reply.shadow_version != expect_shadow:
+            why = reply.shadow_error or "the service does not follow shadows (--no-shadow?)"
+            status += f"; shadow {expect_shadow} not running: {why}"
             failed += 1
         out.write(f"{address}: {status}\n")
     return 1 if failed else 0

@@ -351,9 +351,11 @@ def test_swap_one_model_and_shadow_another_under_eight_clients(
             shadow = client.model(name="helpfulness").shadow
         assert shadow.version == candidate and shadow.pairs >= 5  # Compare: 1 pair; Score: 66
         assert 0.0 <= shadow.agreement <= 1.0 and shadow.fraction == 1.0
+        assert shadow.live_version == criteria.helpfulness
         capsys.readouterr()
         refused = main(["registry", "promote", candidate, "--name", "helpfulness",
                         "--min-shadow-agreement", "0.99", "--min-shadow-pairs", "1",
+                        "--min-shadow-requests", "1",
                         "--registry", root, "--notify", server.address])  # fmt: skip
         assert refused == 2 and "--min-shadow-agreement" in capsys.readouterr().err
         assert main(["registry", "unshadow", "--name", "helpfulness", "--registry", root,

@@ -105,7 +105,7 @@ def test_tags_are_checked_and_named() -> None:
     with pytest.raises(InvalidArgumentError) as err:
         check_tags("items[2].tags", ["ok", "Not OK"])
     assert err.value.field == "items[2].tags[1]"
-    with pytest.raises(InvalidArgumentError, match="limit of 16"):
+    with pytest.raises(InvalidArgumentError, match="limit is 16"):
         check_tags("tags", [f"t{i}" for i in range(17)])
 
 

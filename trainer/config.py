@@ -108,6 +108,13 @@ class RewardTrainingConfig(TrainingConfig):
     )
     disable_dropout: bool = Field(True, description="train without dropout, as TRL does")
     group_window: int = Field(64, ge=1, description="micro-batches length-grouped together")
+    ensemble_heads: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="reward heads on one backbone, each fitted on its own bootstrap of the pairs "
+        "(> 1: an ensemble whose spread Score and Compare report; 1: one reward model)",
+    )
     seed: int = Field(0, description="seed for head, shuffles and batches")
     device: Device = Field("auto", description="training device")
     num_threads: int = Field(

@@ -52,7 +52,12 @@ from plaudit.trainer.data import PreferencePair, read_pairs, reference_pairs_pat
 from plaudit.trainer.onnx_graph import EXTERNAL_DATA_BYTES as EXTERNAL_DATA_BYTES
 from plaudit.trainer.onnx_graph import FUSABLE_ENCODERS as FUSABLE_ENCODERS
 from plaudit.trainer.onnx_graph import ScalarReward as ScalarReward
-from plaudit.trainer.onnx_graph import data_file_for, write_fp16_graph, write_reward_graph
+from plaudit.trainer.onnx_graph import (
+    data_file_for,
+    ensemble_members,
+    write_fp16_graph,
+    write_reward_graph,
+)
 from plaudit.trainer.onnx_graph import pairwise_agreement as pairwise_agreement
 
 log = logging.getLogger(__name__)
@@ -124,9 +129,15 @@ class ExportConfig:
 
 
 def load_reward_model(
-    backbone: Backbone, seed: int = 0, *, require_trained_head: bool | None = None
+    backbone: Backbone,
+    seed: int = 0,
+    *,
+    require_trained_head: bool | None = None,
+    heads: int | None = None,
 ) -> tuple[PreTrainedModel, object]:
-    """The checkpoint as a one-label sequence classifier in fp32 eval mode, plus its tokenizer.
+    """The checkpoint as a sequence classifier with ``heads`` reward heads (an ensemble when more
+    than one; default: a trained checkpoint's own count, else 1) in fp32 eval mode, plus its
+    tokenizer.
 
     A checkpoint without a trained head gets a fresh one; the seed makes it reproducible. With
     ``require_trained_head`` (by default: when the folder holds the trainer's
@@ -137,12 +148,22 @@ def load_reward_model(
     kwargs = {"gguf_file": backbone.gguf_file} if backbone.gguf_file else {}
     if require_trained_head is None:
         require_trained_head = (backbone.path / TRAINING_RECORD).is_file()
+    trained_heads = trained_head_count(backbone.path) if require_trained_head else None
+    if heads is not None and trained_heads is not None and heads != trained_heads:
+        raise ValueError(
+            f"ensemble_heads: {backbone.path} was trained with {trained_heads} reward heads, "
+            f"not {heads}"
+        )
+    heads = heads or trained_heads or 1
     tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         backbone.path,
-        num_labels=1,
+        num_labels=heads,
         dtype=torch.float32,
         output_loading_info=True,
+        # a fresh head of another size (an ensemble from a one-head checkpoint) is initialised
+        # anew; a trained model must match (and is refused below if it does not)
+        ignore_mismatched_sizes=not require_trained_head,
         **backbone.weights_kwargs,
     )
     fresh = sorted(
@@ -155,15 +176,21 @@ def load_reward_model(
         )
     if fresh:
         log.info("initialised a fresh reward head", extra={"weights": fresh, "seed": seed})
-    if model.config.num_labels != 1:
+    if model.config.num_labels != heads:
         raise ValueError(
-            f"reward model needs num_labels=1, checkpoint has {model.config.num_labels}"
+            f"reward model needs num_labels={heads}, checkpoint has {model.config.num_labels}"
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def trained_head_count(path: Path) -> int:
+    """The reward heads of a checkpoint the trainer saved (its config's ``num_labels``)."""
+    config = json.loads((path / "config.json").read_text())
+    return int(config.get("num_labels", len(config.get("id2label", {})) or 1))
 
 
 def special_tokens(tokenizer: object) -> dict[str, str]:
@@ -294,6 +321,7 @@ def export_reward(
             fuse=cfg.fuse,
         )
         expected = torch_rewards(model, encoder, texts)
+        members = ensemble_members(model)
         del model  # the graph and the reference rewards are all that is needed from here on
         gc.collect()
         got = onnx_rewards(out / FP32_FILE, encoder, texts)
@@ -367,6 +395,7 @@ def export_reward(
             data_cursor=cfg.data_cursor,
             promotion=promotion,
             calibration=calibration,
+            ensemble_members=members,
             notes={
                 **cfg.notes,
                 "fp32_max_abs_diff_vs_torch": err,

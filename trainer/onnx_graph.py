@@ -38,11 +38,16 @@ EXTERNAL_MIN_TENSOR_BYTES = 1024
 
 
 class ScalarReward(torch.nn.Module):
-    """Exports the model's scalar head output with no KV cache: (batch, seq) -> (batch,)."""
+    """Exports the model's scalar reward with no KV cache: (batch, seq) -> (batch,).
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    A model with several heads (``num_labels`` K > 1) is an ensemble of K reward heads on one
+    backbone: the reward is their mean. With ``members`` the forward returns every head's reward,
+    (batch, K) (training); :class:`EnsembleReward` exports both."""
+
+    def __init__(self, model: PreTrainedModel, members: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.members = members
         self.pass_use_cache = "use_cache" in inspect.signature(model.forward).parameters
         self.eval()  # torch.onnx.export restores the wrapper's mode afterwards: keep it eval
 
@@ -60,7 +65,29 @@ class ScalarReward(torch.nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         if self.pass_use_cache:
             kwargs["use_cache"] = False
-        return self.model(**kwargs).logits[:, 0]
+        logits = self.model(**kwargs).logits
+        return logits if self.members else logits.mean(dim=-1)
+
+
+class EnsembleReward(ScalarReward):
+    """An ensemble's graph: (batch, seq) -> the mean reward (batch,) and the members' (batch, K)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__(model, members=True)
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(input_ids, attention_mask, token_type_ids)
+        return logits.mean(dim=-1), logits
+
+
+def ensemble_members(model: PreTrainedModel) -> int:
+    """How many reward heads ``model`` has (1: a single reward model)."""
+    return int(model.config.num_labels or 1)
 
 
 def data_file_for(graph: Path) -> Path:
@@ -96,16 +123,20 @@ def export_onnx(
     example = (ids, mask, torch.zeros_like(ids))[: len(names)]
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["reward"] = {0: "batch"}
+    ensemble = ensemble_members(model) > 1
+    outputs = ["reward", "members"] if ensemble else ["reward"]
+    if ensemble:
+        axes["members"] = {0: "batch"}
     # the TorchScript exporter warns about tracing and its own deprecation on every export; the
     # parity check against PyTorch afterwards is what guards correctness: keep the output clean
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            ScalarReward(model),
+            EnsembleReward(model) if ensemble else ScalarReward(model),
             example,
             str(path),
             input_names=names,
-            output_names=["reward"],
+            output_names=outputs,
             dynamic_axes=axes,
             opset_version=OPSET,
             dynamo=False,

@@ -896,13 +896,21 @@ def already_trained_under(
         return None
     with RewardClient(reward_addr, credentials) as client:
         reply = client.model(name=reward_model)
-    live = [m.version for m in reply.models] if objective else [reply.version]
-    if live and all(version in gate["reward_model"] for version in live):
-        return (
-            f"policy {versions[-1].version} was already trained against reward model "
-            f"{', '.join(live)}"
-        )
-    return None
+    judged = set(gate["reward_model"])  # versions; with an objective "name=version,..." each
+    if objective:
+        tokens = {t for entry in judged for t in str(entry).split(",")}
+        names = {t.partition("=")[0] for t in tokens}
+        live = {f"{m.name}={m.version}" for m in reply.models if m.name in names}
+        fresh = not live or not live <= tokens
+    else:
+        live = {reply.version}
+        fresh = reply.version not in judged
+    if fresh:
+        return None
+    return (
+        f"policy {versions[-1].version} was already trained against reward model "
+        f"{', '.join(sorted(live))}"
+    )
 
 
 # -- the whole run ------------------------------------------------------------------------------

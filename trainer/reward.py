@@ -269,7 +269,7 @@ def evaluate(
             with autocast():
                 rewards = scorer(**{k: v.to(env.device) for k, v in inputs.items()})
             if r < len(mine):
-                rewards = rewards.float().cpu().numpy()
+                rewards = rewards.float().reshape(2 * len(index), -1).mean(dim=-1).cpu().numpy()
                 parts.append((index, rewards[: len(index)], rewards[len(index) :]))
     scorer.train(was_training)
     chosen = np.empty(len(data), dtype=np.float64)
@@ -278,6 +278,33 @@ def evaluate(
         for index, c, r in rank_parts:
             chosen[index], rejected[index] = c, r
     return pairwise_metrics(chosen, rejected, data.margin if use_margin else None, data.weight)
+
+
+def bootstrap_weights(pairs: int, heads: int, seed: int) -> np.ndarray:
+    """(pairs, heads) weights: each head of an ensemble fits its own bootstrap resample of the
+    training pairs, a pair counted Poisson(1) times (Osband et al. 2016's bootstrapped heads, the
+    online form of resampling with replacement); a single head counts every pair once. Fixed for
+    the run, so a pair weighs the same in every epoch."""
+    if heads == 1:
+        return np.ones((pairs, 1), dtype=np.float32)
+    rng = np.random.default_rng([seed, 0xB007])
+    return rng.poisson(1.0, size=(pairs, heads)).astype(np.float32)
+
+
+def ensemble_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None,
+    weight: torch.Tensor,
+    boot: torch.Tensor,
+) -> torch.Tensor:
+    """The mean over heads of each head's Bradley-Terry loss on its bootstrap weights
+    (``chosen``, ``rejected``, ``boot``: (pairs, heads)); one head: the plain loss."""
+    losses = [
+        bradley_terry_loss(chosen[:, k], rejected[:, k], margin, weight * boot[:, k])
+        for k in range(chosen.shape[-1])
+    ]
+    return torch.stack(losses).mean()
 
 
 def fit_reward_model(
@@ -298,8 +325,9 @@ def fit_reward_model(
     torch.nn.Module.to(model, env.device)
     if cfg.disable_dropout:
         disable_dropout(model)
-    scorer = ScalarReward(model).train()  # (batch, seq) -> (batch,) rewards, as exported
+    scorer = ScalarReward(model, members=True).train()  # (batch, seq) -> (batch, heads)
     amp = partial(autocast, env.device)
+    boot = torch.from_numpy(bootstrap_weights(len(train), cfg.ensemble_heads, cfg.seed))
 
     def loss(net: torch.nn.Module, index: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, margin, weight = collate(encoder, train, index)
@@ -308,9 +336,13 @@ def fit_reward_model(
         rewards = rewards.float()
         chosen, rejected = rewards[: len(index)], rewards[len(index) :]
         margin, weight = margin.to(env.device), weight.to(env.device)
-        value = bradley_terry_loss(chosen, rejected, margin if cfg.use_margin else None, weight)
+        value = ensemble_loss(
+            chosen, rejected, margin if cfg.use_margin else None, weight,
+            boot[torch.from_numpy(index)].to(env.device),
+        )  # fmt: skip
         if cfg.center_rewards_coefficient:
-            value = value + cfg.center_rewards_coefficient * reward_centering_loss(chosen, rejected)
+            mean_c, mean_r = chosen.mean(dim=-1), rejected.mean(dim=-1)
+            value = value + cfg.center_rewards_coefficient * reward_centering_loss(mean_c, mean_r)
         return value, {}
 
     # the whole run's micro-batches, the same on every process (seed, epoch), then sharded
@@ -439,7 +471,7 @@ def _train(
 
     seed_everything(cfg.seed)
     backbone = resolve_backbone(cfg.backbone)
-    model, tokenizer = load_reward_model(backbone, cfg.seed)
+    model, tokenizer = load_reward_model(backbone, cfg.seed, heads=cfg.ensemble_heads)
     model = trainable(model)
     fmt = text_format_for(tokenizer, model, cfg.max_length)
     encoder = serving_encoder(tokenizer, fmt)

@@ -31,9 +31,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def _check(self, name: str) -> admin_pb2.ReloadModelResponse:
         outcome = await self._watchers[name].check()
         shadow = self._shadows.get(name)
-        shadow_version = ""
+        shadow_version = shadow_error = ""
         if shadow is not None:
-            shadow_version = (await shadow.check()).live_version or ""
+            checked = await shadow.check()
+            shadow_version, shadow_error = checked.live_version or "", checked.error
         return admin_pb2.ReloadModelResponse(
             live_version=outcome.live_version or "",
             promoted_version=outcome.promoted_version or "",
@@ -41,6 +42,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             last_swap_error=outcome.error,
             model=name,
             shadow_version=shadow_version,
+            shadow_error=shadow_error,
         )
 
     async def ReloadModel(

@@ -119,10 +119,12 @@ class ModelWatcher(Generic[M]):
         metrics: SwapMetrics | None = None,
         pointer: Callable[[], dict[str, Any] | None] | None = None,
         unload: Callable[[], Awaitable[None]] | None = None,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self._pointer = pointer or registry.pointer_record
         self._unload = unload
+        self._refresh = refresh  # the pointer changed but names the version already loaded
         self.name = registry.name
         self._load = load
         self._activate = activate
@@ -160,6 +162,8 @@ class ModelWatcher(Generic[M]):
             self._seen = state
             if state.version == self.live_version:  # re-promotion of what already serves
                 self.last_error = ""
+                if self._refresh is not None:
+                    await self._refresh()  # e.g. a shadow's new fraction
                 return SwapOutcome(self.live_version, state.version, False, "")
             return await self._swap_to(state.version)
 

@@ -120,17 +120,23 @@ class ModelServer(Generic[M, J, R]):
             for name, registry in self.registries.items()
         }
         self.watcher = next(iter(self.watchers.values()))  # the first (default) model's
-        self.shadow_watchers: dict[str, ModelWatcher[M]] = {
-            name: ModelWatcher(
-                self.registries[name],
-                self._loader(self.registries[name]),
+        for name in self.registries:  # a model not loaded yet says so (alerts: no model)
+            metrics.model_loaded.labels(name).set(0)
+            swap_metrics.swap_failing.labels(name).set(0)
+        # a shadow follows its own registry instance: its checkouts never displace the live
+        # model's from the cache's protected set; one ONNX Runtime thread, beside live traffic
+        self.shadow_watchers: dict[str, ModelWatcher[M]] = {}
+        for name in self.shadows:
+            registry = self.registries[name].named(name)
+            self.shadow_watchers[name] = ModelWatcher(
+                registry,
+                self._loader(registry, threads=1),
                 self._shadow_activator(name),
                 poll_interval_s=settings.poll_interval_s,
-                pointer=self.registries[name].shadow_record,
+                pointer=registry.shadow_record,
                 unload=self._shadow_unloader(name),
+                refresh=self._shadow_refresher(name),
             )
-            for name in self.shadows
-        }
         self._following: list[asyncio.Task[None]] = []
 
     @property
@@ -188,7 +194,16 @@ class ModelServer(Generic[M, J, R]):
         return activate
 
     async def shadow_changed(self, name: str, model: M | None) -> None:
-        """Called after the shadow of ``name`` was loaded (``model``) or unloaded (None)."""
+        """Called after the shadow of ``name`` was loaded (``model``), re-pointed at the same
+        version (new settings: ``model`` again), or unloaded (None)."""
+
+    def _shadow_refresher(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def refresh() -> None:
+            model = self.shadows[name].model
+            if model is not None:
+                await self.shadow_changed(name, model)
+
+        return refresh
 
     def _shadow_activator(self, name: str) -> Callable[[M], Awaitable[None]]:
         async def activate(model: M) -> None:
@@ -206,7 +221,7 @@ class ModelServer(Generic[M, J, R]):
 
         return unload
 
-    def _loader(self, registry: ModelRegistry) -> Callable[[str], M]:
+    def _loader(self, registry: ModelRegistry, threads: int | None = None) -> Callable[[str], M]:
         def load(version: str) -> M:
             """Load ``version`` beside the live one (hashes verified), warm it up, smoke-test
             it."""
@@ -215,7 +230,7 @@ class ModelServer(Generic[M, J, R]):
                 version,
                 precision=self.settings.precision,
                 provider=self.settings.execution_provider,
-                intra_op_threads=self.settings.intra_op_threads,
+                intra_op_threads=threads or self.settings.intra_op_threads,
                 smoke=True,
             )
 

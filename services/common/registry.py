@@ -85,6 +85,7 @@ from plaudit.services.common.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from plaudit.services.common.names import NAME_RE
 from plaudit.services.common.settings import PlauditSettings
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ log = logging.getLogger(__name__)
 
 ModelKind = Literal["reward", "policy"]
 DEFAULT_MODEL_NAME = "default"
-MODEL_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MODEL_NAME_RE = NAME_RE  # use fullmatch
 MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_CACHE = Path(".plaudit/registry-cache")
@@ -200,6 +201,12 @@ class ModelManifest(BaseModel):
     generation: GenerationConfig | None = Field(None, description="policies only")
     calibration: Calibration | None = Field(
         None, description="reward models only; None (as in older versions): temperature 1"
+    )
+    ensemble_members: int = Field(
+        1,
+        ge=1,
+        description="reward models only: heads of an ensemble (> 1: the graph's second output, "
+        "'members', holds each head's reward; the first is their mean)",
     )
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
     signature: ManifestSignature | None = Field(
@@ -1105,9 +1112,12 @@ class ModelRegistry:
              "rollback": rollback}
         )  # fmt: skip
         log.info("promoted model version", extra={"version": version, "previous": previous})
-        shadow = self.shadow_record()
-        if shadow is not None and shadow["version"] == version:
-            self.stop_shadow()  # the candidate is live now: nothing left to shadow
+        try:  # the promotion stands whatever happens here
+            shadow = self.shadow_record()
+            if shadow is not None and shadow["version"] == version:
+                self.stop_shadow()  # the candidate is live now: nothing left to shadow
+        except Exception as exc:
+            log.warning("could not end the shadow of the promoted version: %s", exc)
 
     # -- shadow ----------------------------------------------------------------------------------
     def shadow_record(self) -> dict[str, Any] | None:
@@ -1135,6 +1145,11 @@ class ModelRegistry:
 
     def stop_shadow(self) -> bool:
         """Remove the shadow pointer (serving unloads the shadow); False if none was set."""
+        try:
+            if self.shadow_record() is None:
+                return False
+        except ValueError:
+            pass  # a malformed pointer: remove it all the same
         try:
             self.fs.rm_file(self.shadow_pointer)
         except FileNotFoundError:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -35,6 +34,8 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import orjson
 
 from plaudit.services.common.errors import InvalidArgumentError
+from plaudit.services.common.names import MAX_TAGS as MAX_TAGS
+from plaudit.services.common.names import NAME_RE, check_tags, is_name
 
 FeedbackKind = Literal["comparison", "ranking", "rating", "correction"]
 FEEDBACK_KINDS: tuple[FeedbackKind, ...] = ("comparison", "ranking", "rating", "correction")
@@ -52,10 +53,8 @@ MAX_RATING_PAIRS_PER_GROUP = 10_000
 
 DEFAULT_CRITERION = "overall"
 """The criterion of an event that names none (and of every event stored before criteria)."""
-NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-"""A criterion or a prompt tag: lower-case ASCII, at most 32 characters (fullmatch)."""
-MAX_TAGS = 16
-"""Tags one event may attach to its prompt."""
+NAME_PATTERN = NAME_RE
+"""A criterion or a prompt tag (:mod:`plaudit.services.common.names`; fullmatch)."""
 CRITERION_QUESTIONS: dict[str, str] = {
     "overall": "Which response is better?",
     "helpfulness": "Which response is more helpful?",
@@ -64,11 +63,6 @@ CRITERION_QUESTIONS: dict[str, str] = {
     "honesty": "Which response is more honest?",
 }
 """The labelling page's question of the built-in criteria (others: :func:`criterion_question`)."""
-
-
-def is_name(value: object) -> bool:
-    """True when ``value`` is a valid criterion or tag name (``NAME_PATTERN``)."""
-    return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
 
 
 def criterion_question(criterion: str) -> str:
@@ -332,19 +326,8 @@ def _check_criterion(value: object, limits: FeedbackLimits) -> None:
 
 
 def _check_tags(tags: object) -> None:
-    """A list of names (``NAME_PATTERN``), at most ``MAX_TAGS`` distinct ones."""
-    if isinstance(tags, str) or not isinstance(tags, Sequence):
-        raise InvalidArgumentError("tags", "must be a list of strings")
-    for index, tag in enumerate(tags):
-        if not is_name(tag):
-            shown = repr(tag[:40]) if isinstance(tag, str) else type(tag).__name__
-            raise InvalidArgumentError(
-                f"tags[{index}]",
-                f"{shown} is not a tag: lower-case ASCII letters, digits, '_' or '-', starting "
-                "with a letter, at most 32 characters",
-            )
-    if len(set(tags)) > MAX_TAGS:
-        raise InvalidArgumentError("tags", f"has {len(set(tags))} tags; the limit is {MAX_TAGS}")
+    """A list of names, at most ``MAX_TAGS`` distinct ones."""
+    check_tags("tags", tags)
 
 
 def normalize_event(event: FeedbackEvent) -> FeedbackEvent:

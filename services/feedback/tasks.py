@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import grpc
+import numpy as np
 
 from plaudit.services.common.errors import AlreadyExistsError, InvalidArgumentError
 from plaudit.services.common.preference_files import read_prompts
@@ -75,7 +77,8 @@ class UncertaintyScorer(Protocol):
     """Says how sure a reward model is about each task: a smaller margin is less certain."""
 
     async def margins(self, tasks: Sequence[LabellingTask]) -> dict[int, float]:
-        """task_id -> the smallest reward gap between two of the task's completions."""
+        """task_id -> how sure the model is of its least sure pair of the task's completions
+        (:func:`smallest_gap`, or with an ensemble :func:`least_agreement`)."""
         ...
 
     async def close(self) -> None: ...
@@ -85,6 +88,19 @@ def smallest_gap(rewards: Sequence[float]) -> float:
     """The smallest |r_i - r_j| over pairs of rewards (the pair the model is least sure of)."""
     ordered = sorted(rewards)
     return min(b - a for a, b in itertools.pairwise(ordered))
+
+
+def least_agreement(members: np.ndarray) -> float:
+    """For an ensemble's rewards of one task's completions, ``(completions, heads)``: the
+    smallest ``|mean_k d_k| / std_k d_k`` over pairs of completions, ``d_k`` head k's reward
+    gap. Small when the heads disagree about the pair, not only when the mean gap is small:
+    disagreement first (the pairs an ensemble is split on are the ones it gets wrong most often,
+    docs/benchmarks.md). Unanimous heads with a gap give a large value."""
+    best = math.inf
+    for i, j in itertools.combinations(range(len(members)), 2):
+        d = members[i].astype(np.float64) - members[j].astype(np.float64)
+        best = min(best, abs(float(d.mean())) / (float(d.std()) + 1e-6))
+    return best
 
 
 class RewardMarginScorer:
@@ -104,13 +120,26 @@ class RewardMarginScorer:
             chunks[-1].extend((task.task_id, task.prompt, c) for c in task.completions)
         chunks = [c for c in chunks if c]
         replies = await asyncio.gather(
-            *(self.client.score([p for _, p, _ in c], [t for _, _, t in c]) for c in chunks)
+            *(
+                self.client.score_response([p for _, p, _ in c], [t for _, _, t in c])
+                for c in chunks
+            )
         )
         rewards: dict[int, list[float]] = {}
-        for chunk, (reply, _) in zip(chunks, replies, strict=True):
-            for (task_id, _, _), reward in zip(chunk, reply, strict=True):
+        members: dict[int, list[np.ndarray]] = {}
+        for chunk, reply in zip(chunks, replies, strict=True):
+            heads = reply.ensemble_members
+            each = np.asarray(reply.member_rewards, dtype=np.float32).reshape(len(chunk), -1)
+            for n, ((task_id, _, _), reward) in enumerate(zip(chunk, reply.rewards, strict=True)):
                 rewards.setdefault(task_id, []).append(reward)
-        return {task_id: smallest_gap(values) for task_id, values in rewards.items()}
+                if heads > 1:
+                    members.setdefault(task_id, []).append(each[n])
+        return {
+            task_id: least_agreement(np.stack(members[task_id]))
+            if task_id in members
+            else smallest_gap(values)
+            for task_id, values in rewards.items()
+        }
 
     async def close(self) -> None:
         await self.client.close()

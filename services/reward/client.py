@@ -209,6 +209,19 @@ def score_request(
     )
 
 
+def _single_request(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    limit: int,
+    normalization: reward_pb2.Normalization,
+    model: str,
+) -> reward_pb2.ScoreRequest:
+    _check_pairs(prompts, completions)
+    if len(prompts) > limit:
+        raise ValueError(f"{len(prompts)} items exceed max_items_per_request ({limit}): score()")
+    return score_request(prompts, completions, normalization, model=model)
+
+
 def domain_error(address: str, exc: grpc.RpcError) -> PlauditError:
     """The Plaudit error a failed reward call becomes for a service that relays it:
     UNAVAILABLE when the reward service cannot answer in time, RESOURCE_EXHAUSTED when it is
@@ -469,6 +482,22 @@ class RewardClient:
         )
         return self._call(self.stub.Compare, request, "Compare", *self._deadline(timeout))
 
+    def score_response(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        timeout: float | None = None,
+        normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
+        *,
+        model: str = "",
+    ) -> reward_pb2.ScoreResponse:
+        """One ``Score`` request (at most ``max_items_per_request`` items), the whole reply: with
+        an ensemble version also each item's ``spread`` and every head's ``member_rewards``."""
+        request = _single_request(
+            prompts, completions, self.max_items_per_request, normalization, model
+        )
+        return self._call(self.stub.Score, request, "Score", *self._deadline(timeout))
+
     def model(self, timeout: float | None = 10.0, name: str = "") -> reward_pb2.GetModelResponse:
         """The version of the named model (default: the service's default) serving now, with
         every served model in ``models``."""
@@ -600,6 +629,23 @@ class AsyncRewardClient:
             for i, reply in zip(stale, await run(stale), strict=True):
                 replies[i] = reply
         raise _version_churn(self.address)
+
+    async def score_response(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        timeout: float | None = None,
+        normalization: reward_pb2.Normalization = reward_pb2.NORMALIZATION_UNSPECIFIED,
+        *,
+        model: str = "",
+    ) -> reward_pb2.ScoreResponse:
+        """One ``Score`` request (at most ``max_items_per_request`` items), the whole reply: with
+        an ensemble version also each item's ``spread`` and every head's ``member_rewards``."""
+        request = _single_request(
+            prompts, completions, self.max_items_per_request, normalization, model
+        )
+        deadline, budget = self._deadline(timeout)
+        return await self._call(self._stub.Score, request, "Score", deadline, budget)
 
     async def model(
         self, timeout: float | None = 10.0, name: str = ""

@@ -11,7 +11,6 @@ error_response`).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from plaudit.services.common.errors import (
     PlauditError,
     UnavailableError,
 )
+from plaudit.services.common.names import check_tags
 from plaudit.services.reward.engine import (
     JobScores,
     ModelScores,
@@ -68,23 +68,6 @@ def sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-MAX_TAGS = 16
-_TAG = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-
-
-def check_tags(field: str, tags: Sequence[str]) -> frozenset[str]:
-    """A prompt's tags (at most :data:`MAX_TAGS`, each ``[a-z][a-z0-9_-]{0,31}``)."""
-    if len(tags) > MAX_TAGS:
-        raise InvalidArgumentError(field, f"{len(tags)} tags exceeds the limit of {MAX_TAGS}")
-    for i, tag in enumerate(tags):
-        if not _TAG.fullmatch(tag):
-            raise InvalidArgumentError(
-                f"{field}[{i}]", f"{tag!r} is not a tag (a lower-case letter, then up to 31 of "
-                "a-z, 0-9, _ and -)"
-            )  # fmt: skip
-    return frozenset(tags)
-
-
 @dataclass(frozen=True)
 class ScoreResult:
     """A scored request: ``rewards`` (the one model's, or the objective's combination), the
@@ -100,6 +83,7 @@ class ScoreResult:
     models: tuple[ModelScores, ...]
     model: str = ""  # the named model that scored, empty with an objective
     objective: str = ""
+    members: np.ndarray | None = None  # an ensemble's heads (items, heads), normalized as rewards
 
 
 def preference_probability(result: ScoreResult) -> float:
@@ -110,6 +94,24 @@ def preference_probability(result: ScoreResult) -> float:
     the combined reward and ``T`` is 1."""
     raw_a, raw_b = (float(x) for x in result.raw)
     return sigmoid((raw_a - raw_b) / result.temperature)
+
+
+def member_rewards(scores: ModelScores) -> np.ndarray | None:
+    """An ensemble's heads in the rewards' normalization: ``(member - mean) / std`` when the
+    rewards are standardized (written as an offset from the mean reward, which is exact)."""
+    if scores.members is None:
+        return None
+    return (scores.members - scores.raw[:, None]) / scores.scale + scores.rewards[:, None]
+
+
+def ensemble_preference(result: ScoreResult) -> tuple[float, float]:
+    """For a two-item ensemble result: the standard deviation over heads of each head's
+    ``sigmoid((a_k - b_k) / T)``, and the share of heads preferring a (a tie counts 1/2)."""
+    (one,) = result.models
+    assert one.members is not None
+    diff = (one.members[0] - one.members[1]).astype(np.float64)
+    probs = 1.0 / (1.0 + np.exp(-diff / result.temperature))
+    return float(probs.std()), float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
 def _model_rewards(scores: ModelScores) -> reward_pb2.ModelRewards:
@@ -190,7 +192,8 @@ class RewardCore:
         if objective is None:
             (one,) = models
             return ScoreResult(one.rewards, one.raw, one.truncated, one.version, tokens,
-                               one.temperature, models, model=model)  # fmt: skip
+                               one.temperature, models, model=model,
+                               members=member_rewards(one))  # fmt: skip
         combined = objective.combine({s.name: s.standardized for s in models}, tags)
         version = ",".join(f"{s.name}={s.version}" for s in models)
         return ScoreResult(combined, combined, merge_truncated(outcome), version, tokens, 1.0,
@@ -230,7 +233,7 @@ class RewardCore:
         self, request: reward_pb2.ScoreRequest, timeout: float | None
     ) -> reward_pb2.ScoreResponse:
         result = await self.run_score(request, timeout)
-        return reward_pb2.ScoreResponse(
+        reply = reward_pb2.ScoreResponse(
             rewards=result.rewards.tolist(),
             model_version=result.version,
             truncated=result.truncated.tolist(),
@@ -238,6 +241,11 @@ class RewardCore:
             objective=result.objective,
             models=[_model_rewards(s) for s in result.models],
         )
+        if result.members is not None:
+            reply.spread.extend(result.members.std(axis=1).tolist())
+            reply.ensemble_members = result.members.shape[1]
+            reply.member_rewards.extend(result.members.reshape(-1).tolist())
+        return reply
 
     async def compare(
         self, request: reward_pb2.CompareRequest, timeout: float | None
@@ -259,7 +267,7 @@ class RewardCore:
         )
         result = await self._submit(job, timeout, model, objective, [tags, tags])
         reward_a, reward_b = (float(x) for x in result.rewards)
-        return reward_pb2.CompareResponse(
+        reply = reward_pb2.CompareResponse(
             reward_a=reward_a,
             reward_b=reward_b,
             prob_a_preferred=preference_probability(result),
@@ -268,6 +276,12 @@ class RewardCore:
             objective=result.objective,
             models=[_model_rewards(s) for s in result.models],
         )
+        if result.members is not None:
+            spread, share = ensemble_preference(result)
+            reply.prob_a_preferred_spread = spread
+            reply.members_preferring_a = share
+            reply.ensemble_members = result.members.shape[1]
+        return reply
 
     def _describe(self, name: str) -> reward_pb2.GetModelResponse:
         model: LoadedRewardModel | None = self._engine.slots[name].model
@@ -300,6 +314,7 @@ class RewardCore:
             heldout_pairs=heldout.pairs,
             data_cursor=manifest.data_cursor or "",
             name=name,
+            ensemble_members=manifest.ensemble_members,
         )
         stats = self._shadow.stats.get(name) if self._shadow is not None else None
         if stats is not None:

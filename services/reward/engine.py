@@ -6,7 +6,8 @@ models it needs (one, or those of an objective). For each named model, all items
 need it are tokenized together, sorted by length and cut into groups whose padded size stays
 under ``group_tokens``, so short texts are never padded to long ones; each group is one ONNX
 Runtime call. Each model's snapshot is taken once per flush, so every request is scored by one
-version of each model. A model that is not live fails only the jobs that need it.
+version of each model. A model that is not live, or fails to score, fails only the jobs that
+need it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class ModelScores:
     truncated: np.ndarray
     tokens: int
     temperature: float = 1.0  # the version's calibration (see LoadedRewardModel)
+    members: np.ndarray | None = None  # an ensemble's heads, raw: (items, heads); else None
+    scale: float = 1.0  # what standardizing divides by (so a standardized spread is raw / scale)
 
 
 JobScores = dict[str, ModelScores]
@@ -87,13 +90,14 @@ class RewardEngine:
         """Score every item of ``jobs`` with ``model`` in one pass; one result per job."""
         prompts = [p for job in jobs for p in job.prompts]
         completions = [c for job in jobs for c in job.completions]
-        raw, truncated, lengths = model.score_raw(
+        raw, members, truncated, lengths = model.score_members(
             prompts, completions, self.group_tokens or model.default_group_tokens
         )
         if not np.all(np.isfinite(raw)):
             raise FailedPreconditionError(f"model {model.version} produced non-finite rewards")
         standardized = model.standardize(raw)
-        default_standardize = model.manifest.normalization.reference != "identity"
+        norm = model.manifest.normalization
+        default_standardize = norm.reference != "identity"
         out = []
         start = 0
         for job in jobs:
@@ -110,6 +114,8 @@ class RewardEngine:
                     truncated[start:end],
                     int(lengths[start:end].sum()),
                     model.temperature,
+                    None if members is None else members[start:end],
+                    (norm.std if norm.std > 0 else 1.0) if standardize else 1.0,
                 )
             )
             start = end
@@ -136,8 +142,16 @@ class RewardEngine:
             live = [i for i in indices if not isinstance(results[i], PlauditError)]
             if not live:
                 continue
-            for i, scores in zip(live, self.score_with(model, [jobs[i] for i in live], name),
-                                 strict=True):  # fmt: skip
+            try:
+                scored = self.score_with(model, [jobs[i] for i in live], name)
+            except Exception as exc:  # this model's failure fails only the jobs that need it
+                error = exc if isinstance(exc, PlauditError) else PlauditError(
+                    f"model {name!r} ({model.version}) failed to score: {exc}"
+                )  # fmt: skip
+                for i in live:
+                    results[i] = error
+                continue
+            for i, scores in zip(live, scored, strict=True):
                 result = results[i]
                 if isinstance(result, dict):
                     result[name] = scores

@@ -35,12 +35,20 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from plaudit.services.common.errors import InvalidArgumentError
-from plaudit.services.common.registry import MODEL_NAME_RE
+from plaudit.services.common.names import NAME_PATTERN, is_name
 
-_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+_NAME = f"^{NAME_PATTERN}$"
 
 
 class _Objective(BaseModel):
@@ -69,7 +77,7 @@ class WeightedObjective(_Objective):
     @classmethod
     def _check_weights(cls, weights: dict[str, float]) -> dict[str, float]:
         for name, weight in weights.items():
-            if not MODEL_NAME_RE.fullmatch(name):
+            if not is_name(name):
                 raise ValueError(f"{name!r} is not a model name")
             if not math.isfinite(weight):
                 raise ValueError(f"weight of {name!r} must be finite")
@@ -96,6 +104,12 @@ class GatedObjective(_Objective):
     threshold: float = Field(0.15, gt=0.0, lt=1.0, description="on R_s = sigmoid(z_s)")
     whiten_mean: float = 0.0
     whiten_std: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _two_models(self) -> GatedObjective:
+        if self.safety_model == self.helpfulness_model:
+            raise ValueError("safety_model and helpfulness_model must be two different models")
+        return self
 
     @property
     def models(self) -> tuple[str, ...]:

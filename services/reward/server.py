@@ -68,7 +68,10 @@ class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, JobScores | PlauditE
         self.settings: RewardSettings = settings
         self.engine: RewardEngine = engine
         self.shadow = ShadowScorer(
-            engine.score_with, queue_size=settings.shadow_queue, on_update=self._shadow_update
+            engine.score_with,
+            queue_size=settings.shadow_queue,
+            queue_items=settings.shadow_queue_items,
+            on_update=self._shadow_update,
         )
         self.core = RewardCore(
             engine,
@@ -99,10 +102,16 @@ class RewardServer(ModelServer[LoadedRewardModel, ScoreJob, JobScores | PlauditE
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.core), server)
 
     async def shadow_changed(self, name: str, model: LoadedRewardModel | None) -> None:
-        fraction = 0.0
+        """Install (or stop) the shadow of ``name`` with the fraction its pointer says now; a
+        pointer already gone stops it (the watcher unloads it at its next check)."""
         if model is not None:
-            record = await asyncio.to_thread(self.registries[name].shadow_record)
-            fraction = float(record["fraction"]) if record else 0.0
+            try:
+                record = await asyncio.to_thread(self.registries[name].shadow_record)
+            except Exception:  # unreadable now: keep what runs; the next check tries again
+                return
+            if record is None or record.get("version") != model.version:
+                model = None
+        fraction = float(record["fraction"]) if model is not None and record else 0.0
         self.shadow.set_shadow(name, model, fraction)
         self.metrics.shadow_changed(name, self.shadow.stats.get(name))
 

@@ -59,6 +59,9 @@ class RewardSettings(ModelServingSettings, ServerSecuritySettings, RegistryLocat
     shadow_queue: int = Field(
         64, ge=1, description="sampled requests waiting for the shadow; more are dropped"
     )
+    shadow_queue_items: int = Field(
+        1024, ge=1, description="items of the sampled requests waiting for the shadow, at most"
+    )
 
     @field_validator("models")
     @classmethod

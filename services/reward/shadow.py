@@ -2,9 +2,11 @@
 and the service reports how far it agrees with the live version of the same named model.
 
 The request path only *offers* a scored job (:meth:`ShadowScorer.offer`): a random draw against
-the shadow's fraction, then a non-blocking put on a bounded queue (a full queue drops the sample
-and counts it; a live call never waits). One worker task scores queued jobs with the shadow
-version in a worker thread and folds them into :class:`ShadowStats`.
+the shadow's fraction, then a non-blocking put on a queue bounded in requests and in items (a
+full queue drops the sample and counts it; a live call never waits). The statistics belong to
+one (shadow, live) pair of versions: a new live version starts them afresh. One worker task
+scores queued jobs with the shadow version in a worker thread and folds them into
+:class:`ShadowStats`.
 
 Agreement is pair order: for a Compare (two items) the one pair, for a multi-item Score every pair
 of its items (the first :data:`MAX_ITEMS` items); a pair counts 1 when both versions order it the
@@ -91,10 +93,12 @@ class _Moments:
 
 @dataclass
 class ShadowStats:
-    """What one shadow version showed so far (reset when the shadow changes)."""
+    """What one shadow version showed against one live version so far (reset when either
+    changes: agreement never mixes two live versions)."""
 
     version: str
     fraction: float
+    live_version: str = ""  # the live version the samples were scored by ("" until the first)
     requests: int = 0
     agreed: float = 0.0
     pairs: int = 0
@@ -125,6 +129,7 @@ class ShadowStats:
         return reward_pb2.ShadowStatus(
             version=self.version,
             fraction=self.fraction,
+            live_version=self.live_version,
             requests=self.requests,
             pairs=self.pairs,
             agreement=self.agreement or 0.0,
@@ -145,6 +150,7 @@ class _Sample:
     model: LoadedRewardModel
     job: ScoreJob
     live_raw: np.ndarray
+    live_version: str
 
 
 class ShadowScorer:
@@ -155,11 +161,14 @@ class ShadowScorer:
         score_with: Callable[[LoadedRewardModel, list[ScoreJob], str], list[ModelScores]],
         *,
         queue_size: int = 64,
+        queue_items: int = 1024,
         on_update: Callable[[str, ShadowStats], None] | None = None,
         seed: int | None = None,
     ) -> None:
         self._score_with = score_with
         self._queue: asyncio.Queue[_Sample] = asyncio.Queue(maxsize=queue_size)
+        self._queue_items = queue_items  # items waiting at most (memory: texts are kept)
+        self._queued_items = 0
         self._models: dict[str, LoadedRewardModel] = {}
         self.stats: dict[str, ShadowStats] = {}
         self._on_update = on_update
@@ -183,10 +192,16 @@ class ShadowScorer:
         stats = self.stats.get(scores.name)
         if model is None or stats is None or self._random.random() >= stats.fraction:
             return
+        items = len(job.prompts)
+        if self._queued_items + items > self._queue_items:
+            stats.dropped += 1
+            return
         try:
-            self._queue.put_nowait(_Sample(scores.name, model, job, scores.raw))
+            self._queue.put_nowait(_Sample(scores.name, model, job, scores.raw, scores.version))
         except asyncio.QueueFull:
             stats.dropped += 1
+            return
+        self._queued_items += items
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -204,6 +219,7 @@ class ShadowScorer:
             try:
                 await self._score(sample)
             finally:
+                self._queued_items -= len(sample.job.prompts)
                 self._queue.task_done()
 
     async def _score(self, sample: _Sample) -> None:
@@ -219,6 +235,13 @@ class ShadowScorer:
             log.warning("shadow scoring failed", extra={"model": sample.name,
                         "version": sample.model.version, "error": str(exc)})  # fmt: skip
             return
+        if self.stats.get(sample.name) is not stats:
+            return  # the shadow stopped or changed while this sample was being scored
+        if stats.live_version != sample.live_version:
+            if stats.live_version:  # the live version changed: start afresh against the new one
+                stats = ShadowStats(stats.version, stats.fraction, dropped=stats.dropped)
+                self.stats[sample.name] = stats
+            stats.live_version = sample.live_version
         stats.add(sample.live_raw, scores.raw)
         if self._on_update is not None:
             self._on_update(sample.name, stats)

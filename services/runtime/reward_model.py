@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import numpy as np
 import onnxruntime as ort
 
+from plaudit.services.common.errors import FailedPreconditionError
 from plaudit.services.common.onnx_runtime import CPU, OnnxModel
 from plaudit.services.common.registry import ModelManifest, VersionFolder
 from plaudit.services.common.textfmt import RewardTextEncoder, TextFormat, length_groups
@@ -52,6 +53,12 @@ class LoadedRewardModel(OnnxModel):
         encoder = RewardTextEncoder.from_files(
             folder.path(TOKENIZER_FILE), TextFormat.from_dict(manifest.text_format)
         )
+        outputs = len(session.get_outputs())
+        if manifest.ensemble_members > 1 and outputs < 2:
+            raise FailedPreconditionError(
+                f"version {manifest.version} is an ensemble of {manifest.ensemble_members} heads "
+                f"but its graph has {outputs} output (reward and members expected)"
+            )
         return cls(manifest=manifest, session=session, encoder=encoder, precision=precision)
 
     def smoke_test(self) -> None:
@@ -60,19 +67,36 @@ class LoadedRewardModel(OnnxModel):
         if not np.all(np.isfinite(raw)):
             raise ValueError(f"version {self.version} scores the smoke batch as {raw.tolist()}")
 
+    @property
+    def ensemble_members(self) -> int:
+        """Reward heads of an ensemble version (1: a single reward model)."""
+        return self.manifest.ensemble_members
+
     def score_raw(
         self, prompts: Sequence[str], completions: Sequence[str], group_tokens: int = 0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw rewards, truncation flags and real (unpadded) token counts, one per item."""
+        raw, _, truncated, lengths = self.score_members(prompts, completions, group_tokens)
+        return raw, truncated, lengths
+
+    def score_members(
+        self, prompts: Sequence[str], completions: Sequence[str], group_tokens: int = 0
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Raw rewards (an ensemble's: the mean of its heads), each head's raw reward
+        ``(items, heads)`` (None for a single model), truncation flags and real token counts."""
         encoded = self.encoder.encode(prompts, completions)
         lengths = np.fromiter((len(e.ids) for e, _ in encoded), dtype=np.int64, count=len(encoded))
         rewards = np.empty(len(encoded), dtype=np.float32)
+        heads = self.ensemble_members
+        members = np.empty((len(encoded), heads), dtype=np.float32) if heads > 1 else None
         truncated = np.fromiter((t for _, t in encoded), dtype=bool, count=len(encoded))
         for group in length_groups(lengths, group_tokens or self.default_group_tokens):
             batch = self.encoder.pad([encoded[i] for i in group])
-            out = self.session.run(None, batch.inputs)[0]
-            rewards[group] = np.asarray(out, dtype=np.float32).reshape(len(group), -1)[:, 0]
-        return rewards, truncated, lengths
+            outputs = self.session.run(None, batch.inputs)
+            rewards[group] = np.asarray(outputs[0], dtype=np.float32).reshape(len(group), -1)[:, 0]
+            if members is not None:
+                members[group] = np.asarray(outputs[1], dtype=np.float32).reshape(len(group), heads)
+        return rewards, members, truncated, lengths
 
     @property
     def temperature(self) -> float:

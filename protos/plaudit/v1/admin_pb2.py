@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16plaudit/v1/admin.proto\x12\nplaudit.v1\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xc7\x01\n\x13ReloadModelResponse\x12\x14\n\x0clive_version\x18\x01 \x01(\t\x12\x18\n\x10promoted_version\x18\x02 \x01(\t\x12\x0f\n\x07swapped\x18\x03 \x01(\x08\x12\x17\n\x0flast_swap_error\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12/\n\x06models\x18\x06 \x03(\x0b\x32\x1f.plaudit.v1.ReloadModelResponse\x12\x16\n\x0eshadow_version\x18\x07 \x01(\t2^\n\x0c\x41\x64minService\x12N\n\x0bReloadModel\x12\x1e.plaudit.v1.ReloadModelRequest\x1a\x1f.plaudit.v1.ReloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16plaudit/v1/admin.proto\x12\nplaudit.v1\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xdd\x01\n\x13ReloadModelResponse\x12\x14\n\x0clive_version\x18\x01 \x01(\t\x12\x18\n\x10promoted_version\x18\x02 \x01(\t\x12\x0f\n\x07swapped\x18\x03 \x01(\x08\x12\x17\n\x0flast_swap_error\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12/\n\x06models\x18\x06 \x03(\x0b\x32\x1f.plaudit.v1.ReloadModelResponse\x12\x16\n\x0eshadow_version\x18\x07 \x01(\t\x12\x14\n\x0cshadow_error\x18\x08 \x01(\t2^\n\x0c\x41\x64minService\x12N\n\x0bReloadModel\x12\x1e.plaudit.v1.ReloadModelRequest\x1a\x1f.plaudit.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELOADMODELREQUEST']._serialized_start=38
   _globals['_RELOADMODELREQUEST']._serialized_end=73
   _globals['_RELOADMODELRESPONSE']._serialized_start=76
-  _globals['_RELOADMODELRESPONSE']._serialized_end=275
-  _globals['_ADMINSERVICE']._serialized_start=277
-  _globals['_ADMINSERVICE']._serialized_end=371
+  _globals['_RELOADMODELRESPONSE']._serialized_end=297
+  _globals['_ADMINSERVICE']._serialized_start=299
+  _globals['_ADMINSERVICE']._serialized_end=393
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ class ReloadModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ReloadModelResponse(_message.Message):
-    __slots__ = ("live_version", "promoted_version", "swapped", "last_swap_error", "model", "models", "shadow_version")
+    __slots__ = ("live_version", "promoted_version", "swapped", "last_swap_error", "model", "models", "shadow_version", "shadow_error")
     LIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROMOTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     SWAPPED_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class ReloadModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_ERROR_FIELD_NUMBER: _ClassVar[int]
     live_version: str
     promoted_version: str
     swapped: bool
@@ -28,4 +29,5 @@ class ReloadModelResponse(_message.Message):
     model: str
     models: _containers.RepeatedCompositeFieldContainer[ReloadModelResponse]
     shadow_version: str
-    def __init__(self, live_version: _Optional[str] = ..., promoted_version: _Optional[str] = ..., swapped: _Optional[bool] = ..., last_swap_error: _Optional[str] = ..., model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ReloadModelResponse, _Mapping]]] = ..., shadow_version: _Optional[str] = ...) -> None: ...
+    shadow_error: str
+    def __init__(self, live_version: _Optional[str] = ..., promoted_version: _Optional[str] = ..., swapped: _Optional[bool] = ..., last_swap_error: _Optional[str] = ..., model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ReloadModelResponse, _Mapping]]] = ..., shadow_version: _Optional[str] = ..., shadow_error: _Optional[str] = ...) -> None: ...

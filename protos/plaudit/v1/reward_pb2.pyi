@@ -52,20 +52,26 @@ class ModelRewards(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., rewards: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("rewards", "model_version", "truncated", "model", "objective", "models")
+    __slots__ = ("rewards", "model_version", "truncated", "model", "objective", "models", "spread", "ensemble_members", "member_rewards")
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_REWARDS_FIELD_NUMBER: _ClassVar[int]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     model_version: str
     truncated: _containers.RepeatedScalarFieldContainer[bool]
     model: str
     objective: str
     models: _containers.RepeatedCompositeFieldContainer[ModelRewards]
-    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., truncated: _Optional[_Iterable[bool]] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRewards, _Mapping]]] = ...) -> None: ...
+    spread: _containers.RepeatedScalarFieldContainer[float]
+    ensemble_members: int
+    member_rewards: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ..., truncated: _Optional[_Iterable[bool]] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRewards, _Mapping]]] = ..., spread: _Optional[_Iterable[float]] = ..., ensemble_members: _Optional[int] = ..., member_rewards: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
     __slots__ = ("prompt", "completion_a", "completion_b", "normalization", "model", "objective", "tags")
@@ -86,7 +92,7 @@ class CompareRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., completion_a: _Optional[str] = ..., completion_b: _Optional[str] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
-    __slots__ = ("reward_a", "reward_b", "prob_a_preferred", "model_version", "model", "objective", "models")
+    __slots__ = ("reward_a", "reward_b", "prob_a_preferred", "model_version", "model", "objective", "models", "prob_a_preferred_spread", "members_preferring_a", "ensemble_members")
     REWARD_A_FIELD_NUMBER: _ClassVar[int]
     REWARD_B_FIELD_NUMBER: _ClassVar[int]
     PROB_A_PREFERRED_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +100,9 @@ class CompareResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    PROB_A_PREFERRED_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_PREFERRING_A_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     reward_a: float
     reward_b: float
     prob_a_preferred: float
@@ -101,7 +110,10 @@ class CompareResponse(_message.Message):
     model: str
     objective: str
     models: _containers.RepeatedCompositeFieldContainer[ModelRewards]
-    def __init__(self, reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., prob_a_preferred: _Optional[float] = ..., model_version: _Optional[str] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRewards, _Mapping]]] = ...) -> None: ...
+    prob_a_preferred_spread: float
+    members_preferring_a: float
+    ensemble_members: int
+    def __init__(self, reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., prob_a_preferred: _Optional[float] = ..., model_version: _Optional[str] = ..., model: _Optional[str] = ..., objective: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelRewards, _Mapping]]] = ..., prob_a_preferred_spread: _Optional[float] = ..., members_preferring_a: _Optional[float] = ..., ensemble_members: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -110,7 +122,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ShadowStatus(_message.Message):
-    __slots__ = ("version", "fraction", "requests", "pairs", "agreement", "rankings", "rank_correlation", "live_mean", "live_std", "shadow_mean", "shadow_std", "dropped", "error")
+    __slots__ = ("version", "fraction", "requests", "pairs", "agreement", "rankings", "rank_correlation", "live_mean", "live_std", "shadow_mean", "shadow_std", "dropped", "error", "live_version")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +136,7 @@ class ShadowStatus(_message.Message):
     SHADOW_STD_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: str
     fraction: float
     requests: int
@@ -137,10 +150,11 @@ class ShadowStatus(_message.Message):
     shadow_std: float
     dropped: int
     error: str
-    def __init__(self, version: _Optional[str] = ..., fraction: _Optional[float] = ..., requests: _Optional[int] = ..., pairs: _Optional[int] = ..., agreement: _Optional[float] = ..., rankings: _Optional[int] = ..., rank_correlation: _Optional[float] = ..., live_mean: _Optional[float] = ..., live_std: _Optional[float] = ..., shadow_mean: _Optional[float] = ..., shadow_std: _Optional[float] = ..., dropped: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    live_version: str
+    def __init__(self, version: _Optional[str] = ..., fraction: _Optional[float] = ..., requests: _Optional[int] = ..., pairs: _Optional[int] = ..., agreement: _Optional[float] = ..., rankings: _Optional[int] = ..., rank_correlation: _Optional[float] = ..., live_mean: _Optional[float] = ..., live_std: _Optional[float] = ..., shadow_mean: _Optional[float] = ..., shadow_std: _Optional[float] = ..., dropped: _Optional[int] = ..., error: _Optional[str] = ..., live_version: _Optional[str] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("version", "backbone", "execution_provider", "precision", "max_length", "text_format", "normalization_mean", "normalization_std", "loaded_at", "last_swap_error", "calibration_temperature", "calibrated", "heldout_accuracy", "heldout_ece", "heldout_pairs", "data_cursor", "name", "models", "objectives", "shadow")
+    __slots__ = ("version", "backbone", "execution_provider", "precision", "max_length", "text_format", "normalization_mean", "normalization_std", "loaded_at", "last_swap_error", "calibration_temperature", "calibrated", "heldout_accuracy", "heldout_ece", "heldout_pairs", "data_cursor", "name", "models", "objectives", "shadow", "ensemble_members")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +175,7 @@ class GetModelResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backbone: str
     execution_provider: str
@@ -181,4 +196,5 @@ class GetModelResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[GetModelResponse]
     objectives: _containers.RepeatedScalarFieldContainer[str]
     shadow: ShadowStatus
-    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., max_length: _Optional[int] = ..., text_format: _Optional[str] = ..., normalization_mean: _Optional[float] = ..., normalization_std: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_swap_error: _Optional[str] = ..., calibration_temperature: _Optional[float] = ..., calibrated: _Optional[bool] = ..., heldout_accuracy: _Optional[float] = ..., heldout_ece: _Optional[float] = ..., heldout_pairs: _Optional[int] = ..., data_cursor: _Optional[str] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[GetModelResponse, _Mapping]]] = ..., objectives: _Optional[_Iterable[str]] = ..., shadow: _Optional[_Union[ShadowStatus, _Mapping]] = ...) -> None: ...
+    ensemble_members: int
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., execution_provider: _Optional[str] = ..., precision: _Optional[str] = ..., max_length: _Optional[int] = ..., text_format: _Optional[str] = ..., normalization_mean: _Optional[float] = ..., normalization_std: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_swap_error: _Optional[str] = ..., calibration_temperature: _Optional[float] = ..., calibrated: _Optional[bool] = ..., heldout_accuracy: _Optional[float] = ..., heldout_ece: _Optional[float] = ..., heldout_pairs: _Optional[int] = ..., data_cursor: _Optional[str] = ..., name: _Optional[str] = ..., models: _Optional[_Iterable[_Union[GetModelResponse, _Mapping]]] = ..., objectives: _Optional[_Iterable[str]] = ..., shadow: _Optional[_Union[ShadowStatus, _Mapping]] = ..., ensemble_members: _Optional[int] = ...) -> None: ...
