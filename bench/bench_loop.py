@@ -203,6 +203,9 @@ def policy_config(method: str, args: argparse.Namespace) -> PolicyConfig:
     }[method]
     if args.budget_s:  # the same training time for every method: it, not a count, stops them
         shared["max_train_seconds"] = args.budget_s
+        # warm-up and decay follow the step count, which the budget never reaches: no warm-up
+        # (10% of 100,000 steps would keep the rate near 0 for the whole budget)
+        shared["warmup_ratio"] = 0.0
         own |= {"dpo": {"max_steps": None, "epochs": 1000}, "rejection-sampling": {
             "rounds": 100_000, "max_prompts": min(args.max_prompts, 8)}}.get(
                 method, {"steps": 100_000})  # fmt: skip

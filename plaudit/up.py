@@ -115,9 +115,10 @@ class UpSettings(ClientSecuritySettings):
         True, description="retrain the policy after a reward model is promoted (needs generation)"
     )
     policy_method: PolicyMethod = Field(
-        "dpo",
-        description="policy training method: dpo improved the policy most per CPU minute at equal "
-        "length (docs/benchmarks.md, bench/bench_loop.py)",
+        "rejection-sampling",
+        description="policy training method: rejection sampling improved the policy most at "
+        "equal length under both judges for the same training time (the method race, "
+        "bench/bench_policy_methods.py, docs/benchmarks.md)",
     )
     policy_min_pairs: int = Field(
         1, ge=0, description="new preference pairs since the last policy training it also needs"

@@ -790,7 +790,10 @@ def test_policy_trainer_trains_after_a_new_reward_model(docs: list[Doc], overlay
     args = list(c["args"])
     env = container_env(docs, cron, c)
     assert args[:2] == ["train", "policy"]
-    assert flag_value(args, "--method") == "dpo"
+    from plaudit.up import UpSettings
+
+    # the loop's default method, the one the method race picked (docs/benchmarks.md)
+    assert flag_value(args, "--method") == UpSettings.model_fields["policy_method"].default
     assert flag_value(args, "--base") == "live", "start from the live policy's checkpoint"
     assert {"--only-after-new-reward", "--promote"} <= set(args)
 

@@ -21,7 +21,7 @@ from plaudit.services.reward.settings import RewardSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-GUIDES = ["architecture.md", "operations.md", "security.md", "http.md"]
+GUIDES = ["architecture.md", "operations.md", "security.md", "http.md", "reward-models.md"]
 sys.path.insert(0, str(REPO / "protos"))
 
 from generate import describe, render_docs  # noqa: E402

@@ -648,7 +648,7 @@ def train_grpo(run: _Run, cfg: GRPOConfig, prompts: Sequence[str]) -> dict[str, 
     fit = run.fit(rollouts(), cfg.steps * cfg.grpo_epochs, loss, settings)
     return {
         **_rl_metrics(fit, (*RL_KEYS, "rl/clip_fraction", "rl/k3_kl")),
-        "train/rollout_batches": float(cfg.steps),
+        "train/rollout_batches": float(-(-fit.steps // cfg.grpo_epochs)),  # begun (a budget)
     }
 
 
@@ -779,7 +779,7 @@ def train_ppo(run: _Run, cfg: PPOConfig, prompts: Sequence[str]) -> dict[str, fl
     keys = (*RL_KEYS, "rl/clip_fraction", "rl/policy_loss", "rl/value_loss")
     return {
         **_rl_metrics(fit, (*keys, "rl/value_clip_fraction", "rl/kl_coef")),
-        "train/rollout_batches": float(cfg.steps),
+        "train/rollout_batches": float(-(-fit.steps // (cfg.ppo_epochs * minibatches))),
     }
 
 

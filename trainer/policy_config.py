@@ -97,7 +97,9 @@ class SharedPolicyConfig(TrainingConfig):
         ge=0,
         description="training-time budget: no step (or rejection-sampling round) starts after "
         "this many seconds from the start of training (reference passes, rollouts and updates; "
-        "the held-out evaluation is outside it); 0: none. The step count still caps the run",
+        "the held-out evaluation is outside it); 0: none. The step count still caps the run, "
+        "and warm-up and decay follow it: with a budget that ends the run early, give "
+        "--warmup-ratio 0 or a step count it reaches",
     )
     reward_model: str = Field(
         "",
