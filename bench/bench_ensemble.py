@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agreement = margin / (std + 1e-6)
     head_accuracy = [float(np.mean(d[:, k] > 0)) for k in range(args.heads)]
     peaks.append(sgemm_gflops(args.threads))
+    by_margin, by_agreement = quintiles(margin, wrong), quintiles(agreement, wrong)
     record = {
         "created_at": datetime.now(UTC).isoformat(),
         "cpu": cpu_name(),
@@ -128,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "head_accuracy": head_accuracy,
         "train_s": train_s,
         "train_cpu_min": train_cpu_min,
-        "margin_quintiles": quintiles(margin, wrong),
-        "agreement_quintiles": quintiles(agreement, wrong),
+        "margin_quintiles": by_margin,
+        "agreement_quintiles": by_agreement,
         "spearman_margin_vs_wrong": spearman(margin, wrong),
         "spearman_agreement_vs_wrong": spearman(agreement, wrong),
     }
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nerror rate by quintile, most unsure first:")
     print("| quintile | pairs | error (by margin) | error (by agreement) |")
     print("|---|---|---|---|")
-    for m, a in zip(record["margin_quintiles"], record["agreement_quintiles"], strict=True):
+    for m, a in zip(by_margin, by_agreement, strict=True):
         print(f"| {m['quintile']} | {m['pairs']} | {m['error_rate']:.3f} | {a['error_rate']:.3f} |")
     print(
         f"\nSpearman with being wrong: margin {record['spearman_margin_vs_wrong']:+.3f}, "
