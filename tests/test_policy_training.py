@@ -157,24 +157,33 @@ def _held_out(prompt: str, fraction: float) -> bool:
     return prompt_bucket(prompt) < fraction
 
 
+def tiny_rl_command(tmp_path: Path, checkpoint: Path, reward_addr: str, *extra: str) -> list[str]:
+    """``plaudit train policy --method rl`` on 20 prompts of the tiny policy, run folder
+    ``tmp_path/run``; ``extra`` flags are added (and override these)."""
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {i}"} for i in range(20)]
+    )
+    return [
+        "train", "policy", "--method", "rl", "--registry", str(tmp_path / "registry"),
+        "--data", str(data), "--base", str(checkpoint), "--reward-addr", reward_addr,
+        "--rloo-k", "2", "--prompts-per-step", "2", "--max-new-tokens", "6",
+        "--max-length", "40", "--max-prompt-length", "24", "--eval-fraction", "0.2",
+        "--output-dir", str(tmp_path / "run"), "--no-progress", "--log-level", "WARNING",
+        *extra,
+    ]  # fmt: skip
+
+
 def test_rl_from_the_command_line(
     tiny_policy_checkpoint: Path,
     reward_server: ServerThread,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    data = write_jsonl(
-        tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {i}"} for i in range(20)]
-    )
-    args = [
-        "train", "policy", "--method", "rl", "--registry", str(tmp_path / "registry"),
-        "--data", str(data), "--base", str(tiny_policy_checkpoint),
-        "--reward-addr", reward_server.address, "--steps", "3", "--rloo-k", "2",
-        "--prompts-per-step", "2", "--max-new-tokens", "6", "--learning-rate", "1e-3",
-        "--max-length", "40", "--max-prompt-length", "24", "--eval-fraction", "0.2",
-        "--eval-prompts", "4", "--eval-max-new-tokens", "6",
-        "--output-dir", str(tmp_path / "run"), "--no-progress", "--log-level", "WARNING",
-    ]  # fmt: skip
+    args = tiny_rl_command(
+        tmp_path, tiny_policy_checkpoint, reward_server.address,
+        "--steps", "3", "--learning-rate", "1e-3", "--eval-prompts", "4",
+        "--eval-max-new-tokens", "6",
+    )  # fmt: skip
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     metrics = summary["metrics"]

@@ -13,7 +13,8 @@ import torch
 from plaudit.cli import main
 from plaudit.trainer.loop import LoopSettings, Step, train_loop
 from plaudit.trainer.report import RunReporter
-from tests.conftest import ServerThread, write_jsonl
+from tests.conftest import ServerThread
+from tests.test_policy_training import tiny_rl_command
 
 
 def _fit(tmp_path: Path, deadline: float | None, total: int = 10) -> tuple[int, bool, int]:
@@ -55,18 +56,11 @@ def test_policy_training_stops_at_its_budget(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    data = write_jsonl(
-        tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about {i}"} for i in range(20)]
-    )
-    args = [
-        "train", "policy", "--method", "rl", "--registry", str(tmp_path / "registry"),
-        "--data", str(data), "--base", str(tiny_policy_checkpoint),
-        "--reward-addr", reward_server.address, "--steps", "200", "--rloo-k", "2",
-        "--prompts-per-step", "2", "--max-new-tokens", "6", "--max-train-seconds", "0.01",
-        "--max-length", "40", "--max-prompt-length", "24", "--eval-fraction", "0.2",
-        "--eval-prompts", "2", "--eval-max-new-tokens", "4",
-        "--output-dir", str(tmp_path / "run"), "--no-progress", "--log-level", "WARNING",
-    ]  # fmt: skip
+    args = tiny_rl_command(
+        tmp_path, tiny_policy_checkpoint, reward_server.address,
+        "--steps", "200", "--max-train-seconds", "0.01", "--eval-prompts", "2",
+        "--eval-max-new-tokens", "4",
+    )  # fmt: skip
     assert main(args) == 0
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["train/steps"] == 1 and metrics["train/out_of_time"] == 1.0
