@@ -72,6 +72,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench.bench_loop import cpu_flags
 from bench.bench_reward import (
     RESULTS,
     Items,
@@ -109,7 +110,6 @@ OBJECTIVES = {
         {"name": "sum", "kind": "weighted", "weights": {HELPFULNESS: 1.0, SAFETY: 1.0}},
     ]
 }
-CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16")
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -135,18 +135,6 @@ def serving_encoder(registry: ModelRegistry, version: str) -> RewardTextEncoder:
     return RewardTextEncoder.from_files(
         folder.path(TOKENIZER_FILE), TextFormat.from_dict(folder.manifest.text_format)
     )
-
-
-def cpu_flags() -> list[str]:
-    """The AVX-512 / VNNI / BF16 / AMX flags this CPU reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return [f for f in flags if f in CPU_FLAGS or f.startswith("amx")]
-    except OSError:
-        pass
-    return []
 
 
 def proc_memory(pid: int) -> dict[str, float]:
@@ -401,8 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     flags = cpu_flags()
     print(
-        f"CPU {cpu_name()}, {os.cpu_count()} cores, flags: {' '.join(flags) or 'none of'} "
-        f"({', '.join(CPU_FLAGS)}, amx_*); ONNX Runtime {ort.__version__}, torch "
+        f"CPU {cpu_name()}, {os.cpu_count()} cores, flags: {' '.join(flags) or '-'}; "
+        f"ONNX Runtime {ort.__version__}, torch "
         f"{torch.__version__}"
     )
     peaks = [sgemm_gflops(args.threads)]
