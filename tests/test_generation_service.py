@@ -191,6 +191,15 @@ def test_concurrent_requests_each_get_their_own_completions(
         page = resp.read().decode()
     assert "plaudit_generation_tokens_generated_total" in page
     assert "plaudit_generation_model_info{" in page
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in page.splitlines()
+        if line and not line.startswith("#")
+    }
+    # every request reports its time to first token; those of 8 tokens their decode rate too
+    assert samples["plaudit_generation_time_to_first_token_seconds_count"] >= 16
+    assert samples["plaudit_generation_request_tokens_per_second_count"] >= 16
+    assert samples["plaudit_generation_request_tokens_per_second_sum"] > 0
     batched = [
         line
         for line in page.splitlines()

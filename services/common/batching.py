@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
@@ -35,6 +35,8 @@ _STOP = object()  # queued by close(): everything before it is still processed
 
 P = TypeVar("P")
 R = TypeVar("R")
+P_in = TypeVar("P_in", contravariant=True)
+R_out = TypeVar("R_out", covariant=True)
 
 
 class BatchMetrics:
@@ -56,6 +58,27 @@ class BatchMetrics:
         self.queue_depth = Gauge(
             f"{prefix}_queue_depth", "Items waiting in the queue.", registry=registry
         )
+
+
+class Batcher(Protocol[P_in, R_out]):
+    """What a service submits jobs to: :class:`DynamicBatcher` (flushes), or a batcher of the
+    same interface (the generation service's continuous batcher)."""
+
+    @property
+    def queued_items(self) -> int: ...
+
+    def start(self) -> None:
+        """Start taking jobs (inside the running event loop)."""
+
+    async def submit(
+        self, payload: P_in, *, size: int = 1, cost: int = 1, timeout: float | None = None
+    ) -> R_out:
+        """Queue ``payload`` and wait for its result; RESOURCE_EXHAUSTED when the queue is full,
+        UNAVAILABLE once closing."""
+        ...
+
+    async def close(self) -> None:
+        """Stop accepting, finish everything already queued."""
 
 
 @dataclass

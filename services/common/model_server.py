@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 import grpc
 
 from plaudit.services.common.admin import AdminServicer
-from plaudit.services.common.batching import BatchingConfig, DynamicBatcher
+from plaudit.services.common.batching import Batcher, BatchingConfig, DynamicBatcher
 from plaudit.services.common.errors import UnavailableError
 from plaudit.services.common.hotswap import ModelWatcher, SwapMetrics
 from plaudit.services.common.metrics import ModelMetrics
@@ -67,9 +67,11 @@ class LiveModel(Generic[M]):
 class ModelServer(Generic[M, J, R]):
     """A model service: ``slots[name]`` holds the live version of ``model_cls`` for each named
     model (hot-swapped from ``registries[name]``), ``shadows[name]`` (optional) the shadow
-    candidate of that model, ``process`` runs a flushed batch of jobs on them. Health stays
-    NOT_SERVING until every named model has a live version; ``port``/``metrics_port`` are known
-    after :meth:`start`. Subclasses register their servicer in :meth:`add_servicers`."""
+    candidate of that model, ``process`` runs a flushed batch of jobs on them (a
+    :class:`DynamicBatcher` on ``batching``, unless the service brings its own ``batcher``).
+    Health stays NOT_SERVING until every named model has a live version; ``port`` and
+    ``metrics_port`` are known after :meth:`start`. Subclasses register their servicer in
+    :meth:`add_servicers`."""
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class ModelServer(Generic[M, J, R]):
         process: Callable[[Sequence[J]], Sequence[R]],
         batching: BatchingConfig,
         shadows: Mapping[str, LiveModel[M]] | None = None,
+        batcher: Batcher[J, R] | None = None,
     ) -> None:
         if not registries or set(registries) != set(slots):
             raise ValueError("one registry per named model slot, at least one")
@@ -101,7 +104,7 @@ class ModelServer(Generic[M, J, R]):
         self.slots = dict(slots)
         self.shadows = dict(shadows or {})
         self._model_cls = model_cls
-        self.batcher: DynamicBatcher[J, R] = DynamicBatcher(
+        self.batcher: Batcher[J, R] = batcher or DynamicBatcher(
             process,
             batching,
             metrics=metrics.batch,

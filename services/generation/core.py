@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 from plaudit.services.common.errors import InvalidArgumentError
 from plaudit.services.generation.backend import GenerationBackend
@@ -139,9 +140,21 @@ class GenerationCore:
         job (UNAVAILABLE while no policy can answer)."""
         if sink is not None:
             job = dataclasses.replace(job, sink=sink)
+        arrived = time.monotonic()
         outcome = await self.backend.generate(job, size, timeout)
+        self._observe_timing(outcome, arrived, job.n)
         self.metrics.prompt_tokens.inc(outcome.prompt_tokens)
         self.metrics.tokens_generated.inc(outcome.generated_tokens)
         for c in outcome.completions:
             self.metrics.completions.labels(c.finish_reason.value).inc()
         return outcome
+
+    def _observe_timing(self, outcome: GenerateResult, arrived: float, n: int) -> None:
+        """Time to first token and the decode rate, where the backend timed them."""
+        first, last = outcome.first_token_at, outcome.finished_at
+        if first is None:
+            return
+        self.metrics.time_to_first_token.observe(max(0.0, first - arrived))
+        after_first = outcome.generated_tokens - n
+        if last is not None and last > first and after_first > 0:
+            self.metrics.request_tokens_per_second.observe(after_first / (last - first))

@@ -1,12 +1,15 @@
 """Plaudit's own generation backend: the live policy (:mod:`plaudit.services.runtime.policy_model`)
-generating flushed batches of the shared dynamic batcher (:class:`OnnxBackend`)."""
+generating the jobs of the service's batcher (:class:`OnnxBackend`): continuous by default
+(:mod:`.continuous`: jobs join the running batch between steps), or flushed batches generated to
+the end (``--batching static``: the shared dynamic batcher calls :meth:`GenerationEngine.process`).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.batching import Batcher
 from plaudit.services.common.errors import PlauditError
 from plaudit.services.common.model_server import LiveModel
 from plaudit.services.generation.backend import LiveVersion
@@ -41,12 +44,12 @@ def estimate_cost(job: GenerateJob, prompt_bytes: int, max_new_tokens: int) -> i
 
 class OnnxBackend:
     """The default :class:`~plaudit.services.generation.backend.GenerationBackend`: one job = one
-    submission to the shared batcher, generated on the policy live when its batch starts."""
+    submission to the service's batcher, generated on the policy live when the job starts."""
 
     def __init__(
         self,
         engine: GenerationEngine,
-        batcher: DynamicBatcher[GenerateJob, GenerateResult | PlauditError],
+        batcher: Batcher[GenerateJob, GenerateResult | PlauditError],
     ) -> None:
         self._engine = engine
         self._batcher = batcher

@@ -22,6 +22,20 @@ class GenerationMetrics(ModelMetrics):
         self.prompt_tokens = Counter(
             "plaudit_generation_prompt_tokens", "Prompt tokens prefilled.", registry=registry
         )
+        self.time_to_first_token = Histogram(
+            "plaudit_generation_time_to_first_token_seconds",
+            "Per request: from its arrival at the core to its first sampled token (queue wait "
+            "and prefill included).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.request_tokens_per_second = Histogram(
+            "plaudit_generation_request_tokens_per_second",
+            "Per request: tokens generated after each completion's first, over the time from "
+            "the first token to the last (the decode rate the caller saw).",
+            buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000),
+            registry=registry,
+        )
         self.reranked = Counter(
             "plaudit_generation_reranked_requests",
             "Requests whose completions were scored by the reward service.",

@@ -3,9 +3,9 @@ with the generation backend and servicer, the OpenAI-style HTTP API on ``http_po
 and backend, same guard), and the reward service as an optional reranker.
 
 The backend (:mod:`.backend`) is Plaudit's engine on the promoted policy (``--backend onnx``,
-the default: batcher, registry watcher, hot swap, AdminService) or an OpenAI-compatible server
-(``--backend openai``: no registry is followed and AdminService is not served; health follows the
-backend's answers, see :mod:`.openai_backend`)."""
+the default: continuous or static batcher, registry watcher, hot swap, AdminService) or an
+OpenAI-compatible server (``--backend openai``: no registry is followed and AdminService is not
+served; health follows the backend's answers, see :mod:`.openai_backend`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from plaudit.services.common.registry import DEFAULT_MODEL_NAME
 from plaudit.services.common.security.guard import ServerSecurity
 from plaudit.services.generation.access import CALL_ROLES, ROUTE_ROLES
 from plaudit.services.generation.backend import GenerationBackend, LiveVersion
+from plaudit.services.generation.continuous import ContinuousBatcher
 from plaudit.services.generation.core import GenerationCore
 from plaudit.services.generation.engine import GenerationEngine, OnnxBackend
 from plaudit.services.generation.http import generation_http_server
@@ -41,6 +42,22 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
         self.metrics = GenerationMetrics(CollectorRegistry())
         engine = GenerationEngine(max_new_tokens=settings.max_new_tokens)
         security = ServerSecurity.from_settings(settings, call_roles=CALL_ROLES)
+        batching = BatchingConfig(
+            max_batch_size=settings.max_batch_rows,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            max_queue_items=settings.max_queue_items,
+        )
+        continuous = (
+            ContinuousBatcher(
+                engine,
+                batching,
+                prefill_tokens=settings.max_prefill_tokens,
+                metrics=self.metrics.batch,
+            )
+            if settings.batching == "continuous"
+            else None
+        )
         super().__init__(
             settings,
             service_name=SERVICE_NAME,
@@ -50,12 +67,8 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
             model_cls=LoadedPolicy,
             slots={DEFAULT_MODEL_NAME: engine},
             process=engine.process,
-            batching=BatchingConfig(
-                max_batch_size=settings.max_batch_rows,
-                max_batch_tokens=settings.max_batch_tokens,
-                max_wait_s=settings.max_wait_ms / 1000.0,
-                max_queue_items=settings.max_queue_items,
-            ),
+            batching=batching,
+            batcher=continuous,
         )
         self.settings: GenerationSettings = settings
         self.engine: GenerationEngine = engine

@@ -69,6 +69,17 @@ class GenerationSettings(
     max_messages: int = Field(256, ge=1, description="messages in one conversation")
     max_stop_strings: int = Field(8, ge=0, description="stop strings per request")
     max_stop_bytes: int = Field(256, ge=1, description="UTF-8 bytes of one stop string")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous = a request joins the running batch at the next decode step and "
+        "a finished row leaves at once; static = requests flushed together decode to the end",
+    )
+    max_prefill_tokens: int = Field(
+        512,
+        ge=1,
+        description="continuous batching: prompt tokens prefilled between two decode steps (a "
+        "longer prompt still goes alone); smaller keeps running rows decoding during bursts",
+    )
     max_batch_rows: int = Field(
         32, ge=1, description="completions generated together (requests batch up to this)"
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from plaudit.services.common.batching import DynamicBatcher
+from plaudit.services.common.batching import Batcher
 from plaudit.services.common.calibration import heldout_figures
 from plaudit.services.common.errors import (
     InvalidArgumentError,
@@ -126,7 +126,7 @@ class RewardCore:
     def __init__(
         self,
         engine: RewardEngine,
-        batcher: DynamicBatcher[ScoreJob, JobScores | PlauditError],
+        batcher: Batcher[ScoreJob, JobScores | PlauditError],
         settings: RewardSettings,
         metrics: RewardMetrics,
         last_swap_error: Callable[[str], str],

@@ -4,13 +4,18 @@ Used by the generation service and by the trainer (export parity check, policy g
 policy is checked exactly as it is served. The exported graph (``trainer/policy_export.py``)
 takes ``input_ids``, ``attention_mask`` (over past and new tokens), ``position_ids`` and one past
 key and value per layer, and returns the logits of the last position and the present keys and
-values. A flush of requests is generated together:
+values. Rows decode together in a :class:`DecodeBatch`:
 
-1. **Prefill.** Each request's prompt runs once, all prompts left-padded to the longest (mask 0
-   on padding, positions counted from each prompt's first real token), from an empty cache.
-2. **Fan out.** Each prompt's cache, mask and last logits are repeated for its ``n`` candidates.
-3. **Decode.** One token per active row per step. A row that ends (end-of-sequence token, stop
-   string, token limit) leaves the batch, so the others stop paying for it.
+1. **Prefill.** Jobs join in one graph call: prompts left-padded to the longest (mask 0 on
+   padding, positions counted from each prompt's first real token), from an empty cache.
+2. **Fan out and merge.** Each prompt's cache, mask and last logits are repeated for its ``n``
+   candidates and joined to the rows already decoding (the shorter cache left-padded).
+3. **Decode.** One token per row per step. A row that ends (end-of-sequence token, stop string,
+   token limit) leaves the batch at once, so the others stop paying for it.
+
+:func:`generate` runs one batch nothing joins (static batching: the trainer, the export checks,
+``--batching static``); the generation service's continuous batcher
+(:mod:`plaudit.services.generation.continuous`) admits new jobs between steps.
 
 A job with a :class:`StreamSink` gets its text as it is decoded: after each step, each of its rows
 hands on the new text that can no longer change (held back: an incomplete UTF-8 character, and
@@ -24,6 +29,7 @@ rounding). No torch, no transformers: tokenization is the ``tokenizers`` library
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -118,9 +124,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class GenerateResult:
+    """A job's completions, the version that generated them and, where the engine knows them,
+    when its first token was sampled and when its last row ended (``time.monotonic()``)."""
+
     completions: list[Candidate]
     version: str
     prompt_tokens: int
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -304,96 +315,252 @@ def _stream(
 
 
 # -- the decode loop ---------------------------------------------------------------------------
+@dataclass(eq=False)
+class JobHandle:
+    """One job admitted to a :class:`DecodeBatch`: its sampling state and its completions so
+    far. ``first_token_at``/``finished_at`` are ``time.monotonic()`` readings."""
+
+    job: GenerateJob
+    prompt_tokens: int
+    rng: np.random.Generator
+    hold: int  # characters a stop string may yet claim (streamed text holds them back)
+    rows: list[_Row] = field(default_factory=list)
+    open_rows: int = 0
+    first_token_at: float | None = None
+
+    def result(self, version: str) -> GenerateResult:
+        completions = []
+        for row in self.rows:
+            assert row.finish is not None and row.text is not None
+            completions.append(Candidate(row.text, row.tokens, row.finish))
+        return GenerateResult(
+            completions,
+            version,
+            self.prompt_tokens,
+            first_token_at=self.first_token_at,
+            finished_at=time.monotonic(),
+        )
+
+
+@dataclass(eq=False)
+class _Row:
+    """One completion being decoded."""
+
+    handle: JobHandle
+    index: int  # 0 <= index < n within its job
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+    text: str | None = None
+    sent: int = 0  # characters handed to the job's sink
+
+
+class DecodeBatch:
+    """Rows decoding together on one model version, joined and left at any step.
+
+    Between steps the batch holds, aligned by row: the next-token logits, the KV cache (all rows
+    left-padded to one past length; ``mask`` is 0 on padding), and the next token's position.
+    :meth:`admit` prefills new jobs in one graph call (prompts left-padded to the longest,
+    positions from each prompt's first real token), fans each prompt's cache out to its ``n``
+    rows and merges them in (the shorter cache is left-padded). :meth:`step` samples one token
+    per row, ends rows (end-of-sequence, stop string, budget), drops them, and runs the next
+    graph call for the rest. Cache columns no row attends to any more are trimmed.
+
+    A job's rows keep their order, and its tokens are drawn from its own generator, one draw per
+    row in row order: its completions do not depend on what it is batched with (beyond float
+    rounding). Not thread-safe: one thread drives a batch.
+    """
+
+    def __init__(self, model: LoadedPolicy) -> None:
+        self.model = model
+        self._rows: list[_Row] = []
+        self._logits = np.zeros((0, 0), dtype=np.float32)
+        self._cache: list[np.ndarray] = model.empty_cache(0)
+        self._mask = np.zeros((0, 0), dtype=np.int64)
+        self._position = np.zeros(0, dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows)
+
+    @property
+    def width(self) -> int:
+        """Cache columns (past tokens, padding included) every row carries."""
+        return int(self._mask.shape[1])
+
+    def admit(
+        self, jobs: Sequence[GenerateJob], prompts: Sequence[Sequence[int]], budgets: Sequence[int]
+    ) -> list[JobHandle]:
+        """Prefill ``jobs`` (their encoded ``prompts``, ``budgets`` new tokens at most) and add
+        their rows. All or nothing: on an error the batch is unchanged."""
+        model = self.model
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        width = int(lengths.max())
+        pad = model.formatter.format.pad_token_id
+        ids = np.full((len(jobs), width), pad, dtype=np.int64)
+        mask = np.zeros((len(jobs), width), dtype=np.int64)
+        for j, prompt in enumerate(prompts):
+            ids[j, width - len(prompt) :] = prompt
+            mask[j, width - len(prompt) :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits, cache = model.forward(ids, mask, positions, model.empty_cache(len(jobs)))
+        if not np.all(np.isfinite(logits)):
+            raise FailedPreconditionError(f"policy {model.version} produced non-finite logits")
+
+        fan = np.repeat(np.arange(len(jobs)), [job.n for job in jobs])
+        if len(fan) != len(jobs):
+            logits, mask = logits[fan], mask[fan]
+            cache = [c[fan] for c in cache]
+        handles, rows = [], []
+        for job, prompt, budget in zip(jobs, prompts, budgets, strict=True):
+            hold = max((len(s) for s in job.params.stop), default=1) - 1
+            handle = JobHandle(job, len(prompt), np.random.default_rng(job.params.seed), hold)
+            handle.rows = [_Row(handle, i, budget) for i in range(job.n)]
+            handle.open_rows = job.n
+            handles.append(handle)
+            rows.extend(handle.rows)
+        self._merge(rows, logits, cache, mask, lengths[fan])
+        for job in jobs:
+            if job.sink is not None:
+                job.sink.started(model.version)
+        return handles
+
+    def _merge(
+        self,
+        rows: list[_Row],
+        logits: np.ndarray,
+        cache: list[np.ndarray],
+        mask: np.ndarray,
+        position: np.ndarray,
+    ) -> None:
+        if not self._rows:
+            self._rows, self._logits, self._cache = rows, logits, cache
+            self._mask, self._position = mask, position
+            return
+        width = max(self.width, mask.shape[1])
+        old = [_left_pad(c, width) for c in self._cache]
+        new = [_left_pad(c, width) for c in cache]
+        self._cache = [np.concatenate(pair) for pair in zip(old, new, strict=True)]
+        self._mask = np.concatenate([_left_pad(self._mask, width), _left_pad(mask, width)])
+        self._logits = np.concatenate([self._logits, logits])
+        self._position = np.concatenate([self._position, position])
+        self._rows = self._rows + rows
+
+    def drop(self, handles: Sequence[JobHandle]) -> None:
+        """Remove the rows of ``handles`` (their callers gave up) without finishing them."""
+        gone = set(map(id, handles))
+        self._keep(np.array([id(r.handle) not in gone for r in self._rows], dtype=bool))
+
+    def _keep(self, keep: np.ndarray) -> None:
+        if keep.all():
+            return
+        idx = np.flatnonzero(keep)
+        self._rows = [self._rows[i] for i in idx]
+        self._logits, self._mask, self._position = (
+            self._logits[idx],
+            self._mask[idx],
+            self._position[idx],
+        )
+        self._cache = [c[idx] for c in self._cache]
+        if self._rows:  # padding columns every remaining row ignores
+            lead = int(np.argmax(self._mask.any(axis=0)))
+            if lead:
+                self._mask = np.ascontiguousarray(self._mask[:, lead:])
+                self._cache = [np.ascontiguousarray(c[:, :, lead:]) for c in self._cache]
+        else:
+            self._mask = self._mask[:, :0]
+            self._cache = [c[:, :, :0] for c in self._cache]
+
+    def step(self) -> list[JobHandle]:
+        """One token for every row; returns the jobs whose last row ended at this step (their
+        :meth:`JobHandle.result` is final)."""
+        model = self.model
+        chosen = np.empty(len(self._rows), dtype=np.int64)
+        by_job: dict[int, list[int]] = {}
+        for k, row in enumerate(self._rows):
+            by_job.setdefault(id(row.handle), []).append(k)
+        now = time.monotonic()
+        for positions in by_job.values():
+            handle = self._rows[positions[0]].handle
+            if handle.first_token_at is None:
+                handle.first_token_at = now
+            sel = np.asarray(positions)
+            chosen[sel] = sample_tokens(self._logits[sel], handle.job.params, handle.rng)
+        done = np.zeros(len(self._rows), dtype=bool)
+        finished: list[JobHandle] = []
+        for k, row in enumerate(self._rows):
+            done[k] = _advance(model, row, int(chosen[k]))
+            if done[k]:
+                row.handle.open_rows -= 1
+                if row.handle.open_rows == 0:
+                    finished.append(row.handle)
+        keep = ~done
+        self._keep(keep)
+        if self._rows:
+            chosen = chosen[keep]
+            self._mask = np.concatenate(
+                [self._mask, np.ones((len(self._rows), 1), dtype=np.int64)], axis=1
+            )
+            self._logits, self._cache = model.forward(
+                chosen[:, None], self._mask, self._position[:, None], self._cache
+            )
+            self._position = self._position + 1
+        return finished
+
+
+def _left_pad(array: np.ndarray, width: int) -> np.ndarray:
+    """``array`` (a mask (rows, past) or a cache (rows, heads, past, dim)) with zero columns
+    prepended on its past axis up to ``width``."""
+    axis = 1 if array.ndim == 2 else 2
+    missing = width - array.shape[axis]
+    if missing == 0:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (missing, 0)
+    return np.pad(array, pad)
+
+
+def _advance(model: LoadedPolicy, row: _Row, token: int) -> bool:
+    """Append ``token`` to ``row``, end it if it should end, stream its settled text; returns
+    whether it ended."""
+    row.tokens.append(token)
+    handle = row.handle
+    stops, sink = handle.job.params.stop, handle.job.sink
+    text: str | None = None
+    if token in model.eos_ids:
+        row.finish = FinishReason.EOS
+    elif stops or sink is not None:
+        text = model.formatter.decode(row.tokens)
+        cut = _find_stop(text, stops) if stops else -1
+        if cut >= 0:
+            row.finish, row.text = FinishReason.STOP_STRING, text[:cut]
+    if row.finish is None and len(row.tokens) >= row.budget:
+        row.finish = FinishReason.LENGTH
+    if row.finish is not None and row.text is None:  # the final text, end-of-sequence left out
+        if row.finish is FinishReason.EOS:
+            row.text = model.formatter.decode(row.tokens[:-1])
+        else:
+            row.text = text if text is not None else model.formatter.decode(row.tokens)
+    if sink is not None:
+        row.sent = _stream(sink, row.index, row.text, text, handle.hold, row.sent)
+    return row.finish is not None
+
+
 def generate(
     model: LoadedPolicy,
     jobs: Sequence[GenerateJob],
     prompts: Sequence[Sequence[int]],
     budgets: Sequence[int],
 ) -> list[GenerateResult]:
-    """Generate every job's ``n`` completions together (see the module doc)."""
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    width = int(lengths.max())
-    pad = model.formatter.format.pad_token_id
-    ids = np.full((len(jobs), width), pad, dtype=np.int64)
-    mask = np.zeros((len(jobs), width), dtype=np.int64)
-    for j, prompt in enumerate(prompts):
-        ids[j, width - len(prompt) :] = prompt
-        mask[j, width - len(prompt) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = model.forward(ids, mask, positions, model.empty_cache(len(jobs)))
-    if not np.all(np.isfinite(logits)):
-        raise FailedPreconditionError(f"policy {model.version} produced non-finite logits")
-
-    job_of_row = np.repeat(np.arange(len(jobs)), [job.n for job in jobs])
-    if len(job_of_row) != len(jobs):
-        logits, mask = logits[job_of_row], mask[job_of_row]
-        cache = [c[job_of_row] for c in cache]
-    rows = np.arange(len(job_of_row))  # the row each batch position holds
-    position = lengths[job_of_row]  # the next token's position, per batch position
-    budget = np.asarray(budgets, dtype=np.int64)[job_of_row]
-    tokens: list[list[int]] = [[] for _ in rows]
-    finish: list[FinishReason | None] = [None] * len(rows)
-    texts: list[str | None] = [None] * len(rows)
-    rngs = [np.random.default_rng(job.params.seed) for job in jobs]
-    first_row = np.concatenate([[0], np.cumsum([job.n for job in jobs])[:-1]])
-    hold = [max((len(s) for s in job.params.stop), default=1) - 1 for job in jobs]
-    sent = [0] * len(rows)  # characters of each row handed to its job's sink
-    for job in jobs:
-        if job.sink is not None:
-            job.sink.started(model.version)
-
-    while True:
-        chosen = np.empty(len(rows), dtype=np.int64)
-        jobs_here = job_of_row[rows]
-        for j in np.unique(jobs_here):
-            sel = np.flatnonzero(jobs_here == j)
-            chosen[sel] = sample_tokens(logits[sel], jobs[j].params, rngs[j])
-        done = np.zeros(len(rows), dtype=bool)
-        for k, row in enumerate(rows.tolist()):
-            token = int(chosen[k])
-            tokens[row].append(token)
-            j = int(job_of_row[row])
-            stops, sink = jobs[j].params.stop, jobs[j].sink
-            text: str | None = None
-            if token in model.eos_ids:
-                finish[row] = FinishReason.EOS
-            elif stops or sink is not None:
-                text = model.formatter.decode(tokens[row])
-                cut = _find_stop(text, stops) if stops else -1
-                if cut >= 0:
-                    finish[row], texts[row] = FinishReason.STOP_STRING, text[:cut]
-            if finish[row] is None and len(tokens[row]) >= budget[row]:
-                finish[row] = FinishReason.LENGTH
-            done[k] = finish[row] is not None
-            if done[k] and texts[row] is None:  # the final text, end-of-sequence left out
-                if finish[row] is FinishReason.EOS:
-                    texts[row] = model.formatter.decode(tokens[row][:-1])
-                else:
-                    texts[row] = text if text is not None else model.formatter.decode(tokens[row])
-            if sink is not None:
-                index = row - int(first_row[j])
-                sent[row] = _stream(sink, index, texts[row], text, hold[j], sent[row])
-        if done.all():
-            break
-        if done.any():
-            keep = np.flatnonzero(~done)
-            rows, chosen, position, mask = rows[keep], chosen[keep], position[keep], mask[keep]
-            cache = [c[keep] for c in cache]
-        mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        logits, cache = model.forward(chosen[:, None], mask, position[:, None], cache)
-        position = position + 1
-
-    results = []
-    start = 0
-    for j, job in enumerate(jobs):
-        completions = []
-        for row in range(start, start + job.n):
-            reason, final = finish[row], texts[row]
-            assert reason is not None and final is not None
-            completions.append(Candidate(final, tokens[row], reason))
-        results.append(GenerateResult(completions, model.version, int(lengths[j])))
-        start += job.n
-    return results
+    """Generate every job's ``n`` completions together, to the end (static batching: one
+    :class:`DecodeBatch` nothing joins)."""
+    batch = DecodeBatch(model)
+    handles = batch.admit(jobs, prompts, budgets)
+    results: dict[int, GenerateResult] = {}
+    while batch.rows:
+        for handle in batch.step():
+            results[id(handle)] = handle.result(model.version)
+    return [results[id(h)] for h in handles]
 
 
 def generate_jobs(
