@@ -25,6 +25,15 @@ One run scores the same items in every mode and checks that the answers agree:
   per item (``/proc``); the HTTP overhead is the HTTP cost over the gRPC cost - 1, against the
   issue's bound of 15%.
 
+* ``a'-bf16``  ``a'`` under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (only where the CPU
+  has ``avx512_bf16`` or ``amx_bf16``; skipped with the reason printed elsewhere).
+* ``b-int8``  ``b`` on the version's int8 graph (the one its export gate kept); ``c-int8`` (rows
+  ``cN-int8``) ``c`` against a second service process started with ``--precision int8``, at each
+  concurrency of ``--int8-clients`` (default 16). When the promoted version has no int8 graph (the
+  gate refused every recipe) these modes are skipped with the gate's figures printed, unless
+  ``--int8-registry`` names a registry whose promoted version has one (e.g. exported with the
+  gate opened: ``--int8-min-agreement 0 --int8-max-accuracy-drop 1``; the rows then say so).
+
 Items are the HH-RLHF pairs' (prompt, chosen) and (prompt, rejected), interleaved c0, r0, c1, ...
 
 Metrics: items/s and tokens/s over the timed wall clock (tokens = real, unpadded tokens of the
@@ -39,9 +48,17 @@ Useful FLOPs (padding excluded), for an item of L real tokens::
 P_tok: weights of the matmuls applied at every token (Q, K, V, attention output, both FFN
 matrices of every layer); the L**2 term is QK^T and attention x V (2 * L * L * d FLOPs each
 per layer); P_seq: pooler + classifier, applied once per sequence. Embedding lookups, layer
-norms, softmax and GELU are left out (<2%). GFLOP/s = useful FLOPs / wall time, against the fp32
-peak measured in this run: best of several 2048 x 2048 ``torch.mm`` (2 n^3 FLOPs) on
-``--threads`` threads, at the start and at the end of the run (the higher is used).
+norms, softmax and GELU are left out (<2%). GFLOP/s = useful FLOPs / wall time, against the
+peak of the precision the row computes in, measured in this run on ``--threads`` threads: fp32,
+best of several 2048 x 2048 ``torch.mm`` (2 n^3 FLOPs) at the start and at the end of the run
+(the higher is used); bf16, the same ``torch.mm`` in bfloat16 (where the CPU has bf16); int8, an
+ONNX Runtime ``MatMulInteger`` graph (uint8 x int8 -> int32, 2048^3, the kernel family the int8
+graphs run on).
+
+Quality of every row: pair-order agreement with the fp32 reference (below) and held-out accuracy
+(share of pairs whose chosen item scores above the rejected one). The issue's target is the
+service at 16 clients >= 2x the careful PyTorch fp32 baseline (``a'``) at pair-order agreement
+>= 0.98.
 
 Parity: every mode's raw rewards are compared with ``a``. For the few items longer than
 ``max_length`` the typical-user code keeps the START of the pair (Hugging Face right-side
@@ -67,6 +84,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a script: helpers as bench.*
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # explicit: no warning when we fork
@@ -77,6 +95,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from bench.bench_trainer import cpu_flags
 from plaudit.demo import HH_PAIRS as DEFAULT_DATA
 from plaudit.services.common.process import (
     ServiceProcess,
@@ -100,11 +119,15 @@ from plaudit.trainer.export import (
     pairwise_agreement,
     torch_rewards,
 )
+from plaudit.trainer.objective import preference_accuracy
 from plaudit.v1 import reward_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TARGETS = {"b": 2.5, "c": 2.0}  # throughput vs (a) that the issue asks for
+CAREFUL_TARGET = 2.0  # the service (cN rows) vs the careful PyTorch fp32 baseline (a')
+MIN_AGREEMENT = 0.98  # the pair-order agreement with fp32 the careful-baseline target is at
+MODES = ("a", "a'", "a'-bf16", "b", "b-int8", "c", "c-int8", "h")
 HTTP_OVERHEAD_TARGET_PCT = 15.0  # HTTP per-item cost over gRPC's, at the same concurrency
 
 
@@ -128,6 +151,7 @@ class ModeResult:
     items_per_call: float
     padded_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # what the row computes in: fp32, bf16 or int8
 
 
 @dataclass(frozen=True)
@@ -179,6 +203,65 @@ def sgemm_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def bf16_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
+    """Best-of-``reps`` bfloat16 ``torch.mm`` rate on ``threads`` threads, in GFLOP/s."""
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    c = torch.empty(n, n, dtype=torch.bfloat16)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def int8_gops(threads: int, n: int = 2048, reps: int = 10) -> float:
+    """Best-of-``reps`` rate of an ONNX Runtime ``MatMulInteger`` (uint8 ``n x n`` activations
+    times an int8 ``n x n`` weight, int32 out) on ``threads`` threads, in GOP/s."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["c"])],
+        "matmul_integer_peak",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)}
+    for _ in range(2):
+        session.run(None, feed)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def has_bf16(flags: Sequence[str]) -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16)."""
+    return bool(set(flags) & {"avx512_bf16", "amx_bf16"})
+
+
+def pair_accuracy(scores: np.ndarray) -> float:
+    """Held-out accuracy of items interleaved c0, r0, c1, ... (the trainer's definition)."""
+    return preference_accuracy(scores[0::2], scores[1::2])
+
+
 def chunks(seq: Sequence[int], size: int) -> list[list[int]]:
     return [list(seq[i : i + size]) for i in range(0, len(seq), size)]
 
@@ -189,9 +272,17 @@ def bar(total: int, desc: str) -> tqdm[Any]:
 
 # -- (a), (a'): PyTorch eager ------------------------------------------------------------------
 def run_eager(
-    model: Any, tokenizer: Any, items: Items, batch_size: int, max_length: int, *, sort: bool
+    model: Any,
+    tokenizer: Any,
+    items: Items,
+    batch_size: int,
+    max_length: int,
+    *,
+    sort: bool,
+    bf16: bool = False,
 ) -> ModeResult:
-    """The typical-user loop; with ``sort``, over items ordered by token length (longest first)."""
+    """The typical-user loop; with ``sort``, over items ordered by token length (longest first);
+    with ``bf16``, under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
     prompts, completions = items.prompts, items.completions
     scores = np.empty(len(items), dtype=np.float32)
 
@@ -204,14 +295,17 @@ def run_eager(
             max_length=max_length,
             return_tensors="pt",
         )
-        with torch.inference_mode():
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        ):
             scores[batch] = model(**enc).logits[:, 0].float().numpy()
         return int(enc["input_ids"].numel())
 
     score(list(range(min(batch_size, len(items)))))  # warm-up, not timed
     latencies: list[float] = []
     padded = 0
-    name = "a'" if sort else "a"
+    name = ("a'" if sort else "a") + ("-bf16" if bf16 else "")
     with bar(len(items), name) as progress:
         start = time.perf_counter()
         order: Sequence[int] = range(len(items))
@@ -228,12 +322,13 @@ def run_eager(
     title = "torch eager, length-sorted" if sort else "torch eager (typical user)"
     return ModeResult(
         name,
-        f"{title} b={batch_size}",
+        f"{title}{' bf16 autocast' if bf16 else ''} b={batch_size}",
         scores,
         wall,
         latencies,
         len(items) / len(latencies),
         padded,
+        precision="bf16" if bf16 else "fp32",
     )
 
 
@@ -273,7 +368,12 @@ def pack_flushes(
 
 
 def run_engine(
-    engine: RewardEngine, items: Items, settings: RewardSettings, request_items: int
+    engine: RewardEngine,
+    items: Items,
+    settings: RewardSettings,
+    request_items: int,
+    *,
+    key: str = "b",
 ) -> ModeResult:
     model = engine.require_model()
     flushes = pack_flushes(make_jobs(items, request_items), settings, model.max_length)
@@ -281,7 +381,7 @@ def run_engine(
     engine.process([job for _, job in flushes[0]])  # warm-up, not timed
     latencies: list[float] = []
     padded = tokens = 0
-    with bar(len(items), "b") as progress:
+    with bar(len(items), key) as progress:
         start = time.perf_counter()
         for flush in flushes:
             t0 = time.perf_counter()
@@ -301,14 +401,15 @@ def run_engine(
             len(g) * int(lengths[g].max()) for g in length_groups(lengths, engine.group_tokens)
         )
     return ModeResult(
-        "b",
-        "engine in-process (RewardEngine.process)",
+        key,
+        f"engine in-process (RewardEngine.process) {model.precision}",
         scores,
         wall,
         latencies,
         len(items) / len(flushes),
         padded,
         {"engine_tokens": tokens, "flushes": len(flushes)},
+        precision=model.precision,
     )
 
 
@@ -329,9 +430,12 @@ def run_grpc(
     *,
     model: str = "",
     objective: str = "",
+    precision: str = "fp32",
+    suffix: str = "",
 ) -> ModeResult:
     """``clients`` threads (one channel each) sending ``request_items``-item Score requests (raw
-    rewards) for the named ``model`` or ``objective`` (neither: the service's default model)."""
+    rewards) for the named ``model`` or ``objective`` (neither: the service's default model), to
+    a service serving ``precision``; the row's key is ``c<clients><suffix>``."""
     requests = chunks(range(len(items)), request_items)
     scores = np.empty(len(items), dtype=np.float32)
     local = threading.local()
@@ -364,7 +468,7 @@ def run_grpc(
         with ThreadPoolExecutor(clients, thread_name_prefix="client") as pool:
             list(pool.map(one, requests[:clients]))  # warm-up (opens the channels), not timed
             count0, sum0 = batcher_totals(server)
-            with bar(len(items), f"c{clients}") as progress:
+            with bar(len(items), f"c{clients}{suffix}") as progress:
                 start = time.perf_counter()
                 for idx, elapsed in zip(requests, pool.map(one, requests), strict=True):
                     latencies.append(elapsed)
@@ -378,14 +482,15 @@ def run_grpc(
     per_flush = (sum1 - sum0) / flushes if flushes else float("nan")
     noun = "client" if clients == 1 else "clients"
     return ModeResult(
-        f"c{clients}",
-        f"gRPC service, {clients} {noun} x {request_items} items",
+        f"c{clients}{suffix}",
+        f"gRPC service {precision}, {clients} {noun} x {request_items} items",
         scores,
         wall,
         latencies,
         float(request_items),
         None,
         {"server_flushes": flushes, "server_items_per_flush": per_flush},
+        precision=precision,
     )
 
 
@@ -693,7 +798,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="fp32",
         help="graph served by (b) and (c); (a) is always fp32 PyTorch",
     )
-    parser.add_argument("--modes", default="a,a',b,c,h", help="subset of a,a',b,c,h to run")
+    parser.add_argument(
+        "--modes",
+        default="a,a',b,c,h",
+        help=f"subset of {','.join(MODES)} to run (precision comparison: "
+        "a,a',a'-bf16,b,b-int8,c-int8)",
+    )
+    parser.add_argument(
+        "--int8-clients", default="16", help="gRPC concurrencies of c-int8, comma-separated"
+    )
+    parser.add_argument(
+        "--int8-registry",
+        type=Path,
+        default=None,
+        help="registry whose promoted version's int8 graph b-int8 and c-int8 run (default: "
+        "--registry's, when its export gate kept int8)",
+    )
     parser.add_argument(
         "--atol",
         type=float,
@@ -709,18 +829,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
     args.http_clients = [int(c) for c in str(args.http_clients).split(",") if c.strip()]
+    args.int8_clients = [int(c) for c in str(args.int8_clients).split(",") if c.strip()]
     args.modes = {m.strip() for m in str(args.modes).split(",") if m.strip()}
-    unknown = args.modes - {"a", "a'", "b", "c", "h"}
+    unknown = args.modes - set(MODES)
     if unknown or "a" not in args.modes:
         parser.error(f"--modes must include a (the baseline); unknown: {sorted(unknown)}")
     if (
         min(args.clients, default=0) < 1
         or min(args.http_clients, default=0) < 1
+        or min(args.int8_clients, default=0) < 1
         or min(args.request_items, args.threads, args.http_rounds) < 1
     ):
         parser.error(
-            "--clients, --http-clients, --request-items, --threads and --http-rounds must be "
-            "positive"
+            "--clients, --http-clients, --int8-clients, --request-items, --threads and "
+            "--http-rounds must be positive"
         )
     return args
 
@@ -730,10 +852,14 @@ def summarize(
     mode: ModeResult,
     items: Items,
     flops: float,
-    peak: float,
+    peaks: dict[str, float],
     base: ModeResult,
     reference: np.ndarray,
+    careful: ModeResult | None = None,
 ) -> dict[str, Any]:
+    """One row of the report; ``peaks`` by precision (the row's own is used), ``careful`` the
+    length-sorted fp32 PyTorch row (a') when it ran."""
+    peak = peaks.get(mode.precision, float("nan"))
     tokens = int(items.tokens.sum())
     lat = np.array(mode.latencies_s) * 1000
     items_s = len(items) / mode.wall_s
@@ -752,30 +878,96 @@ def summarize(
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p99": float(np.percentile(lat, 99)),
         "speedup_vs_a": base.wall_s / mode.wall_s,
+        "speedup_vs_a_sorted": careful.wall_s / mode.wall_s if careful is not None else None,
+        "precision": mode.precision,
         "gflops": gflops,
+        "peak_gflops": peak,
         "pct_of_peak": 100 * gflops / peak,
         "padding_efficiency": tokens / mode.padded_tokens if mode.padded_tokens else None,
         "max_abs_diff_vs_a": diff,
         "pair_order_agreement_vs_a": pairwise_agreement(reference, mode.scores),
+        "accuracy": pair_accuracy(mode.scores),
         **mode.extra,
     }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    vs_sorted = "vs a'"
     header = (
-        f"{'mode':<4} {'what':<42} {'items/s':>8} {'tok/s':>8} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'vs a':>6} {'GFLOP/s':>8} {'%peak':>6} {'pad eff':>7} {'max|Δ|':>8}"
+        f"{'mode':<8} {'what':<42} {'items/s':>8} {'tok/s':>8} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'vs a':>6} {vs_sorted:>6} {'prec':>5} {'GFLOP/s':>8} {'%peak':>6} "
+        f"{'pad eff':>7} {'max|Δ|':>8} {'agree':>6} {'acc':>6}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         pad = f"{r['padding_efficiency']:.0%}" if r["padding_efficiency"] else "-"
+        careful = r["speedup_vs_a_sorted"]
+        vs_careful = f"{careful:>5.2f}x" if careful is not None else f"{'-':>6}"
         print(
-            f"{r['key']:<4} {r['name'][:42]:<42} {r['items_per_s']:>8.1f} "
+            f"{r['key']:<8} {r['name'][:42]:<42} {r['items_per_s']:>8.1f} "
             f"{r['tokens_per_s']:>8.0f} {r['latency_ms_p50']:>8.1f} {r['latency_ms_p99']:>8.1f} "
-            f"{r['speedup_vs_a']:>5.2f}x {r['gflops']:>8.1f} {r['pct_of_peak']:>5.1f}% "
-            f"{pad:>7} {r['max_abs_diff_vs_a']:>8.1e}"
+            f"{r['speedup_vs_a']:>5.2f}x {vs_careful} {r['precision']:>5} {r['gflops']:>8.1f} "
+            f"{r['pct_of_peak']:>5.1f}% {pad:>7} {r['max_abs_diff_vs_a']:>8.1e} "
+            f"{r['pair_order_agreement_vs_a']:>6.1%} {r['accuracy']:>6.1%}"
         )
+
+
+def careful_target(row: dict[str, Any]) -> dict[str, Any]:
+    """The issue's target for a service row: >= CAREFUL_TARGET x the careful PyTorch fp32 (a')
+    at pair-order agreement with fp32 >= MIN_AGREEMENT."""
+    agreement = row["pair_order_agreement_vs_a"]
+    speedup = row["speedup_vs_a_sorted"]
+    return {
+        "key": row["key"],
+        "speedup_vs_a_sorted": speedup,
+        "agreement": agreement,
+        "target": CAREFUL_TARGET,
+        "min_agreement": MIN_AGREEMENT,
+        "met": speedup >= CAREFUL_TARGET and agreement >= MIN_AGREEMENT,
+    }
+
+
+def int8_source(
+    args: argparse.Namespace, registry: ModelRegistry, version: str, backbone: str
+) -> tuple[ModelRegistry, str] | str:
+    """The (registry, version) whose int8 graph b-int8 and c-int8 run, or why there is none:
+    ``--int8-registry``'s promoted version, else ``version`` when its export gate kept int8."""
+    if args.int8_registry is None:
+        manifest = registry.manifest(version)
+        if "int8" in manifest.onnx_files:
+            return registry, version
+        q = manifest.quantization
+        if q is None:
+            return f"{version} was exported without --quantize int8"
+        return (
+            f"the export gate refused int8 for {version}: {q.reason or 'failed'}; tried "
+            + ", ".join(
+                f"{c['method']} (agreement {c['pairwise_agreement']:.3f}, accuracy "
+                f"{c['accuracy']:.3f})"
+                for c in q.candidates
+            )
+            + ". To measure int8 anyway, export one with the gate opened into its own registry "
+            "and pass --int8-registry: plaudit export reward --quantize int8 "
+            "--int8-min-agreement 0 --int8-max-accuracy-drop 1 --promote --registry "
+            "bench/results/int8"
+        )
+    other = ModelRegistry(args.int8_registry, "reward")
+    promoted = other.promoted()
+    if promoted is None:
+        return f"nothing is promoted in {args.int8_registry}"
+    manifest = other.manifest(promoted)
+    if manifest.backbone != backbone or "int8" not in manifest.onnx_files:
+        return f"{promoted} in {args.int8_registry} is not an int8 {backbone} version"
+    return other, promoted
+
+
+def measure_peaks(threads: int, bf16: bool) -> dict[str, float]:
+    """This machine's peak by precision on ``threads`` threads (bf16 only where the CPU has it)."""
+    peaks = {"fp32": sgemm_gflops(threads), "int8": int8_gops(threads)}
+    if bf16:
+        peaks["bf16"] = bf16_gflops(threads)
+    return peaks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -805,8 +997,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"model {version} ({manifest.backbone}), {args.precision}, {args.threads} threads, "
         f"ONNX Runtime {ort.__version__}, torch {torch.__version__}, CPU {cpu_name()}"
     )
-    peaks = [sgemm_gflops(args.threads)]
+    flags = cpu_flags()
+    bf16_ok = has_bf16(flags)
+    start_peaks = measure_peaks(args.threads, bf16_ok)
+    peaks = [start_peaks["fp32"]]
     print(f"fp32 sgemm 2048^3 on {args.threads} threads: {peaks[0]:.1f} GFLOP/s")
+    print(
+        f"int8 MatMulInteger 2048^3 (ONNX Runtime): {start_peaks['int8']:.1f} GOP/s; bf16 torch.mm "
+        + (f"2048^3: {start_peaks['bf16']:.1f} GFLOP/s" if bf16_ok else "n/a (no bf16 on this CPU)")
+    )
+    skipped: dict[str, str] = {}
+    if "a'-bf16" in args.modes and not bf16_ok:
+        skipped["a'-bf16"] = f"the CPU has neither avx512_bf16 nor amx_bf16 (flags: {flags})"
+    int8_modes = args.modes & {"b-int8", "c-int8"}
+    int8_from = int8_source(args, registry, version, manifest.backbone) if int8_modes else None
+    if isinstance(int8_from, str):
+        skipped.update(dict.fromkeys(sorted(int8_modes), int8_from))
+    for key, why in skipped.items():
+        print(f"skipping {key}: {why}")
+    if isinstance(int8_from, tuple):
+        q = int8_from[0].manifest(int8_from[1]).quantization
+        gate = (
+            f"{q.method}: agreement {q.pairwise_agreement:.3f} (threshold {q.threshold}), "
+            f"accuracy {q.accuracy_fp32} -> {q.accuracy} (max drop {q.max_accuracy_drop})"
+            if q is not None
+            else "no gate record"
+        )
+        print(f"int8 rows: {int8_from[1]} in {int8_from[0].root}, its export gate: {gate}")
 
     loaded = LoadedRewardModel.load(
         registry, version, precision=args.precision, provider="cpu", intra_op_threads=args.threads
@@ -829,10 +1046,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if "a'" in args.modes:
         modes.append(run_eager(model, tokenizer, items, args.batch_size, max_length, sort=True))
+    if "a'-bf16" in args.modes and "a'-bf16" not in skipped:
+        modes.append(
+            run_eager(model, tokenizer, items, args.batch_size, max_length, sort=True, bf16=True)
+        )
     if "b" in args.modes:
         engine = RewardEngine(group_tokens=settings.group_tokens)
         engine.set_model(loaded)
         modes.append(run_engine(engine, items, settings, args.request_items))
+    if "b-int8" in args.modes and isinstance(int8_from, tuple):
+        int8_model = LoadedRewardModel.load(
+            *int8_from, precision="int8", provider="cpu", intra_op_threads=args.threads
+        )
+        engine = RewardEngine(group_tokens=settings.group_tokens)
+        engine.set_model(int8_model)
+        modes.append(run_engine(engine, items, settings, args.request_items, key="b-int8"))
     server_exit: int | None = None
     if "c" in args.modes or "h" in args.modes:
         http_port = free_port()
@@ -867,8 +1095,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
         finally:
             server_exit = server.stop()
-    peaks.append(sgemm_gflops(args.threads))
+    if "c-int8" in args.modes and isinstance(int8_from, tuple):
+        int8_registry, int8_version = int8_from
+        server = start_service(
+            "reward",
+            "--registry",
+            str(int8_registry.root),
+            "--precision",
+            "int8",
+            "--execution-provider",
+            "cpu",
+            "--intra-op-threads",
+            str(args.threads),
+        )
+        try:
+            wait_until_serving(server.address, timeout=300)
+            with RewardClient(server.address) as probe:
+                info = probe.model()
+            if info.version != int8_version or info.precision != "int8":
+                raise RuntimeError(
+                    f"server runs {info.version} {info.precision}, expected {int8_version} int8"
+                )
+            for clients in args.int8_clients:
+                modes.append(
+                    run_grpc(
+                        server,
+                        items,
+                        clients,
+                        args.request_items,
+                        precision="int8",
+                        suffix="-int8",
+                    )
+                )
+        finally:
+            int8_exit = server.stop()
+        server_exit = server_exit or int8_exit
+    end_peaks = measure_peaks(args.threads, bf16_ok)
+    peaks.append(end_peaks["fp32"])
     peak = max(peaks)
+    best_peaks = {k: max(v, end_peaks[k]) for k, v in start_peaks.items()}
 
     # parity: (a) as written, except items whose tokenization differs get PyTorch on serving ids
     base = modes[0]
@@ -880,8 +1145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference[mismatched] = torch_rewards(model, loaded.encoder, pairs)
         trunc_effect = float(np.max(np.abs(reference[mismatched] - base.scores[mismatched])))
     # the PyTorch modes tokenize as (a) does, so they are checked against (a) as written
+    careful = next((m for m in modes if m.key == "a'"), None)
     rows = [
-        summarize(m, items, flops, peak, base, base.scores if m.key.startswith("a") else reference)
+        summarize(
+            m,
+            items,
+            flops,
+            {**best_peaks, "fp32": peak},
+            base,
+            base.scores if m.key.startswith("a") else reference,
+            careful,
+        )
         for m in modes
     ]
 
@@ -896,6 +1170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"2 x {flop_model.per_seq_params / 1e6:.2f}M per item (head); padding not counted."
     )
     print(
+        f"int8 peak (ONNX Runtime MatMulInteger 2048^3, best of start/end): "
+        f"{best_peaks['int8']:.1f} GOP/s"
+        + (f"; bf16 peak (torch.mm 2048^3): {best_peaks['bf16']:.1f} GFLOP/s" if bf16_ok else "")
+        + ". %peak is against the peak of each row's precision."
+    )
+    print(
         f"parity: {len(mismatched)} item(s) tokenized differently by (a) (it keeps the start of "
         f"over-long pairs, serving keeps the end; max score effect {trunc_effect:.2e}); for those "
         "the reference is PyTorch on the serving token ids."
@@ -908,12 +1188,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             met = r["speedup_vs_a"] >= target
             check = f"target >= {target}x: {'met' if met else 'NOT met'}"
         ok = r["max_abs_diff_vs_a"] <= args.atol
-        if args.precision == "fp32" and not ok:
-            failures.append(r["key"])
+        if args.precision == "fp32" and r["precision"] == "fp32" and not ok:
+            failures.append(r["key"])  # bf16 and int8 rows are judged by pair order instead
         print(
-            f"  {r['key']:<4} {r['speedup_vs_a']:.2f}x vs a  {check:<26} max|Δ| "
+            f"  {r['key']:<8} {r['speedup_vs_a']:.2f}x vs a  {check:<26} max|Δ| "
             f"{r['max_abs_diff_vs_a']:.1e} ({'ok' if ok else 'over'} {args.atol:g}), "
-            f"pair order agrees {r['pair_order_agreement_vs_a']:.1%}"
+            f"pair order agrees {r['pair_order_agreement_vs_a']:.1%}, accuracy {r['accuracy']:.1%}"
+        )
+    careful_checks = [careful_target(r) for r in rows if r["key"][0] == "c" and careful is not None]
+    for c in careful_checks:
+        print(
+            f"  {c['key']:<8} {c['speedup_vs_a_sorted']:.2f}x vs a' (careful PyTorch fp32) at "
+            f"pair-order agreement {c['agreement']:.1%}: target >= {CAREFUL_TARGET}x at >= "
+            f"{MIN_AGREEMENT:.0%}: {'met' if c['met'] else 'NOT met'}"
         )
     by_key = {r["key"]: r for r in rows}
     overheads = [
@@ -953,6 +1240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "http_rounds": args.http_rounds if "h" in args.modes else 0,
             "batch_size": args.batch_size,
             "precision": args.precision,
+            "int8_model": (
+                {"registry": str(int8_from[0].root), "version": int8_from[1]}
+                if isinstance(int8_from, tuple)
+                else None
+            ),
             "max_length": max_length,
             "data": str(args.data),
             "registry": str(args.registry),
@@ -971,6 +1263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "transformers": transformers.__version__,
         },
         "peak_gflops": {"start": peaks[0], "end": peaks[1], "used": peak},
+        "peaks_by_precision": {"start": start_peaks, "end": end_peaks, "used": best_peaks},
+        "cpu_flags": flags,
+        "skipped_modes": skipped,
+        "careful_target": careful_checks,
         "flops": {
             "useful_total": flops,
             "per_token_params": flop_model.per_token_params,

@@ -130,7 +130,9 @@ def test_int8_is_kept_only_when_its_agreement_passes(tiny_checkpoint: Path, tmp_
         checkpoint=str(tiny_checkpoint), max_length=64, reference_pairs=32, quantize="int8"
     )
     lenient = export_reward(
-        ExportConfig(**{**base.__dict__, "int8_min_agreement": 0.0}), reg, promote=False
+        ExportConfig(**{**base.__dict__, "int8_min_agreement": 0.0, "int8_max_accuracy_drop": 1.0}),
+        reg,
+        promote=False,
     )
     assert lenient.quantization is not None and lenient.quantization.passed
     assert lenient.onnx_files == {"fp32": "model.onnx", "int8": "model.int8.onnx"}

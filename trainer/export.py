@@ -2,6 +2,12 @@
 version: fp32 graph checked against PyTorch, optional int8 and fp16 graphs checked against fp32,
 tokenizer files, text format and reward normalisation, all recorded in the manifest.
 
+The int8 gate decides per model on the reference pairs (held out, from the trainer): the recipes
+of :data:`ExportConfig.int8_recipes` are tried fastest first and the first whose pair order
+agrees with fp32's at least ``int8_min_agreement`` of the time, with a held-out accuracy at most
+``int8_max_accuracy_drop`` below fp32's, is served by default; the manifest's
+:class:`QuantizationReport` records every recipe tried, its figures and why it was refused.
+
 Graphs are written by :mod:`plaudit.trainer.onnx_graph`: past :data:`EXTERNAL_DATA_BYTES` of
 weights (protobuf caps one file at 2 GB) each graph keeps them in one external-data file beside
 it (``model.onnx.data``), which the manifest lists and hashes like every file.
@@ -13,6 +19,7 @@ import gc
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,11 +51,13 @@ from plaudit.services.runtime.contract import (
     FP32_FILE,
     INT8_FILE,
     OPSET,
+    REWARD_INT8_RECIPES,
     TOKENIZER_FILE,
-    quantize_int8,
+    Int8Recipe,
 )
 from plaudit.trainer.backbones import Backbone, resolve_backbone
 from plaudit.trainer.data import PreferencePair, read_pairs, reference_pairs_path
+from plaudit.trainer.objective import preference_accuracy
 from plaudit.trainer.onnx_graph import EXTERNAL_DATA_BYTES as EXTERNAL_DATA_BYTES
 from plaudit.trainer.onnx_graph import FUSABLE_ENCODERS as FUSABLE_ENCODERS
 from plaudit.trainer.onnx_graph import ScalarReward as ScalarReward
@@ -93,7 +102,12 @@ class ExportConfig:
     checkpoint: str
     max_length: int = 512
     quantize: str | None = None  # None or "int8"
-    int8_min_agreement: float = 0.95
+    # int8 gate, per model, on the reference pairs: pair order as fp32's at least this often ...
+    int8_min_agreement: float = 0.98
+    # ... and held-out accuracy (chosen > rejected) at most this far below fp32's
+    int8_max_accuracy_drop: float = 0.005
+    # int8 graphs tried in order, the first that passes is kept (see REWARD_INT8_RECIPES)
+    int8_recipes: Sequence[Int8Recipe] = REWARD_INT8_RECIPES
     fp32_atol: float = 1e-3
     reference_data: Path | None = None
     reference_pairs: int = 128
@@ -263,6 +277,116 @@ def onnx_rewards(
     return _grouped(encoder, pairs, lambda batch: np.asarray(run(None, batch.inputs)[0]))
 
 
+def timed_onnx_rewards(
+    path: Path, encoder: RewardTextEncoder, pairs: list[tuple[str, str]]
+) -> tuple[np.ndarray, float]:
+    """:func:`onnx_rewards` on CPU and its items/s: one pass over ``pairs`` after a warm-up on
+    the first of them (session creation and tokenization not timed)."""
+    session = create_session(path, "cpu")
+    run = session.run
+    _grouped(encoder, pairs[:1], lambda batch: np.asarray(run(None, batch.inputs)[0]))
+    encoded = encoder.encode([p for p, _ in pairs], [c for _, c in pairs])
+    lengths = np.array([len(e.ids) for e, _ in encoded])
+    batches = [
+        (group, encoder.pad([encoded[i] for i in group]).inputs)
+        for group in length_groups(lengths, REFERENCE_GROUP_TOKENS)
+    ]
+    rewards = np.empty(len(pairs), dtype=np.float32)
+    start = time.perf_counter()
+    for group, inputs in batches:
+        rewards[group] = np.asarray(run(None, inputs)[0]).reshape(-1)
+    return rewards, len(pairs) / max(time.perf_counter() - start, 1e-9)
+
+
+def pair_accuracy(rewards: np.ndarray) -> float:
+    """Held-out accuracy as the trainer measures it (:func:`preference_accuracy`: chosen above
+    rejected, a tie counts one half); ``rewards`` interleave chosen and rejected: c0, r0, c1, ..."""
+    return preference_accuracy(rewards[0::2], rewards[1::2])
+
+
+def int8_verdict(
+    fp32: np.ndarray, int8: np.ndarray, *, min_agreement: float, max_accuracy_drop: float
+) -> tuple[float, float, float, str | None]:
+    """The int8 gate on one model's reference rewards (interleaved c0, r0, ...): returns the
+    pair-order agreement with fp32, fp32's and int8's accuracy, and why int8 is refused (None:
+    kept). Kept iff agreement >= ``min_agreement`` and fp32 accuracy - int8 accuracy <=
+    ``max_accuracy_drop`` (both with 1e-9 of slack for float rounding)."""
+    agreement = pairwise_agreement(fp32, int8)
+    acc32, acc8 = pair_accuracy(fp32), pair_accuracy(int8)
+    reason = None
+    if agreement < min_agreement - 1e-9:
+        reason = f"pair-order agreement {agreement:.4f} < {min_agreement}"
+    elif acc32 - acc8 > max_accuracy_drop + 1e-9:
+        reason = (
+            f"accuracy drop {acc32 - acc8:.4f} ({acc32:.4f} -> {acc8:.4f}) > {max_accuracy_drop}"
+        )
+    return agreement, acc32, acc8, reason
+
+
+def _choose_int8(
+    cfg: ExportConfig,
+    out: Path,
+    encoder: RewardTextEncoder,
+    texts: list[tuple[str, str]],
+    fp32: np.ndarray,
+    fp32_speed: float,
+) -> tuple[QuantizationReport, np.ndarray | None]:
+    """Build the int8 recipes in order into ``out`` / INT8_FILE and keep the first that passes
+    :func:`int8_verdict`; returns the report and the kept graph's rewards (None: none passed,
+    and no int8 graph is left in ``out``). ``fp32_speed``: the fp32 graph's items/s on ``texts``
+    (:func:`timed_onnx_rewards`), recorded beside each recipe's."""
+    candidates: list[dict[str, Any]] = []
+    report: QuantizationReport | None = None
+    for recipe in cfg.int8_recipes:
+        if not recipe.build(out / FP32_FILE, out / INT8_FILE):
+            log.info("int8 recipe does not apply to this graph", extra={"method": recipe.name})
+            continue
+        int8, speed = timed_onnx_rewards(out / INT8_FILE, encoder, texts)
+        agreement, acc32, acc8, reason = int8_verdict(
+            fp32,
+            int8,
+            min_agreement=cfg.int8_min_agreement,
+            max_accuracy_drop=cfg.int8_max_accuracy_drop,
+        )
+        candidates.append(
+            {
+                "method": recipe.name,
+                "pairwise_agreement": agreement,
+                "accuracy": acc8,
+                "items_per_s": speed,
+                "max_abs_diff_vs_fp32": float(np.max(np.abs(fp32 - int8))),
+                "passed": reason is None,
+                "reason": reason,
+            }
+        )
+        report = QuantizationReport(
+            method=recipe.name,
+            pairwise_agreement=agreement,
+            threshold=cfg.int8_min_agreement,
+            pairs=len(texts) // 2,
+            passed=reason is None,
+            accuracy_fp32=acc32,
+            accuracy=acc8,
+            max_accuracy_drop=cfg.int8_max_accuracy_drop,
+            reason=reason,
+            fp32_items_per_s=fp32_speed,
+            items_per_s=speed,
+            candidates=list(candidates),
+        )
+        if reason is None:
+            log.info("int8 parity ok", extra=report.model_dump(exclude={"candidates"}))
+            return report, int8
+        log.info("int8 recipe refused", extra=candidates[-1])
+        (out / INT8_FILE).unlink()
+    if report is None:
+        raise ValueError("quantize='int8': no int8 recipe applies to this graph")
+    log.warning(
+        "int8 graph rejected: no recipe keeps fp32's judgements",
+        extra=report.model_dump(exclude={"candidates"}),
+    )
+    return report, None
+
+
 def _drop_unread_data(out: Path, graphs: Iterable[str]) -> None:
     """Delete external-data files in ``out`` that none of ``graphs`` reads (a refused graph's,
     or side files a tool left): publishing lists every file of the folder."""
@@ -324,7 +448,7 @@ def export_reward(
         members = ensemble_members(model)
         del model  # the graph and the reference rewards are all that is needed from here on
         gc.collect()
-        got = onnx_rewards(out / FP32_FILE, encoder, texts)
+        got, fp32_speed = timed_onnx_rewards(out / FP32_FILE, encoder, texts)
         err = float(np.max(np.abs(expected - got)))
         scale = max(1.0, float(np.max(np.abs(expected))))
         if err > cfg.fp32_atol * scale:
@@ -338,26 +462,11 @@ def export_reward(
         served = got
         report = None
         if cfg.quantize == "int8":
-            quantize_int8(out / FP32_FILE, out / INT8_FILE)
-            int8 = onnx_rewards(out / INT8_FILE, encoder, texts)
-            agreement = pairwise_agreement(got, int8)
-            passed = agreement >= cfg.int8_min_agreement
-            report = QuantizationReport(
-                pairwise_agreement=agreement,
-                threshold=cfg.int8_min_agreement,
-                pairs=len(texts) // 2,
-                passed=passed,
-            )
-            if passed:
+            report, int8 = _choose_int8(cfg, out, encoder, texts, got, fp32_speed)
+            if int8 is not None:
                 onnx_files["int8"] = INT8_FILE
                 default_precision = "int8"
                 served = int8
-                log.info("int8 parity ok", extra=report.model_dump())
-            else:
-                (out / INT8_FILE).unlink()
-                log.warning(
-                    "int8 graph rejected: pair order differs from fp32", extra=report.model_dump()
-                )
         fp16_notes: dict[str, Any] = {}
         if cfg.fp16:
             fp16_notes = _check_fp16(cfg, out, encoder, texts, got, external)

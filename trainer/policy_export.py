@@ -18,11 +18,17 @@ steps on the
 exported cache, and a left-padded batch of prompts of different lengths; any difference over
 ``atol`` x max(1, max |logit|) refuses the export.
 
-``quantize="int8"`` adds a dynamically quantised graph (int8 weights: about 4x less memory to
-read per decoded token, the bound on CPU). It is kept, and made the version's default, only if
-it picks the fp32 graph's next token at least ``int8_min_agreement`` of the time along the fp32
-graph's greedy continuations of the reference prompts (teacher-forced, so one early difference
-does not count twice); the result is recorded in the manifest either way.
+``quantize`` adds a weight-quantised graph (fewer bytes to read per decoded token, the bound on
+CPU), one of :data:`POLICY_QUANTIZATIONS`: ``"int8"`` (dynamic int8, per output channel),
+``"int4"`` / ``"int8-block"`` (ONNX Runtime's block-quantised ``MatMulNBits`` contrib op, weights
+only; the serving session loads it as any graph). ``"int4"`` stores weights that are already on
+a GGUF block grid exactly (SmolLM2 comes from a Q4_1 file: rounding its weights to nearest on
+another 4-bit grid costs 0.37 nats of KL per token and a quarter to a third of the next tokens;
+see :class:`WeightQuant`) and rounds the others to nearest. It is kept, and made the version's
+default, only if it picks the fp32 graph's next token at least ``int8_min_agreement`` of the
+time along the fp32 graph's greedy continuations of the reference prompts (teacher-forced, so
+one early difference does not count twice, :func:`next_token_agreement`); the result (method,
+bits, block size, agreement, positions, KL) is recorded in the manifest either way.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -72,7 +79,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DECODE_STEPS = 4
-INT8_CHECK_TOKENS = 16
+QUANT_CHECK_TOKENS = 16
 # rendered with the model's own prompt format; a dialogue, a question and a one-word prompt
 REFERENCE_PROMPTS = (
     "\n\nHuman: How do I keep basil fresh?\n\nAssistant:",
@@ -83,6 +90,72 @@ REFERENCE_PROMPTS = (
 
 class PolicyParityError(RuntimeError):
     """The exported graph does not reproduce the PyTorch model."""
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """A weight quantisation of the policy graph, written to ``file`` under the precision key
+    ``precision`` (a version's ``onnx_files``).
+
+    ``method="dynamic"``: :func:`quantize_int8` (int8 weights, one scale per output channel;
+    activations quantised per call). ``method="blockwise"``: ONNX Runtime's ``MatMulNBits``:
+    every MatMul with a constant weight holds ``bits``-bit weights in blocks of ``block_size``
+    along the input axis, one fp32 scale per block (``symmetric``: no zero point); activations
+    stay fp32 and ``accuracy_level`` 4 computes the products in int8 (AVX512-VNNI / AVX-VNNI).
+    ``head`` False leaves the LM head's MatMul (SmolLM2: the tied 576x49152 embedding, a fifth
+    of the weights) in fp32; ``head_bits`` (0: ``bits``) quantises it with other bits than the
+    rest. The token embedding's Gather is never quantised. ``grid``: a weight that already
+    lies on a ``bits``-bit block grid (a model converted from a GGUF file: SmolLM2's Q4_1
+    blocks of 32, its Q8_0 embedding) is stored exactly, its block minimum (Q4_1) as a small
+    fp32 term on the input's block sums (:func:`_snap_to_grid`); the others are rounded to
+    nearest. MatMuls whose node name contains one of ``fp32_compute`` compute in fp32
+    (accuracy level 0: their activations are not rounded to int8).
+    """
+
+    precision: str
+    file: str
+    method: Literal["dynamic", "blockwise"]
+    bits: int = 8
+    block_size: int = 0
+    symmetric: bool = True
+    accuracy_level: int = 4
+    head: bool = True
+    head_bits: int = 0
+    grid: bool = False
+    fp32_compute: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The method as the manifest's quantization report records it."""
+        if self.method == "dynamic":
+            return "dynamic-int8 per-channel; next-token agreement"
+        head = f"{self.head_bits or self.bits}-bit" if self.head else "fp32"
+        return (
+            f"MatMulNBits {self.bits}-bit block {self.block_size} "
+            f"{'grid-exact where on grid, else ' if self.grid else ''}"
+            f"{'symmetric' if self.symmetric else 'asymmetric'} "
+            f"accuracy_level {self.accuracy_level}"
+            f"{' (0 for ' + '/'.join(self.fp32_compute) + ')' if self.fp32_compute else ''}"
+            f", LM head {head}; next-token agreement"
+        )
+
+
+# what ``export_policy(quantize=...)`` and ``plaudit export policy --quantize`` accept. int4 on
+# SmolLM2-135M: exact weights; int8 arithmetic but for the MLP's down projection, whose inputs
+# have outliers (all int8: 0.89 agreement along 48-token paths, KL 0.018; this: 0.955, 0.011)
+POLICY_QUANTIZATIONS: dict[str, WeightQuant] = {
+    "int8": WeightQuant("int8", INT8_FILE, "dynamic"),
+    "int4": WeightQuant(
+        "int4",
+        "model.int4.onnx",
+        "blockwise",
+        bits=4,
+        block_size=32,
+        head_bits=8,
+        grid=True,
+        fp32_compute=("down_proj",),
+    ),
+    "int8-block": WeightQuant("int8-block", "model.int8b.onnx", "blockwise", bits=8, block_size=32),
+}
 
 
 class CachedCausalLM(torch.nn.Module):
@@ -312,10 +385,11 @@ def _teacher_forced_logits(
     return np.stack(rows)
 
 
-def int8_agreement(
-    fp32: LoadedPolicy, int8: LoadedPolicy, prompts: Sequence[str], tokens: int
+def next_token_agreement(
+    fp32: LoadedPolicy, candidate_policy: LoadedPolicy, prompts: Sequence[str], tokens: int
 ) -> tuple[float, float, int]:
-    """(top-1 agreement, mean KL(fp32 || int8) in nats, positions) along fp32's greedy paths."""
+    """(top-1 agreement, mean KL(fp32 || candidate) in nats, positions) along fp32's greedy
+    paths of up to ``tokens`` tokens per prompt, both teacher-forced on the same path."""
     agree, kl, positions = 0, 0.0, 0
     for prompt in prompts:
         job = GenerateJob(prompt=prompt, params=SamplingParams(0.0, max_new_tokens=tokens))
@@ -323,7 +397,7 @@ def int8_agreement(
         assert not isinstance(result, Exception)
         ids, path = fp32.encode(job), result.completions[0].token_ids
         reference = _teacher_forced_logits(fp32, ids, path)
-        candidate = _teacher_forced_logits(int8, ids, path)
+        candidate = _teacher_forced_logits(candidate_policy, ids, path)
         agree += int(np.sum(candidate.argmax(-1) == np.asarray(path)))
         log_p = reference - np.logaddexp.reduce(reference, axis=-1, keepdims=True)
         log_q = candidate - np.logaddexp.reduce(candidate, axis=-1, keepdims=True)
@@ -357,11 +431,13 @@ def export_policy(
     the model is left as it was (a non-fp32 or non-CPU model is exported from an fp32 CPU copy).
     ``parent`` defaults to the registry's promoted version. The version is promoted when
     ``promote`` is set or when ``promotion`` (recorded in the manifest as it is) says
-    ``"promoted": True``. ``quantize="int8"`` adds an int8 graph behind its own gate (see the
-    module doc).
+    ``"promoted": True``. ``quantize`` (a key of :data:`POLICY_QUANTIZATIONS`) adds a quantised
+    graph behind its own gate, ``int8_min_agreement`` whatever the method (see the module doc).
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    if quantize is not None and quantize not in POLICY_QUANTIZATIONS:
+        raise ValueError(
+            f"quantize must be None or one of {sorted(POLICY_QUANTIZATIONS)}, not {quantize!r}"
+        )
     if registry.kind != "policy":
         raise ValueError(f"policies go to a policy registry, not {registry.kind!r}")
     source = model
@@ -403,8 +479,15 @@ def export_policy(
             parity = check_parity(model, policy, reference_prompts, atol=atol)
             log.info("policy parity ok", extra=parity)
             extra: dict[str, Any] = {}
-            if quantize == "int8":
-                extra = _add_int8(out, manifest, policy, reference_prompts, int8_min_agreement)
+            if quantize is not None:
+                extra = _add_quantized(
+                    out,
+                    manifest,
+                    policy,
+                    POLICY_QUANTIZATIONS[quantize],
+                    reference_prompts,
+                    int8_min_agreement,
+                )
             del policy
             manifest.notes = {
                 **(notes or {}),
@@ -425,36 +508,234 @@ def export_policy(
     return published
 
 
-def _add_int8(
+def _head_matmul(model: Any) -> str | None:
+    """Name of the MatMul nearest the logits output (walking producers back from it): the LM
+    head. Unnamed nodes get names (the quantizer excludes nodes by name)."""
+    graph = model.graph
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    producer = {out: node for node in graph.node for out in node.output}
+    frontier, seen = [LOGITS], set()
+    while frontier:
+        name = frontier.pop(0)
+        node = producer.get(name)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            return str(node.name)
+        frontier += list(node.input)
+    return None
+
+
+def quantize_policy_graph(fp32_path: Path, out_path: Path, spec: WeightQuant) -> None:
+    """Write ``spec``'s quantisation of the fp32 policy graph at ``fp32_path`` to ``out_path``
+    (one file, no external data; the fp32 graph is left as it is)."""
+    if spec.method == "dynamic":
+        quantize_int8(fp32_path, out_path, per_channel=True)
+        return
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(fp32_path))
+    head_bits = spec.head_bits or spec.bits
+    head = _head_matmul(model) if not spec.head or head_bits != spec.bits or spec.grid else None
+    # float MatMuls of the grid's minimum terms stay as they are
+    added = _snap_to_grid(model, spec, head, head_bits) if spec.grid else []
+    # the body (and the head when it shares its bits), then the head with its own bits
+    passes = [(spec.bits, [*added, head] if head else added)]
+    if spec.head and head is not None:
+        passes.append((head_bits, added))  # only the head is left a MatMul with a weight
+    logging.disable(logging.WARNING)  # the quantizer logs every node on the root logger
+    try:
+        for bits, exclude in passes:
+            quantizer = MatMulNBitsQuantizer(
+                model,
+                bits=bits,
+                block_size=spec.block_size,
+                is_symmetric=spec.symmetric,
+                accuracy_level=spec.accuracy_level,
+                nodes_to_exclude=exclude,
+            )
+            quantizer.process()
+            model = quantizer.model.model
+    finally:
+        logging.disable(logging.NOTSET)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and any(part in node.name for part in spec.fp32_compute):
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = 0
+    onnx.save(model, str(out_path))
+
+
+def _grid_blocks(weight: np.ndarray, bits: int, block: int) -> tuple[Any, ...] | None:
+    """``weight`` (K, N) as exact ``bits``-bit blocks of ``block`` along K, or None when it is
+    not on such a grid: (q (N, K/block, block) uint8, scale (N, K/block), offset or None).
+    Tried in order: symmetric, w = scale * (q - 2**(bits-1)) with scale = max|w| / (2**(bits-1)
+    - 1) (GGUF Q8_0); then min-offset, w = offset + scale * q with offset the block minimum and
+    scale its range / (2**bits - 1) (GGUF Q4_1). Exact: within 1e-3 of a step everywhere."""
+    k, n = weight.shape
+    if k % block or weight.dtype != np.float32:
+        return None
+    w = weight.T.reshape(n, k // block, block).astype(np.float64)
+    half = 2 ** (bits - 1)
+    amax = np.abs(w).max(axis=-1)
+    step = np.where(amax > 0, amax / (half - 1), 1.0)
+    q = np.rint(w / step[..., None])
+    if np.all(np.abs(q * step[..., None] - w) <= 1e-3 * step[..., None]):
+        return (q + half).astype(np.uint8), step.astype(np.float32), None
+    low, high = w.min(axis=-1), w.max(axis=-1)
+    step = np.where(high > low, (high - low) / (2**bits - 1), 1.0)
+    q = np.rint((w - low[..., None]) / step[..., None])
+    if np.all(np.abs(low[..., None] + q * step[..., None] - w) <= 1e-3 * step[..., None]):
+        return q.astype(np.uint8), step.astype(np.float32), low.astype(np.float32)
+    return None
+
+
+def _snap_to_grid(model: Any, spec: WeightQuant, head: str | None, head_bits: int) -> list[str]:
+    """Rewrite in place every MatMul of ``model`` whose constant weight is on a block grid
+    (:func:`_grid_blocks`) as an exact MatMulNBits; a min-offset grid adds
+    ``(x summed per block) @ offsets`` (one block sum per distinct input, shared). Returns the
+    names of the float MatMuls it added (not to be quantised)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes: list[Any] = []
+    block_sums: dict[tuple[str, int], str] = {}
+    added: list[str] = []
+    for node in graph.node:
+        bits = head_bits if node.name == head else spec.bits
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        found = None
+        if weight is not None and (spec.head or node.name != head):
+            array = numpy_helper.to_array(weight)
+            found = _grid_blocks(array, bits, spec.block_size) if array.ndim == 2 else None
+        if found is None:
+            nodes.append(node)
+            continue
+        q, scale, offset = found
+        k, n = array.shape
+        blocks = k // spec.block_size
+        packed = q if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        base = f"{node.input[1]}_grid{bits}"
+        inputs = [node.input[0], f"{base}_q", f"{base}_scale"]
+        graph.initializer.append(numpy_helper.from_array(packed, inputs[1]))
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(-1), inputs[2]))
+        if offset is not None:  # zero point 0: w = scale * q, the minimum comes apart
+            zp_cols = blocks if bits == 8 else (blocks + 1) // 2
+            inputs.append(f"{base}_zero")
+            zeros = np.zeros((n, zp_cols), dtype=np.uint8).reshape(-1)
+            graph.initializer.append(numpy_helper.from_array(zeros, inputs[3]))
+        out = node.output[0] if offset is None else f"{base}_scaled"
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [out],
+                name=f"{node.name}_Q{bits}grid",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=spec.block_size,
+                accuracy_level=spec.accuracy_level,
+            )
+        )
+        if offset is None:
+            continue
+        key = (node.input[0], k)
+        if key not in block_sums:  # x @ S, S (K, blocks) one 1 per row: the sums per block
+            indicator = np.zeros((k, blocks), dtype=np.float32)
+            indicator[np.arange(k), np.arange(k) // spec.block_size] = 1.0
+            name = f"{base}_blocksum"
+            graph.initializer.append(numpy_helper.from_array(indicator, f"{name}_indicator"))
+            nodes.append(
+                helper.make_node("MatMul", [node.input[0], f"{name}_indicator"], [name], name=name)
+            )
+            block_sums[key] = name
+            added.append(name)
+        graph.initializer.append(numpy_helper.from_array(offset.T.copy(), f"{base}_offset"))
+        added.append(f"{base}_shift")
+        nodes += [
+            helper.make_node(
+                "MatMul",
+                [block_sums[key], f"{base}_offset"],
+                [f"{base}_shift"],
+                name=f"{base}_shift",
+            ),
+            helper.make_node("Add", [out, f"{base}_shift"], [node.output[0]], name=f"{base}_add"),
+        ]
+    used = {name for node in nodes for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return added
+
+
+def _add_quantized(
     out: Path,
     manifest: ModelManifest,
     fp32: LoadedPolicy,
+    spec: WeightQuant,
     prompts: Sequence[str],
     threshold: float,
 ) -> dict[str, Any]:
-    """Quantise, check against fp32 and keep the int8 graph (as the default) if it passes;
-    records the report in ``manifest`` and returns notes."""
-    quantize_int8(out / FP32_FILE, out / INT8_FILE, per_channel=True)
-    files = {**manifest.onnx_files, "int8": INT8_FILE}
-    candidate = manifest.model_copy(update={"onnx_files": files, "default_precision": "int8"})
-    int8 = LoadedPolicy.from_dir(out, candidate, provider="cpu")
-    agreement, kl, positions = int8_agreement(fp32, int8, prompts, INT8_CHECK_TOKENS)
-    del int8
+    """Quantise, check against fp32 and keep the graph (as the default) if it passes; records
+    the report in ``manifest`` and returns notes (KL, bits, block size)."""
+    quantize_policy_graph(out / FP32_FILE, out / spec.file, spec)
+    files = {**manifest.onnx_files, spec.precision: spec.file}
+    candidate = manifest.model_copy(
+        update={"onnx_files": files, "default_precision": spec.precision}
+    )
+    quantized = LoadedPolicy.from_dir(out, candidate, provider="cpu")
+    agreement, kl, positions = next_token_agreement(fp32, quantized, prompts, QUANT_CHECK_TOKENS)
+    del quantized
+    passed = agreement >= threshold
+    reason = None if passed else f"next-token agreement {agreement:.3f} < {threshold}"
+    notes: dict[str, Any] = {
+        f"{spec.precision}_mean_kl_vs_fp32": kl,
+        "quantization_bits": spec.bits,
+        "quantization_block_size": spec.block_size,
+        "quantization_head_bits": (spec.head_bits or spec.bits) if spec.head else None,
+    }
     report = QuantizationReport(
-        method="dynamic-int8 next-token agreement",
+        method=spec.describe(),
         pairwise_agreement=agreement,
         threshold=threshold,
         pairs=positions,
-        passed=agreement >= threshold,
+        passed=passed,
+        reason=reason,
+        candidates=[
+            {
+                "precision": spec.precision,
+                "method": spec.describe(),
+                "bits": spec.bits,
+                "block_size": spec.block_size,
+                "accuracy_level": spec.accuracy_level if spec.method == "blockwise" else None,
+                "lm_head_bits": (spec.head_bits or spec.bits) if spec.head else None,
+                "pairwise_agreement": agreement,
+                "mean_kl_vs_fp32": kl,
+                "positions": positions,
+                "passed": passed,
+                "reason": reason,
+            }
+        ],
     )
     manifest.quantization = report
     if report.passed:
-        manifest.onnx_files, manifest.default_precision = files, "int8"
-        log.info("int8 policy kept", extra={**report.model_dump(), "kl": kl})
+        manifest.onnx_files, manifest.default_precision = files, spec.precision
+        log.info("quantized policy kept", extra={**report.model_dump(), "kl": kl})
     else:
-        (out / INT8_FILE).unlink()
-        log.warning("int8 policy rejected", extra={**report.model_dump(), "kl": kl})
-    return {"int8_mean_kl_vs_fp32": kl}
+        (out / spec.file).unlink()
+        log.warning("quantized policy rejected", extra={**report.model_dump(), "kl": kl})
+    return notes
 
 
 def load_policy_checkpoint(checkpoint: str) -> tuple[PreTrainedModel, Any, str]:

@@ -114,13 +114,29 @@ class Normalization(BaseModel):
 
 
 class QuantizationReport(BaseModel):
-    """Outcome of the int8 parity check against the fp32 graph."""
+    """Outcome of the int8 parity check against the fp32 graph.
+
+    For the kept graph (or, when none passed, the last one tried): its pair-order agreement with
+    fp32 on the reference pairs against ``threshold``; for reward models also the held-out
+    accuracy (share of pairs with reward(chosen) > reward(rejected)) of fp32 and of this graph,
+    which may drop by at most ``max_accuracy_drop``. ``candidates`` lists every graph tried, in
+    order, with the same figures (``method``, ``pairwise_agreement``, ``accuracy``,
+    ``items_per_s``, ``passed``, ``reason``). Fields after ``passed`` are optional: manifests
+    written before them still load."""
 
     method: str = "dynamic-int8"
     pairwise_agreement: float
     threshold: float
     pairs: int
     passed: bool
+    accuracy_fp32: float | None = None
+    accuracy: float | None = None
+    max_accuracy_drop: float | None = None
+    reason: str | None = None  # why the graph was refused (None when it passed)
+    # one pass over the reference texts at export, ONNX Runtime CPU, after one warm-up group
+    fp32_items_per_s: float | None = None
+    items_per_s: float | None = None
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class GenerationConfig(BaseModel):

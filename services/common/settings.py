@@ -55,10 +55,11 @@ class ModelServingSettings(ListenSettings):
     execution_provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime provider; auto = CUDA only when a device can start"
     )
-    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+    precision: Literal["auto", "fp32", "fp16", "int8", "int4", "int8-block"] = Field(
         "auto",
         description="graph to serve; auto = fp16 on CUDA when the version has one, else the "
-        "version's default (int8 only if it passed parity)",
+        "version's default (a quantized graph only if it passed its gate; int4 and int8-block: "
+        "policies' block-quantized weights)",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads (0 = one per core)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill")
