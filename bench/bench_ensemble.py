@@ -37,8 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from bench.bench_loop import cpu_flags
-from bench.bench_trainer import cpu_name, sgemm_gflops
+from bench.bench_trainer import cpu_flags, cpu_name, sgemm_gflops
 from plaudit.demo import HH_PAIRS
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.services.reward.shadow import spearman

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.bench_trainer import cpu_name, git_commit, sgemm_gflops
+from bench.bench_trainer import cpu_flags, cpu_name, git_commit, sgemm_gflops
 from plaudit.demo import HH_PAIRS
 from plaudit.services.common.preference_files import PreferencePair, parse_pair
 from plaudit.services.common.registry import ModelRegistry
@@ -75,7 +75,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TARGET_WIN_RATE = 0.60
 EVAL_SALT = b"plaudit-bench-loop/"  # held-out prompts: independent of the trainer's hash split
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 CPU = torch.device("cpu")
 
 
@@ -268,18 +267,6 @@ def compare(
 
 
 # -- report --------------------------------------------------------------------------------------
-def cpu_flags() -> list[str]:
-    """The vector/matrix ISA flags of /proc/cpuinfo that CPU matmul kernels pick from."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [f for f in ISA_FLAGS if f in present]
-    except OSError:
-        pass
-    return []
-
-
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per method, ready for docs/benchmarks.md."""
     header = (

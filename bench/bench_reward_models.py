@@ -72,7 +72,6 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.bench_loop import cpu_flags
 from bench.bench_reward import (
     RESULTS,
     Items,
@@ -85,6 +84,7 @@ from bench.bench_reward import (
     server_cpu_s,
     sgemm_gflops,
 )
+from bench.bench_trainer import cpu_flags
 from plaudit.demo import HH_PAIRS
 from plaudit.services.common.admin import notify_reload
 from plaudit.services.common.process import ServiceProcess, start_service

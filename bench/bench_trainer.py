@@ -230,6 +230,7 @@ def run_ours(
         seed=args.seed,
         device="cpu",
         num_threads=args.threads,
+        mixed_precision="bf16" if args.bf16 else "auto",
     )
     start = time.perf_counter()
     result = train_reward(
@@ -335,7 +336,7 @@ def run_trl(
             max_length=args.max_length,
             eos_token=eos,
             disable_dropout=True,
-            bf16=None if shipped else False,  # None: TRL's default, bf16 autocast
+            bf16=True if args.bf16 else (None if shipped else False),  # None: TRL's default
             gradient_checkpointing=bool(shipped),
             use_cpu=True,
             seed=args.seed,
@@ -417,6 +418,21 @@ def sgemm_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The vector/matrix ISA flags of /proc/cpuinfo that CPU matmul kernels pick from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in present]
+    except OSError:
+        pass
+    return []
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -490,6 +506,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep TRL's bf16 autocast and gradient checkpointing (default: off, fp32 like ours)",
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast for both (ours: --mixed-precision bf16, TRL: bf16=True), and ours in "
+        "fp32 first as the baseline (today's default on CPU)",
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars on stderr")
     parser.add_argument(
         "--json-out",
@@ -538,6 +560,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         del reference_model
 
+        baseline: dict[str, float] = {}
+        if args.bf16:  # today's CPU default, on the same pairs, for the bf16 comparison
+            print("training: ours in fp32 (the baseline) ...", flush=True)
+            fp32 = run_ours(argparse.Namespace(**{**vars(args), "bf16": False}), data_file,
+                            work / "fp32", train_pairs, encoder)  # fmt: skip
+            baseline = {
+                "pairs_per_s": fp32.pairs_per_s,
+                "train_s": fp32.train_s,
+                "accuracy_our_eval": our_eval(fp32.model, encoder, held_out)[0]["eval/accuracy"],
+            }
+            del fp32
+            print(f"  ours fp32: {baseline}", flush=True)
         runs: dict[str, TrainerRun] = {}
         load: dict[str, list[float]] = {}
         eos = ""
@@ -648,12 +682,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ours/TRL {speedup:.2f}x >= {THROUGHPUT_TARGET}x: {'met' if speed_ok else 'NOT met'}"
     )
 
+    if baseline:
+        gain = ours["pairs_per_s"] / baseline["pairs_per_s"]
+        print(
+            f"bf16 autocast vs fp32 (ours): {ours['pairs_per_s']:.2f} vs "
+            f"{baseline['pairs_per_s']:.2f} pairs/s ({gain:.2f}x), "
+            f"held-out accuracy {ours['accuracy_our_eval']:.3f} vs "
+            f"{baseline['accuracy_our_eval']:.3f}; CPU flags {', '.join(cpu_flags())}"
+        )
     out = args.json_out or RESULTS / f"bench_trainer-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "created_at": datetime.now(UTC).isoformat(),
         "git": git_commit(),
         "argv": sys.argv[1:],
+        "fp32_baseline": baseline or None,
         "config": {
             "data": str(args.data),
             "records": records,

@@ -25,6 +25,7 @@ from plaudit.services.common.logging import configure_logging
 from plaudit.services.common.names import NAME_PATTERN
 from plaudit.services.common.registry import (
     DEFAULT_MODEL_NAME,
+    ModelManifest,
     ModelRegistry,
     RegistryLocationSettings,
 )
@@ -62,7 +63,13 @@ class ExportSettings(RegistryLocationSettings):
     promote: bool = Field(False, description="promote the new version")
     max_length: int = Field(512, ge=8, description="max tokens per item (keeps the end)")
     int8_min_agreement: float = Field(
-        0.95, ge=0, le=1, description="int8 must order this share of reference pairs like fp32"
+        0.98, ge=0, le=1, description="int8 must order this share of reference pairs like fp32"
+    )
+    int8_max_accuracy_drop: float = Field(
+        0.005,
+        ge=-1,
+        le=1,
+        description="int8's accuracy on the reference pairs may be at most this below fp32's",
     )
     reference_data: Path | None = Field(
         None, description="JSONL pairs for parity and normalisation"
@@ -90,9 +97,16 @@ class ExportPolicySettings(RegistryLocationSettings):
     max_length: int = Field(2048, ge=8, description="context length (prompt + generated tokens)")
     max_new_tokens: int = Field(256, ge=1, description="the version's default completion length")
     parent: str | None = Field(None, description="parent version (default: the promoted one)")
-    quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
+    quantize: Literal["none", "int8", "int4", "int8-block"] = Field(
+        "none",
+        description="also build a weight-quantised graph: int8 (dynamic), int4 / int8-block "
+        "(ONNX Runtime MatMulNBits, blocks of 32; int4 keeps GGUF-born weights exact)",
+    )
     int8_min_agreement: float = Field(
-        0.9, ge=0, le=1, description="int8 must pick fp32's next token this often to be kept"
+        0.9,
+        ge=0,
+        le=1,
+        description="the quantised graph must pick fp32's next token this often to be kept",
     )
 
 
@@ -128,6 +142,13 @@ class RegistrySettings(ClientSecuritySettings, RegistryLocationSettings):
         le=1,
         description="promote: only when the version, shadowing at the first --notify address, "
         "orders at least this share of item pairs as the live version does",
+    )
+    max_ece: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="promote (reward): only when the version's calibrated held-out expected "
+        "calibration error, as its manifest records it, is at most this",
     )
     min_shadow_pairs: int = Field(
         100, ge=1, description="promote --min-shadow-agreement: pairs it needs at least"
@@ -215,6 +236,15 @@ class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig):
         "promoted one (0: it must beat it)",
     )
     quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
+    int8_min_agreement: float = Field(
+        0.98, ge=0, le=1, description="int8 must order this share of held-out pairs like fp32"
+    )
+    int8_max_accuracy_drop: float = Field(
+        0.005,
+        ge=-1,
+        le=1,
+        description="int8's held-out accuracy may be at most this below fp32's",
+    )
     name: str = Field(
         DEFAULT_MODEL_NAME,
         pattern=f"^{NAME_PATTERN}$",
@@ -375,6 +405,7 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
         max_length=settings.max_length,
         quantize=None if settings.quantize == "none" else settings.quantize,
         int8_min_agreement=settings.int8_min_agreement,
+        int8_max_accuracy_drop=settings.int8_max_accuracy_drop,
         reference_data=settings.reference_data,
         reference_pairs=settings.reference_pairs,
         seed=settings.seed,
@@ -415,7 +446,9 @@ def _cmd_export_policy(args: argparse.Namespace) -> int:
         quantize=None if settings.quantize == "none" else settings.quantize,
         int8_min_agreement=settings.int8_min_agreement,
     )
-    parity = {k: v for k, v in manifest.notes.items() if "diff" in k or "agreement" in k}
+    parity = {
+        k: v for k, v in manifest.notes.items() if "diff" in k or "agreement" in k or "_kl_" in k
+    }
     report = {
         "version": manifest.version,
         "promoted": settings.promote,
@@ -481,6 +514,8 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
             promote=settings.promote,
             promotion_tolerance=settings.promotion_tolerance,
             quantize=None if settings.quantize == "none" else settings.quantize,
+            int8_min_agreement=settings.int8_min_agreement,
+            int8_max_accuracy_drop=settings.int8_max_accuracy_drop,
             parent=settings.parent,
         ),
         output_dir=settings.output_dir,
@@ -545,6 +580,8 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         return 0
     if args.action == "promote":
         reason = "cli"
+        if settings.max_ece is not None:
+            reason += "; " + _calibration_gate(registry.manifest(args.version), settings.max_ece)
         if settings.min_shadow_agreement is not None:
             reason = _shadow_gate(settings, args.version)
         registry.promote(args.version, reason=reason)
@@ -563,6 +600,23 @@ def _cmd_registry(args: argparse.Namespace) -> int:
     if settings.notify:
         return _notify(settings.notify, out, settings.credentials, registry.name)
     return 0
+
+
+def _calibration_gate(manifest: ModelManifest, max_ece: float) -> str:
+    """``promote --max-ece``: the version's manifest must record a calibrated held-out ECE (the
+    trainer measures it on its held-out pairs with the served graph) of at most ``max_ece``."""
+    from plaudit.services.common.errors import FailedPreconditionError
+
+    calibration = manifest.calibration
+    if calibration is None or calibration.ece_after is None:
+        raise FailedPreconditionError(
+            f"not promoted: {manifest.version} records no held-out calibration error "
+            "(--max-ece needs a version trained with a held-out split)"
+        )
+    figures = f"calibrated ECE {calibration.ece_after:.3f} on {calibration.pairs} held-out pairs"
+    if calibration.ece_after > max_ece:
+        raise FailedPreconditionError(f"not promoted: {figures} is above --max-ece {max_ece:g}")
+    return figures
 
 
 def _shadow_gate(settings: RegistrySettings, version: str) -> str:

@@ -111,6 +111,10 @@ class UpSettings(ClientSecuritySettings):
     promotion_significance: float = Field(
         0.05, gt=0, le=1, description="gate floor: one-sided binomial level against accuracy 0.5"
     )
+    promotion_max_ece: float | None = Field(
+        None, ge=0, le=1, description="gate: highest calibrated held-out ECE a retrained model "
+        "may have (unset: not gated)",
+    )  # fmt: skip
     policy_retrain: bool = Field(
         True, description="retrain the policy after a reward model is promoted (needs generation)"
     )
@@ -450,6 +454,8 @@ class RewardRetraining(Retraining):
         ]  # fmt: skip
         if self.settings.train_max_steps:
             args += ["--max-steps", str(self.settings.train_max_steps)]
+        if self.settings.promotion_max_ece is not None:
+            args += ["--promotion-max-ece", str(self.settings.promotion_max_ece)]
         return args
 
 

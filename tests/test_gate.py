@@ -127,6 +127,23 @@ def test_ties_count_against_the_candidate_in_the_floor() -> None:
     assert record["p_value"] == 1.0 and record["promoted"] is False
 
 
+def test_a_ceiling_on_calibration_error_refuses_a_badly_calibrated_winner() -> None:
+    win: dict[str, Any] = {
+        "candidate_accuracy": 0.8, "correct": 80, "n": 100, "live_version": "v1",
+        "live_accuracy": 0.7, "live_ece": 0.04,
+    }  # fmt: skip
+    shown = gate_decision(**win, candidate_ece=0.12)  # no ceiling: shown, not gated
+    assert shown["promoted"] is True and shown["max_ece"] is None
+    assert "(calibrated ECE 0.120 vs 0.040)" in shown["reason"]
+    refused = gate_decision(**win, candidate_ece=0.12, max_ece=0.1)
+    assert refused["promoted"] is False
+    assert "calibrated ECE 0.120 is above the limit 0.1" in refused["reason"]
+    assert gate_decision(**win, candidate_ece=0.1, max_ece=0.1)["promoted"] is True  # at the limit
+    unknown = gate_decision(**win, candidate_ece=None, max_ece=0.1)
+    assert unknown["promoted"] is False
+    assert "calibration error could not be measured" in unknown["reason"]
+
+
 # -- the policy gate ------------------------------------------------------------------------------
 def _policy(**figures: Any) -> dict[str, Any]:
     given: dict[str, Any] = {

@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -344,27 +345,102 @@ def _submit(store: FeedbackStore, start: int, n: int) -> None:
     assert not [r for r in results if isinstance(r, Exception)]
 
 
-def test_gate_floor_refuses_a_better_model_that_is_not_significant_enough(
-    trained: Trained, tiny_checkpoint: Path, tmp_path: Path
-) -> None:
-    """The recipe of the promoted model at a level no held-out set this small can reach, with a
-    tolerance that lets it beat the live model whatever it scores: the floor alone refuses it."""
+def retrain_refused(
+    trained: Trained, tiny_checkpoint: Path, run: Path, **gate: object
+) -> dict[str, Any]:
+    """Train the promoted model's recipe again with the ``gate`` settings and a tolerance that
+    lets it beat the live model whatever it scores; returns the gate record of a refusal (the
+    live version stays)."""
     live = trained.registry.promoted()
     result = train_reward(
-        tiny_config(tiny_checkpoint, promotion_significance=1e-30),
+        tiny_config(tiny_checkpoint, **gate),
         PairSource(files=(trained.data,)),
         trained.registry,
         publish=PublishOptions(promote=True, promotion_tolerance=1.0),
-        output_dir=tmp_path / "run",
+        output_dir=run,
     )
     assert result is not None and result.manifest is not None
     promotion = result.manifest.promotion
     assert promotion is not None and promotion["promoted"] is False
     assert promotion["beats_live"] is True  # tolerance 1: any accuracy beats the live one
+    assert trained.registry.promoted() == live
+    return promotion
+
+
+def test_gate_floor_refuses_a_better_model_that_is_not_significant_enough(
+    trained: Trained, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A significance level no held-out set this small can reach: the floor alone refuses."""
+    promotion = retrain_refused(trained, tiny_checkpoint, tmp_path, promotion_significance=1e-30)
     assert promotion["above_chance"] is False and promotion["significance"] == 1e-30
     assert promotion["p_value"] > 1e-30
     assert "not significantly above chance" in promotion["reason"]
-    assert trained.registry.promoted() == live
+
+
+def test_gate_ece_ceiling_refuses_a_model_whose_probabilities_miss(
+    trained: Trained, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A ceiling of 0 on the calibrated held-out ECE, which no finite held-out set reaches,
+    refuses a candidate the other conditions let through; the record says why."""
+    promotion = retrain_refused(
+        trained, tiny_checkpoint, tmp_path, promotion_significance=1.0, promotion_max_ece=0.0
+    )
+    assert promotion["above_chance"] is True and promotion["max_ece"] == 0.0
+    assert promotion["candidate_ece"] > 0
+    assert "is above the limit 0" in promotion["reason"]
+
+
+def test_registry_promote_max_ece_reads_the_manifests_held_out_calibration(
+    trained: Trained, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``registry promote --max-ece``: the trained version's manifest records its calibrated
+    held-out ECE; a ceiling below it refuses, one above promotes; the uncalibrated baseline is
+    refused for recording none."""
+    reg = trained.registry
+    assert trained.result.manifest is not None
+    version = trained.result.manifest.version
+    calibration = reg.manifest(version).calibration
+    assert calibration is not None and calibration.ece_after is not None
+    ece = calibration.ece_after
+    common = ["--registry", str(reg.root), "--log-level", "WARNING"]
+    live = reg.promoted()
+    try:
+        assert main(["registry", "promote", version, "--max-ece", f"{ece / 2:.6f}", *common]) == 2
+        assert "is above --max-ece" in capsys.readouterr().err
+        assert main(["registry", "promote", trained.baseline, "--max-ece", "1", *common]) == 2
+        assert "records no held-out calibration error" in capsys.readouterr().err
+        assert reg.promoted() == live
+        assert (
+            main(["registry", "promote", version, "--max-ece", f"{ece + 0.01:.6f}", *common]) == 0
+        )
+        assert reg.promoted() == version
+        assert "calibrated ECE" in reg.promotion_history()[-1]["reason"]
+    finally:
+        if live is not None:
+            reg.promote(live, reason="test restores the live version")
+
+
+def test_bf16_autocast_on_cpu_trains_as_well_and_is_recorded(
+    trained: Trained, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """``mixed_precision bf16`` runs the forward passes in bf16 on the CPU (weights and loss stay
+    fp32): the toy preference is learnt as by the fp32 run, and the run records its precision."""
+    from plaudit.trainer.reward import autocast
+
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "auto"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    result = train_reward(
+        tiny_config(tiny_checkpoint, mixed_precision="bf16"),
+        PairSource(files=(trained.data,)),
+        output_dir=tmp_path / "run",
+    )
+    assert result is not None
+    assert result.metrics["eval/accuracy"] >= 0.9
+    assert abs(result.metrics["eval/accuracy"] - trained.result.metrics["eval/accuracy"]) <= 0.05
+    recorded = json.loads((result.run_dir / "metrics.json").read_text())
+    assert recorded["config"]["mixed_precision"] == "bf16"
 
 
 def test_training_from_the_feedback_store_records_and_continues_from_the_cursor(

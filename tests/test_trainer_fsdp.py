@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from plaudit.services.common.errors import FailedPreconditionError
 from plaudit.services.common.registry import ModelRegistry
 from plaudit.trainer.config import RewardTrainingConfig
+from plaudit.trainer.policy_config import DPOConfig
 from plaudit.trainer.reward import PairSource, train_reward
 from plaudit.trainer.sharding import DCP_METADATA, SHARDED_DIR
 from tests.conftest import REPO, toy_pairs, write_jsonl
@@ -220,7 +221,9 @@ def test_a_changed_setting_is_not_resumed(
 
 def test_settings_that_need_fsdp_are_refused_by_name() -> None:
     with pytest.raises(ValidationError, match="mixed_precision"):
-        RewardTrainingConfig(mixed_precision="bf16")
+        DPOConfig(mixed_precision="bf16")
+    DPOConfig(strategy="fsdp", mixed_precision="bf16")
+    RewardTrainingConfig(mixed_precision="bf16")  # reward training: bf16 autocast under ddp
     cfg = RewardTrainingConfig(strategy="fsdp", mixed_precision="bf16")
     assert cfg.activation_checkpointing is None  # resolved when training: on for fsdp
 

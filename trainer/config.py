@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 DEFAULT_RUNS_DIR = Path(".plaudit/runs")  # one folder per run: checkpoint, metrics, plots
@@ -43,8 +43,10 @@ class TrainingConfig(BaseModel):
     )
     mixed_precision: MixedPrecision = Field(
         "auto",
-        description="fsdp compute and all-gather dtype (gradients reduce, weights and AdamW "
-        "stay fp32); auto: bf16 on a GPU that has it, else fp32",
+        description="fsdp: compute and all-gather dtype (gradients reduce, weights and AdamW "
+        "stay fp32); reward training also runs its forward passes under bf16 autocast with "
+        "bf16 (on CPU: worth it with avx512_bf16 or AMX, docs/benchmarks.md); auto: bf16 on a "
+        "GPU that has it, else fp32",
     )
     checkpoint_every: int = Field(
         0,
@@ -54,15 +56,6 @@ class TrainingConfig(BaseModel):
     resume: bool = Field(
         True, description="continue from the run folder's last sharded checkpoint when it has one"
     )
-
-    @model_validator(mode="after")
-    def _precision_needs_fsdp(self) -> TrainingConfig:
-        if self.mixed_precision == "bf16" and self.strategy != "fsdp":
-            raise ValueError(
-                "mixed_precision: bf16 parameters are an fsdp setting (ddp uses bf16 autocast "
-                "on CUDA): give --strategy fsdp or leave it auto"
-            )
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as recorded in runs and versions."""
@@ -126,4 +119,11 @@ class RewardTrainingConfig(TrainingConfig):
         le=1,
         description="gate floor: held-out accuracy must beat 0.5 at this level (one-sided "
         "binomial test)",
+    )
+    promotion_max_ece: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="gate: refuse a candidate whose calibrated expected calibration error on "
+        "the held-out pairs is above this (unset: ECE is shown, not gated)",
     )

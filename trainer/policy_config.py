@@ -121,6 +121,15 @@ class SharedPolicyConfig(TrainingConfig):
             raise ValueError("objective: give reward_model or objective, not both")
         return self
 
+    @model_validator(mode="after")
+    def _bf16_needs_fsdp(self) -> SharedPolicyConfig:
+        if self.mixed_precision == "bf16" and self.strategy != "fsdp":
+            raise ValueError(
+                "mixed_precision: bf16 policy training is an fsdp setting (bf16 parameters): "
+                "give --strategy fsdp or leave it auto"
+            )
+        return self
+
 
 class DPOFields(BaseModel):
     """DPO's own fields (see :class:`DPOConfig`)."""

@@ -71,17 +71,20 @@ def gate_decision(
     live_error: str = "",
     candidate_ece: float | None = None,
     live_ece: float | None = None,
+    max_ece: float | None = None,
 ) -> dict[str, Any]:
     """The decision on literal numbers; ``correct`` of ``n`` held-out pairs ranked right by the
     candidate (a tie counts as wrong here, so the test never overstates the evidence).
     ``candidate_ece`` / ``live_ece``: expected calibration error of each model's calibrated
-    probabilities on the same pairs, shown side by side; they do not decide.
+    probabilities on the same pairs, shown side by side; they decide only with ``max_ece``.
 
-    Promoted iff both hold:
+    Promoted iff all hold:
     - it beats the live model: ``candidate_accuracy > live_accuracy - tolerance`` (tolerance 0:
       strictly better; a tie is refused, the candidate brings no evidence it is better), or
       nothing is live;
-    - it clears the floor: one-sided binomial ``p <= significance`` against accuracy 0.5.
+    - it clears the floor: one-sided binomial ``p <= significance`` against accuracy 0.5;
+    - with ``max_ece``: its calibrated ECE was measured and is at most ``max_ece`` (a model whose
+      probabilities cannot be trusted is refused however well it ranks).
     ``live_version`` set with ``live_accuracy`` None means the live model could not be scored:
     refused (a person should look).
     """
@@ -113,6 +116,11 @@ def gate_decision(
         )
     if not above_chance:
         why.append("not significantly above chance")
+    if max_ece is not None:
+        if candidate_ece is None:
+            why.append("its calibration error could not be measured")
+        elif candidate_ece - max_ece > _EPS:
+            why.append(f"calibrated ECE {candidate_ece:.3f} is above the limit {max_ece:g}")
     promoted = not why
     reason = f"{versus}; {chance}: " + ("promoted" if promoted else "refused, " + "; ".join(why))
     return {
@@ -123,6 +131,7 @@ def gate_decision(
         "current_accuracy": live_accuracy,
         "candidate_ece": candidate_ece,
         "current_ece": live_ece,
+        "max_ece": max_ece,
         "eval_pairs": n,
         "beats_live": beats,
         "p_value": p_value,
@@ -137,7 +146,8 @@ def gate_decision(
 class AccuracyGate:
     """Promote when the candidate beats the promoted version on the same held-out pairs (losing
     less than ``tolerance`` is allowed; default 0: it must be strictly better) and its held-out
-    accuracy is significantly above 0.5 (one-sided binomial test at ``significance``).
+    accuracy is significantly above 0.5 (one-sided binomial test at ``significance``), and, with
+    ``max_ece``, its calibrated expected calibration error is at most that.
 
     Without a promoted version only the floor applies; when the promoted version cannot be
     loaded or scored the candidate is not promoted (a person should look). Called by
@@ -148,6 +158,7 @@ class AccuracyGate:
     registry: ModelRegistry
     tolerance: float = DEFAULT_TOLERANCE
     significance: float = DEFAULT_SIGNIFICANCE
+    max_ece: float | None = None
 
     def __call__(
         self, texts: list[tuple[str, str]], candidate: np.ndarray, *, temperature: float = 1.0
@@ -178,6 +189,7 @@ class AccuracyGate:
             live_error=error,
             candidate_ece=candidate_ece,
             live_ece=current_ece,
+            max_ece=self.max_ece,
         )
         record["candidate_temperature"] = temperature
         record["current_temperature"] = current_t

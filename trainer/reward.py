@@ -133,6 +133,9 @@ class PublishOptions:
     promote: bool = False  # let the accuracy gate promote the new version
     promotion_tolerance: float = DEFAULT_TOLERANCE
     quantize: str | None = None  # None or "int8"
+    # the int8 gate on the held-out pairs (see plaudit.trainer.export.ExportConfig)
+    int8_min_agreement: float = 0.98
+    int8_max_accuracy_drop: float = 0.005
     parent: str | None = None  # default: the promoted version
 
 
@@ -238,10 +241,11 @@ def _prepare(
     }
 
 
-def autocast(device: torch.device) -> AbstractContextManager[object]:
-    """bf16 mixed precision where it pays (CUDA); the weights and the loss stay fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager[object]:
+    """bf16 autocast for the forward passes: asked for (``mixed_precision`` bf16, any device) or
+    by default on CUDA; weights, gradients, AdamW states and the loss stay fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -326,7 +330,7 @@ def fit_reward_model(
     if cfg.disable_dropout:
         disable_dropout(model)
     scorer = ScalarReward(model, members=True).train()  # (batch, seq) -> (batch, heads)
-    amp = partial(autocast, env.device)
+    amp = partial(autocast, env.device, cfg.mixed_precision)
     boot = torch.from_numpy(bootstrap_weights(len(train), cfg.ensemble_heads, cfg.seed))
 
     def loss(net: torch.nn.Module, index: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
@@ -520,6 +524,8 @@ def _train(
                     checkpoint=str(checkpoint),
                     max_length=cfg.max_length,
                     quantize=publish.quantize,
+                    int8_min_agreement=publish.int8_min_agreement,
+                    int8_max_accuracy_drop=publish.int8_max_accuracy_drop,
                     reference=held_out_pairs,  # parity and normalisation on held-out pairs
                     reference_pairs=len(held_out_pairs),
                     seed=cfg.seed,
@@ -539,7 +545,12 @@ def _train(
                     calibrate=True,  # on the held-out pairs, with the served graph's rewards
                 ),
                 registry,
-                gate=AccuracyGate(registry, publish.promotion_tolerance, cfg.promotion_significance)
+                gate=AccuracyGate(
+                    registry,
+                    publish.promotion_tolerance,
+                    cfg.promotion_significance,
+                    cfg.promotion_max_ece,
+                )
                 if publish.promote
                 else None,
             )

@@ -61,11 +61,11 @@ class Sharding:
         strategy = getattr(cfg, "strategy", "ddp")
         checkpointing = getattr(cfg, "activation_checkpointing", None)
         precision = getattr(cfg, "mixed_precision", "auto")
-        bf16 = precision == "bf16" or (
-            precision == "auto"
-            and strategy == "fsdp"
-            and env.device.type == "cuda"
-            and torch.cuda.is_bf16_supported()
+        bf16 = strategy == "fsdp" and (
+            precision == "bf16"
+            or (
+                precision == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            )
         )
         return cls(strategy, strategy == "fsdp" if checkpointing is None else checkpointing, bf16)
 
