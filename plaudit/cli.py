@@ -583,7 +583,7 @@ def _cmd_registry(args: argparse.Namespace) -> int:
         if settings.max_ece is not None:
             reason += "; " + _calibration_gate(registry.manifest(args.version), settings.max_ece)
         if settings.min_shadow_agreement is not None:
-            reason = _shadow_gate(settings, args.version)
+            reason += "; " + _shadow_gate(settings, args.version).removeprefix("cli; ")
         registry.promote(args.version, reason=reason)
         out.write(f"promoted {args.version}\n")
     elif args.action == "rollback":

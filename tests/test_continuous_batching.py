@@ -256,12 +256,15 @@ def test_a_cancelled_caller_frees_its_rows_and_close_finishes_the_rest(
         await asyncio.wait_for(sink.event.wait(), 30)
         doomed.cancel()
         queued = [asyncio.create_task(batcher.submit(greedy("Hi", 4), size=1)) for _ in range(3)]
-        await asyncio.sleep(0)
-        await batcher.close()  # finishes the queued jobs; the cancelled one is gone
-        for task in queued:
-            assert len(result_of(task.result()).completions[0].token_ids) == 4
-        assert doomed.cancelled()
+        for outcome in await asyncio.gather(*queued):
+            assert len(result_of(outcome).completions[0].token_ids) == 4
+        # the cancelled job's 250 rows-steps are not being decoded any more
         assert batcher._batch is None or batcher._batch.rows == 0
+        assert doomed.cancelled()
+        last = asyncio.create_task(batcher.submit(greedy("Hi", 30), size=1))
+        await asyncio.sleep(0)
+        await batcher.close()  # finishes what is queued or decoding
+        assert len(result_of(last.result()).completions[0].token_ids) == 30
 
     run(scenario())
 
@@ -321,3 +324,77 @@ def test_both_batching_modes_answer_concurrent_callers_alike(
     for i, reply in enumerate(replies):
         expected = alone(reference, greedy(prompts[i % 4], 4 + 3 * i))[0]
         assert list(reply.completions[0].token_ids) == expected
+
+
+class FailingSink:
+    """A stream sink whose owner breaks when told the job started."""
+
+    def started(self, version: str) -> None:
+        raise RuntimeError("sink broke")
+
+    def text(self, index: int, delta: str) -> None:
+        pass
+
+
+def test_an_unexpected_error_fails_its_job_and_the_scheduler_goes_on(
+    policy: LoadedPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing sink (at admission) and a bug in budgeting fail their own jobs only; the batch
+    decoding beside them finishes and later jobs are served."""
+    model = dataclasses.replace(policy)
+    model.eos_ids = frozenset()
+    budget = model.token_budget
+
+    def token_budget(job: GenerateJob, prompt_tokens: int, limit: int) -> int:
+        if job.prompt == "boom":
+            raise ValueError("a bug")
+        return budget(job, prompt_tokens, limit)
+
+    monkeypatch.setattr(model, "token_budget", token_budget)
+
+    async def scenario() -> None:
+        batcher = ContinuousBatcher(engine_for(model), BatchingConfig(max_batch_size=8))
+        batcher.start()
+        sink = Started()
+        running = asyncio.create_task(
+            batcher.submit(dataclasses.replace(greedy(LONG, 40), sink=sink))
+        )
+        await asyncio.wait_for(sink.event.wait(), 30)
+        with pytest.raises(RuntimeError, match="sink broke"):
+            await batcher.submit(dataclasses.replace(greedy("Hi", 3), sink=FailingSink()))
+        with pytest.raises(ValueError, match="a bug"):
+            await batcher.submit(GenerateJob(prompt="boom"))
+        after = result_of(await batcher.submit(greedy("What is 2 + 2?", 3)))
+        assert [len(c.token_ids) for c in after.completions] == [3]
+        assert [len(c.token_ids) for c in result_of(await running).completions] == [40]
+        await batcher.close()
+
+    run(scenario())
+
+
+def test_expired_jobs_leave_the_queue_while_a_swap_drains_the_old_batch(
+    policy: LoadedPolicy,
+) -> None:
+    """While the old version's batch drains nothing joins; a job whose deadline passes meanwhile
+    is answered DEADLINE_EXCEEDED at once and frees its queue room for the next caller."""
+    newer = dataclasses.replace(
+        policy, manifest=policy.manifest.model_copy(update={"version": "policy-newer"})
+    )
+
+    async def scenario() -> None:
+        engine = engine_for(policy)
+        batcher = ContinuousBatcher(engine, BatchingConfig(max_batch_size=8, max_queue_items=2))
+        batcher.start()
+        sink = Started()
+        old = asyncio.create_task(batcher.submit(dataclasses.replace(greedy(LONG, 220), sink=sink)))
+        await asyncio.wait_for(sink.event.wait(), 30)
+        engine.set_model(newer)
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(greedy("Hi", 2), size=2, timeout=0.01)
+        assert not old.done()  # answered before the old batch drained
+        new = result_of(await batcher.submit(greedy("Hi", 2), size=2))  # the room is free
+        assert new.version == "policy-newer"
+        assert result_of(await old).version == policy.version
+        await batcher.close()
+
+    run(scenario())

@@ -62,9 +62,19 @@ class _Waiting:
     deadline: float | None
     future: asyncio.Future[Outcome]
     enqueued: float = field(default_factory=time.monotonic)
-    ids: list[int] | None = None  # the encoded prompt, once encoded
+    ids: list[int] | None = None  # the prompt as ``encoded_by`` encoded it
+    encoded_by: object = None
     handle: JobHandle | None = None
     gone: bool = False  # the caller gave up (set on the event loop)
+
+
+def _wanted(waiting: _Waiting, now: float) -> bool:
+    """Still to be generated: its caller waits and its deadline has not passed."""
+    return not (
+        waiting.gone
+        or waiting.future.done()
+        or (waiting.deadline is not None and now >= waiting.deadline)
+    )
 
 
 class ContinuousBatcher:
@@ -113,6 +123,8 @@ class ContinuousBatcher:
         outcome; ``timeout`` is the caller's remaining time."""
         if not self._accepting:
             raise UnavailableError("server is shutting down")
+        if self._thread is not None and not self._thread.is_alive():
+            raise UnavailableError("the generation scheduler stopped; see the service log")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         deadline = None if timeout is None else time.monotonic() + timeout
         waiting = _Waiting(payload, size, cost, deadline, future)
@@ -166,20 +178,23 @@ class ContinuousBatcher:
         self._loop.call_soon_threadsafe(deliver)
 
     def _take(self) -> list[_Waiting]:
-        """Waiting jobs that fit beside the running rows (called holding the lock). Nothing
-        joins a batch whose version is no longer live; a job larger than an empty batch's
-        budget still runs alone."""
+        """Waiting jobs that fit beside the running rows (called holding the lock), and those
+        no longer wanted anywhere in the queue (they cost nothing; :meth:`_admit` answers the
+        expired ones). Nothing joins a batch whose version is no longer live; a job larger than
+        an empty batch's budget still runs alone."""
+        now = time.monotonic()
+        taken = [w for w in self._waiting if not _wanted(w, now)]
+        if taken:
+            self._waiting = collections.deque(w for w in self._waiting if _wanted(w, now))
+            self._queued_items -= sum(w.size for w in taken)
         batch = self._batch
-        live = self._engine.model
-        if batch is not None and batch.rows and batch.model is not live:
-            return []
         rows = batch.rows if batch is not None else 0
+        stale = batch is not None and rows > 0 and batch.model is not self._engine.model
         cost = self._running_cost
-        taken: list[_Waiting] = []
-        while self._waiting:
+        first = True
+        while self._waiting and not stale:
             nxt = self._waiting[0]
-            empty = rows == 0 and not taken
-            if not empty and (
+            if not (rows == 0 and first) and (
                 rows + nxt.size > self.config.max_batch_size
                 or cost + nxt.cost > self.config.max_batch_tokens
             ):
@@ -189,6 +204,7 @@ class ContinuousBatcher:
             rows += nxt.size
             cost += nxt.cost
             taken.append(nxt)
+            first = False
         self._set_depth()
         return taken
 
@@ -200,6 +216,8 @@ class ContinuousBatcher:
             self._set_depth()
 
     def _run(self) -> None:
+        """The scheduler loop. An unexpected error fails the jobs it concerns (those being
+        admitted, or the batch's) and the loop goes on: it never dies with requests waiting."""
         while True:
             with self._ready:
                 while not self._waiting and not self._running and not self._stopping:
@@ -208,9 +226,29 @@ class ContinuousBatcher:
                     return
                 taken = self._take()
             if taken:
-                self._admit(taken)
+                try:
+                    self._admit(taken)
+                except Exception as exc:
+                    log.error("admission failed", exc_info=exc)
+                    running = set(map(id, self._running))
+                    for waiting in taken:
+                        if id(waiting) not in running:
+                            self._fail(waiting, exc)
             if self._running:
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:
+                    log.error("decode step failed", exc_info=exc)
+                    self._fail_batch(exc)
+            elif self._batch is not None and self._batch.rows:
+                self._batch = None  # rows nobody waits for any more: drop them
+
+    def _fail_batch(self, exc: BaseException) -> None:
+        """Fail every job of the batch and start the next one afresh."""
+        for waiting in self._running:
+            self._fail(waiting, exc)
+        self._forget(list(self._running))
+        self._batch = None
 
     def _admit(self, taken: list[_Waiting]) -> None:
         """Prefill the jobs of ``taken`` that are still wanted, at most ``prefill_tokens``
@@ -220,35 +258,34 @@ class ContinuousBatcher:
         now = time.monotonic()
         live: list[_Waiting] = []
         for waiting in taken:
-            if waiting.gone or waiting.future.done():
-                continue
-            if waiting.deadline is not None and now >= waiting.deadline:
+            if _wanted(waiting, now):
+                live.append(waiting)
+            elif not (waiting.gone or waiting.future.done()):
                 self._fail(waiting, DeadlineExceededError("deadline passed while queued"))
-                continue
-            live.append(waiting)
         if not live:
             return
-        try:
-            model = self._engine.require_model()
-        except PlauditError as exc:
-            for waiting in live:
-                self._fail(waiting, exc)
-            return
         if self._batch is None or not self._batch.rows:
-            self._batch = DecodeBatch(model)
+            try:
+                self._batch = DecodeBatch(self._engine.require_model())
+            except PlauditError as exc:
+                for waiting in live:
+                    self._fail(waiting, exc)
+                return
         batch = self._batch
+        model = batch.model  # encodes, budgets and decodes: one version per response
         ready: list[_Waiting] = []
         prompts: list[list[int]] = []
         budgets: list[int] = []
         tokens = 0
         for i, waiting in enumerate(live):
             try:
-                ids = waiting.ids if waiting.ids is not None else model.encode(waiting.job)
+                cached = waiting.ids is not None and waiting.encoded_by is model
+                ids = waiting.ids if cached and waiting.ids else model.encode(waiting.job)
             except PlauditError as exc:
                 self._resolve(waiting, exc)
                 continue
             if ready and tokens + len(ids) > self._prefill_tokens:
-                waiting.ids = ids
+                waiting.ids, waiting.encoded_by = ids, model
                 self._put_back(live[i:])
                 break
             tokens += len(ids)
@@ -287,11 +324,13 @@ class ContinuousBatcher:
             finished = batch.step()
         except Exception as exc:
             log.error("decode step failed", extra={"requests": len(self._running)}, exc_info=exc)
-            for waiting in self._running:
-                self._fail(waiting, exc)
-            self._forget(list(self._running))
-            self._batch = None
+            self._answer(batch, batch.ended)  # complete before the failed graph call
+            self._fail_batch(exc)
             return
+        self._answer(batch, finished)
+
+    def _answer(self, batch: DecodeBatch, finished: list[JobHandle]) -> None:
+        """Hand the ``finished`` jobs of ``batch`` their results."""
         if finished:
             ended = {id(h) for h in finished}
             done = [w for w in self._running if w.handle is not None and id(w.handle) in ended]

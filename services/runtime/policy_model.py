@@ -378,6 +378,8 @@ class DecodeBatch:
         self._cache: list[np.ndarray] = model.empty_cache(0)
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._position = np.zeros(0, dtype=np.int64)
+        # the jobs the last :meth:`step` ended (final even when its graph call then failed)
+        self.ended: list[JobHandle] = []
 
     @property
     def rows(self) -> int:
@@ -419,10 +421,10 @@ class DecodeBatch:
             handle.open_rows = job.n
             handles.append(handle)
             rows.extend(handle.rows)
-        self._merge(rows, logits, cache, mask, lengths[fan])
         for job in jobs:
             if job.sink is not None:
                 job.sink.started(model.version)
+        self._merge(rows, logits, cache, mask, lengths[fan])
         return handles
 
     def _merge(
@@ -494,6 +496,7 @@ class DecodeBatch:
                 row.handle.open_rows -= 1
                 if row.handle.open_rows == 0:
                     finished.append(row.handle)
+        self.ended = finished
         keep = ~done
         self._keep(keep)
         if self._rows:
