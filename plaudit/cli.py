@@ -43,6 +43,7 @@ from plaudit.trainer.policy_config import (
     GRPOFields,
     PolicyConfig,
     PolicyMethod,
+    PolicyQuantization,
     PPOFields,
     RejectionSamplingFields,
     RLFields,
@@ -97,7 +98,7 @@ class ExportPolicySettings(RegistryLocationSettings):
     max_length: int = Field(2048, ge=8, description="context length (prompt + generated tokens)")
     max_new_tokens: int = Field(256, ge=1, description="the version's default completion length")
     parent: str | None = Field(None, description="parent version (default: the promoted one)")
-    quantize: Literal["none", "int8", "int4", "int8-block"] = Field(
+    quantize: PolicyQuantization = Field(
         "none",
         description="also build a weight-quantised graph: int8 (dynamic), int4 / int8-block "
         "(ONNX Runtime MatMulNBits, blocks of 32; int4 keeps GGUF-born weights exact)",

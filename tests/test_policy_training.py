@@ -63,6 +63,7 @@ def test_dpo_publishes_a_policy_with_its_metrics_and_gate_decision(
         beta=0.5,
         eval_fraction=0.2,
         reward_addr=reward_server.address,
+        quantize="int8-block",
         **SMALL,
     )
     result = train_policy(
@@ -95,6 +96,11 @@ def test_dpo_publishes_a_policy_with_its_metrics_and_gate_decision(
     # the published graph is what the generation service serves
     served = LoadedPolicy.load(registry, manifest.version, provider="cpu")
     assert served.version == manifest.version
+    # --quantize: the int8-block graph went through the next-token gate, kept or refused
+    quant = manifest.quantization
+    assert quant is not None and quant.method.startswith("MatMulNBits 8-bit")
+    assert quant.passed == ("int8-block" in manifest.onnx_files)
+    assert served.precision == ("int8-block" if quant.passed else "fp32")
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["version"] == manifest.version and summary["config"]["beta"] == 0.5
 

@@ -4,6 +4,7 @@ against fp32; what the manifest records; what the served int8 graph answers."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from plaudit.services.common.registry import ModelManifest, ModelRegistry, QuantizationReport
-from plaudit.services.runtime.contract import REWARD_INT8_RECIPES, edge_layer_nodes
+from plaudit.services.runtime.contract import REWARD_INT8_RECIPES, Int8Recipe, edge_layer_nodes
 from plaudit.services.runtime.reward_model import LoadedRewardModel
 from plaudit.trainer.data import read_pairs, reference_pairs_path
 from plaudit.trainer.export import (
@@ -168,3 +169,50 @@ def test_manifests_without_the_new_fields_still_load(exports: dict[str, str]) ->
     q = reg.manifest(exports["kept"]).quantization
     assert q is not None and q.passed and q.accuracy is None and q.max_accuracy_drop is None
     assert LoadedRewardModel.load(reg, exports["kept"], provider="cpu").precision == "int8"
+
+
+class _Negated(Int8Recipe):
+    """A recipe whose graph turns every reward around: it must be refused."""
+
+    def build(self, fp32_path: Path, int8_path: Path) -> bool:
+        model = onnx.load(str(fp32_path))
+        name = model.graph.output[0].name
+        for node in model.graph.node:
+            node.output[:] = [f"{o}_before_neg" if o == name else o for o in node.output]
+        model.graph.node.append(helper.make_node("Neg", [f"{name}_before_neg"], [name]))
+        onnx.save(model, str(int8_path))
+        return True
+
+
+class _Same(Int8Recipe):
+    """A recipe whose graph is the fp32 graph: it passes any gate."""
+
+    def build(self, fp32_path: Path, int8_path: Path) -> bool:
+        shutil.copyfile(fp32_path, int8_path)
+        return True
+
+
+def test_a_refused_recipe_is_removed_and_the_next_one_is_tried(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    reg = ModelRegistry(tmp_path, "reward")
+    cfg = ExportConfig(
+        checkpoint=str(tiny_checkpoint),
+        max_length=64,
+        reference_pairs=PAIRS,
+        quantize="int8",
+        int8_recipes=(_Negated("negated"), _Same("same")),
+    )
+    m = reg.manifest(export_reward(cfg, reg).version)
+    q = m.quantization
+    assert q is not None and q.passed and q.method == "same"
+    assert [(c["method"], c["passed"]) for c in q.candidates] == [
+        ("negated", False),
+        ("same", True),
+    ]
+    assert q.candidates[0]["pairwise_agreement"] == 0.0
+    assert q.candidates[0]["reason"].startswith("pair-order agreement 0.0000 < 0.98")
+    assert q.pairwise_agreement == 1.0 and q.accuracy == q.accuracy_fp32
+    assert m.default_precision == "int8" and m.onnx_files["int8"] == "model.int8.onnx"
+    served = (Path(reg.versions_dir) / m.version / "model.int8.onnx").read_bytes()
+    assert served == (Path(reg.versions_dir) / m.version / "model.onnx").read_bytes()

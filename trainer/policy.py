@@ -1174,6 +1174,7 @@ def _train(
             promote=bool(promotion["promoted"]),
             max_length=cfg.max_length,
             backbone=root,
+            quantize=None if cfg.quantize == "none" else cfg.quantize,
         )
     result = PolicyTrainingResult(
         run_dir=run_dir,

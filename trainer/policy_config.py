@@ -25,6 +25,8 @@ from plaudit.trainer.config import Device, TrainingConfig
 
 PolicyMethod = Literal["dpo", "rejection-sampling", "rl", "grpo", "ppo"]
 LossAggregation = Literal["sequence-mean", "token-mean", "token-sum-constant"]
+# the weight-quantised graphs an export can add (trainer/policy_export.py POLICY_QUANTIZATIONS)
+PolicyQuantization = Literal["none", "int8", "int4", "int8-block"]
 
 DEFAULT_MIN_WIN_RATE = 0.5
 DEFAULT_MIN_LC_WIN_RATE = 0.5
@@ -54,6 +56,11 @@ class SharedPolicyConfig(TrainingConfig):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with warmup")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
+    quantize: PolicyQuantization = Field(
+        "none",
+        description="also publish a weight-quantised graph, served by default only when it "
+        "picks the fp32 next token at least 0.9 of the time (int4: exact on GGUF-born weights)",
+    )
     lora_r: int = Field(0, ge=0, description="LoRA rank (0: full fine-tuning)")
     lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")

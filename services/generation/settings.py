@@ -72,7 +72,8 @@ class GenerationSettings(
     batching: Literal["continuous", "static"] = Field(
         "continuous",
         description="continuous = a request joins the running batch at the next decode step and "
-        "a finished row leaves at once; static = requests flushed together decode to the end",
+        "a finished row leaves at once (--max-wait-ms does not apply); static = requests "
+        "flushed together (--max-wait-ms) decode to the end",
     )
     max_prefill_tokens: int = Field(
         512,
