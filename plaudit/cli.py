@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from plaudit.services.common.logging import configure_logging
 from plaudit.services.common.names import NAME_PATTERN
@@ -58,20 +58,29 @@ _POLICY_FIELDS = {name for cls in POLICY_CONFIGS.values() for name in cls.model_
 log = logging.getLogger("plaudit.cli")
 
 
-class ExportSettings(RegistryLocationSettings):
-    checkpoint: str = Field("minilm", description="HF checkpoint folder, or minilm / smollm2")
+class RewardInt8Fields(BaseModel):
+    """The reward int8 graph and its gate (export and training), declared once."""
+
     quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
-    promote: bool = Field(False, description="promote the new version")
-    max_length: int = Field(512, ge=8, description="max tokens per item (keeps the end)")
     int8_min_agreement: float = Field(
-        0.98, ge=0, le=1, description="int8 must order this share of reference pairs like fp32"
+        0.98,
+        ge=0,
+        le=1,
+        description="int8 must order this share of the reference (held-out) pairs like fp32",
     )
     int8_max_accuracy_drop: float = Field(
         0.005,
         ge=-1,
         le=1,
-        description="int8's accuracy on the reference pairs may be at most this below fp32's",
+        description="int8's accuracy on the reference (held-out) pairs may be at most this "
+        "below fp32's",
     )
+
+
+class ExportSettings(RegistryLocationSettings, RewardInt8Fields):
+    checkpoint: str = Field("minilm", description="HF checkpoint folder, or minilm / smollm2")
+    promote: bool = Field(False, description="promote the new version")
+    max_length: int = Field(512, ge=8, description="max tokens per item (keeps the end)")
     reference_data: Path | None = Field(
         None, description="JSONL pairs for parity and normalisation"
     )
@@ -226,7 +235,7 @@ class TrainRunSettings(RegistryLocationSettings):
         return self
 
 
-class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig):
+class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig, RewardInt8Fields):
     """``plaudit train reward``: the training config's fields plus the run's and the gate's."""
 
     promotion_tolerance: float = Field(
@@ -235,16 +244,6 @@ class TrainRewardSettings(TrainRunSettings, RewardTrainingConfig):
         le=1,
         description="held-out accuracy the new version may lose against the "
         "promoted one (0: it must beat it)",
-    )
-    quantize: Literal["none", "int8"] = Field("none", description="also build an int8 graph")
-    int8_min_agreement: float = Field(
-        0.98, ge=0, le=1, description="int8 must order this share of held-out pairs like fp32"
-    )
-    int8_max_accuracy_drop: float = Field(
-        0.005,
-        ge=-1,
-        le=1,
-        description="int8's held-out accuracy may be at most this below fp32's",
     )
     name: str = Field(
         DEFAULT_MODEL_NAME,
