@@ -73,7 +73,6 @@ import http.client
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -95,7 +94,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from bench.bench_trainer import cpu_flags
+from bench.bench_trainer import cpu_flags, cpu_name, git_commit, sgemm_gflops
 from plaudit.demo import HH_PAIRS as DEFAULT_DATA
 from plaudit.services.common.process import (
     ServiceProcess,
@@ -186,21 +185,6 @@ class FlopModel:
             + 2 * self.per_seq_params
         )
         return float(per_item.sum())
-
-
-def sgemm_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
-    """Best-of-``reps`` fp32 GEMM rate on ``threads`` threads, in GFLOP/s."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.empty(n, n)
-    for _ in range(2):
-        torch.mm(a, b, out=c)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def bf16_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
@@ -729,27 +713,27 @@ def serving_mismatches(
     ]
 
 
-def git_commit() -> str:
+def start_checked(
+    registry: Path | str, version: str, precision: str, threads: int, *extra: str
+) -> ServiceProcess:
+    """``plaudit serve reward`` on CPU serving ``version`` at ``precision``, checked once it is
+    SERVING (stopped and raised when it serves anything else)."""
+    server = start_service(
+        "reward", "--registry", str(registry), "--precision", precision,
+        "--execution-provider", "cpu", "--intra-op-threads", str(threads), *extra,
+    )  # fmt: skip
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        wait_until_serving(server.address, timeout=300)
+        with RewardClient(server.address) as probe:
+            info = probe.model()
+        if info.version != version or info.precision != precision:
+            raise RuntimeError(
+                f"server runs {info.version} {info.precision}, expected {version} {precision}"
+            )
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1078,26 +1062,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_exit: int | None = None
     if "c" in args.modes or "h" in args.modes:
         http_port = free_port()
-        server = start_service(
-            "reward",
-            "--registry",
-            str(args.registry),
-            "--precision",
-            args.precision,
-            "--execution-provider",
-            "cpu",
-            "--intra-op-threads",
-            str(args.threads),
+        server = start_checked(
+            args.registry, version, args.precision, args.threads,
             *(["--http-port", str(http_port)] if "h" in args.modes else []),
-        )
+        )  # fmt: skip
         try:
-            wait_until_serving(server.address, timeout=300)
-            with RewardClient(server.address) as probe:
-                info = probe.model()
-            if info.version != version or info.precision != args.precision:
-                raise RuntimeError(
-                    f"server runs {info.version} {info.precision}, expected {version}"
-                )
             if "c" in args.modes:
                 for clients in args.clients:
                     modes.append(run_grpc(server, items, clients, args.request_items))
@@ -1111,25 +1080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_exit = server.stop()
     if "c-int8" in args.modes and isinstance(int8_from, tuple):
         int8_registry, int8_version = int8_from
-        server = start_service(
-            "reward",
-            "--registry",
-            str(int8_registry.root),
-            "--precision",
-            "int8",
-            "--execution-provider",
-            "cpu",
-            "--intra-op-threads",
-            str(args.threads),
-        )
+        server = start_checked(int8_registry.root, int8_version, "int8", args.threads)
         try:
-            wait_until_serving(server.address, timeout=300)
-            with RewardClient(server.address) as probe:
-                info = probe.model()
-            if info.version != int8_version or info.precision != "int8":
-                raise RuntimeError(
-                    f"server runs {info.version} {info.precision}, expected {int8_version} int8"
-                )
             for clients in args.int8_clients:
                 modes.append(
                     run_grpc(

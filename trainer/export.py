@@ -237,17 +237,27 @@ def text_format_for(tokenizer: object, model: PreTrainedModel, max_length: int) 
     )
 
 
+def _length_groups(
+    encoder: RewardTextEncoder, pairs: list[tuple[str, str]]
+) -> list[tuple[np.ndarray, EncodedBatch]]:
+    """``pairs`` tokenized as serving does, in length-sorted padded groups (with their indices)."""
+    encoded = encoder.encode([p for p, _ in pairs], [c for _, c in pairs])
+    lengths = np.array([len(e.ids) for e, _ in encoded])
+    return [
+        (group, encoder.pad([encoded[i] for i in group]))
+        for group in length_groups(lengths, REFERENCE_GROUP_TOKENS)
+    ]
+
+
 def _grouped(
     encoder: RewardTextEncoder,
     pairs: list[tuple[str, str]],
     run: Callable[[EncodedBatch], np.ndarray],
 ) -> np.ndarray:
     """Score ``pairs`` in length-sorted groups (as serving does) and return rewards in order."""
-    encoded = encoder.encode([p for p, _ in pairs], [c for _, c in pairs])
-    lengths = np.array([len(e.ids) for e, _ in encoded])
     rewards = np.empty(len(pairs), dtype=np.float32)
-    for group in length_groups(lengths, REFERENCE_GROUP_TOKENS):
-        rewards[group] = run(encoder.pad([encoded[i] for i in group])).reshape(-1)
+    for group, batch in _length_groups(encoder, pairs):
+        rewards[group] = run(batch).reshape(-1)
     return rewards
 
 
@@ -285,16 +295,11 @@ def timed_onnx_rewards(
     session = create_session(path, "cpu")
     run = session.run
     _grouped(encoder, pairs[:1], lambda batch: np.asarray(run(None, batch.inputs)[0]))
-    encoded = encoder.encode([p for p, _ in pairs], [c for _, c in pairs])
-    lengths = np.array([len(e.ids) for e, _ in encoded])
-    batches = [
-        (group, encoder.pad([encoded[i] for i in group]).inputs)
-        for group in length_groups(lengths, REFERENCE_GROUP_TOKENS)
-    ]
+    batches = _length_groups(encoder, pairs)
     rewards = np.empty(len(pairs), dtype=np.float32)
     start = time.perf_counter()
-    for group, inputs in batches:
-        rewards[group] = np.asarray(run(None, inputs)[0]).reshape(-1)
+    for group, batch in batches:
+        rewards[group] = np.asarray(run(None, batch.inputs)[0]).reshape(-1)
     return rewards, len(pairs) / max(time.perf_counter() - start, 1e-9)
 
 
