@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from peft import PeftModel
 from safetensors import safe_open
 
 from plaudit.cli import TrainPolicySettings, main
@@ -24,6 +26,7 @@ from plaudit.trainer.policy import (
     PolicyPublishOptions,
     StartingPoint,
     already_trained_under,
+    load_policy_model,
     promotion_record,
     starting_point,
     train_policy,
@@ -302,6 +305,24 @@ def test_ppo_trains_a_value_head_and_publishes_without_it(
     with safe_open(str(result.checkpoint / "model.safetensors"), "pt") as saved:
         assert not any("plaudit_value" in name for name in saved.keys())  # noqa: SIM118
     assert (tmp_path / "run" / "training.png").is_file()
+    if not lora_r:
+        assert manifest.lora_adapter is None
+        return
+    # LoRA: the PEFT adapter ships beside the merged graph, and base + adapter is the policy
+    adapter = manifest.lora_adapter
+    assert adapter is not None and (adapter.rank, adapter.stacked_on) == (4, None)
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(
+        manifest.files
+    )
+    _, folder = registry.checkout(manifest.version)
+    base, _, _ = load_policy_model(str(tiny_policy_checkpoint))
+    served = PeftModel.from_pretrained(base, str(folder / adapter.path)).eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            served(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits,
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
 
 
 class LengthScorer:
@@ -417,11 +438,12 @@ def test_base_live_starts_from_the_promoted_policy(
         model, tokenizer, registry, notes={"checkpoint": str(run)}, backbone=tiny, max_length=64
     ).version
     assert starting_point("live", registry, trained) == StartingPoint(
-        str(run), tiny, f"live policy {trained}"
-    )
+        str(run), tiny, f"live policy {trained}", trained_on=trained
+    )  # a LoRA adapter trained from here is stacked on `trained`
     shutil.rmtree(run)  # the run folder is gone: the backbone, and the KL is said to be to it
     gone = starting_point("live", registry, trained)
     assert gone.load == tiny and gone.reference.endswith(f"({trained}'s checkpoint is gone)")
+    assert gone.trained_on is None
 
 
 def test_only_after_new_reward_skips_what_the_serving_reward_model_already_judged(

@@ -96,6 +96,13 @@ class RewardTrainingConfig(TrainingConfig):
         "accuracy", description="held-out metric that picks the best weights"
     )
     use_margin: bool = Field(True, description="subtract pair margins inside the loss (Llama 2)")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="take each preference label as flipped with this probability (conservative "
+        "Bradley-Terry loss, as cDPO); 0: the plain loss",
+    )
     center_rewards_coefficient: float = Field(
         0.0, ge=0, description="reward centering weight (Eisenstein et al. 2023)"
     )

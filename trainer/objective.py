@@ -28,17 +28,24 @@ def bradley_terry_loss(
     rejected: torch.Tensor,
     margin: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Mean over pairs of ``w * -log sigmoid(r_c - r_r - m)``.
+    """Mean over pairs of ``w * -[(1 - e) log sigmoid(d) + e log sigmoid(-d)]``, where
+    ``d = r_c - r_r - m``.
 
     The Bradley-Terry likelihood of the human preference, as in InstructGPT (Ouyang et al. 2022,
     eq. 1); the margin ``m`` (Llama 2, Touvron et al. 2023, eq. 2) asks for a larger reward gap
-    on pairs rated far apart; the weight ``w`` (e.g. annotator agreement) scales each pair's term.
+    on pairs rated far apart; the weight ``w`` (e.g. annotator agreement) scales each pair's term;
+    label smoothing ``e`` takes each label to be flipped with probability ``e`` (the conservative
+    loss of cDPO, Mitchell 2023; for reward models, Wang et al. 2024, "Secrets of RLHF II"), so
+    the loss stops pushing a gap once ``sigmoid(d) = 1 - e``. ``e = 0``: the plain loss.
     """
     logits = chosen - rejected
     if margin is not None:
         logits = logits - margin
     losses = -F.logsigmoid(logits)
+    if label_smoothing:
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
     if weight is not None:
         losses = losses * weight
     return losses.mean()

@@ -36,7 +36,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from plaudit.services.common.errors import FailedPreconditionError, InvalidArgumentError
-from plaudit.services.common.registry import ModelManifest, ModelRegistry, new_version_id
+from plaudit.services.common.registry import (
+    LoraAdapter,
+    ModelManifest,
+    ModelRegistry,
+    new_version_id,
+)
 from plaudit.services.common.security.client import INSECURE, ClientCredentials
 from plaudit.trainer.backbones import Backbone, resolve_backbone
 from plaudit.trainer.config import DEFAULT_RUNS_DIR
@@ -106,6 +111,7 @@ from plaudit.trainer.reward import (
 from plaudit.trainer.sharding import Checkpointer, Sharding, full_state_dict, is_sharded, prepare
 
 log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter, in PEFT's format, in the run folder
 
 EVAL_SAMPLES = "eval_samples.jsonl"  # the run folder's held-out samples the gate judged
 
@@ -172,6 +178,7 @@ class StartingPoint:
     load: str
     backbone: str | None  # None: the loaded checkpoint's own name
     reference: str
+    trained_on: str | None = None  # the policy version whose trained weights are loaded
 
 
 def starting_point(base: str, registry: ModelRegistry | None, parent: str | None) -> StartingPoint:
@@ -191,7 +198,7 @@ def starting_point(base: str, registry: ModelRegistry | None, parent: str | None
     checkpoint = manifest.notes.get("checkpoint")
     live = f"live policy {parent}"
     if checkpoint and (Path(checkpoint) / "config.json").is_file():
-        return StartingPoint(str(checkpoint), manifest.backbone, live)
+        return StartingPoint(str(checkpoint), manifest.backbone, live, trained_on=parent)
     if not checkpoint:
         return StartingPoint(manifest.backbone, manifest.backbone, live)
     log.warning(
@@ -1138,6 +1145,13 @@ def _train(
         kl_reference=start.reference,
     )
 
+    adapter = None
+    if cfg.lora_r and registry is not None:  # PEFT's own format, for engines that load adapters
+        policy.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
+        adapter = (
+            run_dir / ADAPTER_DIR,
+            LoraAdapter(base=root, rank=cfg.lora_r, stacked_on=start.trained_on),
+        )
     merged: PreTrainedModel = policy.merge_and_unload() if cfg.lora_r else policy
     torch.nn.Module.to(merged, "cpu")
     merged.eval()
@@ -1175,6 +1189,7 @@ def _train(
             max_length=cfg.max_length,
             backbone=root,
             quantize=None if cfg.quantize == "none" else cfg.quantize,
+            adapter=adapter,
         )
     result = PolicyTrainingResult(
         run_dir=run_dir,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -48,7 +49,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from plaudit.services.common.registry import (
+    ADAPTER_FILES,
     GenerationConfig,
+    LoraAdapter,
     ModelManifest,
     ModelRegistry,
     QuantizationReport,
@@ -424,6 +427,7 @@ def export_policy(
     atol: float = 1e-3,
     quantize: str | None = None,
     int8_min_agreement: float = 0.9,
+    adapter: tuple[Path, LoraAdapter] | None = None,
 ) -> ModelManifest:
     """Export ``model`` (a causal LM) with ``tokenizer`` (a fast HF tokenizer) as a policy version.
 
@@ -433,6 +437,9 @@ def export_policy(
     ``promote`` is set or when ``promotion`` (recorded in the manifest as it is) says
     ``"promoted": True``. ``quantize`` (a key of :data:`POLICY_QUANTIZATIONS`) adds a quantised
     graph behind its own gate, ``int8_min_agreement`` whatever the method (see the module doc).
+    ``adapter`` (a folder PEFT saved, and what it is): a LoRA-trained ``model``'s adapter, shipped
+    beside the merged graph (:data:`~plaudit.services.common.registry.ADAPTER_FILES`) for serving
+    engines that load adapters (vLLM); the graph stays the merged model.
     """
     if quantize is not None and quantize not in POLICY_QUANTIZATIONS:
         raise ValueError(
@@ -460,6 +467,8 @@ def export_policy(
             if not (out / TOKENIZER_FILE).is_file():
                 raise ValueError("the tokenizer must be a fast tokenizer (tokenizer.json)")
             input_names = export_onnx(model, out / FP32_FILE, layout)
+            if adapter is not None:
+                copy_adapter(adapter[0], out / adapter[1].path)
             manifest = ModelManifest(
                 version=new_version_id("policy"),
                 kind="policy",
@@ -474,6 +483,7 @@ def export_policy(
                 data_cursor=data_cursor,
                 promotion=promotion,
                 generation=generation,
+                lora_adapter=None if adapter is None else adapter[1],
             )
             policy = LoadedPolicy.from_dir(out, manifest, provider="cpu")
             parity = check_parity(model, policy, reference_prompts, atol=atol)
@@ -506,6 +516,17 @@ def export_policy(
         reason = "export --promote" if promote else str(promotion.get("reason", "gate"))  # type: ignore[union-attr]
         registry.promote(published.version, reason=reason)
     return published
+
+
+def copy_adapter(source: Path, target: Path) -> None:
+    """Copy a PEFT adapter's two files (config, safetensors weights) into ``target``; raise
+    ``ValueError`` naming the file when one is missing (a pickled ``adapter_model.bin`` is not
+    shipped: registries hold no pickles)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        if not (source / name).is_file():
+            raise ValueError(f"the LoRA adapter in {source} has no {name}")
+        shutil.copy2(source / name, target / name)
 
 
 def _head_matmul(model: Any) -> str | None:

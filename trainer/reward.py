@@ -301,11 +301,14 @@ def ensemble_loss(
     margin: torch.Tensor | None,
     weight: torch.Tensor,
     boot: torch.Tensor,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """The mean over heads of each head's Bradley-Terry loss on its bootstrap weights
     (``chosen``, ``rejected``, ``boot``: (pairs, heads)); one head: the plain loss."""
     losses = [
-        bradley_terry_loss(chosen[:, k], rejected[:, k], margin, weight * boot[:, k])
+        bradley_terry_loss(
+            chosen[:, k], rejected[:, k], margin, weight * boot[:, k], label_smoothing
+        )
         for k in range(chosen.shape[-1])
     ]
     return torch.stack(losses).mean()
@@ -342,7 +345,7 @@ def fit_reward_model(
         margin, weight = margin.to(env.device), weight.to(env.device)
         value = ensemble_loss(
             chosen, rejected, margin if cfg.use_margin else None, weight,
-            boot[torch.from_numpy(index)].to(env.device),
+            boot[torch.from_numpy(index)].to(env.device), cfg.label_smoothing,
         )  # fmt: skip
         if cfg.center_rewards_coefficient:
             mean_c, mean_r = chosen.mean(dim=-1), rejected.mean(dim=-1)

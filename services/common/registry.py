@@ -149,6 +149,21 @@ class GenerationConfig(BaseModel):
     head_dim: int
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class LoraAdapter(BaseModel):
+    """A policy version's LoRA adapter in PEFT's format (what vLLM's ``/v1/load_lora_adapter``
+    loads), beside its merged graph: ``path`` is the version's folder holding
+    :data:`ADAPTER_FILES`; ``base`` the model it applies to; ``stacked_on`` the policy version it
+    was trained on when that was not the base model (then the adapter alone is not this policy)."""
+
+    path: str = "adapter"
+    base: str
+    rank: int = Field(ge=1)
+    stacked_on: str | None = None
+
+
 class ReliabilityBin(BaseModel):
     """One bin of a reliability table: pairs counted in both orders (see
     :func:`plaudit.services.common.calibration.reliability`)."""
@@ -223,6 +238,9 @@ class ModelManifest(BaseModel):
         ge=1,
         description="reward models only: heads of an ensemble (> 1: the graph's second output, "
         "'members', holds each head's reward; the first is their mean)",
+    )
+    lora_adapter: LoraAdapter | None = Field(
+        None, description="policies trained with LoRA: the adapter, for engines that load one"
     )
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
     signature: ManifestSignature | None = Field(
@@ -304,10 +322,10 @@ def _safe_relative(version: str, rel: str) -> str:
 
 
 def check_manifest_paths(version: str, manifest: ModelManifest) -> None:
-    """Every path the manifest names for a loader (its ``onnx_files``) is relative, inside the
-    version and listed in ``files`` with its sha256: a manifest cannot send a loader to a file
-    that verification did not hash (``/tmp/evil.onnx``, ``../other/model.onnx``, an unlisted
-    file)."""
+    """Every path the manifest names for a loader (its ``onnx_files``, its LoRA adapter's files)
+    is relative, inside the version and listed in ``files`` with its sha256: a manifest cannot
+    send a loader to a file that verification did not hash (``/tmp/evil.onnx``,
+    ``../other/model.onnx``, an unlisted file)."""
     for precision, rel in manifest.onnx_files.items():
         try:
             _safe_relative(version, rel)
@@ -320,6 +338,15 @@ def check_manifest_paths(version: str, manifest: ModelManifest) -> None:
                 f"version {version}: onnx_files[{precision}] = {rel!r} is not listed (with its "
                 "sha256) in the manifest's files"
             )
+    if manifest.lora_adapter is not None:
+        for name in ADAPTER_FILES:
+            rel = f"{manifest.lora_adapter.path}/{name}"
+            _safe_relative(version, rel)
+            if rel not in manifest.files:
+                raise FailedPreconditionError(
+                    f"version {version}: lora_adapter file {rel!r} is not listed (with its "
+                    "sha256) in the manifest's files"
+                )
 
 
 def check_listing(version: str, manifest: ModelManifest, present: set[str]) -> None:

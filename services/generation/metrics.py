@@ -36,6 +36,14 @@ class GenerationMetrics(ModelMetrics):
             buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000),
             registry=registry,
         )
+        self.backend_adapters = Counter(
+            "plaudit_generation_backend_adapter_operations",
+            "LoRA adapter operations at an OpenAI-compatible backend (--backend-adapters), by "
+            "outcome: loaded, unloaded, failed (retried next poll), refused (the version cannot "
+            "be served as an adapter).",
+            ["outcome"],
+            registry=registry,
+        )
         self.reranked = Counter(
             "plaudit_generation_reranked_requests",
             "Requests whose completions were scored by the reward service.",

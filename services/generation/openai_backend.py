@@ -21,7 +21,9 @@ completion gets its own token count.
   on end-of-sequence.
 * Token counts: the backend's ``usage`` (a stream without usage: one token per text chunk, and
   0 prompt tokens). Token ids are not known (the gRPC ``token_ids`` are empty).
-* Version: what the backend answers in ``model`` (the id ``/v1/models`` lists).
+* Version: what the backend answers in ``model`` (the id ``/v1/models`` lists). With
+  ``--backend-adapters vllm`` the registry's promoted policy is loaded as a LoRA adapter named
+  by its version, and requests name it (:mod:`.adapters`).
 * Streaming: a job with a sink is streamed from the backend (``stream: true``), text handed on
   chunk by chunk.
 * Health: ``/v1/models`` is probed every ``backend_poll_s``; the service is SERVING only while
@@ -53,6 +55,7 @@ from plaudit.services.common.errors import (
     UnavailableError,
 )
 from plaudit.services.common.textfmt import dialogue_to_messages, messages_to_dialogue
+from plaudit.services.generation.adapters import AdapterFollower, Outcome
 from plaudit.services.generation.backend import LiveVersion
 from plaudit.services.generation.settings import GenerationSettings
 from plaudit.services.runtime.policy_model import (
@@ -109,8 +112,23 @@ class OpenAIBackend:
     doc). :meth:`start` and :meth:`close` run on the service's event loop; ``on_change`` is
     awaited whenever the live version changes (None: the backend cannot answer)."""
 
-    def __init__(self, settings: GenerationSettings, on_change: OnChange) -> None:
+    def __init__(
+        self,
+        settings: GenerationSettings,
+        on_change: OnChange,
+        adapter_outcome: Outcome = lambda _: None,
+    ) -> None:
         self._settings = settings
+        self.adapters = (
+            AdapterFollower(
+                settings.model_registry("policy"),
+                adapter_root=settings.backend_adapter_root,
+                poll_s=settings.backend_poll_s,
+                outcome=adapter_outcome,
+            )
+            if settings.backend_adapters == "vllm"
+            else None
+        )
         self._url = settings.backend_url
         self.chat = settings.backend_text_format == "chat_template"
         self._on_change = on_change
@@ -162,10 +180,16 @@ class OpenAIBackend:
             await self.probe()
 
     async def probe(self) -> None:
-        """``GET /v1/models``: live when the backend answers and lists the model (the one asked
-        for, else its first)."""
+        """With adapters, follow the registry first (:meth:`AdapterFollower.sync`); then
+        ``GET /v1/models``: live when the backend answers and lists the model (the adapter in
+        use, else the one asked for, else its first)."""
         assert self._session is not None
         wait = aiohttp.ClientTimeout(total=max(5.0, self._settings.backend_poll_s))
+        if self.adapters is not None:
+            await self.adapters.sync(self._session, self._url, self._settings.backend_timeout_s)
+            if self.adapters.blocked is not None:
+                await self._set_live(None, self.adapters.blocked)
+                return
         try:
             async with self._session.get(self._url + "/v1/models", timeout=wait) as reply:
                 if reply.status != 200:
@@ -173,7 +197,7 @@ class OpenAIBackend:
                 body = await reply.json(content_type=None)
             models = [m for m in body.get("data", []) if isinstance(m, dict) and "id" in m]
             ids = [str(m["id"]) for m in models]
-            name = self._settings.backend_model or (ids[0] if ids else "")
+            name = self._model_name() or (ids[0] if ids else "")
             if name not in ids:
                 raise UnavailableError(f"the backend lists no model {name!r} (it has {ids})")
             entry = models[ids.index(name)]
@@ -212,13 +236,17 @@ class OpenAIBackend:
                 f"{self._in_flight} completions in flight at the backend (limit "
                 f"{self._settings.max_queue_items}); retry later"
             )
+        if self.adapters is not None and self.adapters.blocked is not None:
+            raise UnavailableError(self.adapters.blocked)
         live = self._live
-        name = live.version if live is not None else self._settings.backend_model
+        name = live.version if live is not None else self._model_name()
         if not name:
             raise UnavailableError(f"the generation backend at {self._url} has not answered yet")
         started: list[bool] = []
         seconds = timeout if timeout is not None else self._settings.backend_timeout_s
         self._in_flight += job.n
+        if self.adapters is not None:
+            self.adapters.enter(name)
         tasks = [asyncio.ensure_future(self._one(job, k, name, started)) for k in range(job.n)]
         try:
             async with asyncio.timeout(seconds):
@@ -233,11 +261,19 @@ class OpenAIBackend:
             ) from None
         finally:
             self._in_flight -= job.n
+            if self.adapters is not None:
+                self.adapters.leave(name)
             for task in tasks:
                 task.cancel()
         return GenerateResult(
             [candidate for candidate, _, _ in answers], answers[0][2], answers[0][1]
         )
+
+    def _model_name(self) -> str:
+        """The model requests name: the adapter in use, else ``backend_model`` ('' = any)."""
+        if self.adapters is not None and self.adapters.model is not None:
+            return self.adapters.model
+        return self._settings.backend_model
 
     def _body(self, job: GenerateJob, k: int, name: str) -> dict[str, Any]:
         p = job.params

@@ -4,8 +4,9 @@ and backend, same guard), and the reward service as an optional reranker.
 
 The backend (:mod:`.backend`) is Plaudit's engine on the promoted policy (``--backend onnx``,
 the default: continuous or static batcher, registry watcher, hot swap, AdminService) or an
-OpenAI-compatible server (``--backend openai``: no registry is followed and AdminService is not
-served; health follows the backend's answers, see :mod:`.openai_backend`)."""
+OpenAI-compatible server (``--backend openai``: AdminService is not served; health follows the
+backend's answers, see :mod:`.openai_backend`; with ``--backend-adapters vllm`` the registry's
+promoted policy is loaded into it as a LoRA adapter, see :mod:`.adapters`)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,11 @@ class GenerationServer(ModelServer[LoadedPolicy, GenerateJob, GenerateResult | P
         self.remote: OpenAIBackend | None = None
         backend: GenerationBackend
         if settings.backend == "openai":
-            backend = self.remote = OpenAIBackend(settings, self._backend_changed)
+            backend = self.remote = OpenAIBackend(
+                settings,
+                self._backend_changed,
+                lambda outcome: self.metrics.backend_adapters.labels(outcome).inc(),
+            )
         else:
             backend = OnnxBackend(engine, self.batcher)
         self.core = GenerationCore(backend, settings, self.metrics)

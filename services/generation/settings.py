@@ -49,6 +49,19 @@ class GenerationSettings(
     backend_poll_s: float = Field(
         2.0, gt=0, description="how often the backend's /v1/models is probed (health, version)"
     )
+    backend_adapters: Literal["none", "vllm"] = Field(
+        "none",
+        description="vllm: follow the registry's promoted policy and load its LoRA adapter into "
+        "the backend (/v1/load_lora_adapter; vLLM needs --enable-lora and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), answering as that version; none: serve "
+        "--backend-model as it is",
+    )
+    backend_adapter_root: str = Field(
+        "",
+        description="the folder of version folders as the backend sees it (local registry: "
+        "<registry>/policy/versions; remote: the registry cache); '' = this service's paths "
+        "(same machine, or a volume mounted at the same path)",
+    )
     reward_addr: str = Field(
         "", description="reward service address for rerank requests ('' = rerank refused)"
     )
@@ -127,6 +140,8 @@ class GenerationSettings(
             raise ValueError("max_batch_rows and max_queue_items must be at least max_n")
         if self.backend == "openai" and not self.backend_url:
             raise ValueError("backend_url: --backend openai needs the server's URL")
+        if self.backend_adapters != "none" and self.backend != "openai":
+            raise ValueError("backend_adapters: adapters are loaded into a --backend openai server")
         if self.reward_model and self.reward_objective:
             raise ValueError("reward_objective: give reward_model or reward_objective, not both")
         return self
