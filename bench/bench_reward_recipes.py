@@ -41,7 +41,9 @@ import numpy as np
 
 from bench.bench_trainer import cpu_flags, cpu_name
 from plaudit.demo import HH_PAIRS
+from plaudit.services.common.preference_files import parse_record
 from plaudit.trainer.config import RewardTrainingConfig
+from plaudit.trainer.objective import prompt_bucket
 from plaudit.trainer.reward import PairSource, train_reward
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -83,6 +85,23 @@ def run_recipe(name: str, seed: int, args: argparse.Namespace, work: Path) -> di
     }
 
 
+def training_subset(data: Path, size: int, work: Path) -> Path:
+    """``data`` with every held-out line (the trainer's split, by prompt) and ``size`` of the
+    training lines, a random subset fixed by ``size`` alone: a learning curve's held-out pairs
+    are the same at every size."""
+    lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    cut = RewardTrainingConfig().eval_fraction
+    held = [line for line in lines if prompt_bucket(parse_record(json.loads(line)).prompt) < cut]
+    held_out = set(held)
+    train = [line for line in lines if line not in held_out]
+    if size > len(train):
+        raise SystemExit(f"--train-pairs {size}: there are only {len(train)} training pairs")
+    keep = np.random.default_rng(size).choice(len(train), size, replace=False)
+    out = work / f"pairs-{size}.jsonl"
+    out.write_text("\n".join(held + [train[i] for i in sorted(keep)]) + "\n", encoding="utf-8")
+    return out
+
+
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     acc = np.array([r["accuracy"] for r in runs])
     n = runs[0]["eval_pairs"]
@@ -100,6 +119,7 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "mean": round(float(acc.mean()), 3),
         "95% CI over seeds": f"±{spread:.3f}" if math.isfinite(spread) else "-",
         "95% CI one run (binomial)": f"±{binomial:.3f}",
+        "train pairs": runs[0]["train_pairs"],
         "held-out pairs": n,
         "CPU min per run": round(float(np.mean([r["cpu_min"] for r in runs])), 1),
     }
@@ -119,6 +139,13 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data", type=Path, default=HH_PAIRS)
     parser.add_argument("--pairs", type=int, default=None, help="first N records (default all)")
+    parser.add_argument(
+        "--train-pairs",
+        default="",
+        help="comma-separated training-set sizes (a learning curve): each recipe and seed is "
+        "also trained on that many of the training pairs (a fixed random subset), held out on "
+        "the same pairs; '' = all",
+    )
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
@@ -140,13 +167,17 @@ def main() -> int:
             lines = args.data.read_text(encoding="utf-8").splitlines()[: args.pairs]
             args.data = Path(tmp) / "pairs.jsonl"
             args.data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        for name in args.recipes.split(","):
-            mine = []
-            for seed in seeds:
-                mine.append(run_recipe(name, seed, args, Path(tmp)))
-                print(json.dumps(mine[-1]), flush=True)
-            runs += mine
-            rows.append(summarise(name, mine))
+        full = args.data
+        sizes = [int(n) for n in args.train_pairs.split(",") if n] or [0]
+        for size in sizes:
+            args.data = training_subset(full, size, Path(tmp)) if size else full
+            for name in args.recipes.split(","):
+                mine = []
+                for seed in seeds:
+                    mine.append(run_recipe(name, seed, args, Path(tmp)))
+                    print(json.dumps(mine[-1]), flush=True)
+                runs += mine
+                rows.append(summarise(name, mine))
     print(markdown(rows))
     if args.json_out is not None:
         args.json_out.write_text(json.dumps({"flags": flags, "runs": runs, "rows": rows}))

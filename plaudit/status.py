@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field
 from rich.table import Table
 
-from plaudit.services.common.registry import ModelManifest, ModelRegistry
+from plaudit.services.common.registry import DEFAULT_MODEL_NAME, ModelManifest, ModelRegistry
 from plaudit.services.common.security.client import ClientCredentials, ClientSecuritySettings
 from plaudit.tables import (
     DASH,
@@ -252,25 +252,34 @@ def _training(manifest: ModelManifest | None, promoted: str | None) -> dict[str,
     }
 
 
+def _model_report(registry: ModelRegistry) -> dict[str, Any]:
+    """One model's promoted version, versions, data cursor and last training (the newest gated
+    version)."""
+    manifests = registry.list_versions()
+    promoted = registry.promoted()
+    trained = [m for m in manifests if m.promotion]
+    cursors = [int(c) for m in manifests if (c := m.data_cursor or "").isdigit()]
+    return {
+        "promoted": promoted,
+        "versions": len(manifests),
+        "data_cursor": str(max(cursors)) if cursors else None,
+        "last_training": _training(trained[-1] if trained else None, promoted),
+    }
+
+
 def registry_report(root: str) -> dict[str, Any]:
-    """Per kind: the promoted version and the last training (the newest gated version)."""
-    out: dict[str, Any] = {"root": root}
+    """Per kind, the default model (:func:`_model_report`); under ``named``, each named model
+    with a promoted version, as ``kind/name``."""
+    out: dict[str, Any] = {"root": root, "named": {}}
     for kind in ("reward", "policy"):
         try:
             registry = ModelRegistry(root, kind)
-            manifests = registry.list_versions()
-            promoted = registry.promoted()
+            out[kind] = _model_report(registry)
+            for name in registry.model_names():
+                if name != DEFAULT_MODEL_NAME:
+                    out["named"][f"{kind}/{name}"] = _model_report(registry.named(name))
         except Exception as exc:  # a remote registry without credentials, a torn file...
             out[kind] = {"error": str(exc)}
-            continue
-        trained = [m for m in manifests if m.promotion]
-        cursors = [int(c) for m in manifests if (c := m.data_cursor or "").isdigit()]
-        out[kind] = {
-            "promoted": promoted,
-            "versions": len(manifests),
-            "data_cursor": str(max(cursors)) if cursors else None,
-            "last_training": _training(trained[-1] if trained else None, promoted),
-        }
     return out
 
 
@@ -376,8 +385,11 @@ def status_tables(report: dict[str, Any]) -> list[Table | str]:
     trainings = new_table(
         "kind", "promoted", "last training", "held-out (n)", "gate", "why", title="trainings"
     )
-    for kind in ("reward", "policy"):
-        entry = report["registry"].get(kind) or {}
+    registry = report["registry"]
+    models = {k: registry.get(k) or {} for k in ("reward", "policy")} | (
+        registry.get("named") or {}
+    )
+    for kind, entry in models.items():  # the default models, then each named one (kind/name)
         if "error" in entry:
             trainings.add_row(kind, f"[red]{entry['error']}[/]", "", "", "", "")
             continue

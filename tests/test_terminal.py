@@ -20,7 +20,13 @@ from plaudit.cli import main
 from plaudit.services.common.logging import SAID_ONCE_ENV, configure_logging, resolve_format
 from plaudit.services.common.process import free_port
 from plaudit.services.common.registry import ModelManifest, ModelRegistry
-from plaudit.status import StatusSettings, collect, print_status, status_tables
+from plaudit.status import (
+    StatusSettings,
+    collect,
+    print_status,
+    registry_report,
+    status_tables,
+)
 from plaudit.tables import fraction, number, render
 from plaudit.up import UpSettings
 from tests.conftest import ServerThread, write_jsonl
@@ -132,6 +138,37 @@ def test_registry_list_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["registry", "show", "reward-3", "--json", *reg]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["version"] == "reward-3" and manifest["parent"] == "reward-2"
+
+
+STATUS_SHELL = {  # a report with nothing running: only its registry part is looked at
+    "services": {},
+    "feedback": {"error": "not running"},
+    "labelling_page": {"url": None},
+}
+
+
+def test_status_lists_named_models_beside_the_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = small_registry(tmp_path / "reg")
+    safety = ModelRegistry(root, "reward", name="safety")
+    at = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
+    safety.publish(tmp_path / "source", ModelManifest(version="reward-s1", created_at=at, **BASE))
+    safety.promote("reward-s1")
+    report = registry_report(str(root))
+    assert report["reward"]["promoted"] == "reward-2" and report["policy"]["promoted"] is None
+    assert report["named"] == {
+        "reward/safety": {
+            "promoted": "reward-s1",
+            "versions": 1,
+            "data_cursor": None,
+            "last_training": None,
+        }
+    }
+    render(sys.stdout, *status_tables({**STATUS_SHELL, "registry": report}))
+    screen = capsys.readouterr().out
+    assert re.search(r"reward/safety\s+reward-s1\s+none yet", screen)
+    assert re.search(r"reward\s+reward-2\s+reward-3\s+0\.600 \(120\)\s+refused", screen)
 
 
 def test_registry_errors_say_what_to_run(
