@@ -190,6 +190,7 @@ def service(versions: dict[str, str], url: str, **extra: Any) -> ServerThread:
         backend_model=BASE,
         backend_adapters="vllm",
         backend_poll_s=POLL_S,
+        backend_adapter_unload_grace_s=2 * POLL_S,
         registry=versions["root"],
         log_level="WARNING",
         **extra,
@@ -265,6 +266,12 @@ def test_promotions_reach_the_backend_as_adapters(
                 assert answered_by(client) == versions["r8"]
                 assert metric(server, "loaded") == 2 and metric(server, "unloaded") == 1
 
+                # vLLM restarts and forgets its run-time adapters: r8 is loaded again
+                vllm.loaded.clear()
+                wait_for(lambda: vllm.loaded.keys() == {versions["r8"]})
+                wait_for(lambda: answered_by(client) == versions["r8"])
+                assert metric(server, "loaded") == 3
+
                 # rollback to an unloaded version: loaded again
                 registry.promote(versions["r4"], reason="rollback")
                 wait_for(lambda: answered_by(client) == versions["r4"])
@@ -323,8 +330,48 @@ def test_the_backend_gets_the_adapter_path_as_it_sees_the_registry(
             assert load == {
                 "lora_name": versions["r4"],
                 "lora_path": f"/mnt/registry/versions/{versions['r4']}/adapter",
-            }  # the double cannot open it: 404, so the service is not serving it
-            assert not vllm.loaded
+            }  # no such folder here: 404, so the service does not serve yet
+            wait_for(lambda: metric(server, "failed") >= 1)
+            with GenerationClient(server.address) as client, pytest.raises(grpc.RpcError) as e:
+                answered_by(client)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "not loaded at the backend yet" in str(e.value.details())
+        finally:
+            server.stop()
+
+
+def test_adapters_of_another_base_are_refused_and_the_base_serves(
+    versions: dict[str, str], registry: ModelRegistry
+) -> None:
+    registry.promote(versions["r4"], reason="test")
+    with VllmProtocolServer() as vllm:
+        server = service(versions, vllm.url, backend_adapter_base="another-base").start()
+        try:
+            with GenerationClient(server.address) as client:
+                assert answered_by(client) == BASE
+            assert metric(server, "refused") == 1 and not vllm.loaded
+        finally:
+            server.stop()
+
+
+def test_an_unreadable_registry_at_start_is_not_serving_until_it_reads(
+    versions: dict[str, str], registry: ModelRegistry
+) -> None:
+    registry.promote(versions["r4"], reason="test")
+    pointer = Path(versions["root"]) / "policy" / "promoted.json"
+    good = pointer.read_bytes()
+    pointer.write_text("{torn")
+    with VllmProtocolServer() as vllm:
+        server = service(versions, vllm.url).start(wait=False)
+        try:
+            time.sleep(3 * POLL_S)
+            with GenerationClient(server.address) as client:
+                with pytest.raises(grpc.RpcError) as caught:
+                    answered_by(client)  # not the base model while a policy may be promoted
+                assert "registry cannot be read" in str(caught.value.details())
+                pointer.write_bytes(good)
+                wait_for(lambda: vllm.loaded.keys() == {versions["r4"]})
+                wait_for(lambda: answered_by(client) == versions["r4"])
         finally:
             server.stop()
 

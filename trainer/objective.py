@@ -38,7 +38,8 @@ def bradley_terry_loss(
     on pairs rated far apart; the weight ``w`` (e.g. annotator agreement) scales each pair's term;
     label smoothing ``e`` takes each label to be flipped with probability ``e`` (the conservative
     loss of cDPO, Mitchell 2023; for reward models, Wang et al. 2024, "Secrets of RLHF II"), so
-    the loss stops pushing a gap once ``sigmoid(d) = 1 - e``. ``e = 0``: the plain loss.
+    the loss stops pushing a gap once ``sigmoid(d) = 1 - e`` (with a margin the reward gap
+    settles at ``m + logit(1 - e)``). ``e = 0``: the plain loss.
     """
     logits = chosen - rejected
     if margin is not None:

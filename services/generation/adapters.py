@@ -18,14 +18,17 @@ when it is not the one in use:
    ``backend_adapter_root/<version>/<adapter path>`` (or this service's own path when no root
    is set: the same machine, or a volume mounted at the same path);
 4. switches: requests from then on name the version, and responses say so. The adapter it
-   replaces is unloaded once no request of this service uses it and two polls have passed (time
-   for other replicas sharing the backend to switch as well).
+   replaces is unloaded once no request of this service uses it and ``unload_grace_s`` has
+   passed (time for other replicas sharing the backend to switch as well).
 
 A load the backend refuses or cannot answer (``failed``) keeps the version in use and is tried
-again at the next poll. At start, until the promoted version is loaded, :attr:`blocked` says why
-and the service is NOT_SERVING: it would otherwise answer as a policy nobody promoted; with
-nothing promoted (or a promoted version that can never be served this way) the backend's base
-model serves, under its own name.
+again, after one poll, then twice as long each time (at most a minute). An adapter in use that
+the backend stops listing (a restarted vLLM forgets adapters loaded at run time) is loaded again
+at the next poll. At start, until the registry has been read and the promoted version loaded,
+:attr:`blocked` says why and the service is NOT_SERVING: it would otherwise answer as a policy
+nobody promoted; with nothing promoted (or a promoted version that can never be served this way)
+the backend's base model serves, under its own name. ``expected_base`` (when set) refuses
+adapters trained on another base model (the manifest's ``lora_adapter.base``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from pathlib import Path
 
 import aiohttp
 
-from plaudit.services.common.errors import PlauditError
 from plaudit.services.common.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -57,19 +59,29 @@ class AdapterFollower:
         *,
         adapter_root: str,
         poll_s: float,
+        unload_grace_s: float,
+        expected_base: str = "",
         outcome: Outcome = lambda _: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._root = adapter_root.rstrip("/")
-        self._grace_s = 2 * poll_s
+        self._poll_s = poll_s
+        self._grace_s = unload_grace_s
+        self._base = expected_base
         self._outcome = outcome
         self._clock = clock
         self.model: str | None = None  # the version requests name; None: the base model
-        self.blocked: str | None = None  # why nothing can serve yet (start only)
+        self.blocked: str | None = "the registry has not been read yet"  # why nothing serves
+        self._lost = False  # the backend no longer lists self.model (restarted): load it again
         self._refused: dict[str, str] = {}  # version -> why it can never be loaded
+        self._failures: dict[str, tuple[int, float]] = {}  # version -> (failures, next try)
         self._retired: dict[str, float] = {}  # adapter this service loaded -> when replaced
         self._busy: Counter[str] = Counter()  # model name -> requests in flight
+        here = Path(registry.versions_dir if registry.is_local else registry.cache_dir).resolve()
+        log.info("following promoted policies as adapters",
+                 extra={"version_folders_here": str(here),
+                        "backend_root": self._root or "(the same paths)"})  # fmt: skip
 
     def enter(self, name: str) -> None:
         """A request naming ``name`` started."""
@@ -81,11 +93,33 @@ class AdapterFollower:
         if self._busy[name] <= 0:
             del self._busy[name]
 
+    def listed(self, ids: list[str]) -> None:
+        """What the backend's ``/v1/models`` lists now: an adapter in use that is gone (a
+        restarted server forgets run-time adapters) is loaded again at the next :meth:`sync`."""
+        if self.model is not None and self.model not in ids and not self._lost:
+            self._lost = True
+            log.warning("the backend no longer lists the adapter in use; loading it again",
+                        extra={"version": self.model})  # fmt: skip
+
     async def sync(self, session: aiohttp.ClientSession, url: str, timeout_s: float) -> None:
-        """One poll: follow a new promotion, then unload what is retired and idle."""
+        """One poll: follow a new promotion (or reload a lost adapter), then unload what is
+        retired and idle."""
         wait = aiohttp.ClientTimeout(total=timeout_s)
-        promoted = await self._promoted()
-        if promoted is not None and promoted != self.model and promoted not in self._refused:
+        try:
+            promoted = await asyncio.to_thread(self._registry.promoted)
+        except Exception as exc:  # any store failure: keep what serves
+            log.warning("registry unreadable; adapter unchanged", extra={"error": str(exc)})
+            if self.model is None:
+                self.blocked = f"the registry cannot be read: {exc}"
+            return
+        if promoted is None:
+            if self.model is None:
+                self.blocked = None  # nothing promoted: the base model serves
+        elif (
+            (promoted != self.model or self._lost)
+            and promoted not in self._refused
+            and self._clock() >= self._failures.get(promoted, (0, 0.0))[1]  # backoff
+        ):
             await self._switch(session, url, wait, promoted)
         now = self._clock()
         idle = [
@@ -98,37 +132,41 @@ class AdapterFollower:
                 del self._retired[name]
                 self._outcome("unloaded")
 
-    async def _promoted(self) -> str | None:
-        try:
-            return await asyncio.to_thread(self._registry.promoted)
-        except (OSError, ValueError, PlauditError) as exc:
-            log.warning("registry unreadable; adapter unchanged", extra={"error": str(exc)})
-            return None
+    def _refuse(self, version: str, why: str) -> None:
+        self._refused[version] = why
+        self._outcome("refused")
+        log.error("promoted policy cannot be served as an adapter",
+                  extra={"version": version, "why": why})  # fmt: skip
+        if self.model is None:
+            self.blocked = None  # nothing this service can load: the base model serves
 
     async def _switch(
         self, session: aiohttp.ClientSession, url: str, wait: aiohttp.ClientTimeout, version: str
     ) -> None:
         try:
             manifest, folder = await asyncio.to_thread(self._registry.checkout, version)
-        except (OSError, ValueError, PlauditError) as exc:
+        except Exception as exc:  # damaged, unsigned, unreachable: try later
             self._fail(version, f"checkout failed: {exc}")
             return
         adapter = manifest.lora_adapter
-        if adapter is None or adapter.stacked_on is not None:
-            why = (
-                "it has no LoRA adapter (trained without --lora-r, or exported)"
-                if adapter is None
-                else f"its adapter was trained on policy {adapter.stacked_on}, not the base "
-                "model: alone it is not this policy (train it with --base set to the base model)"
-            )
-            self._refused[version] = why
-            self._outcome("refused")
-            log.error("promoted policy cannot be served as an adapter",
-                      extra={"version": version, "why": why})  # fmt: skip
-            if self.model is None:
-                self.blocked = None  # nothing this service can load: the base model serves
+        if adapter is None:
+            self._refuse(version, "it has no LoRA adapter (trained without --lora-r, or exported)")
             return
-        local = Path(folder) / adapter.path
+        if adapter.stacked_on is not None:
+            self._refuse(
+                version,
+                f"its adapter was trained on policy {adapter.stacked_on}, not the base model: "
+                "alone it is not this policy (train it with --base set to the base model)",
+            )
+            return
+        if self._base and adapter.base != self._base:
+            self._refuse(
+                version,
+                f"its adapter was trained on {adapter.base!r}, not on the backend's base "
+                f"{self._base!r} (--backend-adapter-base)",
+            )
+            return
+        local = Path(folder).resolve() / adapter.path
         path = f"{self._root}/{version}/{adapter.path}" if self._root else str(local)
         body = {"lora_name": version, "lora_path": path}
         if not await self._post(session, url, wait, "load", body, (), "has already been loaded"):
@@ -136,18 +174,25 @@ class AdapterFollower:
             return
         self._outcome("loaded")
         log.info("adapter loaded; requests name it now",
-                 extra={"version": version, "path": path, "replaces": self.model})  # fmt: skip
-        if self.model is not None:
+                 extra={"version": version, "path": path, "base": adapter.base,
+                        "replaces": self.model})  # fmt: skip
+        if self.model is not None and self.model != version:
             self._retired[self.model] = self._clock()
         self._retired.pop(version, None)
-        self.model, self.blocked = version, None
+        self._failures.pop(version, None)
+        self.model, self.blocked, self._lost = version, None, False
 
     def _fail(self, version: str, why: str) -> None:
+        """Count a failed load; the next try waits ``poll * 2**(failures - 1)``, at most 60 s."""
+        failures = self._failures.get(version, (0, 0.0))[0] + 1
+        delay = min(self._poll_s * 2 ** (failures - 1), 60.0)
+        self._failures[version] = (failures, self._clock() + delay)
         self._outcome("failed")
         if self.model is None:
             self.blocked = f"promoted policy {version} is not loaded at the backend yet: {why}"
-        log.warning("adapter not loaded; retrying at the next poll",
-                    extra={"version": version, "why": why, "serving": self.model})  # fmt: skip
+        log.warning("adapter not loaded; trying again later",
+                    extra={"version": version, "why": why, "retry_in_s": delay,
+                           "serving": self.model})  # fmt: skip
 
     @staticmethod
     async def _post(

@@ -124,6 +124,8 @@ class OpenAIBackend:
                 settings.model_registry("policy"),
                 adapter_root=settings.backend_adapter_root,
                 poll_s=settings.backend_poll_s,
+                unload_grace_s=settings.backend_adapter_unload_grace_s,
+                expected_base=settings.backend_adapter_base,
                 outcome=adapter_outcome,
             )
             if settings.backend_adapters == "vllm"
@@ -177,7 +179,11 @@ class OpenAIBackend:
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self._settings.backend_poll_s)
-            await self.probe()
+            try:
+                await self.probe()
+            except Exception:  # an unforeseen answer must not stop the probing (health)
+                log.exception("backend probe failed")
+                await self._set_live(None, "the last probe failed unexpectedly")
 
     async def probe(self) -> None:
         """With adapters, follow the registry first (:meth:`AdapterFollower.sync`); then
@@ -197,6 +203,8 @@ class OpenAIBackend:
                 body = await reply.json(content_type=None)
             models = [m for m in body.get("data", []) if isinstance(m, dict) and "id" in m]
             ids = [str(m["id"]) for m in models]
+            if self.adapters is not None:
+                self.adapters.listed(ids)
             name = self._model_name() or (ids[0] if ids else "")
             if name not in ids:
                 raise UnavailableError(f"the backend lists no model {name!r} (it has {ids})")

@@ -58,9 +58,21 @@ class GenerationSettings(
     )
     backend_adapter_root: str = Field(
         "",
-        description="the folder of version folders as the backend sees it (local registry: "
-        "<registry>/policy/versions; remote: the registry cache); '' = this service's paths "
-        "(same machine, or a volume mounted at the same path)",
+        description="the folder of version folders as the backend sees it (this service logs "
+        "its own at start: <registry>/policy/versions, or a remote registry's cache folder for "
+        "policies); '' = this service's paths (same machine, or a volume mounted alike)",
+    )
+    backend_adapter_base: str = Field(
+        "",
+        description="the base model the backend serves, as policy manifests name it "
+        "(lora_adapter.base, e.g. smollm2): adapters trained on another are refused ('' = "
+        "not checked)",
+    )
+    backend_adapter_unload_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="a replaced adapter stays loaded this long (and while this service still "
+        "uses it), so replicas sharing the backend can switch first",
     )
     reward_addr: str = Field(
         "", description="reward service address for rerank requests ('' = rerank refused)"
