@@ -1299,3 +1299,69 @@ def test_fsdp_component_shards_the_multinode_job_and_keeps_its_run_folder(
     claim = named(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert mounts(c).get(settings.registry) is True
+
+
+# -- generation on a vLLM fleet: components/vllm-backend (issue 22, item 2) ---------------------
+def test_vllm_backend_component_samples_on_vllm_with_lora_policies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """base + vllm-backend renders and validates; the generation service samples on the team's
+    vLLM (Service vllm, port 8000) and loads each promoted policy into it as a LoRA adapter
+    from the registry folder vLLM mounts alike; the policy trainer trains rank-16 adapters from
+    the base model vLLM serves (never over the live policy: such adapters are refused), and
+    only the generation pods may reach vLLM's port."""
+    import kubernetes_validate
+
+    from plaudit.services.common.registry import ModelRegistry
+
+    up = os.path.relpath(K8S, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: plaudit\n"
+        f"resources: [{up}/base]\ncomponents: [{up}/components/vllm-backend]\n"
+    )
+    result = run(tool("kubectl"), "kustomize", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+    # the generation service: vLLM samples, promoted policies reach it as adapters
+    deployment = named(docs, "Deployment", "plaudit-generation")
+    (c,) = pod_spec(deployment)["containers"]
+    settings = _parse(list(c["args"]), container_env(docs, deployment, c), monkeypatch)
+    assert isinstance(settings, GenerationSettings)
+    assert settings.backend == "openai" and settings.backend_url == "http://vllm:8000"
+    assert settings.backend_model == "smollm2"
+    assert settings.backend_adapters == "vllm"
+    assert settings.backend_adapter_base == "smollm2"
+    # vLLM mounts the registry volume where this service does: the same version folders
+    registry = settings.registry
+    assert mounts(c)[registry] is False, "generation reads the registry, never writes it"
+    root = Path(settings.backend_adapter_root)
+    assert root.is_relative_to(registry)
+    assert (
+        str(root) == f"{registry}/policy/versions" == ModelRegistry(registry, "policy").versions_dir
+    )
+
+    # the policy trainer: LoRA adapters of vLLM's rank, over the base model vLLM serves
+    cron = named(docs, "CronJob", POLICY_TRAINER)
+    (trainer,) = pod_spec(cron)["containers"]
+    args = list(trainer["args"])
+    policy = _parse(args, container_env(docs, cron, trainer), monkeypatch)
+    assert isinstance(policy, TrainPolicySettings)
+    assert policy.lora_r == 16 and policy.base == "smollm2"
+    assert args.count("--base") == 1 and "live" not in args
+    assert {"--only-after-new-reward", "--promote"} <= set(args), "the rest of base's command"
+
+    # the network: generation pods (only) reach vLLM's pods on the backend URL's port
+    pods = workload_pods(docs)
+    vllm: Pod = ("plaudit", {"app.kubernetes.io/name": "vllm"})
+    port = 8000
+    assert settings.backend_url.endswith(f":{port}")
+    assert reachable(docs, pods["generation"], vllm, port)
+    assert not reachable(docs, pods["generation"], vllm, 22)
+    assert not reachable(docs, pods["generation"], ("plaudit", {"app": "other"}), port)
+    assert not reachable(docs, pods["generation"], ("elsewhere", vllm[1]), port)
+    for component in ("feedback", "reward", "trainer", "policy-trainer"):
+        assert not reachable(docs, pods[component], vllm, port), component
