@@ -102,27 +102,53 @@ def training_subset(data: Path, size: int, work: Path) -> Path:
     return out
 
 
-def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def t_interval(values: np.ndarray) -> float:
+    """Half-width of the 95% t-interval of the mean of ``values`` (nan for fewer than 2)."""
+    if len(values) < 2:
+        return math.nan
+    return T95.get(len(values) - 1, 1.96) * float(values.std(ddof=1)) / math.sqrt(len(values))
+
+
+def summarise(
+    runs: list[dict[str, Any]], reference: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One recipe's row (its runs share a recipe and a training-set size). With ``reference``
+    runs (the default recipe, same size), also the paired difference over the seeds both ran:
+    a seed fixes the head, the shuffles and the batches, so pairing removes the seed's share of
+    the spread (some seeds are harder for every recipe)."""
     acc = np.array([r["accuracy"] for r in runs])
     n = runs[0]["eval_pairs"]
-    spread = (
-        T95.get(len(acc) - 1, 1.96) * acc.std(ddof=1) / math.sqrt(len(acc))
-        if len(acc) > 1
-        else math.nan
-    )
+    spread = t_interval(acc)
     binomial = 1.96 * math.sqrt(acc.mean() * (1 - acc.mean()) / n)
-    return {
-        "recipe": name,
-        "what": json.dumps(RECIPES[name]),
+    row = {
+        "recipe": runs[0]["recipe"],
         "seeds": len(acc),
         "accuracy per seed": " ".join(f"{a:.3f}" for a in acc),
         "mean": round(float(acc.mean()), 3),
         "95% CI over seeds": f"±{spread:.3f}" if math.isfinite(spread) else "-",
         "95% CI one run (binomial)": f"±{binomial:.3f}",
+        "vs default, paired (seeds)": "-",
         "train pairs": runs[0]["train_pairs"],
         "held-out pairs": n,
         "CPU min per run": round(float(np.mean([r["cpu_min"] for r in runs])), 1),
     }
+    if reference is not None and reference is not runs:
+        base = {r["seed"]: r["accuracy"] for r in reference}
+        diff = np.array([r["accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base])
+        if len(diff):
+            half = t_interval(diff)
+            ci = f" ±{half:.3f}" if math.isfinite(half) else ""
+            row["vs default, paired (seeds)"] = f"{diff.mean():+.3f}{ci} ({len(diff)})"
+    return row
+
+
+def table(runs: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """A row per (recipe, training-set size), in first-seen order, each compared with the
+    ``reference`` recipe's runs at the same size."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["recipe"], run["train_pairs"]), []).append(run)
+    return [summarise(mine, groups.get((reference, size))) for (_, size), mine in groups.items()]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -143,8 +169,8 @@ def main() -> int:
         "--train-pairs",
         default="",
         help="comma-separated training-set sizes (a learning curve): each recipe and seed is "
-        "also trained on that many of the training pairs (a fixed random subset), held out on "
-        "the same pairs; '' = all",
+        "trained on that many of the training pairs (a fixed random subset) instead of all, "
+        "held out on the same pairs; '' = all",
     )
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -154,30 +180,38 @@ def main() -> int:
         default="bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "auto",
     )
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="no training: the table of the runs these --json-out files hold, together",
+    )
+    parser.add_argument("--reference", default="minilm", help="the recipe rows are paired with")
     args = parser.parse_args()
+    if args.from_json:
+        runs = [run for path in args.from_json for run in json.loads(path.read_text())["runs"]]
+        print(markdown(table(runs, args.reference)))
+        return 0
     unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
     if unknown:
         parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"CPU {cpu_name()} ({', '.join(flags)}), {args.threads} threads, {args.mixed_precision}")
-    runs: list[dict[str, Any]] = []
-    rows = []
+    runs = []
     with tempfile.TemporaryDirectory(prefix="plaudit-recipes-") as tmp:
         if args.pairs is not None:
             lines = args.data.read_text(encoding="utf-8").splitlines()[: args.pairs]
             args.data = Path(tmp) / "pairs.jsonl"
             args.data.write_text("\n".join(lines) + "\n", encoding="utf-8")
         full = args.data
-        sizes = [int(n) for n in args.train_pairs.split(",") if n] or [0]
-        for size in sizes:
+        for size in [int(n) for n in args.train_pairs.split(",") if n] or [0]:
             args.data = training_subset(full, size, Path(tmp)) if size else full
             for name in args.recipes.split(","):
-                mine = []
                 for seed in seeds:
-                    mine.append(run_recipe(name, seed, args, Path(tmp)))
-                    print(json.dumps(mine[-1]), flush=True)
-                runs += mine
-                rows.append(summarise(name, mine))
+                    runs.append(run_recipe(name, seed, args, Path(tmp)))
+                    print(json.dumps(runs[-1]), flush=True)
+    rows = table(runs, args.reference)
     print(markdown(rows))
     if args.json_out is not None:
         args.json_out.write_text(json.dumps({"flags": flags, "runs": runs, "rows": rows}))
