@@ -207,6 +207,10 @@ def manifest_table(manifest: ModelManifest, promoted: str | None) -> Table:
                 f" (threshold {q.threshold:g}, n {q.pairs})",
             )
         )
+    if manifest.lora_adapter is not None:
+        a = manifest.lora_adapter
+        over = f", trained over policy {a.stacked_on}" if a.stacked_on else ""
+        rows.append(("LoRA adapter", f"{a.path}/ (rank {a.rank} on {a.base}{over})"))
     name = "win rate" if manifest.kind == "policy" else "held-out accuracy"
     rows.append((name, DASH if score is None else f"{fraction(score)} (n {n or '?'})"))
     rows.append(("gate", f"{decision}: {why}"))

@@ -31,6 +31,7 @@ from peft import LoraConfig, get_peft_model
 from pydantic import ValidationError
 from safetensors import safe_open
 
+from plaudit.cli import main
 from plaudit.services.common.errors import FailedPreconditionError
 from plaudit.services.common.process import free_port
 from plaudit.services.common.registry import LoraAdapter, ModelRegistry, check_manifest_paths
@@ -374,6 +375,16 @@ def test_an_unreadable_registry_at_start_is_not_serving_until_it_reads(
                 wait_for(lambda: answered_by(client) == versions["r4"])
         finally:
             server.stop()
+
+
+def test_registry_show_names_the_adapter(
+    versions: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["registry", "show", versions["stacked"], "--kind", "policy"]
+    assert main([*args, "--registry", versions["root"], "--log-level", "WARNING"]) == 0
+    shown = capsys.readouterr().out
+    assert "LoRA adapter" in shown
+    assert "adapter/ (rank 4 on tiny-base, trained over policy policy-x)" in shown
 
 
 def test_adapters_need_the_openai_backend() -> None:
