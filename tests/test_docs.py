@@ -16,6 +16,7 @@ from plaudit.services.common.settings import PlauditSettings
 from plaudit.services.feedback import access as feedback_access
 from plaudit.services.feedback.settings import FeedbackSettings
 from plaudit.services.generation import access as generation_access
+from plaudit.services.generation.settings import GenerationSettings
 from plaudit.services.reward import http as reward_http
 from plaudit.services.reward.settings import RewardSettings
 
@@ -110,6 +111,7 @@ def test_documented_settings_exist() -> None:
     classes: list[type[PlauditSettings]] = [
         RewardSettings,
         FeedbackSettings,
+        GenerationSettings,
         cli.TrainRewardSettings,
         cli.RegistrySettings,
         cli.ExportSettings,
