@@ -1250,19 +1250,16 @@ def test_http_routes_are_recorded_and_alerted_like_grpc() -> None:
 
 
 # -- sharded training: components/fsdp (issue 22, item 1) ------------------------------------
-def test_fsdp_component_shards_the_multinode_job_and_keeps_its_run_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """base + gpu + fsdp renders and validates; the Job's torchrun restarts every node's
-    workers together (c10d rendezvous on pod 0) and the trainer, sharded, checkpoints into one
-    run folder per Job on a volume all pods share, so a restarted run resumes from it."""
+def render_validated(tmp_path: Path, *components: str) -> list[Doc]:
+    """base with ``components`` (folders of deploy/k8s/components), rendered by kustomize in a
+    kustomization under ``tmp_path``, every document validated (strict) for K8S_VERSIONS."""
     import kubernetes_validate
-    from torch.distributed.run import get_args_parser
 
     up = os.path.relpath(K8S, tmp_path)
+    listed = ", ".join(f"{up}/components/{c}" for c in components)
     (tmp_path / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: plaudit\n"
-        f"resources: [{up}/base]\ncomponents: [{up}/components/gpu, {up}/components/fsdp]\n"
+        f"resources: [{up}/base]\ncomponents: [{listed}]\n"
     )
     result = run(tool("kubectl"), "kustomize", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -1270,6 +1267,18 @@ def test_fsdp_component_shards_the_multinode_job_and_keeps_its_run_folder(
     for doc in docs:
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
+    return docs
+
+
+def test_fsdp_component_shards_the_multinode_job_and_keeps_its_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """base + gpu + fsdp renders and validates; the Job's torchrun restarts every node's
+    workers together (c10d rendezvous on pod 0) and the trainer, sharded, checkpoints into one
+    run folder per Job on a volume all pods share, so a restarted run resumes from it."""
+    from torch.distributed.run import get_args_parser
+
+    docs = render_validated(tmp_path, "gpu", "fsdp")
 
     job = named(docs, "Job", "plaudit-train-multinode")
     (c,) = pod_spec(job)["containers"]
@@ -1310,21 +1319,9 @@ def test_vllm_backend_component_samples_on_vllm_with_lora_policies(
     from the registry folder vLLM mounts alike; the policy trainer trains rank-16 adapters from
     the base model vLLM serves (never over the live policy: such adapters are refused), and
     only the generation pods may reach vLLM's port."""
-    import kubernetes_validate
-
     from plaudit.services.common.registry import ModelRegistry
 
-    up = os.path.relpath(K8S, tmp_path)
-    (tmp_path / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: plaudit\n"
-        f"resources: [{up}/base]\ncomponents: [{up}/components/vllm-backend]\n"
-    )
-    result = run(tool("kubectl"), "kustomize", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    for doc in docs:
-        for version in K8S_VERSIONS:
-            kubernetes_validate.validate(doc, version, strict=True)
+    docs = render_validated(tmp_path, "vllm-backend")
 
     # the generation service: vLLM samples, promoted policies reach it as adapters
     deployment = named(docs, "Deployment", "plaudit-generation")
