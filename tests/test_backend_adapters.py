@@ -20,6 +20,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,20 @@ def service(versions: dict[str, str], url: str, **extra: Any) -> ServerThread:
     )
 
 
+@contextmanager
+def adapter_stack(
+    versions: dict[str, str], *, wait: bool = True, max_lora_rank: int = 16, **extra: Any
+) -> Iterator[tuple[VllmProtocolServer, ServerThread]]:
+    """The vLLM-protocol server and a generation service following ``versions``' registry into
+    it (started, waiting for SERVING when ``wait``), stopped after."""
+    with VllmProtocolServer(max_lora_rank) as vllm:
+        server = service(versions, vllm.url, **extra).start(wait=wait)
+        try:
+            yield vllm, server
+        finally:
+            server.stop()
+
+
 def wait_for(check: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -227,132 +242,118 @@ def registry(versions: dict[str, str]) -> Iterator[ModelRegistry]:
 def test_promotions_reach_the_backend_as_adapters(
     versions: dict[str, str], registry: ModelRegistry
 ) -> None:
-    with VllmProtocolServer() as vllm:
-        server = service(versions, vllm.url).start()
-        try:
-            with GenerationClient(server.address) as client:
-                assert answered_by(client) == BASE  # nothing promoted: the base model
-                registry.promote(versions["r4"], reason="test")
-                wait_for(lambda: answered_by(client) == versions["r4"])
-                folder = Path(versions["root"]) / "policy" / "versions" / versions["r4"]
-                assert vllm.loaded == {versions["r4"]: str(folder / "adapter")}
+    with adapter_stack(versions) as (vllm, server), GenerationClient(server.address) as client:
+        assert answered_by(client) == BASE  # nothing promoted: the base model
+        registry.promote(versions["r4"], reason="test")
+        wait_for(lambda: answered_by(client) == versions["r4"])
+        folder = Path(versions["root"]) / "policy" / "versions" / versions["r4"]
+        assert vllm.loaded == {versions["r4"]: str(folder / "adapter")}
 
-                # a new promotion while requests keep coming: none fails, the version moves
-                # forward once and stays
-                seen: list[str] = []
-                failures: list[BaseException] = []
-                stop = threading.Event()
+        # a new promotion while requests keep coming: none fails, the version moves
+        # forward once and stays
+        seen: list[str] = []
+        failures: list[BaseException] = []
+        stop = threading.Event()
 
-                def hammer() -> None:
-                    with GenerationClient(server.address) as c:
-                        while not stop.is_set():
-                            try:
-                                seen.append(answered_by(c))
-                            except BaseException as exc:
-                                failures.append(exc)
+        def hammer() -> None:
+            with GenerationClient(server.address) as c:
+                while not stop.is_set():
+                    try:
+                        seen.append(answered_by(c))
+                    except BaseException as exc:
+                        failures.append(exc)
 
-                threads = [threading.Thread(target=hammer) for _ in range(4)]
-                for thread in threads:
-                    thread.start()
-                time.sleep(0.3)
-                registry.promote(versions["r8"], reason="test")
-                wait_for(lambda: vllm.loaded.keys() == {versions["r8"]})  # r4 unloaded, idle
-                time.sleep(0.2)
-                stop.set()
-                for thread in threads:
-                    thread.join(10)
-                assert not failures
-                assert seen[0] == versions["r4"] and seen[-1] == versions["r8"]
-                assert set(seen) == {versions["r4"], versions["r8"]}
-                assert answered_by(client) == versions["r8"]
-                assert metric(server, "loaded") == 2 and metric(server, "unloaded") == 1
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        registry.promote(versions["r8"], reason="test")
+        wait_for(lambda: vllm.loaded.keys() == {versions["r8"]})  # r4 unloaded, idle
+        time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        assert not failures
+        assert seen[0] == versions["r4"] and seen[-1] == versions["r8"]
+        assert set(seen) == {versions["r4"], versions["r8"]}
+        assert answered_by(client) == versions["r8"]
+        assert metric(server, "loaded") == 2 and metric(server, "unloaded") == 1
 
-                # vLLM restarts and forgets its run-time adapters: r8 is loaded again
-                vllm.loaded.clear()
-                wait_for(lambda: vllm.loaded.keys() == {versions["r8"]})
-                wait_for(lambda: answered_by(client) == versions["r8"])
-                assert metric(server, "loaded") == 3
+        # vLLM restarts and forgets its run-time adapters: r8 is loaded again
+        vllm.loaded.clear()
+        wait_for(lambda: vllm.loaded.keys() == {versions["r8"]})
+        wait_for(lambda: answered_by(client) == versions["r8"])
+        assert metric(server, "loaded") == 3
 
-                # rollback to an unloaded version: loaded again
-                registry.promote(versions["r4"], reason="rollback")
-                wait_for(lambda: answered_by(client) == versions["r4"])
+        # rollback to an unloaded version: loaded again
+        registry.promote(versions["r4"], reason="rollback")
+        wait_for(lambda: answered_by(client) == versions["r4"])
 
-                # versions that cannot be served as an adapter: refused once, r4 stays
-                for refused, label in enumerate(("full", "stacked"), start=1):
-                    registry.promote(versions[label], reason="test")
-                    wait_for(lambda n=refused: metric(server, "refused") == n)
-                    time.sleep(3 * POLL_S)
-                    assert answered_by(client) == versions["r4"]
-                assert [c for c in vllm.calls if c[0] == "load"][-1][1]["lora_name"] == versions[
-                    "r4"
-                ]  # no load was tried for them
-        finally:
-            server.stop()
+        # versions that cannot be served as an adapter: refused once, r4 stays
+        for refused, label in enumerate(("full", "stacked"), start=1):
+            registry.promote(versions[label], reason="test")
+            wait_for(lambda n=refused: metric(server, "refused") == n)
+            time.sleep(3 * POLL_S)
+            assert answered_by(client) == versions["r4"]
+        assert [c for c in vllm.calls if c[0] == "load"][-1][1]["lora_name"] == versions[
+            "r4"
+        ]  # no load was tried for them
 
 
 def test_an_adapter_the_backend_refuses_keeps_the_service_not_serving_until_it_loads(
     versions: dict[str, str], registry: ModelRegistry, tmp_path: Path
 ) -> None:
     registry.promote(versions["r8"], reason="test")
-    with VllmProtocolServer(max_lora_rank=4) as vllm:  # r8's rank is above it: 400
-        server = service(versions, vllm.url).start(wait=False)
-        try:
-            with grpc.insecure_channel(server.address) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
+    with (
+        adapter_stack(versions, wait=False, max_lora_rank=4) as (vllm, server),  # r8: 400
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
 
-                def status() -> int:
-                    return int(health.Check(health_pb2.HealthCheckRequest(service="")).status)
+        def status() -> int:
+            return int(health.Check(health_pb2.HealthCheckRequest(service="")).status)
 
-                time.sleep(4 * POLL_S)
-                assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
-                assert metric(server, "failed") >= 2  # retried at every poll
-                with GenerationClient(server.address) as client:
-                    with pytest.raises(grpc.RpcError) as caught:
-                        answered_by(client)
-                    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-                    vllm.max_lora_rank = 16  # the operator raises --max-lora-rank
-                    wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
-                    assert answered_by(client) == versions["r8"]
-        finally:
-            server.stop()
+        time.sleep(4 * POLL_S)
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert metric(server, "failed") >= 2  # tried again (after one poll, then backing off)
+        with GenerationClient(server.address) as client:
+            with pytest.raises(grpc.RpcError) as caught:
+                answered_by(client)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            vllm.max_lora_rank = 16  # the operator raises --max-lora-rank
+            wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+            assert answered_by(client) == versions["r8"]
 
 
 def test_the_backend_gets_the_adapter_path_as_it_sees_the_registry(
     versions: dict[str, str], registry: ModelRegistry
 ) -> None:
     registry.promote(versions["r4"], reason="test")
-    with VllmProtocolServer() as vllm:
-        server = service(versions, vllm.url, backend_adapter_root="/mnt/registry/versions/").start(
-            wait=False
-        )
-        try:
-            wait_for(lambda: any(call[0] == "load" for call in vllm.calls))
-            load = next(body for verb, body in vllm.calls if verb == "load")
-            assert load == {
-                "lora_name": versions["r4"],
-                "lora_path": f"/mnt/registry/versions/{versions['r4']}/adapter",
-            }  # no such folder here: 404, so the service does not serve yet
-            wait_for(lambda: metric(server, "failed") >= 1)
-            with GenerationClient(server.address) as client, pytest.raises(grpc.RpcError) as e:
-                answered_by(client)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "not loaded at the backend yet" in str(e.value.details())
-        finally:
-            server.stop()
+    with adapter_stack(versions, wait=False, backend_adapter_root="/mnt/registry/versions/") as (
+        vllm,
+        server,
+    ):
+        wait_for(lambda: any(call[0] == "load" for call in vllm.calls))
+        load = next(body for verb, body in vllm.calls if verb == "load")
+        assert load == {
+            "lora_name": versions["r4"],
+            "lora_path": f"/mnt/registry/versions/{versions['r4']}/adapter",
+        }  # no such folder here: 404, so the service does not serve yet
+        wait_for(lambda: metric(server, "failed") >= 1)
+        with GenerationClient(server.address) as client, pytest.raises(grpc.RpcError) as e:
+            answered_by(client)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not loaded at the backend yet" in str(e.value.details())
 
 
 def test_adapters_of_another_base_are_refused_and_the_base_serves(
     versions: dict[str, str], registry: ModelRegistry
 ) -> None:
     registry.promote(versions["r4"], reason="test")
-    with VllmProtocolServer() as vllm:
-        server = service(versions, vllm.url, backend_adapter_base="another-base").start()
-        try:
-            with GenerationClient(server.address) as client:
-                assert answered_by(client) == BASE
-            assert metric(server, "refused") == 1 and not vllm.loaded
-        finally:
-            server.stop()
+    with adapter_stack(versions, backend_adapter_base="another-base") as (vllm, server):
+        with GenerationClient(server.address) as client:
+            assert answered_by(client) == BASE
+        assert metric(server, "refused") == 1 and not vllm.loaded
 
 
 def test_an_unreadable_registry_at_start_is_not_serving_until_it_reads(
@@ -362,19 +363,15 @@ def test_an_unreadable_registry_at_start_is_not_serving_until_it_reads(
     pointer = Path(versions["root"]) / "policy" / "promoted.json"
     good = pointer.read_bytes()
     pointer.write_text("{torn")
-    with VllmProtocolServer() as vllm:
-        server = service(versions, vllm.url).start(wait=False)
-        try:
-            time.sleep(3 * POLL_S)
-            with GenerationClient(server.address) as client:
-                with pytest.raises(grpc.RpcError) as caught:
-                    answered_by(client)  # not the base model while a policy may be promoted
-                assert "registry cannot be read" in str(caught.value.details())
-                pointer.write_bytes(good)
-                wait_for(lambda: vllm.loaded.keys() == {versions["r4"]})
-                wait_for(lambda: answered_by(client) == versions["r4"])
-        finally:
-            server.stop()
+    with adapter_stack(versions, wait=False) as (vllm, server):
+        time.sleep(3 * POLL_S)
+        with GenerationClient(server.address) as client:
+            with pytest.raises(grpc.RpcError) as caught:
+                answered_by(client)  # not the base model while a policy may be promoted
+            assert "registry cannot be read" in str(caught.value.details())
+            pointer.write_bytes(good)
+            wait_for(lambda: vllm.loaded.keys() == {versions["r4"]})
+            wait_for(lambda: answered_by(client) == versions["r4"])
 
 
 def test_registry_show_names_the_adapter(
